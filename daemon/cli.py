@@ -1,0 +1,166 @@
+"""The `ckptd` command line: it only parses and forwards.
+
+Each command lives in `daemon.commands.<name>` as `main(args) -> int`, callable from Python too;
+this module builds the parser, imports the command lazily (so `ckptd --help` stays fast) and turns
+`CkptdError`s into one message on stderr and the documented exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from daemon import __version__
+from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError
+
+DEFAULT_CONFIG = "/etc/ckptd/config.yaml"
+
+EPILOG = """exit codes: 0 done; 1 failed; 2 usage or config error; 3 refused for safety.
+The config defaults to $CKPTD_CONFIG, else /etc/ckptd/config.yaml."""
+
+
+def _add_config(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        required=required,
+        default=None,
+        help="the YAML config file (default: $CKPTD_CONFIG or " + DEFAULT_CONFIG + ")",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _add_policy_knobs(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("policy (default: the balanced preset)")
+    group.add_argument(
+        "--preset", choices=["balanced", "conservative", "aggressive"], default=None
+    )
+    group.add_argument("--keep-last", type=int, metavar="N", default=None)
+    group.add_argument("--tier2-count", type=int, metavar="N", default=None)
+    group.add_argument(
+        "--tier3-interval",
+        metavar="STEPS",
+        default=None,
+        help="steps between tier-3 survivors, or 'none' to keep nothing past tier 2",
+    )
+    group.add_argument("--cadence", type=int, metavar="STEPS", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Given nothing, return the parser for every ckptd command."""
+    parser = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Keep a training machine's disk healthy without losing a checkpoint "
+        "that matters.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    run = command("run", "run the daemon (systemd Type=notify service)")
+    _add_config(run)
+
+    plan = command("plan", "show what would be kept and deleted, with every reason")
+    plan.add_argument("root", nargs="?", metavar="ROOT", help="a checkpoint folder")
+    _add_config(plan)
+    _add_json(plan)
+    plan.add_argument("--all", action="store_true", help="list every checkpoint, unfolded")
+
+    prune = command("prune", "delete what the policy does not keep (safety-checked)")
+    prune.add_argument("root", nargs="?", metavar="ROOT", help="a checkpoint folder")
+    _add_config(prune)
+    prune.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    prune.add_argument("--dry-run", action="store_true", help="change nothing, say what would be done")
+    prune.add_argument(
+        "--force", action="store_true", help="allow deleting more than max_delete_fraction"
+    )
+    _add_json(prune)
+
+    snapshot = command("snapshot", "take today's snapshot now, or verify one")
+    _add_config(snapshot)
+    snapshot.add_argument(
+        "--verify",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="DATE",
+        help="check a snapshot against its MANIFEST.json (default: the newest)",
+    )
+    _add_json(snapshot)
+
+    status = command("status", "per root: tiers, bytes, disk use, days until full")
+    _add_config(status)
+    _add_json(status)
+
+    history = command("history", "show the cleanup history")
+    _add_config(history)
+    history.add_argument("-n", type=int, default=20, metavar="N", help="last N records")
+    history.add_argument("--follow", "-f", action="store_true", help="keep printing, like tail -F")
+    _add_json(history)
+
+    trash = command("trash", "list, restore or purge checkpoints in the trash")
+    _add_config(trash)
+    trash.add_argument("action", choices=["list", "restore", "purge"])
+    trash.add_argument("name", nargs="?", metavar="NAME", help="the checkpoint to restore")
+    trash.add_argument("--root", metavar="ROOT", default=None, help="only this root")
+    _add_json(trash)
+
+    forecast = command("forecast", "checkpoints and bytes after N steps, with and without policy")
+    forecast.add_argument("--steps", type=int, required=True, metavar="N")
+    forecast.add_argument("--every", type=int, required=True, metavar="N", help="save cadence")
+    forecast.add_argument("--size", required=True, metavar="SIZE", help="e.g. 3.6GB")
+    _add_policy_knobs(forecast)
+    _add_json(forecast)
+
+    check = command("check-config", "validate a config file; exit 2 with every problem")
+    check.add_argument("file", metavar="FILE")
+
+    demo = command("demo", "a simulated trainer and the daemon, live, in a temporary folder")
+    demo.add_argument("--seconds", type=float, default=30.0, help="how long (default 30)")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
+
+    return parser
+
+
+def resolve_config_path(explicit: str | None) -> str:
+    """Given the --config argument, return the config file path to use."""
+    return explicit or os.environ.get("CKPTD_CONFIG") or DEFAULT_CONFIG
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Given command-line arguments, run the command and return its exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return int(exit_request.code or 0) if exit_request.code != 2 else EXIT_USAGE
+    module = importlib.import_module("daemon.commands." + args.command.replace("-", "_"))
+    try:
+        return int(module.main(args))
+    except CkptdError as error:
+        print(f"ckptd {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"ckptd {args.command}: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # `ckptd history | head`: the reader left; that is not a failure of ours.
+        sys.stderr.close()
+        return 0

@@ -1,0 +1,12 @@
+"""The retention policy engine: pure functions over checkpoint values. No I/O, no clock."""
+
+from policies.model import (
+    PRESETS,
+    Checkpoint,
+    Decision,
+    KeepBest,
+    Plan,
+    PolicySpec,
+)
+
+__all__ = ["PRESETS", "Checkpoint", "Decision", "KeepBest", "Plan", "PolicySpec"]
