@@ -8,5 +8,6 @@ from policies.model import (
     Plan,
     PolicySpec,
 )
+from policies.tiered import plan
 
-__all__ = ["PRESETS", "Checkpoint", "Decision", "KeepBest", "Plan", "PolicySpec"]
+__all__ = ["PRESETS", "Checkpoint", "Decision", "KeepBest", "Plan", "PolicySpec", "plan"]
