@@ -1,0 +1,219 @@
+"""The schedule: weekly prune, daily snapshot, disk checks, on APScheduler 3's BackgroundScheduler.
+
+Every job that changes files runs on one single-thread executor ("files"), `max_instances=1`,
+`coalesce=True` and a generous misfire grace, so a late or piled-up run happens once and never
+beside another. The job functions themselves only hand the work to the service's worker thread
+and wait for it (see daemon/service.py): one thread does everything that touches the disk.
+
+Triggers are pure: they compute the next fire time from a given `now`, never from the clock, so
+the daylight-saving days are tested without waiting for them. Wall-clock rule on those days
+(Europe/Berlin 2026-03-29 and 2026-10-25): a time that occurs twice (fall back, 02:00-03:00)
+fires once, at its first occurrence; a time that does not exist (spring forward, 02:00-03:00)
+fires once, at the same elapsed instant, which the clock shows an hour later (02:30 -> 03:30).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from daemon.config import Config
+from daemon.logs import get_logger
+
+log = get_logger(__name__)
+
+FILES_EXECUTOR = "files"
+# A job missed by up to 6 hours (machine asleep, daemon restarted) still runs, once.
+MISFIRE_GRACE_SECONDS = 6 * 3600
+JOB_NAMES = ("prune", "snapshot", "disk")
+
+
+def resolve_timezone(name: str | None) -> dt.tzinfo:
+    """Given config.timezone (or None), return that zone, else the machine's, else UTC."""
+    if name:
+        return ZoneInfo(name)
+    try:
+        import tzlocal  # APScheduler 3's own dependency
+
+        zone: dt.tzinfo = tzlocal.get_localzone()
+        return zone
+    except Exception:
+        pass
+    try:
+        target = os.path.realpath("/etc/localtime")
+        marker = "/zoneinfo/"
+        if marker in target:
+            return ZoneInfo(target.split(marker, 1)[1])
+    except (OSError, ZoneInfoNotFoundError, ValueError):
+        pass
+    return dt.UTC
+
+
+class WallClockTrigger(BaseTrigger):  # type: ignore[misc]
+    """Given a CronTrigger, fire at each wall-clock time it names once, even on fall-back days.
+
+    APScheduler 3's CronTrigger returns a repeated wall time twice (02:30 CEST, then 02:30 CET)
+    on the fall-back day; a cron line means one run per matching wall time, so the second is
+    skipped. A non-existent time comes back normalised to a real instant.
+    """
+
+    def __init__(self, cron: CronTrigger) -> None:
+        self.cron = cron
+        self.timezone = cron.timezone
+
+    def get_next_fire_time(
+        self, previous_fire_time: dt.datetime | None, now: dt.datetime
+    ) -> dt.datetime | None:
+        """Given the previous fire time (or None) and now, return the next fire time (or None)."""
+        candidate: dt.datetime | None = self.cron.get_next_fire_time(previous_fire_time, now)
+        # Bounded: a repeated wall time is followed by a different one within a few steps.
+        for _ in range(8):
+            if candidate is None:
+                return None
+            candidate = self._normalise(candidate)
+            if previous_fire_time is None or not self._same_wall_time(
+                candidate, previous_fire_time
+            ):
+                return candidate
+            # Step in UTC: wall-clock arithmetic would drop `fold` and land on the same time again.
+            later = (candidate.astimezone(dt.UTC) + dt.timedelta(seconds=1)).astimezone(
+                self.timezone
+            )
+            candidate = self.cron.get_next_fire_time(None, later)
+        return candidate
+
+    def _normalise(self, moment: dt.datetime) -> dt.datetime:
+        # Round-trip through UTC: a non-existent local time becomes the real instant it denotes.
+        return moment.astimezone(dt.UTC).astimezone(self.timezone)
+
+    def _same_wall_time(self, first: dt.datetime, second: dt.datetime) -> bool:
+        a = first.astimezone(self.timezone).replace(tzinfo=None, fold=0)
+        b = second.astimezone(self.timezone).replace(tzinfo=None, fold=0)
+        return a == b
+
+    def __str__(self) -> str:
+        return f"wallclock[{self.cron}]"
+
+    def __repr__(self) -> str:
+        return f"<WallClockTrigger {self.cron!r}>"
+
+
+def prune_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
+    """Given the config, return the weekly-prune trigger (cron syntax; raises ValueError if bad)."""
+    return WallClockTrigger(CronTrigger.from_crontab(config.prune.schedule, timezone=timezone))
+
+
+def snapshot_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
+    """Given the config, return the daily-snapshot trigger at `snapshots.at` local time."""
+    hour, minute = (int(part) for part in config.snapshots.at.split(":"))
+    return WallClockTrigger(CronTrigger(hour=hour, minute=minute, timezone=timezone))
+
+
+def disk_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
+    """Given the config, return the disk-check trigger, every `disk.interval`."""
+    return IntervalTrigger(seconds=max(1.0, float(config.disk.interval)), timezone=timezone)
+
+
+def build_triggers(config: Config) -> dict[str, BaseTrigger]:
+    """Given a config, return job name -> trigger; raise ValueError on a bad schedule."""
+    timezone = resolve_timezone(config.timezone)
+    triggers = {"prune": prune_trigger(config, timezone), "disk": disk_trigger(config, timezone)}
+    if config.snapshots.enabled:
+        triggers["snapshot"] = snapshot_trigger(config, timezone)
+    return triggers
+
+
+class Schedule:
+    """Given a callable that runs a named job (and returns when it is done), run it on time."""
+
+    def __init__(self, run_job: Callable[[str], None]) -> None:
+        self.run_job = run_job
+        self.scheduler = self._new_scheduler(dt.UTC)
+
+    def _new_scheduler(self, timezone: dt.tzinfo) -> BackgroundScheduler:
+        scheduler = BackgroundScheduler(
+            executors={FILES_EXECUTOR: ThreadPoolExecutor(max_workers=1)},
+            job_defaults={
+                "max_instances": 1,
+                "coalesce": True,
+                "misfire_grace_time": MISFIRE_GRACE_SECONDS,
+            },
+            timezone=timezone,
+        )
+        scheduler.add_listener(self._on_job_event, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
+        return scheduler
+
+    def start(self, config: Config) -> None:
+        """Given the config, create the jobs and start the scheduler thread."""
+        self.scheduler = self._new_scheduler(resolve_timezone(config.timezone))
+        self.apply(build_triggers(config))
+        self.scheduler.start()
+
+    def apply(self, triggers: dict[str, BaseTrigger]) -> None:
+        """Given job name -> trigger, add, reschedule or remove jobs to match."""
+        for name in JOB_NAMES:
+            trigger = triggers.get(name)
+            existing = self.scheduler.get_job(name)
+            if trigger is None:
+                if existing is not None:
+                    existing.remove()
+                continue
+            if existing is not None:
+                existing.reschedule(trigger)
+            else:
+                self.scheduler.add_job(
+                    self.run_job,
+                    trigger,
+                    args=[name],
+                    id=name,
+                    name=name,
+                    executor=FILES_EXECUTOR,
+                    replace_existing=True,
+                )
+
+    def next_run_times(self) -> dict[str, str]:
+        """Given the running scheduler, return job name -> next run time (UTC ISO)."""
+        times: dict[str, str] = {}
+        for job in self.scheduler.get_jobs():
+            next_run = getattr(job, "next_run_time", None)
+            if next_run is not None:
+                times[job.id] = next_run.astimezone(dt.UTC).isoformat()
+        return times
+
+    def shutdown(self, *, wait: bool = False) -> None:
+        """Stop firing; with `wait`, also wait for the job running now (its thread ends)."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    @staticmethod
+    def _on_job_event(event: JobExecutionEvent) -> None:
+        if event.code == EVENT_JOB_MISSED:
+            log.warning("job_missed", job=event.job_id, scheduled=str(event.scheduled_run_time))
+            return
+        log.error(
+            "job_failed",
+            job=event.job_id,
+            error=repr(event.exception),
+            traceback=event.traceback,
+        )
+
+
+__all__ = [
+    "FILES_EXECUTOR",
+    "Schedule",
+    "WallClockTrigger",
+    "build_triggers",
+    "disk_trigger",
+    "prune_trigger",
+    "resolve_timezone",
+    "snapshot_trigger",
+]
