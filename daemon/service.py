@@ -166,6 +166,8 @@ class Service:
     def do_reload(self) -> bool:
         """Given a request to reload, load the config; keep the old one if the new one is bad."""
         self.notifier.reloading()
+        # What was read this time, good or bad: an edit back to the old text is a change too.
+        self.config_digest = _file_digest(self.config_path)
         try:
             config = load_config(self.config_path)
             build_triggers(config)  # a bad cron line is a config error too
@@ -181,7 +183,6 @@ class Service:
             self.notifier.ready(self.status_line())
             return False
         self.config_problem = None
-        self.config_digest = _file_digest(self.config_path)
         old = self.config
         self.config = config
         if config.log != old.log:
