@@ -1,0 +1,63 @@
+"""Logging: ckptd's own events and the libraries' stdlib records come out in one format."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from daemon.logs import configure_logging, get_logger
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    yield
+    configure_logging("info", "console", stream=io.StringIO())
+
+
+def test_json_lines_for_ours_and_apscheduler_with_utc_times() -> None:
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    get_logger("ckptd.test").info("prune_done", root="/data/run", deleted=2)
+    logging.getLogger("apscheduler.scheduler").warning("Run time of job was missed by %d s", 7)
+    logging.getLogger("watchdog.observers").warning("inotify watch limit reached")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        get_logger("ckptd.test").exception("job_failed", job="disk")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [record["event"] for record in records] == [
+        "prune_done",
+        "Run time of job was missed by 7 s",
+        "inotify watch limit reached",
+        "job_failed",
+    ]
+    assert records[0]["deleted"] == 2 and records[0]["level"] == "info"
+    assert records[1]["logger"] == "apscheduler.scheduler" and records[1]["level"] == "warning"
+    for record in records:
+        assert record["timestamp"].endswith("Z")  # UTC ISO 8601
+    assert "RuntimeError" in json.dumps(records[3]["exception"])
+
+
+def test_console_is_key_value_and_level_filters() -> None:
+    stream = io.StringIO()
+    configure_logging("warning", "console", stream=stream)
+    get_logger("ckptd.test").info("hidden", x=1)
+    get_logger("ckptd.test").warning("root_missing", root="/data/run")
+    logging.getLogger("apscheduler.scheduler").info("chatter hidden below warning")
+    text = stream.getvalue()
+    assert "hidden" not in text
+    assert "root_missing" in text and "root=/data/run" in text
+    assert not text.lstrip().startswith("{")
+
+
+def test_reconfiguring_replaces_the_handler() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", "json", stream=first)
+    configure_logging("info", "json", stream=second)
+    get_logger("ckptd.test").info("once")
+    assert first.getvalue() == ""
+    assert len(second.getvalue().splitlines()) == 1
