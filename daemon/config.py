@@ -544,6 +544,8 @@ def _shown(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
+    if isinstance(value, float):
+        return f"{value:g}"
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -577,6 +579,7 @@ def _message_for(error: ErrorDetails) -> str:
         operator = {"greater_than_equal": ">=", "greater_than": ">"}.get(kind)
         operator = operator or {"less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(context.values()), "?")
+        bound = f"{bound:g}" if isinstance(bound, float) else bound
         return f"must be {operator} {bound} (got {_shown(got)})"
     if kind == "literal_error":
         expected = str(context.get("expected", "")).replace("'", "")
