@@ -383,6 +383,8 @@ class _Document:
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # Values that could not be read at all: a second "expected ..." about them would be noise.
+    unreadable: set[Path] = field(default_factory=set)
 
     def line_of(self, path: Path) -> int:
         """Given a location, return the line of it or of its nearest ancestor in the file."""
@@ -403,7 +405,16 @@ class _DocumentBuilder:
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node, deep=True)
+            try:
+                return self.loader.construct_object(node, deep=True)
+            except (ValueError, TypeError, OverflowError):
+                # An explicit tag that does not fit its text, such as `!!int 0x1F`.
+                tag = node.tag.rsplit(":", 1)[-1]
+                self.document.problems.append(
+                    Problem(node.start_mark.line + 1, path, f"{node.value!r} is not a valid {tag}")
+                )
+                self.document.unreadable.add(path)
+                return None
         if id(node) in self._open_nodes:
             self.document.problems.append(
                 Problem(node.start_mark.line + 1, path, "an alias refers to itself")
@@ -465,7 +476,13 @@ class _DocumentBuilder:
         return {**merged, **own}
 
 
-def _syntax_problem(file: str, error: yaml.YAMLError) -> str:
+def _syntax_problem(file: str, error: yaml.YAMLError, text: str) -> str:
+    if isinstance(error, yaml.reader.ReaderError):
+        before = text[: error.position]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        character = error.character
+        code = character if isinstance(character, int) else ord(character)
+        return f"{file}:{line}:{column} invalid YAML: character U+{code:04X} is not allowed"
     if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
         return f"{file}: invalid YAML: {error}"
     mark = error.problem_mark
@@ -481,14 +498,20 @@ def _syntax_problem(file: str, error: yaml.YAMLError) -> str:
 
 
 def _parse_yaml(text: str, file: str) -> _Document:
-    loader = StrictYamlLoader(text)
+    try:
+        # Constructing the loader already checks characters (a NUL is a ReaderError).
+        loader = StrictYamlLoader(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([_syntax_problem(file, error, text)]) from None
     try:
         builder = _DocumentBuilder(loader)
         node = loader.get_single_node()
         builder.document.data = {} if node is None else builder.build(node, ())
         return builder.document
     except yaml.YAMLError as error:
-        raise ConfigError([_syntax_problem(file, error)]) from None
+        raise ConfigError([_syntax_problem(file, error, text)]) from None
+    except RecursionError:
+        raise ConfigError([f"{file}: invalid YAML: nested too deeply"]) from None
     finally:
         loader.dispose()
 
@@ -558,7 +581,7 @@ _MESSAGES: Mapping[str, str] = {
     "float_parsing": "expected a number",
     "bool_type": "expected true or false",
     "bool_parsing": "expected true or false",
-    "string_type": "expected text (put quotes around it)",
+    "string_type": "expected text",
     "model_type": "expected a mapping of keys",
     "model_attributes_type": "expected a mapping of keys",
     "dict_type": "expected a mapping of keys",
@@ -590,8 +613,8 @@ def _message_for(error: ErrorDetails) -> str:
         message = _MESSAGES[kind]
         if kind.startswith("bool") and isinstance(got, str):
             message += f" (got {got!r}: yes/no/on/off are text in ckptd's YAML)"
-        elif kind.startswith("string") and isinstance(got, int | float):
-            message += f" (got {_shown(got)}, a number)"
+        elif kind.startswith("string") and isinstance(got, int | float | bool):
+            message += f" (got {_shown(got)}: put quotes around it)"
         else:
             message += f" (got {_shown(got)})"
         return message
@@ -728,6 +751,9 @@ def _check_absolute(findings: _Findings, path: Path, value: Any, what: str) -> s
         return None
     if not value.strip():
         findings.problem(path, f"{what} is empty")
+        return None
+    if "\x00" in value:
+        findings.problem(path, f"{what} contains a NUL character")
         return None
     if not os.path.isabs(value):
         hint = " (~ is not expanded)" if value.startswith("~") else ""
@@ -949,6 +975,8 @@ def validate_text(text: str, file: str = "config.yaml") -> tuple[Config, list[st
     except ValidationError as error:
         for detail in error.errors():
             path: Path = tuple(detail["loc"])
+            if path in document.unreadable:
+                continue
             problems.append(Problem(document.line_of(path), path, _message_for(detail)))
     findings = _semantic_checks(document)
     problems.extend(findings.problems)

@@ -242,7 +242,7 @@ def test_unknown_key_without_a_close_match_lists_the_keys() -> None:
             "log.level: must be one of debug, info, warning or error (got 'loud')",
         ),
         ("timezone: Mars/Olympus", "timezone: unknown timezone 'Mars/Olympus'"),
-        ("state_dir: 5", "state_dir: expected text (put quotes around it) (got 5, a number)"),
+        ("state_dir: 5", "state_dir: expected text (got 5: put quotes around it)"),
         ("snapshots: {at: '25:00'}", "snapshots.at: '25:00' is not a time of day"),
         ("snapshots: {at: 300}", "snapshots.at: expected text"),
         ("snapshots: {mutable: last.pt}", "snapshots.mutable: expected a list (got 'last.pt')"),
@@ -617,3 +617,23 @@ def test_the_most_specific_policy_and_setting_wins() -> None:
         "max_delete_fraction": 0.9,
         "trash_grace": 3600.0,
     }
+
+
+def test_a_control_character_is_a_syntax_problem_with_its_place() -> None:
+    (problem,) = problems_of("log:\n  level: in\x00fo\n")
+    assert problem == "config.yaml:2:12 invalid YAML: character U+0000 is not allowed"
+
+
+def test_an_escaped_nul_in_a_path_is_refused_not_a_crash() -> None:
+    problems = problems_of('roots:\n  - path: "/data/a\\0b"\nsnapshots: {enabled: false}\n')
+    assert problems == ["config.yaml:2 roots[0].path: a root contains a NUL character"]
+
+
+def test_an_explicit_tag_that_does_not_fit_is_one_problem() -> None:
+    assert problems_of("disk:\n  warn_percent: !!float lots\n") == [
+        "config.yaml:2 disk.warn_percent: 'lots' is not a valid float"
+    ]
+
+
+def test_absurd_nesting_is_a_problem_not_a_crash() -> None:
+    assert problems_of("[" * 5000) == ["config.yaml: invalid YAML: nested too deeply"]
