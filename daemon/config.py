@@ -681,7 +681,9 @@ def system_folder_reason(path: str) -> str | None:
         parent = os.path.dirname(form)
         if parent in ("/usr", "/var"):
             return f"{form} is a system folder; use a folder below it for checkpoints"
-        if any(_is_within(form, virtual) for virtual in VIRTUAL_FOLDERS):
+        # /dev/shm is a RAM disk some trainers save to first: folders inside it are fine.
+        in_shared_memory = form.startswith("/dev/shm/")
+        if not in_shared_memory and any(_is_within(form, v) for v in VIRTUAL_FOLDERS):
             return f"{form} is inside a kernel filesystem, not a place for checkpoints"
         if form in homes:
             return f"{form} is a home folder; point the root at the training output folder"

@@ -308,7 +308,14 @@ def test_system_folders_are_refused_as_roots(path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/var/lib/training/run1", "/usr/local/share/ckpts", "/data/training/run1", "/mnt/x"]
+    "path",
+    [
+        "/var/lib/training/run1",
+        "/usr/local/share/ckpts",
+        "/data/training/run1",
+        "/mnt/x",
+        "/dev/shm/run1",
+    ],
 )
 def test_deeper_folders_are_fine(path: str) -> None:
     assert config_of(one_root(path)).roots[0].path == path
