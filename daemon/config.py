@@ -395,6 +395,13 @@ class _Document:
         return 1
 
 
+_MAX_NODES = 200_000
+
+
+class _TooLarge(Exception):
+    """The document expands to more values than any config has."""
+
+
 class _DocumentBuilder:
     """Turns composed YAML nodes into Python data, recording lines and duplicate keys."""
 
@@ -402,8 +409,13 @@ class _DocumentBuilder:
         self.loader = loader
         self.document = _Document(data=None)
         self._open_nodes: set[int] = set()
+        self._budget = _MAX_NODES
 
     def build(self, node: yaml.Node, path: Path) -> Any:
+        self._budget -= 1
+        if self._budget < 0:
+            # Aliases of aliases grow exponentially ("billion laughs"); no real config is close.
+            raise _TooLarge
         if isinstance(node, yaml.ScalarNode):
             try:
                 return self.loader.construct_object(node, deep=True)
@@ -510,6 +522,8 @@ def _parse_yaml(text: str, file: str) -> _Document:
         return builder.document
     except yaml.YAMLError as error:
         raise ConfigError([_syntax_problem(file, error, text)]) from None
+    except _TooLarge:
+        raise ConfigError([f"{file}: expands to more than {_MAX_NODES} values"]) from None
     except RecursionError:
         raise ConfigError([f"{file}: invalid YAML: nested too deeply"]) from None
     finally:

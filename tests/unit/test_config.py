@@ -644,3 +644,11 @@ def test_an_explicit_tag_that_does_not_fit_is_one_problem() -> None:
 
 def test_absurd_nesting_is_a_problem_not_a_crash() -> None:
     assert problems_of("[" * 5000) == ["config.yaml: invalid YAML: nested too deeply"]
+
+
+def test_exponential_aliases_are_refused_quickly() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{n}: &a{n} [" + ", ".join([f"*a{n - 1}"] * 10) + "]" for n in range(1, 9)]
+    assert problems_of("\n".join(lines) + "\n") == [
+        "config.yaml: expands to more than 200000 values"
+    ]
