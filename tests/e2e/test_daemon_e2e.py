@@ -88,13 +88,9 @@ def stubs_still_missing() -> list[str]:
     return missing
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
-    ),
-]
+needs_every_part = pytest.mark.skipif(
+    bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
+)
 
 
 def config_text(root: Path, state: Path, policy: str) -> str:
@@ -168,6 +164,9 @@ def survivors(root: Path) -> list[int]:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@needs_every_part
 def test_daemon_end_to_end(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:

@@ -41,7 +41,7 @@ def stubs_still_missing() -> list[str]:
     return missing
 
 
-pytestmark = pytest.mark.skipif(
+needs_every_part = pytest.mark.skipif(
     bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
 )
 
@@ -171,6 +171,7 @@ def daemon_setup(tmp_path: Path) -> Iterator[dict[str, object]]:
     listener.close()
 
 
+@needs_every_part
 def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     daemon_setup: dict[str, object],
 ) -> None:
@@ -233,6 +234,7 @@ def test_invalid_config_at_start_is_exit_2(tmp_path: Path) -> None:
     assert code == 2
 
 
+@needs_every_part
 def test_missing_root_is_waited_for_then_pruned(daemon_setup: dict[str, object]) -> None:
     root: Path = daemon_setup["root"]  # type: ignore[assignment]
     state: Path = daemon_setup["state"]  # type: ignore[assignment]
