@@ -123,7 +123,9 @@ class Service:
         self.schedule.start(self.config)
         startup = Task("startup")
         self.work.put(startup)
-        self._write_state(pid=os.getpid(), started=_utc_iso(self.started))
+        self._write_state(
+            pid=os.getpid(), started=_utc_iso(self.started), next=self.schedule.next_run_times()
+        )
         log.info(
             "started",
             config=self.config_path,
