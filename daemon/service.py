@@ -44,6 +44,8 @@ STOP_TIMEOUT_SECONDS = 30.0
 SETTLE_MARGIN_SECONDS = 0.3
 MAX_RETRY_SECONDS = 300.0
 CONFIG_DEBOUNCE_SECONDS = 0.3
+# The size cache is written back at most this often (and at stop): sizes are cheap to relearn.
+CACHE_SAVE_SECONDS = 300.0
 
 
 @dataclass(eq=False)
@@ -106,7 +108,9 @@ class Service:
         self.schedule = Schedule(self.run_job)
         self.worker = threading.Thread(target=self._work, name="ckptd-worker", daemon=True)
         self.history = self._history(config)
-        self.caches: dict[str, object | None] = {}
+        # One size cache for every root (keyed by root inside), persisted in state_dir.
+        self.cache = self._size_cache(config)
+        self.cache_saved_at = time.monotonic()
         # Worker-thread state: root path -> monotonic deadline / retry count.
         self.pending: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
@@ -214,6 +218,8 @@ class Service:
         self.work.put(None)
         self.worker.join(self.stop_timeout)
         self.watcher.stop()
+        if not self.worker.is_alive():
+            self._save_cache()
         self.schedule.shutdown(wait=True)
         if self.worker.is_alive():
             log.error("stop_timeout", seconds=self.stop_timeout)
@@ -356,17 +362,19 @@ class Service:
         """
         from daemon.pruning import prune_root
 
-        key = os.path.abspath(root.path)
-        return prune_root(
+        report = prune_root(
             self.config,
             root,
             now=self.clock(),
             dry_run=False,
             history=self.history,
-            cache=self.caches.get(key),
+            cache=self.cache,
             stop=self.stop,
             **overrides,
         )
+        if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
+            self._save_cache()
+        return report
 
     def _prune(self, root: RootConfig, *, reason: str) -> None:
         key = os.path.abspath(root.path)
@@ -444,6 +452,28 @@ class Service:
     @staticmethod
     def _root_watches(config: Config) -> list[tuple[str, str]]:
         return [(os.path.abspath(root.path), root.watch) for root in config.roots]
+
+    @staticmethod
+    def _size_cache(config: Config) -> Any:
+        """Given the config, return the discovery size cache kept in state_dir (None if absent)."""
+        try:
+            from daemon.sizecache import SizeCache  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            return None
+        try:
+            return SizeCache.in_state_dir(config.state_dir)
+        except (OSError, ValueError) as error:
+            log.warning("size_cache_unavailable", state_dir=config.state_dir, error=str(error))
+            return None
+
+    def _save_cache(self) -> None:
+        self.cache_saved_at = time.monotonic()
+        if self.cache is None:
+            return
+        try:
+            self.cache.save()
+        except OSError as error:
+            log.warning("size_cache_unsaved", error=str(error))
 
     @staticmethod
     def _history(config: Config) -> Any:
