@@ -72,7 +72,7 @@ def configure_logging(
     numeric = LEVELS.get(level, logging.INFO)
     root.setLevel(numeric)
     # Library chatter (each job run, each inotify event) only when asked for debug.
-    for name in ("apscheduler", "watchdog"):
+    for name in ("apscheduler.scheduler", "apscheduler.jobstores", "watchdog"):
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     structlog.configure(
         processors=[

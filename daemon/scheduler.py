@@ -15,6 +15,7 @@ fires once, at the same elapsed instant, which the clock shows an hour later (02
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 from collections.abc import Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -138,6 +139,9 @@ class Schedule:
     def __init__(self, run_job: Callable[[str], None]) -> None:
         self.run_job = run_job
         self.scheduler = self._new_scheduler(dt.UTC)
+        # The listener below logs a failed job once, with its traceback; APScheduler's executor
+        # would log it a second time in its own format.
+        logging.getLogger("apscheduler.executors").setLevel(logging.CRITICAL)
 
     def _new_scheduler(self, timezone: dt.tzinfo) -> BackgroundScheduler:
         scheduler = BackgroundScheduler(

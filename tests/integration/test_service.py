@@ -250,3 +250,55 @@ def test_missing_root_is_waited_for_then_pruned(daemon_setup: dict[str, object])
         save_checkpoint(staging, step)
     os.rename(staging, root)  # the root appears, full of checkpoints
     assert wait_until(lambda: steps_in(root) == [3, 4], 5)
+
+
+def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk job raises on its first run: logged with the traceback; the next run happens."""
+    import io
+    import sys
+    import types
+
+    from daemon.logs import configure_logging
+
+    calls: list[float] = []
+
+    def check_disks(config: object, *, now: float, history: object, prune: object) -> None:
+        calls.append(now)
+        if len(calls) == 1:
+            raise OSError("statvfs failed on purpose")
+
+    fake_disk = types.ModuleType("daemon.disk")
+    fake_disk.check_disks = check_disks  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "daemon.disk", fake_disk)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nroots: []\nsnapshots: {{enabled: false}}\n"
+        "disk: {interval: 1s}\n"
+    )
+    stop, reload = threading.Event(), threading.Event()
+    result: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "exit",
+            serve(str(config), stop=stop, reload=reload, tick=0.05, configure_logs=False),
+        ),
+        name="test-serve-jobs",
+    )
+    thread.start()
+    try:
+        assert wait_until(lambda: len(calls) >= 2, 10), calls
+    finally:
+        stop.set()
+        thread.join(15)
+    assert result["exit"] == 0
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    failures = [record for record in records if record["event"] == "job_failed"]
+    assert failures and failures[0]["job"] == "disk"
+    assert "statvfs failed on purpose" in failures[0]["traceback"]
+    assert "in check_disks" in failures[0]["traceback"]  # the frames, down to the failing one
+    state = read_state(str(tmp_path / "state"))
+    assert "last_disk_check" in state and "disk" in state["next"]
