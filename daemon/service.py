@@ -72,10 +72,12 @@ def _file_digest(path: str) -> str | None:
 def _optional(module: str, name: str) -> Callable[..., Any] | None:
     """Given a module and function name, return the function, or None while it does not exist."""
     try:
-        function = getattr(importlib.import_module(module), name, None)
+        found: Any = importlib.import_module(module)
     except ImportError:
         return None
-    return function if callable(function) else None
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found if callable(found) else None
 
 
 class Service:
@@ -456,12 +458,11 @@ class Service:
     @staticmethod
     def _size_cache(config: Config) -> Any:
         """Given the config, return the discovery size cache kept in state_dir (None if absent)."""
-        try:
-            from daemon.sizecache import SizeCache  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
+        in_state_dir = _optional("daemon.sizecache", "SizeCache.in_state_dir")
+        if in_state_dir is None:
             return None
         try:
-            return SizeCache.in_state_dir(config.state_dir)
+            return in_state_dir(config.state_dir)
         except (OSError, ValueError) as error:
             log.warning("size_cache_unavailable", state_dir=config.state_dir, error=str(error))
             return None
