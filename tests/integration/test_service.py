@@ -302,3 +302,53 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
     assert "in check_disks" in failures[0]["traceback"]  # the frames, down to the failing one
     state = read_state(str(tmp_path / "state"))
     assert "last_disk_check" in state and "disk" in state["next"]
+
+
+@needs_every_part
+def test_sigterm_during_a_prune_finishes_the_deletion_and_exits_0(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    """`ckptd run` pruning many-file checkpoints gets SIGTERM: exit 0 soon, and every
+    checkpoint is either whole under its name or gone (never half-deleted)."""
+    import signal
+    import subprocess
+
+    root, state = tmp_path / "run", tmp_path / "state"
+    root.mkdir()
+    files_per_checkpoint = 400
+    for step in range(1, 11):
+        folder = root / f"checkpoint-{step * 10}"
+        folder.mkdir()
+        for index in range(files_per_checkpoint - 1):
+            (folder / f"shard-{index}.bin").write_bytes(b"x")
+        (folder / "trainer_state.json").write_text("{}")
+        old = time.time() - 3600
+        for item in (*folder.iterdir(), folder):
+            os.utime(item, (old, old))
+    config = tmp_path / "config.yaml"
+    write_config(config, root, state, keep_last=3)
+    environment = dict(cli_env)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), environment.get("PYTHONPATH", "")]
+    )
+    daemon = subprocess.Popen(
+        [*ckptd_command, "run", "--config", str(config)],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        trash = root / ".ckptd-trash"
+        assert wait_until(lambda: trash.exists() or len(steps_in(root)) < 10, 20)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    for step in steps_in(root):
+        folder = root / f"checkpoint-{step}"
+        assert len(list(folder.iterdir())) == files_per_checkpoint, f"{folder} is half-deleted"
+    assert steps_in(root)[-3:] == [80, 90, 100]
