@@ -22,6 +22,7 @@ Choices (watchdog 7):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import stat
@@ -130,6 +131,17 @@ def choose_mode(path: str, setting: str) -> Literal["inotify", "poll"]:
     if setting == "poll":
         return "poll"
     return "poll" if is_network_filesystem(mount_type(path)) else "inotify"
+
+
+class _QuietStoppedEmitter(logging.Filter):
+    """watchdog 7 logs an ERROR when a watch is removed while its emitter is reading: benign
+    (the service drops a finished checkpoint's watch), and it must not look like a failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStoppedEmitter())
 
 
 class _Enqueue(FileSystemEventHandler):

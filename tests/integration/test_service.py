@@ -201,7 +201,8 @@ def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     assert steps_in(root) == [60, 70, 80, 90]  # nothing while it is being written
     (folder / "trainer_state.json").write_text("{}")
     assert wait_until(lambda: steps_in(root) == [70, 80, 90], 5 + SETTLE)
-    assert read_state(str(state))["last_prune"]["deleted"] == 1
+    # state.json is written once prune_root has returned, a moment after the rename.
+    assert wait_until(lambda: read_state(str(state))["last_prune"]["deleted"] == 1, 5)
 
     # A broken config on SIGHUP: logged, the old one stays in force.
     config.write_text("defaults: {settle_seconds: soon}\nroots: 7\n")
