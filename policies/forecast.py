@@ -11,6 +11,7 @@ planning the full series.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from policies.model import Checkpoint, PolicySpec
@@ -54,8 +55,8 @@ def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forec
     """Given a run of `steps` steps saving every `every` steps, `size_bytes` per checkpoint, and
     a policy, return how many checkpoints (and bytes) exist without the policy and with it.
 
-    Raises ValueError for a negative step count or size, a cadence below 1, or a series whose
-    survivors alone would exceed MAX_SIMULATED.
+    Raises ValueError for a negative step count or size, `every` below 1, a spec plan() refuses,
+    or a series whose survivors alone would exceed MAX_SIMULATED.
     """
     if steps < 0 or every < 1 or size_bytes < 0:
         raise ValueError("steps and size must be >= 0 and every >= 1")
@@ -71,11 +72,12 @@ def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forec
     # representatives are. Whether a checkpoint represents its bucket depends only on newer
     # ones, so leaving out older non-representatives changes no decision.
     full_from = max(1, -(-tier2_boundary // every) - 1)
-    indices = _tier3_representatives(full_from - 1, every, spec.tier3_interval)
-    if len(indices) + saves - full_from + 1 > MAX_SIMULATED:
+    count, representatives = _tier3_representatives(full_from - 1, every, spec.tier3_interval)
+    if count + saves - full_from + 1 > MAX_SIMULATED:
         raise ValueError(
             f"the policy would keep more than {MAX_SIMULATED:,} checkpoints; nothing to forecast"
         )
+    indices = list(representatives)
     indices.extend(range(full_from, saves + 1))
     series = [Checkpoint(name=f"step-{index * every}", step=index * every) for index in indices]
     result = plan(series, {"default": pinned_spec})
@@ -95,14 +97,15 @@ def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forec
     )
 
 
-def _tier3_representatives(last: int, every: int, interval: int | None) -> list[int]:
-    """Given the save indices 1..last (all in tier 3, with more saves after them), return those
-    whose checkpoint is the newest of its tier-3 bucket: the ones whose step range
-    [i·every, (i+1)·every) holds a multiple of the interval."""
+def _tier3_representatives(
+    last: int, every: int, interval: int | None
+) -> tuple[int, Iterable[int]]:
+    """Given the save indices 1..last (all in tier 3, with more saves after them), return how
+    many checkpoints are the newest of their tier-3 bucket and, lazily, their indices: the saves
+    whose step range [i·every, (i+1)·every) holds a multiple of the interval."""
     if interval is None or last < 1:
-        return []
+        return 0, ()
     if interval <= every:
-        return list(range(1, last + 1))
-    first_multiple = -(-every // interval)
-    last_multiple = ((last + 1) * every - 1) // interval
-    return [multiple * interval // every for multiple in range(first_multiple, last_multiple + 1)]
+        return last, range(1, last + 1)
+    multiples = range(-(-every // interval), ((last + 1) * every - 1) // interval + 1)
+    return len(multiples), (multiple * interval // every for multiple in multiples)
