@@ -45,8 +45,6 @@ class Checkpoint:
     tracked_by: tuple[str, ...] = ()
     # Pins: ".keep" or "protect:<glob>".
     pinned_by: tuple[str, ...] = ()
-    # A factory, not a default: Python 3.11's dataclasses reject an unhashable mappingproxy as a
-    # "mutable default"; the shared read-only empty mapping is still what every instance gets.
     metrics: Mapping[str, float] = field(default_factory=lambda: EMPTY_METRICS)
 
     @property
