@@ -344,3 +344,22 @@ def test_bytes_freed_sums_the_deleted_checkpoints() -> None:
         Checkpoint(name=c.name, step=c.step, size_bytes=10, freeable_bytes=7) for c in regular(170)
     )
     assert plan(list(checkpoints), {}).bytes_freed == 127 * 7
+
+
+@pytest.mark.parametrize("series_count", [3, 40])
+def test_many_series_are_grouped_and_ordered_alike(series_count: int) -> None:
+    checkpoints = [
+        Checkpoint(name=f"s{series}-{step}", step=step, series=f"s{series:02d}")
+        for step in range(100, 5001, 100)
+        for series in range(series_count)
+    ]
+    random.Random(series_count).shuffle(checkpoints)
+
+    result = plan(checkpoints, {"default": PolicySpec(keep_last=5, tier2_count=5)})
+
+    expected_order = [
+        (f"s{series:02d}", step) for series in range(series_count) for step in range(100, 5001, 100)
+    ]
+    assert [(d.checkpoint.series, d.checkpoint.step) for d in result.decisions] == expected_order
+    single = plan(regular(50), {"default": PolicySpec(keep_last=5, tier2_count=5)})
+    assert len(result.kept) == series_count * len(single.kept)
