@@ -156,7 +156,9 @@ def main() -> int:
     console = Console(highlight=False, width=max(140, shutil.get_terminal_size().columns))
 
     cases = timed(
-        f"built {args.count:,} checkpoints x {4} cases", lambda: build_cases(args.count), console
+        f"built {args.count:,} checkpoints for each of 4 cases",
+        lambda: build_cases(args.count),
+        console,
     )
     measurements = [measure(case, args.repeat) for case in cases]
     sort_seconds = time_system_sort(cases[1].checkpoints, args.repeat)
