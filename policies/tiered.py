@@ -110,6 +110,8 @@ def bucket_upper(step: int, spacing: int) -> int:
 def _collector_paused() -> Iterator[None]:
     # A plan allocates one Decision per checkpoint and nothing cyclic; at a million checkpoints
     # the cyclic collector's generation scans cost more than the planning itself (measured 3x).
+    # The daemon plans on its one worker thread; a concurrent plan elsewhere could only re-enable
+    # the collector early, which costs time, never correctness.
     was_enabled = gc.isenabled()
     gc.disable()
     try:

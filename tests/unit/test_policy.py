@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from policies import PRESETS, Checkpoint, KeepBest, Plan, PolicySpec, plan
+from policies import PRESETS, Checkpoint, Decision, KeepBest, Plan, PolicySpec, plan
 from policies.tiered import bucket_upper, most_common_gap
 
 BALANCED = PRESETS["balanced"]
@@ -363,3 +363,24 @@ def test_many_series_are_grouped_and_ordered_alike(series_count: int) -> None:
     assert [(d.checkpoint.series, d.checkpoint.step) for d in result.decisions] == expected_order
     single = plan(regular(50), {"default": PolicySpec(keep_last=5, tier2_count=5)})
     assert len(result.kept) == series_count * len(single.kept)
+
+
+def test_decisions_are_ordinary_frozen_values_and_the_collector_is_restored() -> None:
+    import dataclasses
+    import gc
+
+    decision = plan(regular(30), {}).decisions[3]
+
+    rebuilt = Decision(decision.checkpoint, decision.keep, decision.reasons, decision.tier)
+    assert decision == rebuilt
+    assert repr(decision) == repr(rebuilt)
+    assert dataclasses.replace(decision, keep=True).keep is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.keep = True  # type: ignore[misc]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        plan(regular(30), {})
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
