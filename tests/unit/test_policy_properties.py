@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,3 +140,24 @@ def test_pruning_after_every_kth_save_leaves_what_one_prune_at_the_end_leaves(
         interval = spec.tier3_interval
         assert {bucket_upper(c.step, interval) for c in incremental} == buckets_ever
     assert all(c in incremental for c in series if c.pinned_by or c.tracked_by)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize(("every", "start"), [(30, 30), (250, -1234), (100, 100), (7, 3)])
+@pytest.mark.parametrize("every_k", [1, 13, 100])
+def test_every_preset_and_awkward_cadence_prunes_alike_however_often(
+    preset: str, every: int, start: int, every_k: int
+) -> None:
+    """The explicit sweep behind the random one: each preset, each cadence, long enough runs
+    that tier 3 holds many buckets."""
+    spec = PRESETS[preset]
+    series = [Checkpoint(name=f"c{start + i * every}", step=start + i * every) for i in range(400)]
+    on_disk: list[Checkpoint] = []
+    for saved, checkpoint in enumerate(series, start=1):
+        on_disk.append(checkpoint)
+        if saved % every_k == 0:
+            on_disk = survivors(on_disk, spec)
+    once = survivors(series, spec)
+
+    assert names(survivors(on_disk, spec)) == names(once)
+    assert len(once) < len(series)  # it did thin something
