@@ -126,6 +126,7 @@ class SizeCache:
     def __init__(self, path: str | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._roots: dict[str, dict[str, CacheEntry]] = {}
         # In memory only: per root, what each entry name means under a layout or patterns.
         self._name_memos: dict[tuple[str, tuple[str, ...]], dict[Any, Any]] = {}
@@ -223,6 +224,11 @@ class SizeCache:
         temporary file, fsynced, renamed over the old one) and return whether it wrote."""
         if self.path is None:
             return False
+        # One save at a time, so an older snapshot never replaces a newer file.
+        with self._save_lock:
+            return self._save(self.path)
+
+    def _save(self, path: str) -> bool:
         with self._lock:
             if not self._dirty:
                 return False
@@ -240,15 +246,15 @@ class SizeCache:
                 ],
             }
             self._dirty = False
-        directory = os.path.dirname(self.path) or "."
+        directory = os.path.dirname(path) or "."
         os.makedirs(directory, exist_ok=True)
-        temporary = f"{self.path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
                 json.dump(document, handle, separators=(",", ":"))
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            os.replace(temporary, path)
         except BaseException:
             with self._lock:
                 self._dirty = True
