@@ -118,6 +118,7 @@ class Service:
         self.attempts: dict[str, int] = {}
         self.config_changed_at: float | None = None
         self.last_prune: dict[str, Any] | None = None
+        self.disk_status: str | None = None
         self.started = clock()
 
     # --- main thread ----------------------------------------------------------------------------
@@ -241,6 +242,8 @@ class Service:
                 f"last prune {self.last_prune['time'][11:19]} UTC deleted "
                 f"{self.last_prune['deleted']} in {os.path.basename(self.last_prune['root'])}"
             )
+        if self.disk_status:
+            parts.append(self.disk_status)
         upcoming = self.schedule.next_run_times()
         if "prune" in upcoming:
             parts.append(f"next prune {upcoming['prune'][:16]}")
@@ -357,23 +360,20 @@ class Service:
             self._write_state(next=self.schedule.next_run_times())
             task.done.set()
 
-    def prune_now(self, root: RootConfig, **overrides: Any) -> Any:
-        """Given a root (and prune_root keyword overrides), prune it now through the safety path.
+    def prune_now(self, root: RootConfig) -> Any:
+        """Given a root, prune it now through the safety-checked path (worker thread only)."""
+        return self.prune_with(
+            self.config, root, now=self.clock(), dry_run=False, history=self.history
+        )
 
-        Runs on the worker thread only (the disk check calls it from there).
-        """
+    def prune_with(self, config: Config, root: RootConfig, **keywords: Any) -> Any:
+        """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
+        prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
         from daemon.pruning import prune_root
 
-        report = prune_root(
-            self.config,
-            root,
-            now=self.clock(),
-            dry_run=False,
-            history=self.history,
-            cache=self.cache,
-            stop=self.stop,
-            **overrides,
-        )
+        keywords.setdefault("cache", self.cache)
+        keywords.setdefault("stop", self.stop)
+        report = prune_root(config, root, **keywords)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self._save_cache()
         return report
@@ -444,8 +444,10 @@ class Service:
             log.warning("disk_check_unavailable", note="daemon.disk.check_disks missing")
             return
         result = check_disks(
-            self.config, now=self.clock(), history=self.history, prune=self.prune_now
+            self.config, now=self.clock(), history=self.history, prune=self.prune_with
         )
+        line = getattr(result, "status_line", None)
+        self.disk_status = line if isinstance(line, str) else None
         log.debug("disk_checked", result=str(result)[:300])
         self._write_state(last_disk_check={"time": _utc_iso(self.clock())})
 

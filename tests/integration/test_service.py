@@ -17,6 +17,7 @@ import pytest
 from daemon.sdnotify import Notifier
 from daemon.service import serve
 from daemon.state import read_state
+from policies.model import PolicySpec
 
 SETTLE = 0.3
 
@@ -353,3 +354,56 @@ def test_sigterm_during_a_prune_finishes_the_deletion_and_exits_0(
         folder = root / f"checkpoint-{step}"
         assert len(list(folder.iterdir())) == files_per_checkpoint, f"{folder} is half-deleted"
     assert steps_in(root)[-3:] == [80, 90, 100]
+
+
+@needs_every_part
+def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """daemon.disk.check_disks gets a `prune` callable with prune_root's own signature; calling
+    it on the worker deletes through the safety path."""
+    import sys
+    import types
+
+    root, state = tmp_path / "run", tmp_path / "state"
+    root.mkdir()
+    for step in range(1, 7):
+        save_checkpoint(root, step)
+    reports: list[object] = []
+
+    def check_disks(config: object, *, now: float, history: object, prune: object) -> object:
+        if not reports:
+            root_config = config.roots[0]  # type: ignore[attr-defined]
+            reports.append(
+                prune(  # type: ignore[operator]
+                    config,
+                    root_config,
+                    now=now,
+                    dry_run=False,
+                    history=history,
+                    policy_override=PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None),
+                )
+            )
+        return types.SimpleNamespace(status_line="disk 12% used")
+
+    fake_disk = types.ModuleType("daemon.disk")
+    fake_disk.check_disks = check_disks  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "daemon.disk", fake_disk)
+    config = tmp_path / "config.yaml"
+    write_config(config, root, state, keep_last=100, extra="")
+    config.write_text(config.read_text().replace("disk: {interval: 1h}", "disk: {interval: 1s}"))
+    stop, reload = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=lambda: serve(
+            str(config), stop=stop, reload=reload, tick=0.05, configure_logs=False
+        ),
+        name="test-serve-disk",
+    )
+    thread.start()
+    try:
+        assert wait_until(lambda: bool(reports), 10)
+    finally:
+        stop.set()
+        thread.join(15)
+    assert list(reports[0].deleted) == [f"checkpoint-{step}" for step in (1, 2, 3, 4)]  # type: ignore[attr-defined]
+    assert steps_in(root) == [5, 6]
