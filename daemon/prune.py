@@ -13,6 +13,7 @@ failed with its remains in the trash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -157,10 +158,9 @@ def apply(
             )
     if progress is not None:
         progress(len(deletions), len(deletions), "")
-    try:
+    # No trash folder (nothing moved), or a filesystem that cannot fsync folders: nothing to do.
+    with contextlib.suppress(OSError):
         fs.fsync_dir(trash.trash_path(root_path))
-    except OSError:
-        pass  # no trash folder (nothing moved), or a filesystem that cannot fsync folders
     return ApplyResult(
         deleted=tuple(deleted),
         trashed=tuple(trashed),

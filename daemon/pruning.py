@@ -46,10 +46,8 @@ Confirm = Callable[[PruneReport], bool]
 
 
 def _policy_record(spec: PolicySpec) -> dict[str, object]:
-    return {
-        key: (dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-        for key, value in ((f.name, getattr(spec, f.name)) for f in dataclasses.fields(spec))
-    }
+    record: dict[str, object] = dataclasses.asdict(spec)
+    return record
 
 
 def prune_root(

@@ -26,6 +26,7 @@ Everything goes through the injected `FileSystem`; the journal is written with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat as stat_module
@@ -216,11 +217,10 @@ def move_to_trash(
             fs.rename(os.path.join(root_path, member), os.path.join(item_path, member))
             moved.append(member)
     except OSError:
+        # What cannot be moved back now, recovery at the next run rolls back from the journal.
         for member in reversed(moved):
-            try:
+            with contextlib.suppress(OSError):
                 fs.rename(os.path.join(item_path, member), os.path.join(root_path, member))
-            except OSError:
-                pass  # recovery at the next run rolls it back from the journal
         _remove_empty_item(item_path, fs)
         raise
     fs.fsync_dir(root_path)
@@ -232,10 +232,8 @@ def _remove_empty_item(item_path: str, fs: FileSystem) -> None:
     remaining = [entry for entry in _listdir(fs, item_path) if not entry.startswith(JOURNAL)]
     if remaining:
         return
-    try:
+    with contextlib.suppress(OSError):
         fs.remove_tree(item_path)
-    except OSError:
-        pass
 
 
 def remove_item(item_path: str, fs: FileSystem = LOCAL) -> list[str]:
