@@ -16,6 +16,8 @@ Who counts as holding when a process cannot be inspected (`PermissionError` on /
 maps or cwd — only possible when ckptd does not run as root):
 
 - kernel threads (PF_KTHREAD) and zombies never hold files: they have no file table to read;
+- PID 1 (init, or a sandbox's init that is more privileged than ckptd and so unreadable even
+  to root) never opens a training checkpoint;
 - any other process counts as holding **every** checkpoint of the root if its user could reach
   the root at all: uid 0, the root's owner, a member of the root's group with `g+x`, or anyone
   when the root has `o+x`. A process of a user who cannot even enter the root cannot hold a file
@@ -307,6 +309,8 @@ def _scan_processes(
                 continue
             matches.append((entry, how, path))
         if not inspectable and not matches:
+            if pid == 1:
+                continue
             fields = _stat_fields(pid)
             if _is_kernel_thread_or_zombie(fields):
                 continue
