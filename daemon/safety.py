@@ -17,7 +17,10 @@ maps or cwd — only possible when ckptd does not run as root):
 
 - kernel threads (PF_KTHREAD) and zombies never hold files: they have no file table to read;
 - PID 1 (init, or a sandbox's init that is more privileged than ckptd and so unreadable even
-  to root) never opens a training checkpoint;
+  to root) never opens a training checkpoint, nor does a fork of it that has not exec'd yet
+  (same command line);
+- a process caught mid-exec is briefly unreadable: unreadable processes are looked at once more
+  after 50 ms, and only one that stays unreadable counts;
 - any other process counts as holding **every** checkpoint of the root if its user could reach
   the root at all: uid 0, the root's owner, a member of the root's group with `g+x`, or anyone
   when the root has `o+x`. A process of a user who cannot even enter the root cannot hold a file
@@ -33,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import stat as stat_module
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -45,6 +49,7 @@ from policies.model import Checkpoint, Decision, Plan
 TRASH_DIRECTORY = ".ckptd-trash"
 PF_KTHREAD = 0x00200000
 PROC = "/proc"
+UNSEEN_RETRY_SECONDS = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,49 +290,73 @@ def find_trainers(
 # --- gathering facts ---------------------------------------------------------------------------
 
 
+def _match(
+    root_path: str, wanted: frozenset[str] | None, held: list[tuple[str, str]]
+) -> list[tuple[str, str, str]]:
+    matches: list[tuple[str, str, str]] = []
+    for how, path in held:
+        entry = _entry_under(root_path, path)
+        if entry is None or entry == TRASH_DIRECTORY:
+            continue
+        if wanted is not None and entry not in wanted:
+            continue
+        matches.append((entry, how, path))
+    return matches
+
+
+def _could_hold_unseen(pid: int, root_status: os.stat_result | None, init_command: str) -> bool:
+    """Given a process that could not be inspected, return whether it counts as holding."""
+    if pid == 1 or _is_kernel_thread_or_zombie(_stat_fields(pid)):
+        return False
+    if _cmdline(pid) == init_command:
+        return False  # a fork of init that has not exec'd yet
+    return root_status is None or _uid_could_reach(pid, root_status)
+
+
 def _scan_processes(
     root_path: str, wanted: frozenset[str] | None
 ) -> tuple[dict[str, list[Holder]], list[Holder]]:
     """Given the root (and optionally only some of its entries), return holders by entry."""
     own_pid = os.getpid()
     try:
-        root_status = os.stat(root_path)
+        root_status: os.stat_result | None = os.stat(root_path)
     except OSError:
         root_status = None
+    init_command = _cmdline(1)
     by_entry: dict[str, list[Holder]] = {}
-    everywhere: list[Holder] = []
-    for pid in _process_ids():
-        if pid == own_pid:
-            continue
-        held, inspectable = _held_paths(pid)
-        matches: list[tuple[str, str, str]] = []
-        for how, path in held:
-            entry = _entry_under(root_path, path)
-            if entry is None or entry == TRASH_DIRECTORY:
-                continue
-            if wanted is not None and entry not in wanted:
-                continue
-            matches.append((entry, how, path))
-        if not inspectable and not matches:
-            if pid == 1:
-                continue
-            fields = _stat_fields(pid)
-            if _is_kernel_thread_or_zombie(fields):
-                continue
-            if root_status is not None and not _uid_could_reach(pid, root_status):
-                continue
-            everywhere.append(Holder(pid, _create_time(pid), _cmdline(pid), "unknown", ""))
-            continue
-        if not matches:
-            continue
+    unseen: list[int] = []
+
+    def add(pid: int, matches: list[tuple[str, str, str]]) -> None:
         create_time = _create_time(pid)
         command = _cmdline(pid)
         seen: set[tuple[str, str]] = set()
         for entry, how, path in matches:
-            if (entry, how) in seen:
-                continue
-            seen.add((entry, how))
-            by_entry.setdefault(entry, []).append(Holder(pid, create_time, command, how, path))
+            if (entry, how) not in seen:
+                seen.add((entry, how))
+                by_entry.setdefault(entry, []).append(Holder(pid, create_time, command, how, path))
+
+    for pid in _process_ids():
+        if pid == own_pid:
+            continue
+        held, inspectable = _held_paths(pid)
+        matches = _match(root_path, wanted, held)
+        if matches:
+            add(pid, matches)
+        elif not inspectable and _could_hold_unseen(pid, root_status, init_command):
+            unseen.append(pid)
+
+    everywhere: list[Holder] = []
+    if unseen:
+        # A process caught mid-exec (credentials changing) is briefly unreadable; look again
+        # once. Only one that stays unreadable counts as holding.
+        time.sleep(UNSEEN_RETRY_SECONDS)
+        for pid in unseen:
+            held, inspectable = _held_paths(pid)
+            matches = _match(root_path, wanted, held)
+            if matches:
+                add(pid, matches)
+            elif not inspectable and _could_hold_unseen(pid, root_status, init_command):
+                everywhere.append(Holder(pid, _create_time(pid), _cmdline(pid), "unknown", ""))
     return by_entry, everywhere
 
 
