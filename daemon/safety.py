@@ -9,8 +9,9 @@ Two steps, both taking values:
   turned into a keep (with the reason), or raises `RootRefused` when the whole root must be left
   alone (the trainer holds the newest checkpoint, it is still settling, a limit tripped).
 
-Right before each single deletion the deleter calls `holders_of(root_path, members)`: a cheap
-second pass that looks only for that checkpoint's paths (about 2 ms for 80 processes here).
+Right before deleting, the deleter calls `recheck(root_path, entries)`: a second pass that looks
+only for the entries about to go (about 2 ms for 80 processes here), and renames them within
+`prune.RECHECK_SECONDS` of it.
 
 Who counts as holding when a process cannot be inspected (`PermissionError` on /proc/PID/fd,
 maps or cwd — only possible when ckptd does not run as root):
@@ -172,8 +173,12 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _held_paths(pid: int) -> tuple[list[tuple[str, str]], bool]:
-    """Given a PID, return ([(how, path)], inspectable) for its cwd, open files and maps."""
+def _held_paths(pid: int, prefix: bytes) -> tuple[list[tuple[str, str]], bool]:
+    """Given a PID, return ([(how, path)], inspectable) for its cwd, open files and maps.
+
+    Only map lines containing `prefix` (the root) are parsed: a big process maps thousands of
+    libraries, and splitting every line would cost more than the whole rest of the pass.
+    """
     held: list[tuple[str, str]] = []
     denied = False
     try:
@@ -205,7 +210,11 @@ def _held_paths(pid: int) -> tuple[list[tuple[str, str]], bool]:
         maps = b""
     except OSError:
         maps = b""
+    if prefix not in maps:
+        return held, not denied
     for line in maps.splitlines():
+        if prefix not in line:
+            continue
         # address perms offset dev inode pathname — the path is the sixth field and may hold spaces.
         parts = line.split(None, 5)
         if len(parts) == 6 and parts[5].startswith(b"/"):
@@ -323,6 +332,7 @@ def _scan_processes(
     except OSError:
         root_status = None
     init_command = _cmdline(1)
+    prefix = (root_path.rstrip("/") + "/").encode()
     by_entry: dict[str, list[Holder]] = {}
     unseen: list[int] = []
 
@@ -338,7 +348,7 @@ def _scan_processes(
     for pid in _process_ids():
         if pid == own_pid:
             continue
-        held, inspectable = _held_paths(pid)
+        held, inspectable = _held_paths(pid, prefix)
         matches = _match(root_path, wanted, held)
         if matches:
             add(pid, matches)
@@ -351,7 +361,7 @@ def _scan_processes(
         # once. Only one that stays unreadable counts as holding.
         time.sleep(UNSEEN_RETRY_SECONDS)
         for pid in unseen:
-            held, inspectable = _held_paths(pid)
+            held, inspectable = _held_paths(pid, prefix)
             matches = _match(root_path, wanted, held)
             if matches:
                 add(pid, matches)
@@ -391,6 +401,22 @@ def gather_facts(
         everywhere=tuple(everywhere),
         trainers=trainers,
         notes=tuple(notes),
+    )
+
+
+def recheck(root_path: str, entries: Iterable[str], *, now: float = 0.0) -> Facts:
+    """Given a root and the entries about to be deleted, return who holds any of them now.
+
+    The deleter's last-moment check: one pass over the processes that looks only for these
+    entries (no trainer identification, no notes).
+    """
+    real_root = os.path.realpath(root_path)
+    by_entry, everywhere = _scan_processes(real_root, frozenset(entries))
+    return Facts(
+        root_path=real_root,
+        now=now,
+        holders=MappingProxyType({key: tuple(value) for key, value in by_entry.items()}),
+        everywhere=tuple(everywhere),
     )
 
 

@@ -1,27 +1,23 @@
 """The trash: where a checkpoint goes, atomically, before it is removed.
 
-Layout: `<root>/.ckptd-trash/<checkpoint name>@<deleted at, epoch seconds>[-n]/` is one *trash
-item*, a folder holding the checkpoint's root entries under their own names. The deletion time
-is in the item's name, so no sidecar can disagree with it.
+Layout: `<root>/.ckptd-trash/` holds one *trash item* per deleted checkpoint, named
+`<name>@<deleted at, epoch seconds>[-n]` (the deletion time is in the name, so no sidecar can
+disagree with it):
 
-Crash atomicity (why a kill -9 at any moment leaves each checkpoint whole under its name, or
-gone from the root):
+- a checkpoint of **one** root entry (every folder layout, single files) is that entry itself,
+  renamed to `<entry>@<time>`: a single `rename(2)`, so before it the checkpoint is intact under
+  its name and after it it is absent from the root;
+- a checkpoint of **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`) is a
+  folder `<name>@<time>/` holding its entries under their own names plus a journal
+  `.ckptd-entry.json` listing them. Several renames cannot be atomic, so the journal is written
+  and fsynced *before* the first rename, and the completion marker (`.index`) moves first (a
+  half-moved checkpoint never looks complete to discovery). On recovery an item whose journal
+  names members still in the root is **rolled back** (its members renamed back): the checkpoint
+  is whole again and the next prune decides afresh. Removal takes the members first and the
+  journal last, so a half-removed item is always recognisable and is finished on recovery.
 
-- A checkpoint of **one** root entry (every folder layout, single files) is moved by a single
-  `rename(2)` of that entry into its item folder: before it, the checkpoint is intact; after it,
-  it is absent. An item folder created but not yet filled is empty and is removed on recovery.
-- A checkpoint of **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`)
-  cannot be moved in one rename. Before the first rename, a journal `.ckptd-entry.json` listing
-  the members is written and fsynced into the item folder; the completion marker (`.index`)
-  moves first, so a half-moved checkpoint never looks complete to discovery. On recovery, an
-  item whose journal names members still in the root is **rolled back** (its members renamed
-  back), so the checkpoint is whole again and the next prune decides afresh; an item with every
-  member inside is fully trashed.
-- Removal starts only after every member is in the item, and removes the members before the
-  journal, so a half-removed item is always recognisable as trashed and is finished on recovery.
-
-Everything goes through the injected `FileSystem`; the journal is written with
-`fs.write_bytes` where the filesystem offers it, else with `os`.
+Every function takes the injected `FileSystem`; the journal is written with `fs.write_bytes`
+where the filesystem offers it, else with `os`.
 """
 
 from __future__ import annotations
@@ -148,20 +144,32 @@ def _read_journal(fs: FileSystem, item_path: str) -> tuple[str, ...] | None:
     return tuple(members)
 
 
+def _is_multi_item(fs: FileSystem, path: str) -> bool:
+    """Given an item path, return whether it is a journalled folder of several members."""
+    try:
+        if not stat_module.S_ISDIR(fs.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    return any(entry.startswith(JOURNAL) for entry in _listdir(fs, path))
+
+
 def describe_item(root_path: str, item: str, fs: FileSystem = LOCAL) -> TrashItem | None:
-    """Given a root and an item folder name, return what the item holds, or None if not ours."""
+    """Given a root and an item name, return what the item holds, or None if not ours."""
     parsed = parse_item_name(item)
     if parsed is None:
         return None
     name, deleted_at = parsed
     path = os.path.join(trash_path(root_path), item)
-    journal = _read_journal(fs, path)
-    inside = tuple(entry for entry in _listdir(fs, path) if entry != JOURNAL)
     state = "trashed"
-    members = inside
-    if journal is not None:
-        members = journal
-        if any(_exists(fs, os.path.join(root_path, member)) for member in journal):
+    members: tuple[str, ...] = (name,)
+    if _is_multi_item(fs, path):
+        journal = _read_journal(fs, path)
+        inside = tuple(entry for entry in _listdir(fs, path) if not entry.startswith(JOURNAL))
+        members = journal if journal is not None else inside
+        if journal is not None and any(
+            _exists(fs, os.path.join(root_path, member)) for member in journal
+        ):
             state = "moving"
     return TrashItem(
         name=name,
@@ -191,8 +199,12 @@ def move_to_trash(
     *,
     now: float,
     fs: FileSystem = LOCAL,
+    durable: bool = True,
 ) -> str:
     """Given a checkpoint's name and root entries, move them into a new trash item; return it.
+
+    `durable=False` leaves the fsync of the root and the item to the caller (the deleter
+    fsyncs once for all its moves).
 
     Raises OSError when the move could not start or, for several members, after rolling back
     what had moved; the checkpoint is then whole under its name again.
@@ -200,17 +212,22 @@ def move_to_trash(
     ordered = sorted(members, key=lambda member: (not member.endswith(".index"), member))
     folder = trash_path(root_path)
     fs.makedirs(folder)
-    base = f"{name}@{int(now)}"
+    base = f"{ordered[0] if len(ordered) == 1 else name}@{int(now)}"
     item, counter = base, 1
     while _exists(fs, os.path.join(folder, item)):
         item, counter = f"{base}-{counter}", counter + 1
     item_path = os.path.join(folder, item)
+    if len(ordered) == 1:
+        fs.rename(os.path.join(root_path, ordered[0]), item_path)
+        if durable:
+            fs.fsync_dir(root_path)
+            fs.fsync_dir(folder)
+        return item_path
     fs.makedirs(item_path)
-    if len(ordered) > 1:
-        journal = json.dumps({"name": name, "members": ordered, "deleted_at": now}).encode()
-        _write_file(fs, os.path.join(item_path, JOURNAL + ".tmp"), journal)
-        fs.rename(os.path.join(item_path, JOURNAL + ".tmp"), os.path.join(item_path, JOURNAL))
-        fs.fsync_dir(item_path)
+    journal = json.dumps({"name": name, "members": ordered, "deleted_at": now}).encode()
+    _write_file(fs, os.path.join(item_path, JOURNAL + ".tmp"), journal)
+    fs.rename(os.path.join(item_path, JOURNAL + ".tmp"), os.path.join(item_path, JOURNAL))
+    fs.fsync_dir(item_path)
     moved: list[str] = []
     try:
         for member in ordered:
@@ -223,8 +240,9 @@ def move_to_trash(
                 fs.rename(os.path.join(item_path, member), os.path.join(root_path, member))
         _remove_empty_item(item_path, fs)
         raise
-    fs.fsync_dir(root_path)
-    fs.fsync_dir(item_path)
+    if durable:
+        fs.fsync_dir(root_path)
+        fs.fsync_dir(item_path)
     return item_path
 
 
@@ -237,18 +255,19 @@ def _remove_empty_item(item_path: str, fs: FileSystem) -> None:
 
 
 def remove_item(item_path: str, fs: FileSystem = LOCAL) -> list[str]:
-    """Given a trash item folder, remove it, members first, journal last; return the errors."""
+    """Given a trash item, remove it (a folder item: members first, journal last); return errors."""
     errors: list[str] = []
 
     def record(path: str, error: OSError) -> None:
         errors.append(f"{path}: {error.strerror or error}")
 
-    for member in _listdir(fs, item_path):
-        if member.startswith(JOURNAL):
-            continue
-        fs.remove_tree(os.path.join(item_path, member), on_error=record)
-    if not errors:
-        fs.remove_tree(item_path, on_error=record)
+    if _is_multi_item(fs, item_path):
+        for member in _listdir(fs, item_path):
+            if not member.startswith(JOURNAL):
+                fs.remove_tree(os.path.join(item_path, member), on_error=record)
+        if errors:
+            return errors
+    fs.remove_tree(item_path, on_error=record)
     return errors
 
 
@@ -270,6 +289,13 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     if not items:
         raise UsageError(f"no checkpoint named {name!r} in the trash of {root_path}")
     item = items[-1]  # the most recent deletion of that name
+    if not _is_multi_item(fs, item.path):
+        target = os.path.join(root_path, item.name)
+        if _exists(fs, target):
+            raise UsageError(f"cannot restore {item.name}: it already exists in {root_path}")
+        fs.rename(item.path, target)
+        fs.fsync_dir(root_path)
+        return item
     inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
     taken = [member for member in inside if _exists(fs, os.path.join(root_path, member))]
     if taken:
@@ -342,6 +368,8 @@ def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:
     """
     notes: list[str] = []
     for item in list_trash(root_path, fs):
+        if not _is_multi_item(fs, item.path):
+            continue  # one entry: whole, or half-removed (the purge finishes it)
         inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
         if item.state == "moving":
             taken = [m for m in inside if _exists(fs, os.path.join(root_path, m))]
@@ -356,7 +384,7 @@ def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:
             fs.fsync_dir(root_path)
             fs.remove_tree(item.path)
             notes.append(f"rolled back the interrupted deletion of {item.name}")
-        elif not inside:
+        elif not inside and _read_journal(fs, item.path) is None:
             fs.remove_tree(item.path)
-            notes.append(f"removed the empty trash item {item.item}")
+            notes.append(f"removed the unfinished trash item {item.item}")
     return notes

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def plan_of(root: Path, keep: list[Checkpoint], delete: list[Checkpoint]) -> Pla
     return Plan(root=str(root), decisions=tuple(decisions))
 
 
-def no_holders(_root: str, _members: object) -> tuple[safety.Holder, ...]:
-    return ()
+def no_holders(root: str, _entries: object) -> safety.Facts:
+    return safety.Facts(root_path=root, now=NOW)
 
 
 def run_apply(root: Path, plan: Plan, **options: object) -> prune.ApplyResult:
@@ -295,11 +296,39 @@ def test_stop_finishes_the_current_deletion_and_starts_no_other(tmp_path: Path) 
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300)]
     stop = threading.Event()
 
-    def progress(done: int, _total: int, _name: str) -> None:
-        if done == 1:
-            stop.set()  # SIGTERM arrives while the second deletion is under way
+    class SignalledAfterFirstRename(LocalFileSystem):
+        def rename(self, source: str, destination: str) -> None:
+            super().rename(source, destination)
+            stop.set()  # SIGTERM arrives while the first checkpoint is being deleted
 
-    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), stop=stop, progress=progress)
-    assert result.deleted == ("checkpoint-100", "checkpoint-200")
-    assert result.skipped == ("checkpoint-300",)
-    assert (tmp_path / "checkpoint-300").exists()
+    result = run_apply(
+        tmp_path, plan_of(tmp_path, [], checkpoints), stop=stop, fs=SignalledAfterFirstRename()
+    )
+    # The first is out of the root (its removal is left to the next run's purge), no other started.
+    assert result.deleted == ("checkpoint-100",) and result.trashed == ("checkpoint-100",)
+    assert result.bytes_freed == 0
+    assert result.skipped == ("checkpoint-200", "checkpoint-300")
+    assert (tmp_path / "checkpoint-200" / "shard-0.bin").exists()
+    assert [item.name for item in trash.list_trash(str(tmp_path))] == ["checkpoint-100"]
+
+
+def test_processes_are_looked_at_again_when_moving_takes_long(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300, 400)]
+    checked: list[list[str]] = []
+
+    def counting(root: str, entries: object) -> safety.Facts:
+        checked.append(list(entries))  # type: ignore[call-overload]
+        return safety.Facts(root_path=root, now=NOW)
+
+    class SlowRename(LocalFileSystem):
+        def rename(self, source: str, destination: str) -> None:
+            time.sleep(prune.RECHECK_SECONDS * 0.6)
+            super().rename(source, destination)
+
+    result = run_apply(
+        tmp_path, plan_of(tmp_path, [], checkpoints), holders_check=counting, fs=SlowRename()
+    )
+    assert len(result.deleted) == 4
+    # The first check covers all four; later ones only what is still to be moved.
+    assert checked[0] == [c.name for c in checkpoints]
+    assert len(checked) >= 2 and checked[1][-1] == "checkpoint-400" and len(checked[1]) < 4

@@ -97,16 +97,20 @@ def test_recovery_rolls_back_a_half_moved_multi_file_checkpoint(tmp_path: Path) 
     assert trash.list_trash(str(tmp_path)) == []
 
 
-def test_recovery_finishes_empty_and_half_removed_items(tmp_path: Path) -> None:
+def test_recovery_finishes_unfinished_and_half_removed_items(tmp_path: Path) -> None:
     folder = tmp_path / ".ckptd-trash"
-    (folder / f"checkpoint-100@{int(NOW)}").mkdir(parents=True)  # crash before the rename
-    half = folder / f"checkpoint-200@{int(NOW)}" / "checkpoint-200"
-    half.mkdir(parents=True)
-    (half / "weights.bin").write_bytes(b"left over")  # crash halfway through removal
+    # A crash while writing a multi-file checkpoint's journal, before any rename.
+    unfinished = folder / f"ckpt-7@{int(NOW)}"
+    unfinished.mkdir(parents=True)
+    (unfinished / (trash.JOURNAL + ".tmp")).write_text('{"members": ["ckpt-7.ind')
+    # A crash halfway through removing a folder checkpoint.
+    half = folder / f"checkpoint-200@{int(NOW)}"
+    (half / "rng").mkdir(parents=True)
+    (half / "weights.bin").write_bytes(b"left over")
     notes = trash.recover(str(tmp_path))
-    assert notes == [f"removed the empty trash item checkpoint-100@{int(NOW)}"]
+    assert notes == [f"removed the unfinished trash item ckpt-7@{int(NOW)}"]
     purged = trash.purge(str(tmp_path), now=NOW, grace=0)
-    assert purged.removed == ("checkpoint-200",)
+    assert purged.removed == ("checkpoint-200",) and purged.bytes_freed == 9
     assert list(folder.iterdir()) == []
 
 
