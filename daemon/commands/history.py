@@ -110,7 +110,8 @@ def follow_lines(path: str, stop_after: float | None = None) -> Iterator[str]:
             try:
                 status = os.stat(path)
                 rotated = (status.st_dev, status.st_ino) != identity
-                truncated = status.st_size < handle.tell()
+                # Only the same file can be truncated (logrotate's copytruncate).
+                truncated = not rotated and status.st_size < handle.tell()
             except FileNotFoundError:
                 rotated, truncated = True, False
             if truncated:
