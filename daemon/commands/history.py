@@ -63,12 +63,16 @@ def _why(record: dict[str, Any]) -> str:
 
 def _row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
     freed = record.get("bytes_freed")
+    in_trash = record.get("bytes_in_trash")
+    shown = format_bytes(freed) if isinstance(freed, int | float) else ""
+    if isinstance(in_trash, int | float) and in_trash and record.get("event") == "delete":
+        shown = f"{format_bytes(in_trash)} to trash"
     return (
         _local_time(record.get("time", "")),
         str(record.get("event", "")),
         str(record.get("root", "")),
         str(record.get("checkpoint", "")),
-        format_bytes(freed) if isinstance(freed, int | float) else "",
+        shown,
         _why(record),
     )
 
@@ -76,8 +80,12 @@ def _row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
 def render_table(records: Iterable[dict[str, Any]]) -> Table:
     """Given history records, return the rich table people read (oldest first, newest last)."""
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("time", "event", "root", "checkpoint", "freed", "why"):
-        table.add_column(column, justify="right" if column == "freed" else "left")
+    table.add_column("time", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("root", overflow="fold")
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("freed", justify="right", no_wrap=True)
+    table.add_column("why", overflow="fold")
     for record in records:
         table.add_row(*_row(record))
     return table

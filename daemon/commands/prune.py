@@ -94,7 +94,7 @@ def _show_plan(console: Console, report: PruneReport) -> None:
 
 
 def _ask(console: Console, question: str) -> bool:
-    console.print(question + " [y/N] ", end="")
+    console.print(question + " [y/N] ", end="", markup=False)
     try:
         answer = input()
     except EOFError:

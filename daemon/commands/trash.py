@@ -73,8 +73,12 @@ def main(args: argparse.Namespace) -> int:
             console.print("the trash is empty")
             return EXIT_OK
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("root", "checkpoint", "deleted", "removed after", "size", "state"):
-            table.add_column(column, justify="right" if column == "size" else "left")
+        table.add_column("root", overflow="fold")
+        table.add_column("checkpoint", no_wrap=True)
+        table.add_column("deleted", no_wrap=True)
+        table.add_column("removed after", no_wrap=True)
+        table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("state", no_wrap=True)
         from daemon.render import format_bytes
 
         for row in rows:
