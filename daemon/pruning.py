@@ -21,6 +21,7 @@ from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
 from daemon.planning import plan_root
+from daemon.sizecache import SizeCache
 from policies.model import Plan, PolicySpec
 
 
@@ -60,7 +61,7 @@ def prune_root(
     policy_override: PolicySpec | None = None,
     history: HistoryLog | None = None,
     fs: FileSystem = LOCAL,
-    cache: object | None = None,
+    cache: SizeCache | None = None,
     stop: threading.Event | None = None,
     confirm: Confirm | None = None,
     progress: prune.Progress | None = None,

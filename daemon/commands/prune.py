@@ -135,7 +135,6 @@ def main(args: argparse.Namespace) -> int:
     config, roots = select_roots(args.root, args.config)
     history = HistoryLog(history_for(config, args.root, args.config))
     console = Console(highlight=False, soft_wrap=False)
-    errors = Console(stderr=True, highlight=False)
     documents: list[dict[str, Any]] = []
     exit_code = EXIT_OK
     try:
@@ -144,11 +143,15 @@ def main(args: argparse.Namespace) -> int:
             if args.json:
                 documents.append(report_to_json(report))
             if report.refused is not None:
-                errors.print(f"ckptd prune: refused for safety: {report.root}: {report.refused}")
+                # Plain print: a message for logs and scripts must not be wrapped or styled.
+                print(
+                    f"ckptd prune: refused for safety: {report.root}: {report.refused}",
+                    file=sys.stderr,
+                )
                 exit_code = EXIT_REFUSED
             elif report.failed and exit_code != EXIT_REFUSED:
                 for line in report.errors:
-                    errors.print(f"ckptd prune: failed: {line}")
+                    print(f"ckptd prune: failed: {line}", file=sys.stderr)
                 exit_code = EXIT_FAILED
     finally:
         history.close()
