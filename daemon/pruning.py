@@ -81,11 +81,9 @@ def prune_root(
     spec = policy_override or policy_for(config, root)
     policy = _policy_record(spec)
 
-    recovered: list[str] = []
     purged = trash.PurgeResult()
     if not dry_run:
-        recovered = trash.recover(root_path, fs=fs)
-        purged = trash.purge(root_path, now=now, grace=grace, fs=fs, history=history)
+        purged = trash.finish_leftovers(root_path, now=now, grace=grace, fs=fs, history=history)
 
     _scan, plan = plan_root(
         config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
@@ -103,7 +101,7 @@ def prune_root(
         force=force,
     )
     extra: dict[str, object] = {
-        "recovered": recovered,
+        "recovered": list(purged.notes),
         "purged": list(purged.removed),
         "purge_bytes_freed": purged.bytes_freed,
         "notes": list(facts.notes) + list(plan.warnings),

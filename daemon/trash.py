@@ -368,23 +368,47 @@ def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:
     """
     notes: list[str] = []
     for item in list_trash(root_path, fs):
-        if not _is_multi_item(fs, item.path):
-            continue  # one entry: whole, or half-removed (the purge finishes it)
-        inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
-        if item.state == "moving":
-            taken = [m for m in inside if _exists(fs, os.path.join(root_path, m))]
-            if taken:
-                # Never overwrite and never drop: leave both for a person to sort out.
-                notes.append(
-                    f"left {item.item} in the trash: {', '.join(taken)} exists in the root too"
-                )
-                continue
-            for member in inside:
-                fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
-            fs.fsync_dir(root_path)
-            fs.remove_tree(item.path)
-            notes.append(f"rolled back the interrupted deletion of {item.name}")
-        elif not inside and _read_journal(fs, item.path) is None:
-            fs.remove_tree(item.path)
-            notes.append(f"removed the unfinished trash item {item.item}")
+        try:
+            note = _recover_item(root_path, item, fs)
+        except OSError as error:
+            note = f"could not repair {item.item}: {error.strerror or error}"
+        if note:
+            notes.append(note)
     return notes
+
+
+def _recover_item(root_path: str, item: TrashItem, fs: FileSystem) -> str | None:
+    if not _is_multi_item(fs, item.path):
+        return None  # one entry: whole, or half-removed (the purge finishes it)
+    inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
+    if item.state == "moving":
+        taken = [m for m in inside if _exists(fs, os.path.join(root_path, m))]
+        if taken:
+            # Never overwrite and never drop: leave both for a person to sort out.
+            return f"left {item.item} in the trash: {', '.join(taken)} exists in the root too"
+        for member in inside:
+            fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
+        fs.fsync_dir(root_path)
+        fs.remove_tree(item.path)
+        return f"rolled back the interrupted deletion of {item.name}"
+    if not inside and _read_journal(fs, item.path) is None:
+        fs.remove_tree(item.path)
+        return f"removed the unfinished trash item {item.item}"
+    return None
+
+
+def finish_leftovers(
+    root_path: str,
+    *,
+    now: float,
+    grace: float,
+    fs: FileSystem = LOCAL,
+    history: HistoryLog | None = None,
+) -> PurgeResult:
+    """Given a root, finish a trash a crash left behind: repair, then purge what is past grace.
+
+    What the daemon calls at start-up for each root (every prune run does the same first).
+    """
+    notes = recover(root_path, fs=fs)
+    result = purge(root_path, now=now, grace=grace, fs=fs, history=history)
+    return PurgeResult(result.removed, result.bytes_freed, result.failed, tuple(notes))

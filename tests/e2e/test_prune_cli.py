@@ -212,3 +212,32 @@ def test_interactive_prompt_shows_the_plan_and_no_keeps_everything(
     assert code == 0, output
     assert "deleted" in output and "kept" in output
     assert len(present(root)) < 60
+
+
+def test_a_read_only_filesystem_fails_each_deletion_and_exits_1(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    discovery_ready(tmp_path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = tmp_path / "ro"
+    root.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(root)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        make_hf_root(root, range(100, 6100, 100))
+        subprocess.run(["mount", "-o", "remount,ro", str(root)], check=True)
+        cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+        result = run(ckptd_command, ["prune", str(root), "-y", "--json"], cli_env)
+        assert result.returncode == 1, result.stderr
+        document = json.loads(result.stdout)
+        failed = document["result"]["failed"]
+        assert failed and all("Read-only file system" in entry["error"] for entry in failed)
+        assert document["result"]["deleted"] == [] and document["result"]["bytes_freed"] == 0
+        assert "ckptd prune: failed:" in result.stderr
+        assert len(present(root)) == 60
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
