@@ -30,7 +30,9 @@ from policies.model import Checkpoint, Decision, Plan
 TARGET = 1.1
 
 
-def build_tree(root: Path, checkpoints: int, files: int, size: int) -> list[Checkpoint]:
+def build_tree(
+    root: Path, checkpoints: int, files: int, size: int, *, write: bool = False
+) -> list[Checkpoint]:
     root.mkdir(parents=True)
     made = []
     for index in range(checkpoints):
@@ -42,7 +44,12 @@ def build_tree(root: Path, checkpoints: int, files: int, size: int) -> list[Chec
                 folder / f"shard-{number:05d}.bin", os.O_WRONLY | os.O_CREAT, 0o644
             )
             try:
-                os.posix_fallocate(descriptor, 0, size)
+                if write:
+                    block = os.urandom(1 << 20)
+                    for offset in range(0, size, len(block)):
+                        os.write(descriptor, block[: min(len(block), size - offset)])
+                else:
+                    os.posix_fallocate(descriptor, 0, size)
             finally:
                 os.close(descriptor)
         made.append(
@@ -83,6 +90,9 @@ def main() -> int:
     parser.add_argument("--size-mb", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to build the trees (default: a tmp dir)")
+    parser.add_argument(
+        "--write", action="store_true", help="write real bytes instead of fallocate (slow to build)"
+    )
     args = parser.parse_args()
     size = int(args.size_mb * 1_000_000)
     rows = []
@@ -90,8 +100,10 @@ def main() -> int:
         for round_number in range(args.rounds):
             rm_root = Path(base) / f"rm-{round_number}"
             apply_root = Path(base) / f"apply-{round_number}"
-            build_tree(rm_root, args.checkpoints, args.files, size)
-            checkpoints = build_tree(apply_root, args.checkpoints, args.files, size)
+            build_tree(rm_root, args.checkpoints, args.files, size, write=args.write)
+            checkpoints = build_tree(
+                apply_root, args.checkpoints, args.files, size, write=args.write
+            )
             os.sync()
             history_path = str(Path(base) / "history.jsonl")
             if round_number % 2 == 0:
@@ -107,7 +119,7 @@ def main() -> int:
     total = args.checkpoints * args.files * size
     print(
         f"deleting {args.checkpoints} checkpoints x {args.files} files x {args.size_mb:g} MB "
-        f"({total / 1e9:.1f} GB per tree)"
+        f"({total / 1e9:.1f} GB per tree, {'written' if args.write else 'fallocated'})"
     )
     print(f"{'round':>5}  {'rm -rf (s)':>10}  {'prune.apply (s)':>15}  {'ratio':>6}")
     for number, rm_seconds, apply_seconds, ratio in rows:
