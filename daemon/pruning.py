@@ -8,11 +8,13 @@ to `prune.apply` and write one `prune_run` record.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from daemon import prune, safety, trash
@@ -42,6 +44,8 @@ class PruneReport:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+LOCK_FILE = ".lock"
+
 # Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
 Confirm = Callable[[PruneReport], bool]
 
@@ -51,7 +55,33 @@ def _policy_record(spec: PolicySpec) -> dict[str, object]:
     return record
 
 
-def prune_root(
+@contextlib.contextmanager
+def root_lock(root_path: str) -> Iterator[bool]:
+    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
+
+    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon and a `ckptd prune` typed by
+    hand never move the same checkpoints at once. Where the lock file cannot be made (a
+    read-only filesystem) nothing can be deleted either, so the run goes on without it.
+    """
+    folder = os.path.join(root_path, trash.TRASH_DIRECTORY)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
+
+
+def _prune_unlocked(
     config: Config,
     root: RootConfig,
     *,
@@ -66,7 +96,7 @@ def prune_root(
     confirm: Confirm | None = None,
     progress: prune.Progress | None = None,
 ) -> PruneReport:
-    """Given the config, a root and the time, prune it through the safety guard and report.
+    """Given the config, a root and the time, prune it (the root lock held by the caller).
 
     `stop` set means: finish the deletion in progress, start no other (SIGTERM). `confirm`
     (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
@@ -207,3 +237,58 @@ def prune_root(
             policy=policy,
         )
     return report
+
+
+def prune_root(
+    config: Config,
+    root: RootConfig,
+    *,
+    now: float,
+    dry_run: bool,
+    force: bool = False,
+    policy_override: PolicySpec | None = None,
+    history: HistoryLog | None = None,
+    fs: FileSystem = LOCAL,
+    cache: SizeCache | None = None,
+    stop: threading.Event | None = None,
+    confirm: Confirm | None = None,
+    progress: prune.Progress | None = None,
+) -> PruneReport:
+    """Given the config, a root and the time, prune it through the safety guard and report.
+
+    `stop` set means: finish the deletion in progress, start no other (SIGTERM). `confirm`
+    (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
+    with nothing deleted. `progress(done, total, name)` is told before each removal. A second
+    prune of the same root while one runs (daemon and CLI) is refused, not queued.
+    """
+    root_path = os.path.realpath(root.path)
+    if not os.path.isdir(root_path):
+        raise UsageError(f"{root.path}: not a folder")
+
+    def run() -> PruneReport:
+        return _prune_unlocked(
+            config,
+            root,
+            now=now,
+            dry_run=dry_run,
+            force=force,
+            policy_override=policy_override,
+            history=history,
+            fs=fs,
+            cache=cache,
+            stop=stop,
+            confirm=confirm,
+            progress=progress,
+        )
+
+    if dry_run:
+        return run()
+    with root_lock(root_path) as acquired:
+        if acquired:
+            return run()
+    reason = "another prune of this root is running (the daemon, or ckptd prune)"
+    if history is not None:
+        history.write("prune_refused", root=root_path, reason=reason, pids=[], cmdlines=[])
+    return PruneReport(
+        root=root_path, plan=Plan(root=root_path, decisions=()), dry_run=False, refused=reason
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import trash
 from daemon.config import RootConfig
 from daemon.history import read_records
 
@@ -93,7 +94,7 @@ def test_prune_yes_json_deletes_into_the_trash_and_reports(
     # No config: the default trash grace (1h) holds them; nothing is freed yet, and it says so.
     assert document["result"]["bytes_freed"] == 0
     assert document["result"]["bytes_in_trash"] > 0
-    assert len(os.listdir(root / ".ckptd-trash")) == len(deleted)
+    assert sorted(item.name for item in trash.list_trash(str(root))) == sorted(deleted)
     records = read_records(str(tmp_path / "state" / "ckptd" / "history.jsonl"))
     assert [r["event"] for r in records].count("delete") == len(deleted)
     assert records[-1]["event"] == "prune_run"
@@ -132,7 +133,8 @@ def test_config_history_and_no_grace_free_real_bytes(
     deletes = [r for r in records if r["event"] == "delete"]
     # Each deleted checkpoint really freed its two 1000-byte files and its trainer_state.json.
     assert deletes and all(r["bytes_freed"] > 2000 for r in deletes)
-    assert os.listdir(root / ".ckptd-trash") == []
+    assert trash.list_trash(str(root)) == []
+    assert set(os.listdir(root / ".ckptd-trash")) <= {".lock"}  # the prune lock, nothing else
 
 
 def test_the_trainer_in_the_newest_checkpoint_refuses_with_exit_3(

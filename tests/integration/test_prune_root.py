@@ -201,3 +201,30 @@ def test_a_trash_left_by_a_crash_is_finished_at_the_start(
     report = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert report.extra["purged"] == ["checkpoint-50"]
     assert not leftover.exists()
+
+
+def test_a_second_prune_of_the_same_root_is_refused_while_one_runs(
+    root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+    import os
+
+    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    config = config_for(root)
+    (root / trash.TRASH_DIRECTORY).mkdir()
+    holder = os.open(root / trash.TRASH_DIRECTORY / pruning.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # the other prune, mid-run
+        report = pruning.prune_root(
+            config, config.roots[0], now=NOW, dry_run=False, history=history
+        )
+        assert report.refused is not None and "another prune" in report.refused
+        assert len(names(root)) == 10
+        # A dry run only reads, so it goes ahead.
+        dry = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=True)
+        assert dry.refused is None
+    finally:
+        os.close(holder)
+    after = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    assert len(after.deleted) == 6
+    assert trash.list_trash(str(root)) == []  # the lock file is not a trash item
