@@ -2,9 +2,9 @@
 
 Two steps, both taking values:
 
-- `gather_facts(root_path, trainer=...)` makes **one pass** over the processes of the machine and
-  records every process that holds something under the root (an open file, a memory map, its
-  cwd), which of them is the trainer, and who could not be inspected.
+- `gather_facts(root_path, now=, trainer_pid_file=, trainer_cmdline=)` makes **one pass** over
+  /proc (fd links, `maps`, cwd of every process) and records every process that holds
+  something under the root, which of them is the trainer, and who could not be inspected.
 - `guard(plan, facts, settings)` returns the plan with every deletion the invariants forbid
   turned into a keep (with the reason), or raises `RootRefused` when the whole root must be left
   alone (the trainer holds the newest checkpoint, it is still settling, a limit tripped).
@@ -14,7 +14,7 @@ only for the entries about to go (about 2 ms for 80 processes here), and renames
 `prune.RECHECK_SECONDS` of it.
 
 Who counts as holding when a process cannot be inspected (`PermissionError` on /proc/PID/fd,
-maps or cwd — only possible when ckptd does not run as root):
+maps or cwd — when ckptd does not run as root, or lacks a capability the process has):
 
 - kernel threads (PF_KTHREAD) and zombies never hold files: they have no file table to read;
 - PID 1 (init, or a sandbox's init that is more privileged than ckptd and so unreadable even
@@ -25,7 +25,8 @@ maps or cwd — only possible when ckptd does not run as root):
 - any other process counts as holding **every** checkpoint of the root if its user could reach
   the root at all: uid 0, the root's owner, a member of the root's group with `g+x`, or anyone
   when the root has `o+x`. A process of a user who cannot even enter the root cannot hold a file
-  in it, so it does not veto. As root, ckptd can read every process and this rule never applies.
+  in it, so it does not veto. As root (with CAP_SYS_PTRACE) ckptd reads every process but
+  PID 1 of a sandbox, so in practice the rule only matters for an unprivileged ckptd.
 
 Processes in another mount namespace (containers) report paths in their own namespace; ckptd
 compares them as given, so a container that mounts the root elsewhere is not seen. Run ckptd in
