@@ -10,6 +10,8 @@ outcomes; exits 1 on any checkpoint found half there, changed, or a next run tha
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import random
 import signal
@@ -60,7 +62,8 @@ def main() -> int:
             if bad_tf:
                 violations.append(f"trial {number}: tensorflow {bad_tf}")
             try:
-                trial.finish(root)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trial.finish(root)
             except BaseException as error:
                 violations.append(f"trial {number}: the next run failed: {error!r}")
                 continue
