@@ -16,12 +16,11 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from daemon.config import load_config
 from daemon.history import default_history_path, read_records
-from daemon.render import format_bytes
+from daemon.render import format_bytes, make_console
 
 FOLLOW_POLL_SECONDS = 0.25
 
@@ -48,7 +47,9 @@ def _why(record: dict[str, Any]) -> str:
     for key in ("why", "reason", "reasons"):
         value = record.get(key)
         if isinstance(value, list) and value:
-            return ", ".join(str(item) for item in value)
+            # The first reason is the checkpoint's own tier's; the rest repeat it for later
+            # tiers (all of them stay in the JSON).
+            return str(value[0])
         if isinstance(value, str) and value:
             return value
     if record.get("event") == "prune_run":
@@ -82,7 +83,7 @@ def render_table(records: Iterable[dict[str, Any]]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("time", no_wrap=True)
     table.add_column("event", no_wrap=True)
-    table.add_column("root", overflow="fold")
+    table.add_column("root", no_wrap=True)
     table.add_column("checkpoint", no_wrap=True)
     table.add_column("freed", justify="right", no_wrap=True)
     table.add_column("why", overflow="fold")
@@ -151,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
         for record in recent:
             sys.stdout.write(json.dumps(record) + "\n")
     else:
-        console = Console(highlight=False, soft_wrap=False)
+        console = make_console()
         if not records and not args.follow:
             console.print(f"no history yet in {path}")
         else:
@@ -159,7 +160,7 @@ def main(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     if not args.follow:
         return 0
-    console = Console(highlight=False, soft_wrap=False)
+    console = make_console()
     try:
         for line in follow_lines(path):
             if args.json:

@@ -26,7 +26,7 @@ from daemon.config import Config
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
 from daemon.history import HistoryLog, default_history_path
 from daemon.pruning import PruneReport, prune_root
-from daemon.render import format_bytes, plan_to_json, timeline_table
+from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
 
 # Deleting fewer than this finishes before a progress bar would be worth drawing.
 PROGRESS_AT = 5
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
         )
     config, roots = select_roots(args.root, args.config)
     history = HistoryLog(history_for(config, args.root, args.config))
-    console = Console(highlight=False, soft_wrap=False)
+    console = make_console()
     documents: list[dict[str, Any]] = []
     exit_code = EXIT_OK
     try:

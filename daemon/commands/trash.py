@@ -15,13 +15,13 @@ import sys
 import time
 from datetime import datetime
 
-from rich.console import Console
 from rich.table import Table
 
 from daemon import trash
 from daemon.config import Config, RootConfig, default_config_for_root, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
 from daemon.history import HistoryLog
+from daemon.render import make_console
 
 
 def _roots(args: argparse.Namespace) -> tuple[Config, list[RootConfig], str | None]:
@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     """Given parsed `trash` arguments, list, restore or purge and return the exit code."""
     config, roots, history_file = _roots(args)
     now = time.time()
-    console = Console(highlight=False, soft_wrap=False)
+    console = make_console()
     if args.action == "list":
         rows: list[dict[str, str | float | int]] = []
         for root in roots:
