@@ -357,7 +357,9 @@ class Service:
             if task.name == "startup":
                 log.exception("startup_task_failed")
         finally:
-            self._write_state(next=self.schedule.next_run_times())
+            if not self.stop.is_set():
+                # At stop the scheduler is shut down: its empty schedule is not "nothing next".
+                self._write_state(next=self.schedule.next_run_times())
             task.done.set()
 
     def prune_now(self, root: RootConfig) -> Any:
