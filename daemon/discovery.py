@@ -53,11 +53,17 @@ import re
 import stat as stat_module
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # not on every platform
+    resource = None  # type: ignore[assignment]
 
 from daemon.config import RootConfig
 from daemon.errors import UsageError
@@ -216,6 +222,7 @@ def scan(
     results: list[tuple[str, int, str, NameMatch, Identity, WalkResult, CacheEntry | None]] = []
     append = results.append
     single = grouped is None
+    misses: list[tuple[NameMatch, Identity]] = []
     for match, identity in found:
         checkpoint_name = match.checkpoint
         entry = cached.get(checkpoint_name)
@@ -228,12 +235,14 @@ def scan(
             hits += 1
             append((match.series, match.step, checkpoint_name, match, identity, entry.walk, entry))
             continue
-        if single:
-            identity = (identity,)
-        found_walk = _walk(fs, root_path, identity)
-        walked += 1
+        misses.append((match, (identity,) if single else identity))
+    want_distcp = layout == "dcp"
+    walks = _walk_many(fs, root_path, [identity for _, identity in misses], want_distcp)
+    walked = len(misses)
+    for (match, identity), found_walk in zip(misses, walks, strict=True):
         if found_walk is None:  # vanished between listing and walk: not there any more
             continue
+        checkpoint_name = match.checkpoint
         entry = None
         if cache is not None and _is_final(found_walk, layout, checkpoint_name, now_ns, settle_ns):
             entry = cache.store(root_path, checkpoint_name, identity, found_walk)
@@ -278,7 +287,7 @@ def scan(
             continue
         assert cache is not None
         cache.forget(root_path, name)
-        fresh = _walk(fs, root_path, identity)
+        fresh = _walk(fs, root_path, identity, want_distcp)
         walked += 1
         if fresh is None:
             results[index] = (series_id, step, name, match, identity, walk, None)
@@ -773,19 +782,64 @@ def _fingerprint(
     return tuple(numbers)
 
 
+# Walking is I/O-bound when the page cache is cold (a daemon start after a reboot): then
+# threads overlap the stat calls (they release the GIL) and a scan runs ~2x faster. When the
+# metadata is cached, threads only fight over the GIL and a scan runs ~2x slower. So walk
+# sequentially, and hand the rest to threads only once a batch had to read from the disk: the
+# thread's own block-input count (getrusage RUSAGE_THREAD, Linux) says so without guessing
+# from timings that a busy machine would distort.
+_ADAPT_BATCH = 64
+_WALK_THREADS = 4
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None) if resource else None
+
+
+def _blocks_read() -> int:
+    if _RUSAGE_THREAD is None:
+        return 0
+    return int(resource.getrusage(_RUSAGE_THREAD).ru_inblock)
+
+
+def _walk_many(
+    fs: FileSystem, root_path: str, identities: list[Identity], want_distcp: bool
+) -> list[WalkResult | None]:
+    """Given checkpoints to walk, return their walks in order (see the comment above)."""
+    walks: list[WalkResult | None] = []
+    index = 0
+    count = len(identities)
+    while index < count:
+        batch = identities[index : index + _ADAPT_BATCH]
+        blocks_before = _blocks_read()
+        walks.extend(_walk(fs, root_path, identity, want_distcp) for identity in batch)
+        index += len(batch)
+        if index < count and _blocks_read() - blocks_before > len(batch):
+            rest = identities[index:]
+            with ThreadPoolExecutor(_WALK_THREADS, thread_name_prefix="ckptd-walk") as pool:
+                walks.extend(
+                    pool.map(lambda identity: _walk(fs, root_path, identity, want_distcp), rest)
+                )
+            break
+    return walks
+
+
 def _walk(
-    fs: FileSystem, root_path: str, members: Sequence[tuple[str, int, bool]]
+    fs: FileSystem,
+    root_path: str,
+    members: Sequence[tuple[str, int, bool]],
+    want_distcp: bool = False,
 ) -> WalkResult | None:
     """Given a checkpoint's root entries, walk them (never following a symlink) and return what
     was found, or None when the checkpoint vanished before it could be looked at."""
     size = 0  # bytes of files with a single link
     newest = 0
+    entry_count = 0
     markers: set[str] = set()
     marker_stats: dict[str, tuple[int, int, int]] = {}
     linked: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [size, nlink, links seen]
     fingerprint: list[int] = []
     error: str | None = None
     present = 0
+    scandir = _scandir_of(fs)
+    marker_names = MARKER_NAMES
     for member, _, _ in members:
         path = f"{root_path}/{member}"
         try:
@@ -800,7 +854,8 @@ def _walk(
         fingerprint += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
         if status.st_mtime_ns > newest:
             newest = status.st_mtime_ns
-        if status.st_mode & _S_IFMT != _S_IFDIR:
+        if status.st_mode & 0o170000 != 0o040000:
+            entry_count += 1
             if member.endswith(".index"):
                 markers.add("index")
             if status.st_nlink > 1:
@@ -808,54 +863,66 @@ def _walk(
             else:
                 size += status.st_size
             continue
-        # A folder: walk it with one listing per folder and one lstat per entry.
-        stack = [path]
-        top = True
-        scandir = _scandir_of(fs)
-        while stack:
-            directory = stack.pop()
+        # A folder: one listing per folder, one lstat per entry, no other object per file.
+        # The top level is walked apart from the rest: only there are marker names looked at.
+        folders: list[str] = []
+        try:
+            with closing(scandir(path)) as entries:
+                for entry in entries:
+                    entry_count += 1
+                    try:
+                        status = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        # A trainer removing its own temporary file: counted as gone.
+                        error = error or "changed while scanning: a file vanished"
+                        continue
+                    if status.st_mtime_ns > newest:
+                        newest = status.st_mtime_ns
+                    if status.st_mode & 0o170000 == 0o040000:
+                        folders.append(entry.path)
+                        continue
+                    if status.st_nlink > 1:
+                        _count_link(linked, status)
+                    else:
+                        size += status.st_size
+                    name = entry.name
+                    if name in marker_names:
+                        markers.add(name)
+                        marker_stats[name] = (status.st_ino, status.st_mtime_ns, status.st_size)
+                    elif want_distcp and name.endswith(".distcp"):
+                        markers.add(DISTCP_MARKER)
+        except FileNotFoundError:
+            present -= 1  # the whole folder went away after the lstat
+            error = error or f"changed while scanning: {member} vanished"
+        except OSError as failure:
+            error = f"unreadable: {member}: {failure.strerror}"
+        while folders:
+            directory = folders.pop()
             try:
                 with closing(scandir(directory)) as entries:
                     for entry in entries:
+                        entry_count += 1
                         try:
                             status = entry.stat(follow_symlinks=False)
                         except FileNotFoundError:
-                            # A trainer removing its own temporary file: counted as gone.
                             error = error or "changed while scanning: a file vanished"
                             continue
                         if status.st_mtime_ns > newest:
                             newest = status.st_mtime_ns
-                        if status.st_mode & _S_IFMT == _S_IFDIR:
-                            stack.append(entry.path)
-                            continue
-                        if status.st_nlink > 1:
+                        if status.st_mode & 0o170000 == 0o040000:
+                            folders.append(entry.path)
+                        elif status.st_nlink > 1:
                             _count_link(linked, status)
                         else:
                             size += status.st_size
-                        if top:
-                            name = entry.name
-                            if name in MARKER_NAMES:
-                                markers.add(name)
-                                marker_stats[name] = (
-                                    status.st_ino,
-                                    status.st_mtime_ns,
-                                    status.st_size,
-                                )
-                            elif name.endswith(".distcp"):
-                                markers.add(DISTCP_MARKER)
             except FileNotFoundError:
-                if top:
-                    present -= 1  # the whole folder went away after the lstat
-                    error = error or f"changed while scanning: {member} vanished"
-                else:
-                    error = error or "changed while scanning: a folder vanished"
+                error = error or "changed while scanning: a folder vanished"
             except OSError as failure:
                 error = f"unreadable: {directory[len(root_path) + 1 :]}: {failure.strerror}"
-            top = False
         marker = next((m for m in _FINGERPRINT_MARKERS if m in marker_stats), None)
         if marker is not None:
             fingerprint += marker_stats[marker]
-    if present == 0:
+    if present <= 0:
         return None
     freeable = size
     for file_size, link_count, seen in linked.values():
@@ -869,6 +936,7 @@ def _walk(
         markers=frozenset(markers),
         fingerprint=tuple(fingerprint),
         error=error,
+        entry_count=entry_count,
     )
 
 

@@ -41,8 +41,11 @@ Identity = tuple[tuple[str, int, bool], ...]
 """A checkpoint's root entries as `(name, inode, is_dir)`, sorted by name."""
 
 
+_NO_METRICS: Mapping[str, float] = MappingProxyType({})
+
+
 def _empty_metrics() -> Mapping[str, float]:
-    return MappingProxyType({})
+    return _NO_METRICS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,8 @@ class WalkResult:
     # Whether trainer_state.json / metrics sidecars were read (they are read only when needed:
     # for keep_best, or for the newest checkpoint's best_model_checkpoint).
     state_read: bool = False
+    # Files and folders seen inside (to tell an I/O-bound walk from a CPU-bound one).
+    entry_count: int = 0
 
     @property
     def mtime(self) -> float:
@@ -83,6 +88,7 @@ class WalkResult:
             "best": self.best_model_checkpoint,
             "fingerprint": list(self.fingerprint),
             "state_read": self.state_read,
+            "entries": self.entry_count,
         }
 
     @classmethod
@@ -99,6 +105,7 @@ class WalkResult:
             best_model_checkpoint=str(best) if best is not None else None,
             fingerprint=tuple(int(number) for number in document["fingerprint"]),
             state_read=bool(document.get("state_read", False)),
+            entry_count=int(document.get("entries", 0)),
         )
 
 
