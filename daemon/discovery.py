@@ -54,22 +54,16 @@ import re
 import stat as stat_module
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
 
-try:
-    import resource
-except ImportError:  # not on every platform
-    resource = None  # type: ignore[assignment]
-
 from daemon.config import RootConfig
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem, LocalFileSystem
+from daemon.fsio import LOCAL, FileSystem
 from daemon.layouts import (
     DCP_CANDIDATE,
     DEEPSPEED_TRACKER,
@@ -84,27 +78,15 @@ from daemon.layouts import (
     match_builtin,
 )
 from daemon.sizecache import CacheEntry, Identity, SizeCache, WalkResult
+from daemon.walker import (
+    DISTCP_MARKER,
+    fingerprint_markers_of,
+    scandir_of,
+    walk_checkpoint,
+    walk_many,
+)
 from policies.model import Checkpoint
 
-# Files whose presence at the top of a checkpoint folder discovery cares about.
-MARKER_NAMES = frozenset(
-    {
-        "trainer_state.json",
-        "commit_success.txt",
-        "_CHECKPOINT_METADATA",
-        ".metadata",
-        ".keep",
-        "metrics.json",
-    }
-)
-DISTCP_MARKER = "*.distcp"
-# The marker whose stat joins a folder's fingerprint: rewritten whenever the save is redone.
-_FINGERPRINT_MARKERS = (
-    "trainer_state.json",
-    ".metadata",
-    "_CHECKPOINT_METADATA",
-    "commit_success.txt",
-)
 # Newest checkpoints per series whose fingerprint is re-checked on every scan: a resumed trainer
 # overwrites recent checkpoints in place, which the directory listing cannot see.
 RECHECK_NEWEST = 2
@@ -279,7 +261,7 @@ def _scan(
             continue
         misses.append((match, (identity,) if single else identity))
     want_distcp = layout == "dcp"
-    walks = _walk_many(fs, root_path, [identity for _, identity in misses], want_distcp)
+    walks = walk_many(fs, root_path, [identity for _, identity in misses], want_distcp)
     walked = len(misses)
     for (match, identity), found_walk in zip(misses, walks, strict=True):
         if found_walk is None:  # vanished between listing and walk: not there any more
@@ -329,7 +311,7 @@ def _scan(
             continue
         assert cache is not None
         cache.forget(root_path, name)
-        fresh = _walk(fs, root_path, identity, want_distcp)
+        fresh = walk_checkpoint(fs, root_path, identity, want_distcp)
         walked += 1
         if fresh is None:
             results[index] = (series_id, step, name, match, identity, walk, None)
@@ -499,7 +481,7 @@ def _list_root(fs: FileSystem, root_path: str) -> _Listing:
     listing = _Listing()
     append = listing.rows.append
     try:
-        with closing(_scandir_of(fs)(root_path)) as entries:
+        with closing(scandir_of(fs)(root_path)) as entries:
             for entry in entries:
                 name = entry.name
                 try:
@@ -527,13 +509,6 @@ def _list_root(fs: FileSystem, root_path: str) -> _Listing:
     except OSError as error:
         raise UsageError(f"{root_path}: root cannot be read ({error.strerror})") from None
     return listing
-
-
-def _scandir_of(fs: FileSystem) -> Callable[[str], Any]:
-    # The real filesystem's wrapper generator costs a frame resume per file (~0.2 us, 10% of a
-    # cold scan): call os.scandir directly there. Any other FileSystem (tests' misbehaving
-    # ones, object storage later) is used through its own method.
-    return os.scandir if type(fs) is LocalFileSystem else fs.scandir
 
 
 def _match_rows(
@@ -629,7 +604,7 @@ def _settle_numbered_layout(
 
     for name in sorted(numbered, key=number, reverse=True)[:3]:
         try:
-            with closing(_scandir_of(fs)(f"{root_path}/{name}")) as entries:
+            with closing(scandir_of(fs)(f"{root_path}/{name}")) as entries:
                 if any(entry.name.endswith(".distcp") for entry in entries):
                     return "dcp"
         except OSError:
@@ -815,171 +790,13 @@ def _fingerprint(
             status = fs.lstat(f"{root_path}/{name}")
             numbers += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
             if is_dir:
-                marker = next((m for m in _FINGERPRINT_MARKERS if m in markers), None)
+                marker = fingerprint_markers_of(markers)
                 if marker is not None:
                     inner = fs.lstat(f"{root_path}/{name}/{marker}")
                     numbers += (inner.st_ino, inner.st_mtime_ns, inner.st_size)
     except OSError:
         return ()
     return tuple(numbers)
-
-
-# Walking is I/O-bound when the page cache is cold (a daemon start after a reboot): then
-# threads overlap the stat calls (they release the GIL) and a scan runs ~2x faster. When the
-# metadata is cached, threads only fight over the GIL and a scan runs ~2x slower. So walk
-# sequentially, and hand the rest to threads only once a batch had to read from the disk: the
-# thread's own block-input count (getrusage RUSAGE_THREAD, Linux) says so without guessing
-# from timings that a busy machine would distort.
-_ADAPT_BATCH = 64
-_WALK_THREADS = 4
-_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None) if resource else None
-
-
-def _blocks_read() -> int:
-    if _RUSAGE_THREAD is None:
-        return 0
-    return int(resource.getrusage(_RUSAGE_THREAD).ru_inblock)
-
-
-def _walk_many(
-    fs: FileSystem, root_path: str, identities: list[Identity], want_distcp: bool
-) -> list[WalkResult | None]:
-    """Given checkpoints to walk, return their walks in order (see the comment above)."""
-    walks: list[WalkResult | None] = []
-    index = 0
-    count = len(identities)
-    while index < count:
-        batch = identities[index : index + _ADAPT_BATCH]
-        blocks_before = _blocks_read()
-        walks.extend(_walk(fs, root_path, identity, want_distcp) for identity in batch)
-        index += len(batch)
-        if index < count and _blocks_read() - blocks_before > len(batch):
-            rest = identities[index:]
-            with ThreadPoolExecutor(_WALK_THREADS, thread_name_prefix="ckptd-walk") as pool:
-                walks.extend(
-                    pool.map(lambda identity: _walk(fs, root_path, identity, want_distcp), rest)
-                )
-            break
-    return walks
-
-
-def _walk(
-    fs: FileSystem,
-    root_path: str,
-    members: Sequence[tuple[str, int, bool]],
-    want_distcp: bool = False,
-) -> WalkResult | None:
-    """Given a checkpoint's root entries, walk them (never following a symlink) and return what
-    was found, or None when the checkpoint vanished before it could be looked at."""
-    size = 0  # bytes of files with a single link
-    newest = 0
-    entry_count = 0
-    markers: set[str] = set()
-    marker_stats: dict[str, tuple[int, int, int]] = {}
-    linked: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [size, nlink, links seen]
-    fingerprint: list[int] = []
-    error: str | None = None
-    present = 0
-    scandir = _scandir_of(fs)
-    marker_names = MARKER_NAMES
-    for member, _, _ in members:
-        path = f"{root_path}/{member}"
-        try:
-            status = fs.lstat(path)
-        except FileNotFoundError:
-            error = error or f"changed while scanning: {member} vanished"
-            continue
-        except OSError as failure:
-            error = f"unreadable: {member}: {failure.strerror}"
-            continue
-        present += 1
-        fingerprint += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
-        if status.st_mtime_ns > newest:
-            newest = status.st_mtime_ns
-        if status.st_mode & 0o170000 != 0o040000:
-            entry_count += 1
-            if member.endswith(".index"):
-                markers.add("index")
-            if status.st_nlink > 1:
-                _count_link(linked, status)
-            else:
-                size += status.st_size
-            continue
-        # A folder: one listing per folder, one lstat per entry, no other object per file.
-        # The top level is walked apart from the rest: only there are marker names looked at.
-        folders: list[str] = []
-        try:
-            with closing(scandir(path)) as entries:
-                for entry in entries:
-                    entry_count += 1
-                    try:
-                        status = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        # A trainer removing its own temporary file: counted as gone.
-                        error = error or "changed while scanning: a file vanished"
-                        continue
-                    if status.st_mtime_ns > newest:
-                        newest = status.st_mtime_ns
-                    if status.st_mode & 0o170000 == 0o040000:
-                        folders.append(entry.path)
-                        continue
-                    if status.st_nlink > 1:
-                        _count_link(linked, status)
-                    else:
-                        size += status.st_size
-                    name = entry.name
-                    if name in marker_names:
-                        markers.add(name)
-                        marker_stats[name] = (status.st_ino, status.st_mtime_ns, status.st_size)
-                    elif want_distcp and name.endswith(".distcp"):
-                        markers.add(DISTCP_MARKER)
-        except FileNotFoundError:
-            present -= 1  # the whole folder went away after the lstat
-            error = error or f"changed while scanning: {member} vanished"
-        except OSError as failure:
-            error = f"unreadable: {member}: {failure.strerror}"
-        while folders:
-            directory = folders.pop()
-            try:
-                with closing(scandir(directory)) as entries:
-                    for entry in entries:
-                        entry_count += 1
-                        try:
-                            status = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            error = error or "changed while scanning: a file vanished"
-                            continue
-                        if status.st_mtime_ns > newest:
-                            newest = status.st_mtime_ns
-                        if status.st_mode & 0o170000 == 0o040000:
-                            folders.append(entry.path)
-                        elif status.st_nlink > 1:
-                            _count_link(linked, status)
-                        else:
-                            size += status.st_size
-            except FileNotFoundError:
-                error = error or "changed while scanning: a folder vanished"
-            except OSError as failure:
-                error = f"unreadable: {directory[len(root_path) + 1 :]}: {failure.strerror}"
-        marker = next((m for m in _FINGERPRINT_MARKERS if m in marker_stats), None)
-        if marker is not None:
-            fingerprint += marker_stats[marker]
-    if present <= 0:
-        return None
-    freeable = size
-    for file_size, link_count, seen in linked.values():
-        size += file_size
-        if seen >= link_count:
-            freeable += file_size
-    return WalkResult(
-        size_bytes=size,
-        freeable_bytes=freeable,
-        mtime_ns=newest,
-        markers=frozenset(markers),
-        fingerprint=tuple(fingerprint),
-        error=error,
-        entry_count=entry_count,
-    )
 
 
 def _with_state(
@@ -989,15 +806,6 @@ def _with_state(
     metrics and best_model_checkpoint filled in."""
     metrics, best = _read_metrics(fs, root_path, members, set(walk.markers))
     return replace(walk, metrics=metrics, best_model_checkpoint=best, state_read=True)
-
-
-def _count_link(linked: dict[tuple[int, int], list[int]], status: os.stat_result) -> None:
-    key = (status.st_dev, status.st_ino)
-    seen = linked.get(key)
-    if seen is None:
-        linked[key] = [status.st_size, status.st_nlink, 1]
-    else:
-        seen[2] += 1
 
 
 def _read_metrics(
