@@ -41,7 +41,8 @@ holds (a snapshot shares them). Symlinks count as their own small size, never fo
 changes only the folder's mtime).
 
 Speed: a rescan lists the root once and walks only checkpoints the cache does not know (see
-`daemon/sizecache.py` for what proves a cached checkpoint unchanged).
+`daemon/sizecache.py` for what proves a cached checkpoint unchanged); each name is matched
+once (a memo in the cache); the walk itself is `daemon/walker.py`.
 """
 
 from __future__ import annotations
