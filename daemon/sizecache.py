@@ -94,14 +94,19 @@ class WalkResult:
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> WalkResult:
         """Given a dict written by `to_json`, return the walk (KeyError/TypeError if malformed)."""
-        metrics = {str(key): float(value) for key, value in document["metrics"].items()}
+        raw_metrics = document["metrics"]
+        metrics = (
+            MappingProxyType({str(key): float(value) for key, value in raw_metrics.items()})
+            if raw_metrics
+            else _NO_METRICS
+        )
         best = document["best"]
         return cls(
             size_bytes=int(document["size"]),
             freeable_bytes=int(document["freeable"]),
             mtime_ns=int(document["mtime_ns"]),
             markers=frozenset(str(marker) for marker in document["markers"]),
-            metrics=MappingProxyType(metrics),
+            metrics=metrics,
             best_model_checkpoint=str(best) if best is not None else None,
             fingerprint=tuple(int(number) for number in document["fingerprint"]),
             state_read=bool(document.get("state_read", False)),
@@ -258,7 +263,8 @@ class SizeCache:
         temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, separators=(",", ":"))
+                # One-shot dumps: json.dump streams through many small writes (3x slower).
+                handle.write(json.dumps(document, separators=(",", ":")))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
