@@ -119,7 +119,10 @@ class LocalFileSystem:
             on_error(failed_path, exc)
 
         # rmtree never follows symlinks (it uses fd-based traversal on Linux).
-        shutil.rmtree(path, onexc=report)
+        # Python 3.11 knows only `onerror` (exc_info triple); `onexc` came with 3.12.
+        shutil.rmtree(
+            path, onerror=lambda function, failed, info: report(function, failed, info[1])
+        )
 
     def unlink(self, path: str) -> None:
         os.unlink(path)

@@ -45,7 +45,7 @@ class Checkpoint:
     tracked_by: tuple[str, ...] = ()
     # Pins: ".keep" or "protect:<glob>".
     pinned_by: tuple[str, ...] = ()
-    metrics: Mapping[str, float] = field(default=EMPTY_METRICS)
+    metrics: Mapping[str, float] = field(default_factory=lambda: EMPTY_METRICS)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -112,7 +112,7 @@ class Plan:
     root: str
     decisions: tuple[Decision, ...]
     # Cadence used per series (steps between saves), for display and forecasts.
-    cadences: Mapping[str, int] = field(default=EMPTY_CADENCES)
+    cadences: Mapping[str, int] = field(default_factory=lambda: EMPTY_CADENCES)
     # Notes for the reader: a pattern that matched nothing, a cadence that could not be read.
     warnings: tuple[str, ...] = ()
 
