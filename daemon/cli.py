@@ -39,9 +39,7 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
 
 def _add_policy_knobs(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("policy (default: the balanced preset)")
-    group.add_argument(
-        "--preset", choices=["balanced", "conservative", "aggressive"], default=None
-    )
+    group.add_argument("--preset", choices=["balanced", "conservative", "aggressive"], default=None)
     group.add_argument("--keep-last", type=int, metavar="N", default=None)
     group.add_argument("--tier2-count", type=int, metavar="N", default=None)
     group.add_argument(
@@ -87,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("root", nargs="?", metavar="ROOT", help="a checkpoint folder")
     _add_config(prune)
     prune.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    prune.add_argument("--dry-run", action="store_true", help="change nothing, say what would be done")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="change nothing, say what would be done"
+    )
     prune.add_argument(
         "--force", action="store_true", help="allow deleting more than max_delete_fraction"
     )

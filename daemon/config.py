@@ -180,7 +180,7 @@ class SnapshotsConfig(StrictModel):
     def _clock_time(cls, value: str) -> str:
         match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
         if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
-            raise ValueError(f"{value!r} is not a time of day such as \"03:00\"")
+            raise ValueError(f'{value!r} is not a time of day such as "03:00"')
         return f"{int(match.group(1)):02d}:{match.group(2)}"
 
 

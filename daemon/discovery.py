@@ -14,7 +14,7 @@ from policies.model import Checkpoint
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    """Given one scan of one root: its checkpoints (every series) and what the reader should know."""
+    """One scan of one root: its checkpoints (every series) and what the reader should know."""
 
     root: str
     layout: str  # the detected or configured layout

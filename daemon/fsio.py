@@ -109,20 +109,16 @@ class LocalFileSystem:
                 on_error(path, error)
             return
 
-        def report(_function: object, failed_path: str, exc: BaseException) -> None:
-            if isinstance(exc, FileNotFoundError):
+        def report(_function: object, failed_path: str, excinfo: tuple[object, ...]) -> None:
+            error = excinfo[1]
+            if isinstance(error, FileNotFoundError):
                 return
-            if not isinstance(exc, OSError):
-                raise exc
-            if on_error is None:
-                raise exc
-            on_error(failed_path, exc)
+            if not isinstance(error, OSError) or on_error is None:
+                raise error  # type: ignore[misc]
+            on_error(failed_path, error)
 
-        # rmtree never follows symlinks (it uses fd-based traversal on Linux).
-        # Python 3.11 knows only `onerror` (exc_info triple); `onexc` came with 3.12.
-        shutil.rmtree(
-            path, onerror=lambda function, failed, info: report(function, failed, info[1])
-        )
+        # rmtree never follows symlinks (fd-based traversal on Linux); `onerror` is 3.11's hook.
+        shutil.rmtree(path, onerror=report)
 
     def unlink(self, path: str) -> None:
         os.unlink(path)

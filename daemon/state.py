@@ -7,6 +7,7 @@ Written by the running daemon, read by `ckptd status`. Keys: "pid", "started",
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -45,9 +46,7 @@ def update_state(state_dir: str, **updates: Any) -> dict[str, Any]:
                 json.dump(state, handle, indent=1, sort_keys=True, default=str)
             os.replace(temporary, state_path(state_dir))
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
-            except FileNotFoundError:
-                pass
             raise
         return state

@@ -21,9 +21,7 @@ def no_leaked_threads() -> Iterator[None]:
     deadline = time.monotonic() + 5.0
     while True:
         leaked = [
-            thread
-            for thread in threading.enumerate()
-            if thread not in before and thread.is_alive()
+            thread for thread in threading.enumerate() if thread not in before and thread.is_alive()
         ]
         if not leaked or time.monotonic() > deadline:
             break

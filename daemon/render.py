@@ -1,0 +1,184 @@
+"""How plans look to people (a folded timeline of the tiers) and to scripts (JSON).
+
+The timeline reads top to bottom from oldest to newest, like `ls` of a checkpoint folder: tier 3,
+then tier 2, then tier 1 with the newest checkpoint at the bottom. Consecutive checkpoints with
+the same decision for the same kind of reason fold into one line, so 170 checkpoints fit on a
+screen while every distinct reason stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from policies.model import Decision, Plan
+
+TIER_TITLES = {
+    1: "tier 1 · newest, all kept",
+    2: "tier 2 · half density",
+    3: "tier 3 · sparse history",
+    None: "incomplete · still being written or settling",
+}
+
+# A run shorter than this is shown line by line: folding 2 lines into 1 hides more than it saves.
+FOLD_AT = 3
+
+
+def format_bytes(count: int | float) -> str:
+    """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`)."""
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"  # pragma: no cover - the loop returns at TB
+
+
+def plan_to_json(plan: Plan) -> dict[str, Any]:
+    """Given a plan, return the `plan --json` document of DESIGN.md's CLI contract."""
+    return {
+        "root": plan.root,
+        "checkpoints": [
+            {
+                "name": decision.checkpoint.name,
+                "series": decision.checkpoint.series,
+                "step": decision.checkpoint.step,
+                "tier": decision.tier,
+                "bytes": decision.checkpoint.size_bytes,
+                "bytes_freed": 0 if decision.keep else decision.checkpoint.freeable_bytes,
+                "action": decision.action,
+                "reasons": list(decision.reasons),
+            }
+            for decision in plan.decisions
+        ],
+        "cadences": dict(plan.cadences),
+        "warnings": list(plan.warnings),
+        "summary": plan.summary(),
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive decisions of one series and tier with the same action and kind of reason."""
+
+    decisions: tuple[Decision, ...]
+
+    @property
+    def first(self) -> Decision:
+        return self.decisions[0]
+
+    @property
+    def last(self) -> Decision:
+        return self.decisions[-1]
+
+
+def _reason_kind(decision: Decision) -> tuple[str, ...]:
+    # Deletion reasons name the checkpoint that represents the bucket, so they differ on every
+    # line; their prefix ("tier3", "tier2") is what a reader compares.
+    if decision.keep:
+        return decision.reasons
+    return tuple(reason.split(":", 1)[0] for reason in decision.reasons)
+
+
+def fold(decisions: Iterable[Decision]) -> list[Run]:
+    """Given decisions in timeline order, return them grouped into foldable runs."""
+    runs: list[list[Decision]] = []
+    previous_key: tuple[object, ...] | None = None
+    for decision in decisions:
+        key = (decision.checkpoint.series, decision.tier, decision.keep, _reason_kind(decision))
+        if runs and key == previous_key:
+            runs[-1].append(decision)
+        else:
+            runs.append([decision])
+        previous_key = key
+    return [Run(tuple(run)) for run in runs]
+
+
+def _timeline_order(plan: Plan) -> list[Decision]:
+    # Oldest first, newest at the bottom; incomplete ones (being written now) last of all.
+    return sorted(
+        plan.decisions,
+        key=lambda d: (d.checkpoint.series, d.tier is None, d.checkpoint.step, d.checkpoint.name),
+    )
+
+
+def _run_reasons(run: Run) -> str:
+    if len(run.decisions) == 1 or run.first.keep:
+        return ", ".join(run.first.reasons)
+    kinds = ", ".join(_reason_kind(run.first))
+    return f"{kinds}: none is the newest of its bucket"
+
+
+def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
+    """Given a plan, return the rich table of its timeline (folded unless `unfold`)."""
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("action")
+    table.add_column("checkpoint")
+    table.add_column("step", justify="right")
+    table.add_column("count", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("reasons")
+    series_seen: str | None = None
+    tier_seen: object = object()
+    multi_series = len({d.checkpoint.series for d in plan.decisions}) > 1
+    for decisions in _split_runs(_timeline_order(plan), unfold):
+        head = decisions.first
+        if multi_series and head.checkpoint.series != series_seen:
+            series_seen = head.checkpoint.series
+            tier_seen = object()
+            table.add_row("", Text(f"series {series_seen}", style="bold magenta"), "", "", "", "")
+        if head.tier != tier_seen:
+            tier_seen = head.tier
+            title = TIER_TITLES.get(head.tier, f"tier {head.tier}")
+            table.add_row("", Text(title, style="bold cyan"), "", "", "", "")
+        action = Text("KEEP", style="bold green") if head.keep else Text("delete", style="red")
+        size = sum(d.checkpoint.size_bytes for d in decisions.decisions)
+        if len(decisions.decisions) == 1:
+            names, steps, count = head.checkpoint.name, str(head.checkpoint.step), ""
+        else:
+            names = f"{head.checkpoint.name} … {decisions.last.checkpoint.name}"
+            steps = f"{head.checkpoint.step}…{decisions.last.checkpoint.step}"
+            count = str(len(decisions.decisions))
+        table.add_row(action, names, steps, count, format_bytes(size), _run_reasons(decisions))
+    return table
+
+
+def _split_runs(decisions: Sequence[Decision], unfold: bool) -> list[Run]:
+    runs: list[Run] = []
+    for run in fold(decisions):
+        if unfold or len(run.decisions) < FOLD_AT:
+            runs.extend(Run((decision,)) for decision in run.decisions)
+        else:
+            runs.append(run)
+    return runs
+
+
+def summary_line(plan: Plan) -> str:
+    """Given a plan, return its one-line totals."""
+    summary = plan.summary()
+    kept_bytes = sum(d.checkpoint.size_bytes for d in plan.decisions if d.keep)
+    return (
+        f"{summary['total']} checkpoints: keep {summary['keep']} ({format_bytes(kept_bytes)}), "
+        f"delete {summary['delete']} (frees {format_bytes(summary['bytes_freed'])})"
+    )
+
+
+def print_plan(console: Console, plan: Plan, *, layout: str = "", unfold: bool = False) -> None:
+    """Given a console and a plan, print its heading, timeline, warnings and totals."""
+    cadences = ", ".join(f"{series}: every {steps}" for series, steps in plan.cadences.items())
+    heading = f"[bold]{plan.root}[/bold]"
+    if layout:
+        heading += f"  layout {layout}"
+    if cadences:
+        heading += f"  cadence {cadences}"
+    console.print(heading)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if plan.decisions:
+        console.print(timeline_table(plan, unfold=unfold))
+    console.print(summary_line(plan))

@@ -1,0 +1,125 @@
+"""`ckptd plan` as a user runs it: the installed CLI as a subprocess on a real folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _hugging_face_run(root: Path, steps: range, *, age_seconds: float = 3600) -> None:
+    """Given a folder, fill it with settled Hugging Face Trainer checkpoints at `steps`."""
+    past = time.time() - age_seconds
+    for step in steps:
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 1000)
+        (folder / "optimizer.pt").write_bytes(b"o" * 500)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for path in (*folder.iterdir(), folder):
+            os.utime(path, (past, past))
+
+
+def _run(command: list[str], env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_plan_json_gives_the_reference_answer_for_170_checkpoints(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "run"
+    _hugging_face_run(root, range(100, 17001, 100))
+    result = _run(ckptd_command, cli_env, "plan", str(root), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    kept = sorted(c["step"] for c in document["checkpoints"] if c["action"] == "keep")
+    expected = (
+        list(range(1000, 13001, 1000))
+        + list(range(13200, 15001, 200))
+        + list(range(15100, 17001, 100))
+    )
+    assert kept == expected
+    assert document["summary"]["total"] == 170
+    assert document["summary"]["keep"] == 43
+    assert document["summary"]["delete"] == 127
+    assert document["summary"]["bytes_freed"] == 127 * 1500 + sum(
+        len(json.dumps({"global_step": c["step"]}))
+        for c in document["checkpoints"]
+        if c["action"] == "delete"
+    )
+    # Nothing was deleted by planning.
+    assert len(list(root.iterdir())) == 170
+
+
+def test_plan_human_view_folds_the_timeline(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "run"
+    _hugging_face_run(root, range(100, 17001, 100))
+    result = _run(ckptd_command, cli_env, "plan", str(root))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert "170 checkpoints: keep 43" in output
+    assert "delete 127" in output
+    # Tier 1 (20 kept in a row) is one folded line, and the newest is at the bottom.
+    assert "checkpoint-15100 … checkpoint-16900" in output
+    assert output.index("tier 3") < output.index("tier 2") < output.index("tier 1")
+    assert len(output.splitlines()) < 60
+
+
+def test_plan_of_a_missing_root_is_a_usage_error(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    missing = tmp_path / "nowhere"
+    result = _run(ckptd_command, cli_env, "plan", str(missing))
+    assert result.returncode == 2
+    assert str(missing) in result.stderr or "nowhere" in result.stderr
+
+
+def test_plan_of_a_root_that_is_a_file_is_a_usage_error(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    a_file = tmp_path / "model.pt"
+    a_file.write_bytes(b"x")
+    result = _run(ckptd_command, cli_env, "plan", str(a_file))
+    assert result.returncode == 2
+    assert "not a folder" in result.stderr
+
+
+def test_plan_without_root_or_config_explains_what_to_give(
+    ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    result = _run(ckptd_command, cli_env, "plan")
+    assert result.returncode == 2
+    assert "ROOT" in result.stderr and "--config" in result.stderr
+
+
+def test_a_pattern_that_matches_nothing_warns_and_plans_nothing(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "run"
+    _hugging_face_run(root, range(100, 501, 100))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f'state_dir: {tmp_path / "state"}\nroots:\n  - path: {root}\n    pattern: "ckpt-{{step}}"\n'
+    )
+    result = _run(ckptd_command, cli_env, "plan", "--config", str(config), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["summary"]["total"] == 0
+    assert any("ckpt-{step}" in warning for warning in document["warnings"])
+
+
+@pytest.mark.parametrize("command", ["plan", "prune", "status", "history", "forecast", "run"])
+def test_every_command_has_help(
+    command: str, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    result = _run(ckptd_command, cli_env, command, "--help")
+    assert result.returncode == 0
+    assert "usage: ckptd " + command in result.stdout

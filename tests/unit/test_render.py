@@ -1,0 +1,94 @@
+"""The plan's human timeline and its JSON document."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from daemon.render import fold, format_bytes, plan_to_json, print_plan, timeline_table
+from policies.model import Checkpoint, Decision, Plan
+
+
+def _decision(step: int, keep: bool, tier: int | None, *reasons: str) -> Decision:
+    checkpoint = Checkpoint(
+        name=f"checkpoint-{step}", step=step, size_bytes=1000, freeable_bytes=1000
+    )
+    return Decision(checkpoint=checkpoint, keep=keep, reasons=reasons, tier=tier)
+
+
+def _sample_plan() -> Plan:
+    decisions = [
+        _decision(step, False, 3, f"tier3: {step} is not the newest in (0, 1000]")
+        for step in range(100, 1000, 100)
+    ]
+    decisions.append(_decision(1000, True, 3, "tier3:every-1000"))
+    decisions += [_decision(step, True, 1, "tier1") for step in range(1100, 1500, 100)]
+    decisions.append(_decision(1500, True, 1, "tier1", "newest"))
+    decisions.append(
+        Decision(
+            checkpoint=Checkpoint(name="checkpoint-1600", step=1600, complete=False),
+            keep=True,
+            reasons=("incomplete:no trainer_state.json",),
+            tier=None,
+        )
+    )
+    return Plan(root="/data/run", decisions=tuple(decisions), cadences={"default": 100})
+
+
+def _render(plan: Plan, unfold: bool = False) -> str:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=160, no_color=True)
+    print_plan(console, plan, layout="hf", unfold=unfold)
+    return buffer.getvalue()
+
+
+def test_format_bytes_uses_powers_of_1000() -> None:
+    assert format_bytes(0) == "0 B"
+    assert format_bytes(999) == "999 B"
+    assert format_bytes(3_600_000_000) == "3.6 GB"
+    assert format_bytes(614_000_000_000) == "614.0 GB"
+    assert format_bytes(2_500_000_000_000) == "2.5 TB"
+
+
+def test_runs_of_the_same_decision_fold_into_one_line() -> None:
+    runs = fold(_sample_plan().decisions)
+    sizes = [len(run.decisions) for run in runs]
+    # 9 deletions, the tier-3 keep, 4 plain tier-1 keeps, the newest, the incomplete one.
+    assert sizes == [9, 1, 4, 1, 1]
+
+
+def test_timeline_reads_oldest_to_newest_and_folds_long_runs() -> None:
+    text = _render(_sample_plan())
+    lines = text.splitlines()
+    assert "checkpoint-100 … checkpoint-900" in text
+    assert "checkpoint-1100 … checkpoint-1400" in text
+    # Tier 3 before tier 1; the newest complete one right before the incomplete one, at the end.
+    assert text.index("tier 3") < text.index("tier 1") < text.index("incomplete ·")
+    newest_line = next(i for i, line in enumerate(lines) if "checkpoint-1500" in line)
+    incomplete_line = next(i for i, line in enumerate(lines) if "checkpoint-1600" in line)
+    assert newest_line < incomplete_line
+    assert "16 checkpoints: keep 7" in text and "delete 9 (frees 9.0 KB)" in text
+
+
+def test_unfolded_timeline_lists_every_checkpoint() -> None:
+    text = _render(_sample_plan(), unfold=True)
+    for step in range(100, 1700, 100):
+        assert f"checkpoint-{step} " in text or text.rstrip().endswith(f"checkpoint-{step}")
+
+
+def test_timeline_table_has_a_row_per_run_plus_tier_headings() -> None:
+    table = timeline_table(_sample_plan())
+    # 5 runs + 3 headings (tier 3, tier 1, incomplete).
+    assert table.row_count == 8
+
+
+def test_plan_json_matches_the_cli_contract() -> None:
+    document = plan_to_json(_sample_plan())
+    json.dumps(document)  # serialisable as is
+    assert document["root"] == "/data/run"
+    assert document["summary"] == {"total": 16, "keep": 7, "delete": 9, "bytes_freed": 9000}
+    first = document["checkpoints"][0]
+    assert {"name", "step", "bytes", "action", "reasons"} <= set(first)
+    assert first["action"] == "delete" and first["reasons"][0].startswith("tier3:")
