@@ -1,0 +1,257 @@
+"""`ckptd status [--config FILE] [--json]`: per root tiers, bytes, cadence and days until full;
+per filesystem use; the last and next prune, snapshot and disk check."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from daemon import disk
+from daemon.config import Config, RootConfig, load_config, policy_for
+from daemon.discovery import ScanResult
+from daemon.render import format_bytes
+from daemon.snapshots import existing_snapshot_dates, next_snapshot_time, zone_for
+from daemon.state import read_state
+from policies.model import Plan
+
+PlanFunction = Callable[..., tuple[ScanResult, Plan]]
+
+
+def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+    from daemon.planning import plan_root
+
+    return plan_root(config, root, now=now)
+
+
+def root_status(
+    config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
+) -> dict[str, Any]:
+    """Given a root, return its status: counts per tier, bytes, incomplete and in-use
+    checkpoints, cadence and the growth forecast."""
+    try:
+        scan, root_plan = plan(config, root, now=now)
+    except (OSError, ValueError) as error:
+        return {"root": root.path, "error": str(error)}
+    tiers = Counter(
+        str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
+    )
+    incomplete = [c.name for c in scan.checkpoints if not c.complete]
+    in_use = [
+        decision.checkpoint.name
+        for decision in root_plan.decisions
+        if any(reason.startswith("in-use") for reason in decision.reasons)
+    ]
+    # The forecast follows the root's busiest series (the one with the most checkpoints).
+    series_sizes = Counter(c.series for c in scan.checkpoints)
+    main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
+    saves_per_day, checkpoint_bytes = disk.observed_cadence(
+        [c for c in scan.checkpoints if c.series == main_series]
+    )
+    forecast = disk.forecast_growth(
+        free_bytes=free_bytes or 0,
+        saves_per_day=saves_per_day,
+        checkpoint_bytes=checkpoint_bytes,
+        cadence_steps=root_plan.cadences.get(main_series or "", None),
+        spec=policy_for(config, root),
+        kept_now=sum(
+            1 for d in root_plan.decisions if d.keep and d.checkpoint.series == main_series
+        ),
+    )
+    return {
+        "root": root.path,
+        "layout": scan.layout,
+        "checkpoints": len(scan.checkpoints),
+        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
+        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
+        "bytes": sum(c.size_bytes for c in scan.checkpoints),
+        "bytes_freeable": root_plan.bytes_freed,
+        "incomplete": incomplete,
+        "in_use": in_use,
+        "cadence": dict(root_plan.cadences),
+        "forecast": forecast.to_dict(),
+        "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def filesystem_status(config: Config) -> list[dict[str, Any]]:
+    """Given the config, return each root filesystem's use (the snapshots folder's too)."""
+    groups, _errors = disk.group_roots(config.roots)
+    result = []
+    for roots in groups.values():
+        usage = disk.measure(roots[0].path)
+        result.append(
+            {
+                "mount": disk.mount_point(roots[0].path),
+                "roots": [root.path for root in roots],
+                "total_bytes": usage.total,
+                "used_bytes": usage.used,
+                "free_bytes": usage.free,
+                "used_percent": usage.percent,
+                "level": disk.level_of(usage, config),
+            }
+        )
+    return result
+
+
+def schedule_status(config: Config, *, now: float) -> dict[str, Any]:
+    """Given the config, return the last and next runs: from the daemon's state file if it
+    runs, else what the disk shows (the newest snapshot) and what the schedule says."""
+    state = read_state(config.state_dir)
+    pid = state.get("pid")
+    running = isinstance(pid, int) and psutil.pid_exists(pid)
+    snapshot_dates = (
+        existing_snapshot_dates(config.snapshots.dir) if config.snapshots.dir is not None else []
+    )
+    last_snapshot = state.get("last_snapshot") or (
+        {"date": snapshot_dates[-1].isoformat()} if snapshot_dates else None
+    )
+    upcoming = dict(state.get("next") or {}) if running else {}
+    if config.snapshots.enabled and "snapshot" not in upcoming:
+        moment = datetime.fromtimestamp(now, UTC)
+        upcoming["snapshot"] = (
+            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates)
+            .astimezone(UTC)
+            .isoformat()
+        )
+    return {
+        "daemon_running": running,
+        "pid": pid if running else None,
+        "last_prune": state.get("last_prune"),
+        "last_snapshot": last_snapshot,
+        "last_disk_check": state.get("last_disk_check"),
+        "next": upcoming,
+    }
+
+
+def collect_status(
+    config: Config, *, now: float, plan: PlanFunction | None = None
+) -> dict[str, Any]:
+    """Given the config and the time, return the whole `status --json` document."""
+    filesystems = filesystem_status(config)
+    free_by_root = {
+        root: filesystem["free_bytes"] for filesystem in filesystems for root in filesystem["roots"]
+    }
+    return {
+        "time": datetime.fromtimestamp(now, UTC).isoformat(),
+        "roots": [
+            root_status(
+                config,
+                root,
+                now=now,
+                plan=plan or _default_plan,
+                free_bytes=free_by_root.get(root.path),
+            )
+            for root in config.roots
+        ],
+        "filesystems": filesystems,
+        "schedule": schedule_status(config, now=now),
+    }
+
+
+def _days(value: float | None) -> str:
+    if value is None:
+        return "never"
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _when(record: Any) -> str:
+    if not record:
+        return "—"
+    if isinstance(record, dict):
+        text = str(record.get("time") or record.get("date") or "")
+        details = [f"{k}={v}" for k, v in record.items() if k not in ("time", "date")][:3]
+        return " ".join([text, *details]).strip()
+    return str(record)
+
+
+def print_status(console: Console, document: dict[str, Any]) -> None:
+    """Given the status document, print it as tables for people."""
+    roots = Table(title="roots", title_justify="left")
+    for column in (
+        "root",
+        "tier 1",
+        "tier 2",
+        "tier 3",
+        "to delete",
+        "bytes",
+        "incomplete",
+        "in use",
+        "cadence",
+        "per day",
+        "days to full (policy / none)",
+    ):
+        roots.add_column(column, justify="left" if column == "root" else "right")
+    for root in document["roots"]:
+        if "error" in root:
+            roots.add_row(root["root"], *["—"] * 9, f"error: {root['error']}")
+            continue
+        forecast = root["forecast"]
+        roots.add_row(
+            root["root"],
+            *(str(root["tiers"][tier]) for tier in ("1", "2", "3")),
+            str(root["to_delete"]),
+            format_bytes(root["bytes"]),
+            str(len(root["incomplete"])),
+            str(len(root["in_use"])),
+            ", ".join(f"{step}" for step in root["cadence"].values()) or "—",
+            format_bytes(forecast["bytes_per_day_with"]),
+            _days(forecast["days_until_full_with"])
+            + " / "
+            + _days(forecast["days_until_full_without"]),
+        )
+    console.print(roots)
+    filesystems = Table(title="filesystems", title_justify="left")
+    for column in ("mount", "used", "free", "size", "level", "roots"):
+        filesystems.add_column(column)
+    for filesystem in document["filesystems"]:
+        filesystems.add_row(
+            filesystem["mount"],
+            f"{filesystem['used_percent']:.1f}%",
+            format_bytes(filesystem["free_bytes"]),
+            format_bytes(filesystem["total_bytes"]),
+            filesystem["level"],
+            ", ".join(filesystem["roots"]),
+        )
+    console.print(filesystems)
+    schedule = document["schedule"]
+    jobs = Table(
+        title="daemon "
+        + (f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"),
+        title_justify="left",
+    )
+    jobs.add_column("job")
+    jobs.add_column("last")
+    jobs.add_column("next")
+    upcoming = schedule["next"]
+    for job, key in (
+        ("prune", "last_prune"),
+        ("snapshot", "last_snapshot"),
+        ("disk check", "last_disk_check"),
+    ):
+        name = job.replace(" ", "_")
+        jobs.add_row(job, _when(schedule[key]), str(upcoming.get(name) or upcoming.get(job) or "—"))
+    console.print(jobs)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Given parsed `status` arguments, print the status and return the exit code."""
+    from daemon.cli import resolve_config_path
+
+    config = load_config(resolve_config_path(args.config))
+    document = collect_status(config, now=time.time())
+    if args.json:
+        json.dump(document, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_status(Console(highlight=False, soft_wrap=False), document)
+    return 0 if all("error" not in root for root in document["roots"]) else 1
