@@ -422,11 +422,6 @@ class _Progress:
             self._bar.stop()
 
 
-def _fsync_and_hash(path: str, want_hash: bool) -> str | None:
-    copying.fsync_file(path)
-    return copying.sha256_file(path) if want_hash else None
-
-
 def execute_snapshot_plan(
     snapshot_plan: SnapshotPlan,
     temporary: str,
@@ -437,17 +432,19 @@ def execute_snapshot_plan(
     hash_shared: bool = False,
     header: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, int], int]:
-    """Given a snapshot plan and a new temporary folder, place every file in it, fsync it and
+    """Given a snapshot plan and a new temporary folder, place every file in it, sync it and
     return (manifest, files per method, bytes written). Raises on any failure; the caller
     removes the temporary folder."""
     os.makedirs(temporary)
     by_method: dict[str, int] = {}
     written = 0
     records: list[dict[str, Any]] = []
-    pending: list[tuple[dict[str, Any], Future[str | None]]] = []
+    pending: list[tuple[dict[str, Any], Future[str]]] = []
     directories = [temporary]
+    files: list[str] = []
+    made = {temporary}
     bar = _Progress(progress, snapshot_plan.bytes_total)
-    # One worker fsyncs and hashes what was just written while the next file is placed.
+    # One worker hashes what was just written while the next file is placed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-snapshot-hash") as worker:
         try:
             for item in snapshot_plan.items:
@@ -459,8 +456,12 @@ def execute_snapshot_plan(
                 if item.kind == "dir":
                     os.makedirs(destination, exist_ok=True)
                     directories.append(destination)
+                    made.add(destination)
                     continue
-                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                parent = os.path.dirname(destination)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
                 if item.kind == "symlink":
                     assert item.link_target is not None
                     os.symlink(item.link_target, destination)
@@ -489,27 +490,40 @@ def execute_snapshot_plan(
                     "sha256": None,
                 }
                 records.append(record)
-                want_hash = method == "copy" or hash_shared
-                pending.append((record, worker.submit(_fsync_and_hash, destination, want_hash)))
+                files.append(destination)
+                if method == "copy" or hash_shared:
+                    pending.append((record, worker.submit(copying.sha256_file, destination)))
+            manifest: dict[str, Any] = {
+                **(header or {}),
+                "version": 1,
+                "files": records,
+                "bytes": snapshot_plan.bytes_total,
+                "checkpoints": list(snapshot_plan.checkpoints),
+            }
+            manifest_path = os.path.join(temporary, MANIFEST)
+            if not pending:
+                _write_json(manifest_path, manifest, durable=False)
+            # Flushing to the device waits on I/O while the worker is still hashing: overlap.
+            synced = copying.sync_filesystem(temporary)
             for record, future in pending:
                 record["sha256"] = future.result()
+            if pending:
+                _write_json(manifest_path, manifest, durable=True)
+                LOCAL.fsync_dir(temporary)
         except BaseException:
             for _record, future in pending:
                 future.cancel()
             bar.close()
             raise
     bar.close()
-    manifest: dict[str, Any] = {
-        **(header or {}),
-        "version": 1,
-        "files": records,
-        "bytes": snapshot_plan.bytes_total,
-        "checkpoints": list(snapshot_plan.checkpoints),
-    }
-    _write_json(os.path.join(temporary, MANIFEST), manifest)
-    # Deepest first, so each folder's entries are durable before its parent's.
-    for directory in sorted(directories, key=lambda d: d.count(os.sep), reverse=True):
-        LOCAL.fsync_dir(directory)
+    # Everything durable before the rename: the syncfs above (one journal commit for the
+    # whole snapshot, like `cp; sync`) where the C library has it, else every file, then every
+    # folder deepest first.
+    if not synced:
+        for path in [*files, manifest_path]:
+            copying.fsync_file(path)
+        for directory in sorted(directories, key=lambda d: d.count(os.sep), reverse=True):
+            LOCAL.fsync_dir(directory)
     return manifest, by_method, written
 
 
@@ -535,12 +549,22 @@ def _place(item: FileItem, destination: str, bar: _Progress) -> copying.Method:
     return "copy"
 
 
-def _write_json(path: str, value: Any) -> None:
+def _json_text(value: dict[str, Any]) -> str:
+    """Given a manifest, return it as JSON with one line per file record: readable, and
+    made by the C encoder (`indent=` would fall back to the slow pure-Python one)."""
+    head = {key: item for key, item in value.items() if key != "files"}
+    lines = [json.dumps(record, sort_keys=True) for record in value.get("files", [])]
+    body = json.dumps(head, sort_keys=True)[1:-1]
+    files = '"files": [\n' + ",\n".join(lines) + "\n]"
+    return "{" + (body + ",\n" if body else "") + files + "}\n"
+
+
+def _write_json(path: str, value: dict[str, Any], *, durable: bool = True) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True)
-        handle.write("\n")
+        handle.write(_json_text(value))
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
 
 
 # --- retention and leftovers -----------------------------------------------------------------
