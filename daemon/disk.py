@@ -122,18 +122,20 @@ def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]
 
 def _empty_trash_of(
     config: Config, root: RootConfig, *, now: float, history: HistoryLog | None
-) -> None:
-    """Given a root, remove everything in its trash now (grace or not): disk pressure first."""
+) -> int | None:
+    """Given a root, remove everything in its trash now, grace or not (disk pressure comes
+    first); return the bytes freed when known."""
     try:
         from daemon.trash import empty_trash  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         trash = os.path.join(root.path, TRASH)
         if not os.path.isdir(trash):
-            return
+            return 0
         for entry in list(os.scandir(trash)):
             LOCAL.remove_tree(entry.path, on_error=lambda _path, _error: None)
-        return
-    empty_trash(root.path)
+        return None
+    freed = empty_trash(root.path, history=history)
+    return int(freed) if freed is not None else None
 
 
 def check_disks(
@@ -142,7 +144,7 @@ def check_disks(
     now: float,
     history: HistoryLog | None,
     prune: Callable[..., PruneReport],
-    empty_trash: Callable[..., None] | None = None,
+    empty_trash: Callable[..., int | None] | None = None,
     usage: Callable[[str], Usage] = measure,
     alert_timeout: float = 60.0,
 ) -> DiskReport:
@@ -175,7 +177,7 @@ def _check_filesystem(
     now: float,
     history: HistoryLog | None,
     prune: Callable[..., PruneReport],
-    empty_trash: Callable[..., None],
+    empty_trash: Callable[..., int | None],
     usage: Callable[[str], Usage],
     alert_timeout: float,
 ) -> FilesystemCheck:
@@ -229,17 +231,20 @@ def _check_filesystem(
         return level_of(current, config) != "critical"
 
     def empty_step(root: RootConfig) -> dict[str, Any]:
-        empty_trash(config, root, now=now, history=history)
-        return {}
+        return {"trash_bytes_freed": empty_trash(config, root, now=now, history=history)}
 
     def prune_step(override: PolicySpec | None) -> Callable[[RootConfig], dict[str, Any]]:
         def run(root: RootConfig) -> dict[str, Any]:
             report = prune(
                 config, root, now=now, dry_run=False, history=history, policy_override=override
             )
+            # What this prune moved into the trash frees nothing until the trash is emptied,
+            # and under disk pressure no grace period applies.
+            emptied = empty_trash(config, root, now=now, history=history)
             return {
                 "deleted": len(report.deleted),
                 "bytes_freed": report.bytes_freed,
+                "trash_bytes_freed": emptied,
                 "refused": report.refused,
                 "vetoed": len(report.vetoed),
             }
