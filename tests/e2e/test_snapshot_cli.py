@@ -1,0 +1,111 @@
+"""`ckptd snapshot` through the real CLI: take, once per date, --verify, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def write_hf_checkpoint(root: Path, step: int, *, age: float = 3600.0) -> None:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(256 * 1024))
+    (folder / "optimizer.pt").write_bytes(os.urandom(64 * 1024))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    past = time.time() - age
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (past, past))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    root = tmp_path / "current_model"
+    for step in (100, 200, 300):
+        write_hf_checkpoint(root, step)
+    snapshots = tmp_path / "snapshots"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+timezone: UTC
+state_dir: {tmp_path / "state"}
+history_file: {tmp_path / "history.jsonl"}
+roots:
+  - path: {root}
+    layout: hf
+snapshots:
+  dir: {snapshots}
+  method: auto
+disk:
+  critical_percent: 100
+"""
+    )
+    return root, snapshots, config
+
+
+def ckptd(
+    command: list[str], env: dict[str, str], *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *arguments], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_snapshot_takes_verifies_and_reports_differences(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, snapshots, config = setup
+    taken = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    (date_folder,) = [p for p in snapshots.iterdir() if not p.name.startswith(".")]
+    assert (date_folder / "current_model" / "checkpoint-300" / "model.safetensors").exists()
+    assert sorted(os.listdir(date_folder / "current_model")) == ["checkpoint-300"]
+    assert "checkpoint-300" in taken.stdout
+    history = [
+        json.loads(line) for line in (config.parent / "history.jsonl").read_text().splitlines()
+    ]
+    assert [record["event"] for record in history] == ["snapshot"]
+
+    again = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--json")
+    assert again.returncode == 0
+    assert json.loads(again.stdout)["status"] == "exists"
+
+    verified = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout
+
+    (date_folder / "current_model" / "checkpoint-300" / "optimizer.pt").unlink()
+    (date_folder / "current_model" / "checkpoint-300" / "extra.bin").write_bytes(b"x")
+    broken = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", date_folder.name
+    )
+    assert broken.returncode == 1
+    assert "missing: current_model/checkpoint-300/optimizer.pt" in broken.stdout
+    assert "extra: current_model/checkpoint-300/extra.bin" in broken.stdout
+
+    as_json = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", "--json"
+    )
+    document = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and document["ok"] is False
+    assert document["missing"] == ["current_model/checkpoint-300/optimizer.pt"]
+
+
+def test_verify_of_an_unknown_date_is_a_usage_error(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, _snapshots, config = setup
+    result = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", "1999-01-01"
+    )
+    assert result.returncode == 2
+    assert "1999-01-01" in result.stderr
+
+
+def test_snapshot_help(ckptd_command: list[str], cli_env: dict[str, str]) -> None:
+    result = ckptd(ckptd_command, cli_env, "snapshot", "--help")
+    assert result.returncode == 0 and "--verify" in result.stdout
