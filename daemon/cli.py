@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from daemon import __version__
-from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError
+from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError, ConfigError
 
 DEFAULT_CONFIG = "/etc/ckptd/config.yaml"
 
@@ -154,6 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = importlib.import_module("daemon.commands." + args.command.replace("-", "_"))
     try:
         return int(module.main(args))
+    except ConfigError as error:
+        # Each problem already names its file, line and field: one line per problem.
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return error.exit_code
     except CkptdError as error:
         print(f"ckptd {args.command}: {error}", file=sys.stderr)
         return error.exit_code

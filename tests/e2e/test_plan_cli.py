@@ -107,7 +107,10 @@ def test_a_pattern_that_matches_nothing_warns_and_plans_nothing(
     _hugging_face_run(root, range(100, 501, 100))
     config = tmp_path / "config.yaml"
     config.write_text(
-        f'state_dir: {tmp_path / "state"}\nroots:\n  - path: {root}\n    pattern: "ckpt-{{step}}"\n'
+        f"state_dir: {tmp_path / 'state'}\n"
+        "snapshots: {enabled: false}\n"
+        f"roots:\n  - path: {root}\n"
+        '    pattern: "ckpt-{step}"\n'
     )
     result = _run(ckptd_command, cli_env, "plan", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
