@@ -106,7 +106,9 @@ def test_status_shows_the_running_daemons_state(
         )
     )
     config = tmp_path / "config.yaml"
-    config.write_text(f"state_dir: {state}\nroots:\n  - path: {root}\n")
+    config.write_text(
+        f"state_dir: {state}\nroots:\n  - path: {root}\nsnapshots:\n  enabled: false\n"
+    )
     result = subprocess.run(
         [*ckptd_command, "status", "--config", str(config), "--json"],
         env=cli_env,
