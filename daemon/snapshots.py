@@ -44,7 +44,7 @@ TRASH = ".ckptd-trash"
 DATE_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TEMPORARY_NAME = re.compile(r"^\.tmp-(\d{4}-\d{2}-\d{2})-(\d+)$")
 
-Status = Literal["done", "exists", "skipped", "failed", "stopped", "disabled"]
+Status = Literal["done", "exists", "not_due", "skipped", "failed", "stopped", "disabled"]
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
 
 
@@ -180,7 +180,7 @@ class SnapshotReport:
 
     @property
     def ok(self) -> bool:
-        return self.status in ("done", "exists", "disabled")
+        return self.status in ("done", "exists", "not_due", "disabled")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -641,9 +641,11 @@ def run_daily_snapshot(
 ) -> SnapshotReport:
     """Given the config and the (aware) time, take today's snapshot unless it exists and report.
 
-    Never raises for a failed snapshot (disk full, the source pruned away): the report says
-    `failed`, the history has `snapshot_failed`, and nothing is left under a date name.
-    `force` takes it even with `snapshots.enabled: false` (`ckptd snapshot` by hand).
+    The daemon calls it at `snapshots.at` and at start-up: before today's `at` it is not due
+    yet (`not_due`); after it, today's is taken unless its date folder exists. Never raises for
+    a failed snapshot (disk full, the source pruned away): the report says `failed`, the history
+    has `snapshot_failed`, and nothing is left under a date name. `force` (`ckptd snapshot` by
+    hand) takes it now, whatever the time and even with `snapshots.enabled: false`.
     """
     started = time_module.monotonic()
     settings = config.snapshots
@@ -663,6 +665,11 @@ def run_daily_snapshot(
     final = os.path.join(directory, today)
     if os.path.lexists(final):
         return SnapshotReport(date=today, status="exists", path=final, reason="already taken")
+    if not force and snapshot_due(now, settings.at, zone_for(config), []) is None:
+        # Start-up before today's `at`: the scheduled run will take it.
+        return SnapshotReport(
+            date=today, status="not_due", reason=f"today's snapshot runs at {settings.at}"
+        )
 
     requested = method or settings.method
     with contextlib.suppress(OSError):

@@ -139,6 +139,17 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "snaps" / "2026-06-01" / "run-a") == ["checkpoint-300"]
 
 
+def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
+    config = make_config([root], tmp_path / "snaps", at="04:00")
+    early = snapshots.run_daily_snapshot(config, now=NOW, history=None, plan=hf_plan)
+    assert early.status == "not_due" and early.ok
+    assert not (tmp_path / "snaps" / "2026-06-01").exists()
+    by_hand = snapshots.run_daily_snapshot(
+        config, now=NOW, history=None, plan=hf_plan, force=True, method="copy"
+    )
+    assert by_hand.status == "done"
+
+
 def test_scope_all_takes_every_kept_complete_checkpoint(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", scope="all")
     assert run(config, method="copy").status == "done"
