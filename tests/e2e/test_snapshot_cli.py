@@ -109,3 +109,53 @@ def test_verify_of_an_unknown_date_is_a_usage_error(
 def test_snapshot_help(ckptd_command: list[str], cli_env: dict[str, str]) -> None:
     result = ckptd(ckptd_command, cli_env, "snapshot", "--help")
     assert result.returncode == 0 and "--verify" in result.stdout
+
+
+def test_progress_bar_on_a_terminal_only(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    import pty
+    import select
+
+    root, _snapshots, config = setup
+    config.write_text(config.read_text().replace("method: auto", "method: copy"))
+    quiet = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    # A second date cannot be taken today: remove today's, and run again on a terminal.
+    snapshots = config.parent / "snapshots"
+    for entry in snapshots.iterdir():
+        if not entry.name.startswith("."):
+            subprocess.run(["rm", "-rf", str(entry)], check=True)
+    # Enough data that the copy is still running when the bar first draws.
+    big = root / "checkpoint-300" / "model.safetensors"
+    big.write_bytes(os.urandom(48 << 20))
+    past = time.time() - 3600
+    os.utime(big, (past, past))  # settled long ago, like the rest of the checkpoint
+    leader, follower = pty.openpty()
+    environment = {**cli_env, "TERM": "xterm"}
+    environment.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [*ckptd_command, "snapshot", "--config", str(config)],
+        env=environment,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=30) == 0
+    text = output.decode(errors="replace")
+    assert "━" in text or "MB" in text, text[-2000:]
+    assert "snapshot" in text
