@@ -384,3 +384,37 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_stop_mid_snapshot_abandons_it(root: Path, tmp_path: Path) -> None:
+    import threading
+
+    stop = threading.Event()
+    history = RecordingHistory()
+
+    def shutdown_requested(item: snapshots.FileItem) -> None:
+        if item.kind == "file":
+            stop.set()  # SIGTERM arrives while the first file is being placed
+
+    report = run(
+        make_config([root], tmp_path / "snaps"),
+        history,
+        method="copy",
+        stop=stop,
+        between_files=shutdown_requested,
+    )
+    assert report.status == "stopped"
+    assert history.events() == ["snapshot_failed"]
+    assert not (tmp_path / "snaps" / "2026-06-01").exists()
+    assert [n for n in os.listdir(tmp_path / "snaps") if n.startswith(".tmp")] == []
+
+
+def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(os.urandom(4096))
+    (root / "checkpoint-300" / "tokenizer.json").symlink_to(outside)
+    report = run(make_config([root], tmp_path / "snaps"), method="copy")
+    assert report.status == "done"
+    link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
+    assert link.is_symlink() and os.readlink(link) == str(outside)
+    assert snapshots.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
