@@ -46,11 +46,7 @@ def root_status(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
-    in_use = [
-        decision.checkpoint.name
-        for decision in root_plan.decisions
-        if any(reason.startswith("in-use") for reason in decision.reasons)
-    ]
+    in_use = checkpoints_in_use(root, scan, root_plan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
@@ -81,6 +77,32 @@ def root_status(
         "forecast": forecast.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
     }
+
+
+def checkpoints_in_use(
+    root: RootConfig, scan: ScanResult, root_plan: Plan, *, now: float
+) -> list[str]:
+    """Given a root's scan, return the checkpoints a process holds now (open file, memory map
+    or cwd inside), as the safety layer sees them."""
+    try:
+        from daemon.safety import gather_facts  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return [
+            decision.checkpoint.name
+            for decision in root_plan.decisions
+            if any(reason.startswith("in-use") for reason in decision.reasons)
+        ]
+    facts = gather_facts(
+        root.path,
+        now=now,
+        trainer_pid_file=root.trainer.pid_file,
+        trainer_cmdline=root.trainer.cmdline,
+    )
+    return [
+        checkpoint.name
+        for checkpoint in scan.checkpoints
+        if any(facts.holders.get(member) for member in checkpoint.members)
+    ]
 
 
 def filesystem_status(config: Config) -> list[dict[str, Any]]:
