@@ -10,6 +10,7 @@ record.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shlex
@@ -105,6 +106,17 @@ class DiskReport:
         return asdict(self)
 
 
+def write_history(history: HistoryLog | None, event: str, **fields: Any) -> None:
+    """Given the history and a record, append it; a history that cannot be written (its own
+    disk full) is logged and must never stop the escalation that would free space."""
+    if history is None:
+        return
+    try:
+        history.write(event, **fields)
+    except OSError as error:
+        logging.getLogger("ckptd.disk").warning("history unwritable: %s (%s)", error, event)
+
+
 def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]], list[str]]:
     """Given roots, return them grouped by the device their filesystem is on, and the errors
     of roots that cannot be looked at."""
@@ -190,8 +202,7 @@ def _check_filesystem(
     level = level_of(before, config)
 
     def record(event: str, **fields: Any) -> None:
-        if history is not None:
-            history.write(event, mount=mount, **fields)
+        write_history(history, event, mount=mount, **fields)
 
     if level == "warn":
         record(
@@ -316,8 +327,7 @@ def run_alert(
         fields.update(error=f"timed out after {timeout:g} s")
     except (OSError, ValueError) as error:
         fields.update(error=str(error))
-    if history is not None:
-        history.write("alert", **fields)
+    write_history(history, "alert", **fields)
     return code
 
 

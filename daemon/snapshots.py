@@ -35,6 +35,7 @@ import psutil
 from daemon import copying
 from daemon.config import Config, RootConfig
 from daemon.discovery import ScanResult
+from daemon.disk import write_history
 from daemon.fsio import LOCAL
 from daemon.history import HistoryLog
 from policies.model import Checkpoint, Plan
@@ -652,8 +653,7 @@ def run_daily_snapshot(
     today = now.astimezone(zone_for(config)).date().isoformat()
 
     def record(event: str, **fields: Any) -> None:
-        if history is not None:
-            history.write(event, date=today, **fields)
+        write_history(history, event, date=today, **fields)
 
     if not settings.enabled and not force:
         return SnapshotReport(date=today, status="disabled", reason="snapshots.enabled is false")
