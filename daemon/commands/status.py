@@ -9,7 +9,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import psutil
@@ -183,58 +183,75 @@ def collect_status(
 def _days(value: float | None) -> str:
     if value is None:
         return "never"
-    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+    if value >= 730:
+        return f"{value / 365:.0f} y"
+    return f"{value:.1f} d" if value < 100 else f"{value:.0f} d"
 
 
-def _when(record: Any) -> str:
-    if not record:
+def _moment(value: Any, zone: tzinfo) -> str:
+    """Given an ISO time (or a record holding one), return it in the config's zone, short."""
+    if not value:
         return "—"
-    if isinstance(record, dict):
-        text = str(record.get("time") or record.get("date") or "")
-        details = [f"{k}={v}" for k, v in record.items() if k not in ("time", "date")][:3]
-        return " ".join([text, *details]).strip()
-    return str(record)
+    text = value.get("time") or value.get("date") if isinstance(value, dict) else value
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return str(text)
+    if moment.tzinfo is None:
+        return str(text)
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
 
 
-def print_status(console: Console, document: dict[str, Any]) -> None:
+def _details(record: Any) -> str:
+    if not isinstance(record, dict):
+        return ""
+    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))[:60]
+
+
+def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
     """Given the status document, print it as tables for people."""
-    roots = Table(title="roots", title_justify="left")
-    for column in (
-        "root",
-        "tier 1",
-        "tier 2",
-        "tier 3",
-        "to delete",
-        "bytes",
-        "incomplete",
-        "in use",
-        "cadence",
-        "per day",
-        "days to full (policy / none)",
-    ):
-        roots.add_column(column, justify="left" if column == "root" else "right")
     for root in document["roots"]:
+        # One small table per root: a long path never squeezes the figures off the screen.
+        table = Table(title=f"root {root['root']}", title_justify="left", show_header=False)
+        table.add_column("what")
+        table.add_column("value", overflow="fold")
         if "error" in root:
-            roots.add_row(root["root"], *["—"] * 9, f"error: {root['error']}")
+            table.add_row("error", root["error"])
+            console.print(table)
             continue
         forecast = root["forecast"]
-        roots.add_row(
-            root["root"],
-            *(str(root["tiers"][tier]) for tier in ("1", "2", "3")),
-            str(root["to_delete"]),
-            format_bytes(root["bytes"]),
-            str(len(root["incomplete"])),
-            str(len(root["in_use"])),
-            ", ".join(f"{step}" for step in root["cadence"].values()) or "—",
-            format_bytes(forecast["bytes_per_day_with"]),
-            _days(forecast["days_until_full_with"])
-            + " / "
-            + _days(forecast["days_until_full_without"]),
+        tiers = root["tiers"]
+        table.add_row(
+            "checkpoints",
+            f"{root['checkpoints']} ({root['layout']}): tier 1 {tiers['1']}, tier 2 {tiers['2']}, "
+            f"tier 3 {tiers['3']}; {root['to_delete']} the policy would delete",
         )
-    console.print(roots)
+        table.add_row(
+            "bytes",
+            f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
+        )
+        table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        table.add_row("in use", ", ".join(root["in_use"]) or "none")
+        cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
+        table.add_row(
+            "cadence",
+            f"{cadence or '—'} steps; {forecast['saves_per_day']:.1f} saves/day of "
+            f"{format_bytes(forecast['checkpoint_bytes'])}",
+        )
+        table.add_row(
+            "growth",
+            f"{format_bytes(forecast['bytes_per_day_with'])}/day with the policy, "
+            f"{format_bytes(forecast['bytes_per_day_without'])}/day without",
+        )
+        table.add_row(
+            "days to full",
+            f"{_days(forecast['days_until_full_with'])} with the policy, "
+            f"{_days(forecast['days_until_full_without'])} without",
+        )
+        console.print(table)
     filesystems = Table(title="filesystems", title_justify="left")
     for column in ("mount", "used", "free", "size", "level", "roots"):
-        filesystems.add_column(column)
+        filesystems.add_column(column, overflow="fold")
     for filesystem in document["filesystems"]:
         filesystems.add_row(
             filesystem["mount"],
@@ -246,22 +263,24 @@ def print_status(console: Console, document: dict[str, Any]) -> None:
         )
     console.print(filesystems)
     schedule = document["schedule"]
-    jobs = Table(
-        title="daemon "
-        + (f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"),
-        title_justify="left",
-    )
-    jobs.add_column("job")
-    jobs.add_column("last")
-    jobs.add_column("next")
+    running = f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"
+    jobs = Table(title=f"jobs · daemon {running}", title_justify="left")
+    for column in ("job", "last", "details", "next"):
+        jobs.add_column(column)
     upcoming = schedule["next"]
+    now = document["time"]
     for job, key in (
         ("prune", "last_prune"),
         ("snapshot", "last_snapshot"),
         ("disk check", "last_disk_check"),
     ):
-        name = job.replace(" ", "_")
-        jobs.add_row(job, _when(schedule[key]), str(upcoming.get(name) or upcoming.get(job) or "—"))
+        following = upcoming.get(job.replace(" ", "_")) or upcoming.get(job)
+        jobs.add_row(
+            job,
+            _moment(schedule[key], zone),
+            _details(schedule[key]),
+            "due now" if following and following <= now else _moment(following, zone),
+        )
     console.print(jobs)
 
 
@@ -275,5 +294,5 @@ def main(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print_status(Console(highlight=False, soft_wrap=False), document)
+        print_status(Console(highlight=False, soft_wrap=False), document, zone_for(config))
     return 0 if all("error" not in root for root in document["roots"]) else 1

@@ -66,7 +66,9 @@ snapshots:
     assert forecast["days_until_full_with"] > forecast["days_until_full_without"]
     (filesystem,) = document["filesystems"]
     usage = shutil.disk_usage(root)
-    assert abs(filesystem["free_bytes"] - usage.free) < 200 * 1024 * 1024
+    # Other processes write meanwhile: the same filesystem, roughly the same free space.
+    assert filesystem["total_bytes"] == usage.total
+    assert abs(filesystem["free_bytes"] - usage.free) < 0.05 * usage.total
     assert 0 < filesystem["used_percent"] < 100
     schedule = document["schedule"]
     assert schedule["daemon_running"] is False
@@ -80,7 +82,7 @@ snapshots:
         timeout=60,
     )
     assert tables.returncode == 0, tables.stderr
-    for expected in (str(root), "tier 1", "filesystems", "days to full", "snapshot"):
+    for expected in (str(root), "tier 1 20", "filesystems", "days to full", "snapshot"):
         assert expected in tables.stdout, expected
 
 
