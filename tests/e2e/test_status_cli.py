@@ -130,3 +130,41 @@ def pytest_approx(value: float) -> object:
     import pytest
 
     return pytest.approx(value, rel=0.01)
+
+
+def test_status_names_checkpoints_a_process_holds(
+    ckptd_command: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    import sys
+
+    root = tmp_path / "run"
+    write_checkpoints(root, range(100, 600, 100))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path}\nroots:\n  - path: {root}\nsnapshots: {{enabled: false}}\n"
+    )
+    held = root / "checkpoint-300" / "model.safetensors"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import time; f = open({str(held)!r}, 'rb'); print('open', flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        result = subprocess.run(
+            [*ckptd_command, "status", "--config", str(config), "--json"],
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["roots"][0]["in_use"] == ["checkpoint-300"]
