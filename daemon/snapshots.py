@@ -283,7 +283,7 @@ def build_snapshot_plan(
     for root in config.roots:
         try:
             scan, root_plan = plan(config, root, now=now)
-        except (OSError, ValueError) as error:
+        except Exception as error:  # one unreadable root must not cost the others their snapshot
             errors.append(f"{root.path}: {error}")
             continue
         selected.extend(

@@ -40,7 +40,7 @@ def root_status(
     checkpoints, cadence and the growth forecast."""
     try:
         scan, root_plan = plan(config, root, now=now)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # a missing root is reported, the other roots still shown
         return {"root": root.path, "error": str(error)}
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier

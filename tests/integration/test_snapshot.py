@@ -418,3 +418,11 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
     link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
     assert link.is_symlink() and os.readlink(link) == str(outside)
     assert snapshots.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
+
+
+def test_a_missing_root_does_not_cost_the_others_their_snapshot(root: Path, tmp_path: Path) -> None:
+    config = make_config([tmp_path / "gone", root], tmp_path / "snaps")
+    report = run(config, method="copy")
+    assert report.status == "done"
+    assert report.checkpoints == ("run-a/checkpoint-300",)
+    assert len(report.errors) == 1 and "gone" in report.errors[0]
