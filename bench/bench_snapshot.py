@@ -119,7 +119,9 @@ def main() -> int:
 
             return run
 
-        def ckptd(method: str, hash_shared: bool = False) -> Callable[[], None]:
+        def ckptd(
+            method: str, hash_shared: bool = False, hash_copies: bool = True
+        ) -> Callable[[], None]:
             def run() -> None:
                 config = Config(
                     timezone="UTC",
@@ -133,6 +135,7 @@ def main() -> int:
                     history=None,
                     plan=one_checkpoint,
                     hash_shared=hash_shared,
+                    hash_copies=hash_copies,
                 )
                 if report.status != "done":
                     raise SystemExit(f"snapshot {method} failed: {report.reason}")
@@ -147,6 +150,7 @@ def main() -> int:
             "cp -r": cp(["-r"], False),
             "cp -r + sync": cp(["-r"], True),
             "ckptd copy": ckptd("copy"),
+            "ckptd copy, no checksums": ckptd("copy", hash_copies=False),
         }
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(options.repeat):
@@ -184,6 +188,7 @@ def main() -> int:
         ("ckptd hardlink", "cp -al"),
         ("ckptd hardlink, hashing links", "cp -al + sync"),
         ("ckptd copy", "cp -r"),
+        ("ckptd copy, no checksums", "cp -r + sync"),
     ]
     for mine, baseline in informative:
         table.add_row(

@@ -10,7 +10,8 @@ Checksums (MANIFEST.json): a copied file's sha256 is computed from the copy just
 worker thread that overlaps the next file's copy. A reflinked or hard-linked file shares its
 blocks with the checkpoint, so hashing it proves nothing about what we wrote; it gets its size
 and mtime now (which catch a rewrite in place) and its sha256 at the first `--verify`, which
-records ("seals") it. `hash_shared=True` hashes them at snapshot time instead.
+records ("seals") it. `hash_shared=True` hashes them at snapshot time instead;
+`hash_copies=False` leaves copies to be sealed the same way (the benchmark's comparison).
 """
 
 from __future__ import annotations
@@ -431,6 +432,7 @@ def execute_snapshot_plan(
     progress: bool = False,
     between_files: Callable[[FileItem], None] | None = None,
     hash_shared: bool = False,
+    hash_copies: bool = True,
     header: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, int], int]:
     """Given a snapshot plan and a new temporary folder, place every file in it, sync it and
@@ -492,7 +494,12 @@ def execute_snapshot_plan(
                 }
                 records.append(record)
                 files.append(destination)
-                if method == "copy" or hash_shared:
+                if method == "copy" and hash_copies:
+                    hashing = worker.submit(copying.hash_and_start_writeback, destination)
+                    pending.append((record, hashing))
+                elif method == "copy":
+                    worker.submit(copying.start_writeback, destination)
+                elif hash_shared:
                     pending.append((record, worker.submit(copying.sha256_file, destination)))
             manifest: dict[str, Any] = {
                 **(header or {}),
@@ -638,6 +645,7 @@ def run_daily_snapshot(
     progress: bool = False,
     between_files: Callable[[FileItem], None] | None = None,
     hash_shared: bool = False,
+    hash_copies: bool = True,
     force: bool = False,
 ) -> SnapshotReport:
     """Given the config and the (aware) time, take today's snapshot unless it exists and report.
@@ -719,6 +727,7 @@ def run_daily_snapshot(
             progress=progress,
             between_files=between_files,
             hash_shared=hash_shared,
+            hash_copies=hash_copies,
             header={"date": today, "created": datetime.now(UTC).isoformat(), "method": requested},
         )
         if os.path.lexists(final):
