@@ -185,13 +185,6 @@ def start_writeback(path: str) -> None:
         os.close(descriptor)
 
 
-def hash_and_start_writeback(path: str) -> str:
-    """Given a file just copied, return its sha256 and start its writeback (see above)."""
-    digest = sha256_file(path)
-    start_writeback(path)
-    return digest
-
-
 def _load_libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(None, use_errno=True)

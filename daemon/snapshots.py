@@ -447,8 +447,9 @@ def execute_snapshot_plan(
     files: list[str] = []
     made = {temporary}
     bar = _Progress(progress, snapshot_plan.bytes_total)
-    # One worker hashes what was just written while the next file is placed.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-snapshot-hash") as worker:
+    # Two workers hash what was just written while the next file is placed (hashing is the
+    # one CPU-bound part; copying and syncing wait on the kernel and the device).
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-snapshot-hash") as worker:
         try:
             for item in snapshot_plan.items:
                 if stop is not None and stop.is_set():
@@ -494,12 +495,10 @@ def execute_snapshot_plan(
                 }
                 records.append(record)
                 files.append(destination)
-                if method == "copy" and hash_copies:
-                    hashing = worker.submit(copying.hash_and_start_writeback, destination)
-                    pending.append((record, hashing))
-                elif method == "copy":
-                    worker.submit(copying.start_writeback, destination)
-                elif hash_shared:
+                if method == "copy":
+                    # The device starts writing it now; hashing reads it from the page cache.
+                    copying.start_writeback(destination)
+                if hash_copies if method == "copy" else hash_shared:
                     pending.append((record, worker.submit(copying.sha256_file, destination)))
             manifest: dict[str, Any] = {
                 **(header or {}),
