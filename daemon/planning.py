@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
-from daemon.config import Config, RootConfig
-from daemon.discovery import ScanResult
+from dataclasses import replace
+
+from daemon.config import Config, RootConfig, policy_for, settings_for
+from daemon.discovery import ScanResult, scan
 from daemon.fsio import LOCAL, FileSystem
+from daemon.sizecache import SizeCache
+from policies import tiered
 from policies.model import Plan, PolicySpec
+
+
+def series_policies(
+    config: Config,
+    root: RootConfig,
+    series: tuple[str, ...],
+    policy_override: PolicySpec | None = None,
+) -> dict[str, PolicySpec]:
+    """Given the config, a root and the series ids a scan found, return each series' policy:
+    a configured series' own (its pattern is its id), else the root's, else the defaults';
+    `policy_override` replaces them all."""
+    configured = {series_config.pattern: series_config for series_config in root.series}
+    specs: dict[str, PolicySpec] = {}
+    for series_id in series:
+        if policy_override is not None:
+            specs[series_id] = policy_override
+        else:
+            specs[series_id] = policy_for(config, root, configured.get(series_id))
+    specs["default"] = policy_override or policy_for(config, root)
+    return specs
 
 
 def plan_root(
@@ -14,11 +38,44 @@ def plan_root(
     *,
     now: float,
     fs: FileSystem = LOCAL,
-    cache: object | None = None,
+    cache: SizeCache | None = None,
     policy_override: PolicySpec | None = None,
 ) -> tuple[ScanResult, Plan]:
     """Given the config, one of its roots and the time, return the scan and the policy's Plan.
 
     `policy_override` replaces every series' policy (the disk check's emergency policy).
+    With a cache, every checkpoint the plan would delete is proven unchanged since it was
+    cached (a stat or two each: a `.keep` dropped into an old folder must pin it) and the root
+    is planned again if any was not. Scan warnings are the plan's warnings.
     """
-    raise NotImplementedError
+    settle_seconds = float(settings_for(config, root)["settle_seconds"])
+    if policy_override is not None:
+        candidates = [policy_override]
+    else:
+        candidates = [policy_for(config, root)]
+        candidates += [policy_for(config, root, series) for series in root.series]
+    # Metrics are read from trainer_state.json / sidecars only when a policy ranks by them.
+    want_metrics = any(spec.keep_best is not None for spec in candidates)
+    result = scan(
+        root, now=now, settle_seconds=settle_seconds, fs=fs, cache=cache, want_metrics=want_metrics
+    )
+    specs = series_policies(config, root, result.series, policy_override)
+    plan = tiered.plan(result.checkpoints, specs, root=result.root)
+    if cache is not None and plan.deleted:
+        to_delete = [decision.checkpoint.name for decision in plan.deleted]
+        verified = scan(
+            root,
+            now=now,
+            settle_seconds=settle_seconds,
+            fs=fs,
+            cache=cache,
+            verify=to_delete,
+            want_metrics=want_metrics,
+        )
+        if verified.checkpoints != result.checkpoints:
+            # Something changed inside a checkpoint since it was cached: plan what is there now.
+            result = verified
+            plan = tiered.plan(result.checkpoints, specs, root=result.root)
+    if result.warnings:
+        plan = replace(plan, warnings=(*result.warnings, *plan.warnings))
+    return result, plan

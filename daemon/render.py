@@ -27,6 +27,8 @@ TIER_TITLES = {
 
 # A run shorter than this is shown line by line: folding 2 lines into 1 hides more than it saves.
 FOLD_AT = 3
+# A tier that still needs more rows than this is summarised: one row per kind of decision.
+TIER_ROWS_MAX = 12
 
 
 def format_bytes(count: int | float) -> str:
@@ -108,10 +110,15 @@ def _timeline_order(plan: Plan) -> list[Decision]:
 
 
 def _run_reasons(run: Run) -> str:
-    if len(run.decisions) == 1 or run.first.keep:
-        return ", ".join(run.first.reasons)
+    if len(run.decisions) == 1:
+        # A deletion's first reason is its own tier's; the rest repeat it for later tiers.
+        return ", ".join(run.first.reasons if run.first.keep else run.first.reasons[:1])
+    if run.first.keep:
+        steps = [str(d.checkpoint.step) for d in run.decisions]
+        shown = ", ".join(steps) if len(steps) <= 4 else f"{steps[0]}, {steps[1]} … {steps[-1]}"
+        return f"{', '.join(run.first.reasons)} ({shown})"
     kinds = ", ".join(_reason_kind(run.first))
-    return f"{kinds}: none is the newest of its bucket"
+    return f"{kinds}: not the newest of their buckets"
 
 
 def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
@@ -149,13 +156,38 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
 
 
 def _split_runs(decisions: Sequence[Decision], unfold: bool) -> list[Run]:
+    if unfold:
+        return [Run((decision,)) for decision in decisions]
     runs: list[Run] = []
-    for run in fold(decisions):
-        if unfold or len(run.decisions) < FOLD_AT:
-            runs.extend(Run((decision,)) for decision in run.decisions)
-        else:
-            runs.append(run)
+    for tier_decisions in _by_tier(decisions):
+        rows: list[Run] = []
+        for run in fold(tier_decisions):
+            if len(run.decisions) < FOLD_AT:
+                rows.extend(Run((decision,)) for decision in run.decisions)
+            else:
+                rows.append(run)
+        runs.extend(_summarise(tier_decisions) if len(rows) > TIER_ROWS_MAX else rows)
     return runs
+
+
+def _by_tier(decisions: Sequence[Decision]) -> list[list[Decision]]:
+    groups: list[list[Decision]] = []
+    for decision in decisions:
+        key = (decision.checkpoint.series, decision.tier)
+        if groups and (groups[-1][0].checkpoint.series, groups[-1][0].tier) == key:
+            groups[-1].append(decision)
+        else:
+            groups.append([decision])
+    return groups
+
+
+def _summarise(decisions: Sequence[Decision]) -> list[Run]:
+    # A long tier alternates keep/delete (tier 2 keeps every other save): one row per kind of
+    # decision says more at a glance than a hundred alternating rows; `--all` shows them all.
+    groups: dict[tuple[bool, tuple[str, ...]], list[Decision]] = {}
+    for decision in decisions:
+        groups.setdefault((decision.keep, _reason_kind(decision)), []).append(decision)
+    return [Run(tuple(group)) for group in groups.values()]
 
 
 def summary_line(plan: Plan) -> str:

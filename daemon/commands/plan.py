@@ -55,7 +55,10 @@ def main(args: argparse.Namespace) -> int:
     config, roots = select_roots(args.root, args.config)
     now = time.time()
     documents = []
-    console = Console(highlight=False, soft_wrap=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped into less or a file: long lines beat wrapped table cells.
+        console = Console(highlight=False, width=200)
     for index, root in enumerate(roots):
         scan, plan = plan_root(config, root, now=now)
         if args.json:

@@ -92,3 +92,19 @@ def test_plan_json_matches_the_cli_contract() -> None:
     first = document["checkpoints"][0]
     assert {"name", "step", "bytes", "action", "reasons"} <= set(first)
     assert first["action"] == "delete" and first["reasons"][0].startswith("tier3:")
+
+
+def test_a_long_alternating_tier_is_summarised_one_row_per_kind() -> None:
+    decisions = []
+    for step in range(100, 4100, 100):
+        kept = step % 200 == 0
+        reason = "tier2:every-200" if kept else f"tier2: {step} is not the newest in its bucket"
+        decisions.append(_decision(step, kept, 2, reason))
+    plan = Plan(root="/data/run", decisions=tuple(decisions), cadences={"default": 100})
+    table = timeline_table(plan)
+    # One heading, one row of 20 deletions, one row of 20 keeps.
+    assert table.row_count == 3
+    text = _render(plan)
+    assert "tier2:every-200 (200, 400 … 4000)" in text
+    unfolded = timeline_table(plan, unfold=True)
+    assert unfolded.row_count == 41

@@ -1,0 +1,130 @@
+"""A filesystem that misbehaves on purpose: discovery never crashes, and never calls a
+half-seen checkpoint complete."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.config import RootConfig
+from daemon.discovery import ScanResult, scan
+from daemon.errors import UsageError
+from daemon.fsio import DirEntryLike, LocalFileSystem
+from daemon.sizecache import SizeCache
+from tests.layouts_fixtures import age, hf_run
+
+
+class _VanishingEntry:
+    """A directory entry whose file is deleted right after the listing saw it."""
+
+    def __init__(self, entry: os.DirEntry[str]) -> None:
+        self._entry = entry
+        self.name = entry.name
+        self.path = entry.path
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_dir(follow_symlinks=follow_symlinks)
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        return self._entry.is_file(follow_symlinks=follow_symlinks)
+
+    def is_symlink(self) -> bool:
+        return self._entry.is_symlink()
+
+    def inode(self) -> int:
+        return self._entry.inode()
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        os.unlink(self.path)  # the trainer removes its temporary file right now
+        return self._entry.stat(follow_symlinks=follow_symlinks)
+
+
+class MisbehavingFileSystem(LocalFileSystem):
+    """Given paths to break, the real filesystem with those breaks."""
+
+    def __init__(
+        self,
+        *,
+        vanishing_files: set[str] = frozenset(),  # type: ignore[assignment]
+        vanishing_folders: set[str] = frozenset(),  # type: ignore[assignment]
+        unreadable: set[str] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
+        self.vanishing_files = vanishing_files
+        self.vanishing_folders = vanishing_folders
+        self.unreadable = unreadable
+        self.scandir_calls: list[str] = []
+
+    def scandir(self, path: str) -> Iterator[DirEntryLike]:
+        self.scandir_calls.append(path)
+        name = os.path.basename(path)
+        if name in self.unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        if name in self.vanishing_folders:
+            shutil.rmtree(path)  # deleted between the root listing and the walk
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name in self.vanishing_files:
+                    yield _VanishingEntry(entry)
+                else:
+                    yield entry
+
+
+def run_scan(root: Path, fs: LocalFileSystem, cache: SizeCache | None = None) -> ScanResult:
+    return scan(RootConfig(path=str(root)), now=time.time(), settle_seconds=60, fs=fs, cache=cache)
+
+
+def test_a_file_vanishing_between_listing_and_stat(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100, 200])
+    fs = MisbehavingFileSystem(vanishing_files={"rng_state.pth"})
+    cache = SizeCache()
+    result = run_scan(tmp_path, fs, cache)
+    assert [c.name for c in result.checkpoints] == ["checkpoint-100", "checkpoint-200"]
+    for checkpoint in result.checkpoints:
+        assert checkpoint.complete is False
+        assert checkpoint.incomplete_reason == "changed while scanning: a file vanished"
+    assert len(cache) == 0  # a walk that saw a change is never cached
+    # The deletion is a write: the next scan sees the folder settling, then complete.
+    again = run_scan(tmp_path, LocalFileSystem(), cache)
+    assert all(str(c.incomplete_reason).startswith("settling") for c in again.checkpoints)
+    for checkpoint in again.checkpoints:
+        age(tmp_path / checkpoint.name)
+    assert all(c.complete for c in run_scan(tmp_path, LocalFileSystem(), cache).checkpoints)
+    assert not (tmp_path / "checkpoint-100" / "rng_state.pth").exists()
+
+
+def test_a_folder_vanishing_between_listing_and_walk_is_simply_gone(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100, 200, 300])
+    fs = MisbehavingFileSystem(vanishing_folders={"checkpoint-200"})
+    result = run_scan(tmp_path, fs)
+    assert [c.name for c in result.checkpoints] == ["checkpoint-100", "checkpoint-300"]
+
+
+def test_an_unreadable_checkpoint_is_incomplete_not_a_crash(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100, 200])
+    fs = MisbehavingFileSystem(unreadable={"checkpoint-100"})
+    found = {c.name: c for c in run_scan(tmp_path, fs).checkpoints}
+    assert found["checkpoint-100"].complete is False
+    assert found["checkpoint-100"].incomplete_reason == (
+        "unreadable: checkpoint-100: Permission denied"
+    )
+    assert found["checkpoint-200"].complete
+
+
+def test_an_unreadable_root_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100])
+    fs = MisbehavingFileSystem(unreadable={tmp_path.name})
+    with pytest.raises(UsageError, match=f"{tmp_path}: root cannot be read"):
+        run_scan(tmp_path, fs)
+
+
+def test_the_real_filesystem_path_and_the_injected_one_agree(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100, 200], sharded=True)
+    fs = MisbehavingFileSystem()
+    assert run_scan(tmp_path, fs).checkpoints == run_scan(tmp_path, LocalFileSystem()).checkpoints
+    assert fs.scandir_calls  # the injected filesystem was really used
