@@ -10,6 +10,7 @@ record.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -138,8 +139,9 @@ def _empty_trash_of(
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
     first); return the bytes freed when known."""
     try:
-        from daemon.trash import empty_trash  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
+        # The trash module lands separately; imported by name so this works before it does.
+        empty_trash = importlib.import_module("daemon.trash").empty_trash
+    except (ImportError, AttributeError):
         trash = os.path.join(root.path, TRASH)
         if not os.path.isdir(trash):
             return 0

@@ -4,6 +4,7 @@ per filesystem use; the last and next prune, snapshot and disk check."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -85,8 +86,9 @@ def checkpoints_in_use(
     """Given a root's scan, return the checkpoints a process holds now (open file, memory map
     or cwd inside), as the safety layer sees them."""
     try:
-        from daemon.safety import gather_facts  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
+        # The safety layer lands separately; imported by name so this works before it does.
+        gather_facts = importlib.import_module("daemon.safety").gather_facts
+    except (ImportError, AttributeError):
         return [
             decision.checkpoint.name
             for decision in root_plan.decisions
