@@ -7,15 +7,13 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from daemon import copying, snapshots
-from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.discovery import ScanResult
-from policies.model import Checkpoint, Decision, Plan
+from daemon.config import Config, DefaultsConfig, DiskConfig, RootConfig, SnapshotsConfig
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -170,29 +168,23 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
     (checkpoint / "trainer_state.json").write_text("{}")
     os.sync()
 
-    def plan(config: Config, root_config: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
-        found = Checkpoint(name="checkpoint-7", step=7, layout="hf")
-        return (
-            ScanResult(root_config.path, "hf", (found,), ("default",)),
-            Plan(root_config.path, (Decision(found, True, ("tier1",), 1),)),
-        )
-
     config = Config(
         timezone="UTC",
-        roots=[RootConfig(path=str(root))],
+        defaults=DefaultsConfig(settle_seconds=0),
+        roots=[RootConfig(path=str(root), layout="hf")],
         snapshots=SnapshotsConfig(dir=str(xfs / "snapshots")),
         disk=DiskConfig(critical_percent=100),
     )
-    report = snapshots.run_daily_snapshot(
-        config, now=datetime(2026, 6, 1, 3, tzinfo=UTC), history=None, plan=plan
-    )
+    now = datetime.now(UTC) + timedelta(seconds=1)
+    report = snapshots.run_daily_snapshot(config, now=now, history=None, force=True)
+    day = now.date().isoformat()
     assert report.status == "done", report
     assert report.by_method == {"reflink": 3}
     assert report.bytes_written == 0
-    target = xfs / "snapshots" / "2026-06-01" / "run" / "checkpoint-7"
+    target = xfs / "snapshots" / day / "run" / "checkpoint-7"
     os.sync()
     assert shared_extents(target / "model.safetensors")
     assert (target / "last.pt").stat().st_ino != (checkpoint / "last.pt").stat().st_ino
-    manifest = json.loads((xfs / "snapshots" / "2026-06-01" / "MANIFEST.json").read_text())
+    manifest = json.loads((xfs / "snapshots" / day / "MANIFEST.json").read_text())
     assert {record["method"] for record in manifest["files"]} == {"reflink"}
     assert snapshots.verify_snapshot(str(target.parent.parent)).ok

@@ -14,9 +14,7 @@ import pytest
 
 from daemon import snapshots
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.discovery import ScanResult
 from daemon.history import HistoryLog
-from policies.model import Checkpoint, Decision, Plan
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
 
@@ -43,33 +41,17 @@ def write_hf_checkpoint(root: Path, step: int, *, size: int = 64 * 1024, files: 
         (folder / f"shard-{index}.safetensors").write_bytes(os.urandom(size))
     (folder / "last.pt").write_bytes(os.urandom(1024))  # a mutable file inside
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    # Written an hour before NOW: settled, so discovery counts it complete.
+    moment = NOW.timestamp() - 3600 + step / 1000
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (moment, moment))
     return folder
-
-
-def hf_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
-    """A stand-in for plan_root that reads Hugging Face checkpoints (complete = state written)."""
-    checkpoints = []
-    for entry in sorted(os.scandir(root.path), key=lambda e: e.name):
-        if entry.name.startswith("checkpoint-") and entry.is_dir():
-            complete = os.path.exists(os.path.join(entry.path, "trainer_state.json"))
-            checkpoints.append(
-                Checkpoint(
-                    name=entry.name,
-                    step=int(entry.name.split("-")[1]),
-                    layout="hf",
-                    complete=complete,
-                )
-            )
-    checkpoints.sort(key=lambda c: c.step)
-    decisions = tuple(Decision(c, True, ("tier1",), 1 if c.complete else None) for c in checkpoints)
-    scan = ScanResult(root.path, "hf", tuple(checkpoints), ("default",))
-    return scan, Plan(root.path, decisions)
 
 
 def make_config(roots: list[Path], snapshot_dir: Path, **snapshot_settings: object) -> Config:
     return Config(
         timezone="UTC",
-        roots=[RootConfig(path=str(root)) for root in roots],
+        roots=[RootConfig(path=str(root), layout="hf") for root in roots],
         snapshots=SnapshotsConfig(dir=str(snapshot_dir), **snapshot_settings),  # type: ignore[arg-type]
         disk=DiskConfig(critical_percent=100),
     )
@@ -82,7 +64,6 @@ def run(
         config,
         now=NOW,
         history=history,
-        plan=hf_plan,
         **options,  # type: ignore[arg-type]
     )
 
@@ -141,12 +122,10 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
 
 def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", at="04:00")
-    early = snapshots.run_daily_snapshot(config, now=NOW, history=None, plan=hf_plan)
+    early = snapshots.run_daily_snapshot(config, now=NOW, history=None)
     assert early.status == "not_due" and early.ok
     assert not (tmp_path / "snaps" / "2026-06-01").exists()
-    by_hand = snapshots.run_daily_snapshot(
-        config, now=NOW, history=None, plan=hf_plan, force=True, method="copy"
-    )
+    by_hand = snapshots.run_daily_snapshot(config, now=NOW, history=None, force=True, method="copy")
     assert by_hand.status == "done"
 
 
@@ -413,6 +392,9 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
     outside = tmp_path / "outside.bin"
     outside.write_bytes(os.urandom(4096))
     (root / "checkpoint-300" / "tokenizer.json").symlink_to(outside)
+    settled = NOW.timestamp() - 3600
+    os.utime(root / "checkpoint-300" / "tokenizer.json", (settled, settled), follow_symlinks=False)
+    os.utime(root / "checkpoint-300", (settled, settled))
     report = run(make_config([root], tmp_path / "snaps"), method="copy")
     assert report.status == "done"
     link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
