@@ -26,6 +26,7 @@ from daemon.config import Config, RootConfig
 from daemon.fsio import LOCAL
 from daemon.history import HistoryLog
 from daemon.pruning import PruneReport
+from policies.forecast import forecast as simulate
 from policies.model import Checkpoint, PolicySpec
 
 Level = Literal["ok", "warn", "critical"]
@@ -397,15 +398,31 @@ def forecast_growth(
     cadence_steps: int | None,
     spec: PolicySpec,
     kept_now: int,
+    newest_step: int | None = None,
 ) -> Forecast:
     """Given free space, the saving rate and size, the cadence, the policy and how many
     checkpoints the policy keeps now, return the growth forecast.
 
-    Without pruning every save stays. With the policy, tiers 1 and 2 hold a fixed number
-    (`keep_last + tier2_count / 2`) once full, so in the steady state only tier 3 grows: one
-    checkpoint per `tier3_interval` steps (none with `tier3_interval: null`). Until tiers 1 and 2
-    are full, every save stays; that fill-up is taken from the free space first.
+    Without pruning every save stays. With the policy and `newest_step` known, the policy's own
+    simulation (`policies.forecast`: the real plan of the series saved so far and of the series
+    d days on) says how many checkpoints it keeps then; the days until full are the first d at
+    which the growth of that count fills the free space (bisection, horizon 100 years). Without
+    `newest_step`, the steady-state arithmetic: tiers 1 and 2 hold `keep_last + tier2_count / 2`
+    once full, so only tier 3 grows, one checkpoint per `tier3_interval` steps; until tiers 1
+    and 2 are full every save stays, and that fill-up comes out of the free space first.
     """
+    if newest_step is not None and cadence_steps and saves_per_day > 0 and checkpoint_bytes > 0:
+        try:
+            return _simulated_forecast(
+                free_bytes=free_bytes,
+                saves_per_day=saves_per_day,
+                checkpoint_bytes=checkpoint_bytes,
+                cadence_steps=cadence_steps,
+                spec=spec,
+                newest_step=newest_step,
+            )
+        except ValueError:
+            pass  # a series the simulation refuses: the arithmetic below still answers
     without = saves_per_day * checkpoint_bytes
     if cadence_steps and spec.tier3_interval:
         with_policy = (
@@ -433,5 +450,49 @@ def forecast_growth(
         bytes_per_day_without=without,
         bytes_per_day_with=with_policy,
         days_until_full_without=days(without, free_bytes),
+        days_until_full_with=days_with,
+    )
+
+
+HORIZON_DAYS = 36500.0
+
+
+def _simulated_forecast(
+    *,
+    free_bytes: int,
+    saves_per_day: float,
+    checkpoint_bytes: int,
+    cadence_steps: int,
+    spec: PolicySpec,
+    newest_step: int,
+) -> Forecast:
+    """Given the observed saving and the policy, return the forecast from the policy's own
+    simulation of what it keeps after a number of steps (see `forecast_growth`)."""
+    steps_per_day = saves_per_day * cadence_steps
+
+    def kept_after(days: float) -> int:
+        steps = newest_step + int(days * steps_per_day)
+        return simulate(steps, cadence_steps, checkpoint_bytes, spec).kept
+
+    kept_now = kept_after(0.0)
+
+    def grown(days: float) -> int:
+        return (kept_after(days) - kept_now) * checkpoint_bytes
+
+    with_policy = grown(365.0) / 365.0
+    days_with: float | None = None
+    if grown(HORIZON_DAYS) >= free_bytes:
+        low, high = 0.0, HORIZON_DAYS
+        while high - low > 0.01:
+            middle = (low + high) / 2
+            low, high = (low, middle) if grown(middle) >= free_bytes else (middle, high)
+        days_with = high
+    without = saves_per_day * checkpoint_bytes
+    return Forecast(
+        saves_per_day=saves_per_day,
+        checkpoint_bytes=checkpoint_bytes,
+        bytes_per_day_without=without,
+        bytes_per_day_with=with_policy,
+        days_until_full_without=free_bytes / without,
         days_until_full_with=days_with,
     )

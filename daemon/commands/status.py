@@ -63,6 +63,10 @@ def root_status(
         kept_now=sum(
             1 for d in root_plan.decisions if d.keep and d.checkpoint.series == main_series
         ),
+        newest_step=max(
+            (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
+            default=None,
+        ),
     )
     return {
         "root": root.path,

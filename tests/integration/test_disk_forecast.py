@@ -76,3 +76,49 @@ def test_a_plain_rotation_never_fills_and_no_saving_never_fills() -> None:
         kept_now=0,
     )
     assert idle.days_until_full_without is None and idle.days_until_full_with is None
+
+
+def test_the_policy_simulation_agrees_with_the_steady_state_arithmetic() -> None:
+    # 170 checkpoints so far (tiers full): only tier 3 grows, 2.4 checkpoints a day.
+    common = dict(
+        free_bytes=614 * GB,
+        saves_per_day=24.0,
+        checkpoint_bytes=int(3.6 * GB),
+        cadence_steps=100,
+        spec=PRESETS["balanced"],
+        kept_now=43,
+    )
+    arithmetic = forecast_growth(**common)  # type: ignore[arg-type]
+    simulated = forecast_growth(**common, newest_step=17000)  # type: ignore[arg-type]
+    assert simulated.bytes_per_day_with == pytest.approx(arithmetic.bytes_per_day_with, rel=0.02)
+    assert simulated.days_until_full_with == pytest.approx(
+        arithmetic.days_until_full_with, rel=0.02
+    )
+    assert simulated.days_until_full_without == arithmetic.days_until_full_without
+
+
+def test_the_simulation_counts_the_fill_up_of_young_runs() -> None:
+    # 5 checkpoints so far: 25 more are kept before only tier 3 grows (balanced keeps 30).
+    forecast = forecast_growth(
+        free_bytes=100 * GB,
+        saves_per_day=10,
+        checkpoint_bytes=GB,
+        cadence_steps=100,
+        spec=PRESETS["balanced"],
+        kept_now=5,
+        newest_step=500,
+    )
+    assert forecast.days_until_full_with == pytest.approx(2.5 + 75, rel=0.03)
+
+
+def test_a_rotation_never_fills_in_the_simulation_either() -> None:
+    forecast = forecast_growth(
+        free_bytes=10 * GB,
+        saves_per_day=100,
+        checkpoint_bytes=GB,
+        cadence_steps=1,
+        spec=PolicySpec(keep_last=5, tier2_count=0, tier3_interval=None),
+        kept_now=5,
+        newest_step=1000,
+    )
+    assert forecast.days_until_full_with is None and forecast.bytes_per_day_with == 0
