@@ -483,7 +483,7 @@ def _simulated_forecast(
     days_with: float | None = None
     if grown(HORIZON_DAYS) >= free_bytes:
         low, high = 0.0, HORIZON_DAYS
-        while high - low > 0.01:
+        while high - low > max(0.01, 0.002 * high):
             middle = (low + high) / 2
             low, high = (low, middle) if grown(middle) >= free_bytes else (middle, high)
         days_with = high
