@@ -186,9 +186,9 @@ def collect_status(
     }
 
 
-def _days(value: float | None) -> str:
+def _days(value: float | None, growing: bool = False) -> str:
     if value is None:
-        return "never"
+        return "not within 100 years" if growing else "never"
     if value >= 730:
         return f"{value / 365:.0f} y"
     return f"{value:.1f} d" if value < 100 else f"{value:.0f} d"
@@ -251,7 +251,8 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
         )
         table.add_row(
             "days to full",
-            f"{_days(forecast['days_until_full_with'])} with the policy, "
+            f"{_days(forecast['days_until_full_with'], forecast['bytes_per_day_with'] > 0)} "
+            "with the policy, "
             f"{_days(forecast['days_until_full_without'])} without",
         )
         console.print(table)
