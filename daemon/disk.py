@@ -108,6 +108,11 @@ class DiskReport:
         return asdict(self)
 
 
+# When each mount's last `disk_warn` was recorded (the daemon's one worker is the only writer).
+_warned_at: dict[str, float] = {}
+WARN_REPEAT_SECONDS = 3600.0
+
+
 def write_history(history: HistoryLog | None, event: str, **fields: Any) -> None:
     """Given the history and a record, append it; a history that cannot be written (its own
     disk full) is logged and must never stop the escalation that would free space."""
@@ -207,7 +212,10 @@ def _check_filesystem(
     def record(event: str, **fields: Any) -> None:
         write_history(history, event, mount=mount, **fields)
 
-    if level == "warn":
+    if level == "warn" and now - _warned_at.get(mount, -math.inf) >= WARN_REPEAT_SECONDS:
+        # Once on crossing, then hourly: the history stays readable with `tail -F`, and the
+        # STATUS= line carries the warning in between.
+        _warned_at[mount] = now
         record(
             "disk_warn",
             roots=list(paths),
@@ -215,6 +223,8 @@ def _check_filesystem(
             free_bytes=before.free,
             warn_percent=config.disk.warn_percent,
         )
+    elif level == "ok":
+        _warned_at.pop(mount, None)
     if level != "critical":
         return FilesystemCheck(mount, device, paths, level, before, before)
 

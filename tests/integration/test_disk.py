@@ -39,6 +39,13 @@ class RecordingHistory(HistoryLog):
         return found
 
 
+@pytest.fixture(autouse=True)
+def fresh_warning_memory() -> Iterator[None]:
+    disk._warned_at.clear()
+    yield
+    disk._warned_at.clear()
+
+
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
     mounted: list[Path] = []
@@ -143,6 +150,26 @@ def test_above_warn_records_a_warning_and_a_status_line(tmpfs: Callable[[int], P
     assert history.record("disk_warn")["mount"] == str(mount)
     assert report.status_line is not None and str(mount) in report.status_line
     assert prune.calls == []
+
+
+def test_a_lasting_warning_is_recorded_once_an_hour(tmpfs: Callable[[int], Path]) -> None:
+    mount = tmpfs(16 * MB)
+    checkpoints(mount / "run", 10, MB)  # 62.5 %
+    config = config_for([mount / "run"], warn_percent=50, critical_percent=90)
+    history = RecordingHistory()
+    prune = RecordingPrune(1, 1)
+    warnings = []
+    for now in (1000.0, 1300.0, 4700.0, 5000.0):
+        report = disk.check_disks(config, now=now, history=history, prune=prune)
+        assert report.status_line is not None  # STATUS= says it every time
+        warnings.append(history.events().count("disk_warn"))
+    assert warnings == [1, 1, 2, 2]
+    for name in sorted(os.listdir(mount / "run"))[:6]:
+        shutil.rmtree(mount / "run" / name)
+    disk.check_disks(config, now=5100.0, history=history, prune=prune)  # 25 %: ok, forgets
+    fill(mount / "run" / "again.bin", 6 * MB)
+    disk.check_disks(config, now=5200.0, history=history, prune=prune)  # crossing again
+    assert history.events().count("disk_warn") == 3
 
 
 def test_critical_escalates_trash_then_prune_then_emergency_then_alert(
