@@ -1,8 +1,28 @@
-"""The cleanup history: one JSON object per line, appended whole, reopened after logrotate."""
+"""The cleanup history: one JSON object per line, appended whole, reopened after logrotate.
+
+Why it is safe for several writers (the daemon and a `ckptd prune` run by hand): each record is
+encoded first and written with a single `os.write` on an `O_APPEND` descriptor, so the kernel
+places the whole line at the end of the file and two writers never interleave inside a line.
+Why it survives logrotate without `copytruncate`: before each write the path is stat'ed; when the
+file is gone or its inode changed (rotated away), the old descriptor is closed and the path is
+opened again, so new records land in the new file and none are lost in the rotated one.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+from datetime import UTC, datetime
 from typing import Any
+
+# Record fields that are always present; `write` refuses to let callers overwrite them.
+RESERVED_FIELDS = ("time", "event")
+
+
+def utc_iso(epoch_seconds: float) -> str:
+    """Given seconds since the epoch, return the UTC ISO 8601 time with a `Z`-free `+00:00`."""
+    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds")
 
 
 class HistoryLog:
@@ -11,11 +31,95 @@ class HistoryLog:
     `write(event, **fields)` appends one line `{"time": <UTC ISO>, "event": event, **fields}`;
     events used across ckptd: "delete", "prune_run", "prune_refused", "veto", "trash_purge",
     "snapshot", "snapshot_skipped", "snapshot_failed", "disk_warn", "disk_critical",
-    "emergency_prune", "alert".
+    "emergency_prune", "alert". `time=` (seconds since the epoch) may be passed to use the
+    caller's clock; otherwise the wall clock is read. Thread-safe.
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self._lock = threading.Lock()
+        self._descriptor: int | None = None
+        self._identity: tuple[int, int] | None = None
+
+    def _open(self) -> int:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        descriptor = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
+        status = os.fstat(descriptor)
+        self._descriptor = descriptor
+        self._identity = (status.st_dev, status.st_ino)
+        return descriptor
+
+    def _current_descriptor(self) -> int:
+        """Given the log's state, return a descriptor for the file now at `path` (reopening)."""
+        if self._descriptor is not None:
+            try:
+                status = os.stat(self.path)
+                if (status.st_dev, status.st_ino) == self._identity:
+                    return self._descriptor
+            except FileNotFoundError:
+                pass
+            os.close(self._descriptor)
+            self._descriptor = None
+        return self._open()
 
     def write(self, event: str, **fields: Any) -> None:
-        raise NotImplementedError
+        """Given an event name and its fields, append one whole JSON line to the history."""
+        clock = fields.pop("time", None)
+        record: dict[str, Any] = {
+            "time": utc_iso(float(clock) if clock is not None else datetime.now(UTC).timestamp()),
+            "event": event,
+        }
+        record.update(fields)
+        line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            descriptor = self._current_descriptor()
+            written = os.write(descriptor, line)
+            if written != len(line):
+                # Only on a full disk or a signal mid-write; finish the line rather than leave half.
+                os.write(descriptor, line[written:])
+
+    def close(self) -> None:
+        """Given an open log, close its descriptor (a later write reopens it)."""
+        with self._lock:
+            if self._descriptor is not None:
+                os.close(self._descriptor)
+                self._descriptor = None
+
+    def __enter__(self) -> HistoryLog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """Given a history file, return its records in order (unparseable lines skipped)."""
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(value, dict):
+                    records.append(value)
+    except FileNotFoundError:
+        pass
+    return records
+
+
+def default_history_path(environment: dict[str, str] | None = None) -> str:
+    """Given the environment, return the history path used when there is no config file.
+
+    `$XDG_STATE_HOME/ckptd/history.jsonl`, else `~/.local/state/ckptd/history.jsonl`: a user
+    running `ckptd prune ROOT` by hand has no /var/log/ckptd and should not need root for it.
+    """
+    env = os.environ if environment is None else environment
+    state_home = env.get("XDG_STATE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(state_home, "ckptd", "history.jsonl")

@@ -1,16 +1,29 @@
 """Scan, plan, guard, delete, record: the one safety-checked prune path.
 
-`ckptd prune`, the daemon's jobs and the disk check's escalation all call `prune_root`.
+`ckptd prune`, the daemon's jobs and the disk check's escalation all call `prune_root`. In order:
+finish a trash a crash left behind, purge trash past its grace, scan and plan the root, gather
+the process facts in one pass, let the safety guard veto or refuse, then hand the guarded plan
+to `prune.apply` and write one `prune_run` record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
+import os
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from daemon.config import Config, RootConfig
+from daemon import prune, safety, trash
+from daemon.config import Config, RootConfig, policy_for, settings_for
+from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
+from daemon.planning import plan_root
+from daemon.sizecache import SizeCache
 from policies.model import Plan, PolicySpec
 
 
@@ -31,6 +44,201 @@ class PruneReport:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+LOCK_FILE = ".lock"
+
+# Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
+Confirm = Callable[[PruneReport], bool]
+
+
+def _policy_record(spec: PolicySpec) -> dict[str, object]:
+    record: dict[str, object] = dataclasses.asdict(spec)
+    return record
+
+
+@contextlib.contextmanager
+def root_lock(root_path: str) -> Iterator[bool]:
+    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
+
+    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon and a `ckptd prune` typed by
+    hand never move the same checkpoints at once. Where the lock file cannot be made (a
+    read-only filesystem) nothing can be deleted either, so the run goes on without it.
+    """
+    folder = os.path.join(root_path, trash.TRASH_DIRECTORY)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
+
+
+def _prune_unlocked(
+    config: Config,
+    root: RootConfig,
+    *,
+    now: float,
+    dry_run: bool,
+    force: bool = False,
+    policy_override: PolicySpec | None = None,
+    history: HistoryLog | None = None,
+    fs: FileSystem = LOCAL,
+    cache: SizeCache | None = None,
+    stop: threading.Event | None = None,
+    confirm: Confirm | None = None,
+    progress: prune.Progress | None = None,
+) -> PruneReport:
+    """Given the config, a root and the time, prune it (the root lock held by the caller).
+
+    `stop` set means: finish the deletion in progress, start no other (SIGTERM). `confirm`
+    (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
+    with nothing deleted. `progress(done, total, name)` is told before each deletion.
+    """
+    started = time.monotonic()
+    root_path = os.path.realpath(root.path)
+    if not os.path.isdir(root_path):
+        raise UsageError(f"{root.path}: not a folder")
+    settings = settings_for(config, root)
+    grace = float(settings["trash_grace"])
+    spec = policy_override or policy_for(config, root)
+    policy = _policy_record(spec)
+
+    purged = trash.PurgeResult()
+    if not dry_run:
+        purged = trash.finish_leftovers(root_path, now=now, grace=grace, fs=fs, history=history)
+
+    _scan, plan = plan_root(
+        config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
+    )
+    facts = safety.gather_facts(
+        root_path,
+        now=now,
+        trainer_pid_file=root.trainer.pid_file,
+        trainer_cmdline=root.trainer.cmdline,
+    )
+    safety_settings = safety.SafetySettings(
+        min_keep=int(settings["min_keep"]),
+        max_delete_fraction=float(settings["max_delete_fraction"]),
+        settle_seconds=float(settings["settle_seconds"]),
+        force=force,
+    )
+    extra: dict[str, object] = {
+        "recovered": list(purged.notes),
+        "purged": list(purged.removed),
+        "purge_bytes_freed": purged.bytes_freed,
+        "notes": list(facts.notes) + list(plan.warnings),
+    }
+    try:
+        guarded = safety.guard(plan, facts, safety_settings)
+    except safety.RootRefused as refused:
+        if history is not None:
+            history.write(
+                "prune_refused",
+                root=root_path,
+                reason=refused.reason,
+                pids=[holder.pid for holder in refused.holders],
+                cmdlines=[holder.cmdline for holder in refused.holders],
+                dry_run=dry_run,
+            )
+        return PruneReport(
+            root=root_path,
+            plan=plan,
+            dry_run=dry_run,
+            refused=refused.reason,
+            bytes_freed=purged.bytes_freed,
+            seconds=time.monotonic() - started,
+            extra=extra,
+        )
+
+    guard_vetoes = safety.vetoed(plan, guarded)
+    if history is not None and not dry_run:
+        for decision in guard_vetoes:
+            history.write(
+                "veto",
+                root=root_path,
+                checkpoint=decision.checkpoint.name,
+                step=decision.checkpoint.step,
+                reason=", ".join(decision.reasons),
+            )
+    preview = PruneReport(
+        root=root_path,
+        plan=guarded,
+        dry_run=dry_run,
+        vetoed=tuple(d.checkpoint.name for d in guard_vetoes),
+        extra=extra,
+    )
+    if confirm is not None and not dry_run and guarded.deleted and not confirm(preview):
+        extra["aborted"] = True
+        return dataclasses.replace(preview, seconds=time.monotonic() - started)
+
+    result = prune.apply(
+        guarded,
+        root_path,
+        dry_run=dry_run,
+        now=now,
+        fs=fs,
+        history=history,
+        trash_grace=grace,
+        stop=stop,
+        progress=progress,
+        policy=policy,
+    )
+    veto_reasons = {d.checkpoint.name: ", ".join(d.reasons) for d in guard_vetoes}
+    veto_reasons.update(dict(result.vetoed))
+    extra.update(
+        {
+            "veto_reasons": veto_reasons,
+            "failures": dict(result.failed),
+            "partial": list(result.partial),
+            "trashed": list(result.trashed),
+            "bytes_in_trash": result.bytes_in_trash,
+            "skipped": list(result.skipped),
+            "would_delete": list(result.would_delete),
+            "would_free": result.would_free,
+        }
+    )
+    seconds = time.monotonic() - started
+    report = PruneReport(
+        root=root_path,
+        plan=guarded,
+        dry_run=dry_run,
+        deleted=result.deleted,
+        vetoed=tuple(veto_reasons),
+        failed=tuple(name for name, _ in result.failed),
+        errors=tuple(f"{name}: {message}" for name, message in result.failed),
+        bytes_freed=result.bytes_freed + purged.bytes_freed,
+        seconds=seconds,
+        extra=extra,
+    )
+    if history is not None:
+        history.write(
+            "prune_run",
+            root=root_path,
+            dry_run=dry_run,
+            checkpoints=len(guarded.decisions),
+            kept=len(guarded.decisions) - len(result.deleted),
+            deleted=len(result.deleted),
+            would_delete=len(result.would_delete),
+            vetoed=len(veto_reasons),
+            failed=len(result.failed),
+            trashed=len(result.trashed),
+            bytes_freed=report.bytes_freed,
+            bytes_in_trash=result.bytes_in_trash,
+            seconds=round(seconds, 3),
+            force=force,
+            policy=policy,
+        )
+    return report
+
+
 def prune_root(
     config: Config,
     root: RootConfig,
@@ -41,11 +249,46 @@ def prune_root(
     policy_override: PolicySpec | None = None,
     history: HistoryLog | None = None,
     fs: FileSystem = LOCAL,
-    cache: object | None = None,
+    cache: SizeCache | None = None,
     stop: threading.Event | None = None,
+    confirm: Confirm | None = None,
+    progress: prune.Progress | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it through the safety guard and report.
 
-    `stop` set means: finish the deletion in progress, start no other (SIGTERM).
+    `stop` set means: finish the deletion in progress, start no other (SIGTERM). `confirm`
+    (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
+    with nothing deleted. `progress(done, total, name)` is told before each removal. A second
+    prune of the same root while one runs (daemon and CLI) is refused, not queued.
     """
-    raise NotImplementedError
+    root_path = os.path.realpath(root.path)
+    if not os.path.isdir(root_path):
+        raise UsageError(f"{root.path}: not a folder")
+
+    def run() -> PruneReport:
+        return _prune_unlocked(
+            config,
+            root,
+            now=now,
+            dry_run=dry_run,
+            force=force,
+            policy_override=policy_override,
+            history=history,
+            fs=fs,
+            cache=cache,
+            stop=stop,
+            confirm=confirm,
+            progress=progress,
+        )
+
+    if dry_run:
+        return run()
+    with root_lock(root_path) as acquired:
+        if acquired:
+            return run()
+    reason = "another prune of this root is running (the daemon, or ckptd prune)"
+    if history is not None:
+        history.write("prune_refused", root=root_path, reason=reason, pids=[], cmdlines=[])
+    return PruneReport(
+        root=root_path, plan=Plan(root=root_path, decisions=()), dry_run=False, refused=reason
+    )

@@ -31,6 +31,17 @@ FOLD_AT = 3
 TIER_ROWS_MAX = 12
 
 
+def make_console(*, stderr: bool = False) -> Console:
+    """Given where to print, return a console: the terminal's width on a terminal, wide otherwise.
+
+    Piped into `less`, `grep` or a file, long lines beat table cells wrapped at 80 columns.
+    """
+    console = Console(highlight=False, stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, stderr=stderr, width=200)
+
+
 def format_bytes(count: int | float) -> str:
     """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`)."""
     value = float(count)

@@ -4,9 +4,11 @@ Per series, ordered by step (never mtime), over its complete checkpoints only:
 
 - **Tier 1** is the newest `keep_last`; all kept (`tier1`, the very newest also `newest`).
 - The **cadence** is the most common step gap inside tier 1 (ties: the smallest gap), unless the
-  spec sets one. With fewer than two tier-1 checkpoints (`keep_last: 1`) it falls back to the most
-  common gap of the whole series, else 1, and the plan carries a warning: pruning thins the
-  series, so that fallback cadence drifts and re-planning may delete more (set `cadence:` there).
+  spec sets one. With fewer than two distinct steps in tier 1 (`keep_last: 1`, or two
+  checkpoints of one step) it falls back to the most common gap of the whole series, else 1, and
+  the plan carries a warning: pruning thins the series, so that fallback drifts and re-planning
+  may delete more. The properties below hold whenever the plan has no such warning; set
+  `cadence:` for a series with `keep_last: 1`.
 - **Tier 2** is a *range of save slots*, not a count of survivors: the checkpoints below tier 1
   with `step >= oldest_tier1_step - tier2_count * cadence`. **Tier 3** is everything older.
 - Spacing S is `2 * cadence` for tier 2 and `tier3_interval` for tier 3 (None: tier 3 keeps

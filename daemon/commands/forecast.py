@@ -17,7 +17,7 @@ from rich.table import Table
 
 from daemon.config import parse_size
 from daemon.errors import UsageError
-from daemon.render import format_bytes
+from daemon.render import format_bytes, make_console
 from policies.forecast import Forecast, forecast
 from policies.model import PRESETS, PolicySpec
 
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
         json.dump(forecast_to_json(result, preset, overridden), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print_forecast(Console(highlight=False), result, preset, overridden)
+        print_forecast(make_console(), result, preset, overridden)
     return 0
 
 

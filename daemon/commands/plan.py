@@ -8,12 +8,10 @@ import os
 import sys
 import time
 
-from rich.console import Console
-
 from daemon.config import Config, RootConfig, default_config_for_root, load_config
 from daemon.errors import UsageError
 from daemon.planning import plan_root
-from daemon.render import plan_to_json, print_plan
+from daemon.render import make_console, plan_to_json, print_plan
 
 
 def select_roots(
@@ -55,10 +53,7 @@ def main(args: argparse.Namespace) -> int:
     config, roots = select_roots(args.root, args.config)
     now = time.time()
     documents = []
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        # Piped into less or a file: long lines beat wrapped table cells.
-        console = Console(highlight=False, width=200)
+    console = make_console()
     for index, root in enumerate(roots):
         scan, plan = plan_root(config, root, now=now)
         if args.json:

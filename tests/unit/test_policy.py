@@ -246,6 +246,24 @@ def test_a_cadence_override_wins_and_a_missing_tier_1_gap_falls_back_with_a_warn
     assert plan(regular(1), {"default": PolicySpec(keep_last=1)}).cadences == {"default": 1}
 
 
+def test_without_a_tier_1_gap_the_fallback_cadence_drifts_and_the_plan_says_so() -> None:
+    # The documented limit of the idempotence property: tier 1 is two checkpoints of one step.
+    checkpoints = [*regular(10), Checkpoint(name="checkpoint-1000-resaved", step=1000)]
+    spec = {"default": PolicySpec(keep_last=2)}
+
+    first = plan(checkpoints, spec)
+    again = plan([d.checkpoint for d in first.kept], spec)
+
+    assert "set `cadence:`" in first.warnings[0]
+    assert first.cadences == {"default": 100}
+    assert again.cadences == {"default": 200}
+    assert [d.checkpoint.step for d in again.deleted] == [200, 600]
+    # With the cadence given, nothing drifts.
+    pinned = {"default": PolicySpec(keep_last=2, cadence=100)}
+    survivors = [d.checkpoint for d in plan(checkpoints, pinned).kept]
+    assert plan(survivors, pinned).deleted == ()
+
+
 def test_most_common_gap_prefers_the_smallest_on_ties_and_ignores_equal_steps() -> None:
     assert most_common_gap([0, 100, 200, 450, 700]) == 100
     assert most_common_gap([0, 300, 400, 700, 800]) == 100

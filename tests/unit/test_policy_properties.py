@@ -2,8 +2,9 @@
 
 Saves come at a regular cadence from an arbitrary start (negative ones too), with cadences that
 divide none of the spacings (30, 250, 333, ...), under each preset and under random knobs.
-`keep_last` is at least 2 unless the cadence is given: with one tier-1 checkpoint the cadence
-can only be read from the whole series, which pruning thins (plan() warns about exactly that).
+`keep_last` is at least 2 unless the cadence is given: with fewer than two distinct steps in
+tier 1 the cadence can only be read from the whole series, which pruning thins, so re-planning
+may thin further; plan() warns about exactly that case, and these properties assume no warning.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from policies import PRESETS, Checkpoint, KeepBest, PolicySpec, plan
@@ -111,6 +112,9 @@ def test_idempotent_for_irregular_steps_too_and_protected_ones_are_never_deleted
         if not checkpoint.complete or checkpoint.pinned_by or checkpoint.tracked_by:
             assert decision.keep, decision
         assert decision.reasons, decision
+    # Equal steps can leave tier 1 without a gap to read the cadence from; plan() then warns
+    # that its fallback drifts (test_policy.py pins that case down). Otherwise: idempotent.
+    assume(not result.warnings)
     kept = [d.checkpoint for d in result.decisions if d.keep]
     assert plan(kept, {"default": spec}).deleted == ()
 

@@ -1,0 +1,89 @@
+"""kill -9 a real prune at many random moments; check nothing is ever half there.
+
+The same trial as tests/integration/test_crash_safety.py (30 checkpoints: 24 folders and 6
+three-file TensorFlow checkpoints, trash grace 0), run many more times. Prints a table of
+outcomes; exits 1 on any checkpoint found half there, changed, or a next run that fails.
+
+    PYTHONPATH=. python bench/bench_crash.py [--trials 300] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
+
+import test_crash_safety as trial  # noqa: E402
+
+from daemon import trash  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    generator = random.Random(args.seed)
+    steps = [step * 100 for step in range(1, trial.FOLDERS + 1)]
+    counts = {"before": 0, "moving": 0, "removing": 0, "after": 0}
+    rolled_back = 0
+    violations: list[str] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ckptd-bench-crash-") as base:
+        duration = trial.measure(Path(base))
+        for number in range(args.trials):
+            root = Path(base) / f"trial-{number}"
+            trial.build_root(root)
+            process = trial.start(root)
+            time.sleep(generator.uniform(0, duration * 1.1))
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            states = {step: trial.folder_state(root, step) for step in steps}
+            bad = {s: v for s, v in states.items() if v not in ("intact", "absent")}
+            if bad:
+                violations.append(f"trial {number}: folders {bad}")
+            counts[trial.moment(root)] += 1
+            rolled_back += sum("rolled back" in note for note in trash.recover(str(root)))
+            tensorflow = {
+                s: trial.tensorflow_state(root, s) for s in range(1, trial.TENSORFLOW + 1)
+            }
+            bad_tf = {s: v for s, v in tensorflow.items() if v not in ("intact", "absent")}
+            if bad_tf:
+                violations.append(f"trial {number}: tensorflow {bad_tf}")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    trial.finish(root)
+            except BaseException as error:
+                violations.append(f"trial {number}: the next run failed: {error!r}")
+                continue
+            if trash.list_trash(str(root)) or any(
+                trial.folder_state(root, s) != "intact" for s in steps[-trial.KEEP :]
+            ):
+                violations.append(f"trial {number}: the next run left the trash or survivors wrong")
+            os.system(f"rm -rf '{root}'")
+    seconds = time.monotonic() - started
+    print(f"kill -9 during a prune of 30 checkpoints: {args.trials} trials in {seconds:.1f} s")
+    print(f"  full run measured at {duration * 1000:.1f} ms")
+    print(f"{'killed while':<26}{'trials':>8}")
+    for label, count in counts.items():
+        print(f"{label:<26}{count:>8}")
+    print(f"{'half-moved, rolled back':<26}{rolled_back:>8}")
+    print(f"{'violations':<26}{len(violations):>8}")
+    for violation in violations[:20]:
+        print("  " + violation)
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

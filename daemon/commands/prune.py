@@ -1,0 +1,224 @@
+"""`ckptd prune [ROOT] [--config FILE] [-y] [--dry-run] [--force] [--json]`.
+
+Shows the current count and the guarded plan, asks `[y/N]` (or takes `-y`), deletes through
+`prune_root` and ends with a summary. Without a terminal and without `-y` it refuses (exit 2):
+a cron job that forgot `-y` must not hang or, worse, delete unasked. Exit codes: 0 done, 1 some
+deletion failed, 2 usage or config error, 3 refused for safety.
+
+History goes to the config's `history_file` (default `<state_dir>/history.jsonl`); with a bare
+ROOT and no config file, to `$XDG_STATE_HOME/ckptd/history.jsonl` (else
+`~/.local/state/ckptd/history.jsonl`), so a person can prune by hand without root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from daemon.commands.plan import select_roots
+from daemon.config import Config
+from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
+from daemon.history import HistoryLog, default_history_path
+from daemon.pruning import PruneReport, prune_root
+from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
+
+# Deleting fewer than this finishes before a progress bar would be worth drawing.
+PROGRESS_AT = 5
+
+
+def history_for(config: Config, root_argument: str | None, config_argument: str | None) -> str:
+    """Given the selected config and the arguments, return the history file to append to."""
+    if root_argument is not None and config_argument is None:
+        return default_history_path()
+    return config.history_path
+
+
+def _extra_list(report: PruneReport, key: str) -> list[Any]:
+    value = report.extra.get(key)
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _extra_dict(report: PruneReport, key: str) -> dict[str, str]:
+    value = report.extra.get(key)
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _extra_int(report: PruneReport, key: str) -> int:
+    value = report.extra.get(key)
+    return int(value) if isinstance(value, int | float) else 0
+
+
+def report_to_json(report: PruneReport) -> dict[str, Any]:
+    """Given a prune report, return `plan --json`'s document plus what was done ("result")."""
+    document = plan_to_json(report.plan)
+    veto_reasons = _extra_dict(report, "veto_reasons")
+    failures = _extra_dict(report, "failures")
+    document["result"] = {
+        "dry_run": report.dry_run,
+        "refused": report.refused,
+        "aborted": bool(report.extra.get("aborted", False)),
+        "deleted": list(report.deleted),
+        "vetoed": [{"name": name, "reason": veto_reasons.get(name, "")} for name in report.vetoed],
+        "failed": [{"name": name, "error": failures.get(name, "")} for name in report.failed],
+        "partial": _extra_list(report, "partial"),
+        "trashed": _extra_list(report, "trashed"),
+        "bytes_freed": report.bytes_freed,
+        "bytes_in_trash": _extra_int(report, "bytes_in_trash"),
+        "would_delete": _extra_list(report, "would_delete"),
+        "would_free": _extra_int(report, "would_free"),
+        "seconds": round(report.seconds, 3),
+        "notes": _extra_list(report, "notes"),
+    }
+    return document
+
+
+def _show_plan(console: Console, report: PruneReport) -> None:
+    plan = report.plan
+    console.print(f"[bold]{plan.root}[/bold]: {len(plan.decisions)} checkpoints now")
+    for note in _extra_list(report, "notes"):
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if plan.decisions:
+        console.print(timeline_table(plan))
+    deleting = plan.deleted
+    console.print(
+        f"keep {len(plan.kept)}, delete {len(deleting)}, "
+        f"frees {format_bytes(plan.bytes_freed)}"
+        + (f"; {len(report.vetoed)} vetoed by the safety checks" if report.vetoed else "")
+    )
+
+
+def _ask(console: Console, question: str) -> bool:
+    console.print(question + " [y/N] ", end="", markup=False)
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _summary(report: PruneReport) -> str:
+    kept = len(report.plan.decisions) - len(report.deleted)
+    if report.dry_run:
+        return (
+            f"dry run, nothing changed: would delete {len(_extra_list(report, 'would_delete'))} "
+            f"and free {format_bytes(_extra_int(report, 'would_free'))}"
+        )
+    parts = [
+        f"deleted {len(report.deleted)}",
+        f"kept {kept}",
+        f"freed {format_bytes(report.bytes_freed)}",
+    ]
+    in_trash = _extra_int(report, "bytes_in_trash")
+    if in_trash:
+        parts.append(f"{format_bytes(in_trash)} waiting in the trash")
+    if report.vetoed:
+        parts.append(f"vetoed {len(report.vetoed)}")
+    if report.failed:
+        parts.append(f"failed {len(report.failed)}")
+    return ", ".join(parts) + f" in {report.seconds:.1f} s"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Given parsed `prune` arguments, prune each selected root and return the exit code."""
+    interactive = sys.stdin.isatty()
+    if not args.yes and not args.dry_run and not interactive:
+        raise UsageError(
+            "not deleting without confirmation: no terminal to ask on; "
+            "pass -y to confirm (or --dry-run to see the plan)"
+        )
+    config, roots = select_roots(args.root, args.config)
+    history = HistoryLog(history_for(config, args.root, args.config))
+    console = make_console()
+    documents: list[dict[str, Any]] = []
+    exit_code = EXIT_OK
+    try:
+        for root in roots:
+            report = _prune_one(config, root, args, history, console, interactive)
+            if args.json:
+                documents.append(report_to_json(report))
+            if report.refused is not None:
+                # Plain print: a message for logs and scripts must not be wrapped or styled.
+                print(
+                    f"ckptd prune: refused for safety: {report.root}: {report.refused}",
+                    file=sys.stderr,
+                )
+                exit_code = EXIT_REFUSED
+            elif report.failed and exit_code != EXIT_REFUSED:
+                for line in report.errors:
+                    print(f"ckptd prune: failed: {line}", file=sys.stderr)
+                exit_code = EXIT_FAILED
+    finally:
+        history.close()
+    if args.json:
+        json.dump(documents[0] if len(documents) == 1 else documents, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return exit_code
+
+
+def _prune_one(
+    config: Config,
+    root: Any,
+    args: argparse.Namespace,
+    history: HistoryLog,
+    console: Console,
+    interactive: bool,
+) -> PruneReport:
+    show = not args.json
+    progress_bar: Progress | None = None
+    task_id: Any = None
+
+    def confirm(preview: PruneReport) -> bool:
+        if show:
+            _show_plan(console, preview)
+        if args.yes:
+            return True
+        return _ask(console, f"delete {len(preview.plan.deleted)} checkpoints?")
+
+    def progress(done: int, total: int, name: str) -> None:
+        nonlocal progress_bar, task_id
+        if not show or not console.is_terminal or total < PROGRESS_AT:
+            return
+        if progress_bar is None:
+            progress_bar = Progress(
+                TextColumn("deleting"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            progress_bar.start()
+            task_id = progress_bar.add_task("", total=total)
+        progress_bar.update(task_id, completed=done, description=name)
+
+    try:
+        report = prune_root(
+            config,
+            root,
+            now=time.time(),
+            dry_run=args.dry_run,
+            force=args.force,
+            history=history,
+            confirm=confirm,
+            progress=progress,
+        )
+    finally:
+        if progress_bar is not None:
+            progress_bar.stop()
+    if show:
+        # The confirmation step showed the plan already unless there was nothing to confirm.
+        confirmed_shown = bool(report.plan.deleted) and not report.dry_run
+        if report.refused is not None or not confirmed_shown:
+            _show_plan(console, report)
+        if report.extra.get("aborted"):
+            console.print("nothing deleted")
+        elif report.refused is None:
+            console.print(_summary(report))
+    return report

@@ -1,0 +1,567 @@
+"""The invariants no policy can override (DESIGN.md, "Safety").
+
+Two steps, both taking values:
+
+- `gather_facts(root_path, now=, trainer_pid_file=, trainer_cmdline=)` makes **one pass** over
+  /proc (fd links, `maps`, cwd of every process) and records every process that holds
+  something under the root, which of them is the trainer, and who could not be inspected.
+- `guard(plan, facts, settings)` returns the plan with every deletion the invariants forbid
+  turned into a keep (with the reason), or raises `RootRefused` when the whole root must be left
+  alone (the trainer holds the newest checkpoint, it is still settling, a limit tripped).
+
+Right before deleting, the deleter calls `recheck(root_path, entries)`: a second pass that looks
+only for the entries about to go (about 2 ms for 80 processes here), and renames them within
+`prune.RECHECK_SECONDS` of it.
+
+Who counts as holding when a process cannot be inspected (`PermissionError` on /proc/PID/fd,
+maps or cwd — when ckptd does not run as root, or lacks a capability the process has):
+
+- kernel threads (PF_KTHREAD) and zombies never hold files: they have no file table to read;
+- PID 1 (init, or a sandbox's init that is more privileged than ckptd and so unreadable even
+  to root) never opens a training checkpoint, nor does a fork of it that has not exec'd yet
+  (same command line);
+- a process caught mid-exec is briefly unreadable: unreadable processes are looked at once more
+  after 50 ms, and only one that stays unreadable counts;
+- any other process counts as holding **every** checkpoint of the root if its user could reach
+  the root at all: uid 0, the root's owner, a member of the root's group with `g+x`, or anyone
+  when the root has `o+x`. A process of a user who cannot even enter the root cannot hold a file
+  in it, so it does not veto. As root (with CAP_SYS_PTRACE) ckptd reads every process but
+  PID 1 of a sandbox, so in practice the rule only matters for an unprivileged ckptd.
+
+Processes in another mount namespace (containers) report paths in their own namespace; ckptd
+compares them as given, so a container that mounts the root elsewhere is not seen. Run ckptd in
+the trainer's namespace, or name the trainer with `trainer.pid_file`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat as stat_module
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+import psutil
+
+from daemon.errors import SafetyRefusal
+from policies.model import Checkpoint, Decision, Plan
+
+TRASH_DIRECTORY = ".ckptd-trash"
+PF_KTHREAD = 0x00200000
+PROC = "/proc"
+UNSEEN_RETRY_SECONDS = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """One process holding something under the root, and how ("open", "mmap", "cwd", "unknown")."""
+
+    pid: int
+    create_time: float
+    cmdline: str
+    how: str
+    path: str  # the path held, or "" when the process could not be inspected
+
+    def describe(self) -> str:
+        """Given a holder, return `pid N (cmd)` as used in reasons and messages."""
+        command = self.cmdline if len(self.cmdline) <= 60 else self.cmdline[:57] + "..."
+        return f"pid {self.pid} ({command})"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """A process as the trainer: PID plus create time, so a reused PID is someone else."""
+
+    pid: int
+    create_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class SafetySettings:
+    """The per-root safety knobs (`settings_for` in daemon.config) plus the run's --force."""
+
+    min_keep: int = 3
+    max_delete_fraction: float = 0.9
+    settle_seconds: float = 60.0
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Given one pass over the processes at `now`: who holds what under `root_path`.
+
+    `holders` maps a name directly inside the root (a checkpoint entry) to the processes
+    holding something in it; `everywhere` lists processes that could not be inspected and so
+    count as holding every entry; `trainers` the processes identified as the trainer.
+    """
+
+    root_path: str
+    now: float
+    holders: Mapping[str, tuple[Holder, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    everywhere: tuple[Holder, ...] = ()
+    trainers: frozenset[ProcessIdentity] = frozenset()
+    notes: tuple[str, ...] = ()
+
+    def holders_of(self, checkpoint: Checkpoint) -> tuple[Holder, ...]:
+        """Given a checkpoint, return every process known to hold one of its entries."""
+        found: list[Holder] = []
+        for member in checkpoint.members:
+            found.extend(self.holders.get(member, ()))
+        found.extend(self.everywhere)
+        return tuple(found)
+
+    def is_trainer(self, holder: Holder) -> bool:
+        return ProcessIdentity(holder.pid, holder.create_time) in self.trainers
+
+
+class RootRefused(SafetyRefusal):
+    """The whole root is refused for this run; `holders` names the processes involved."""
+
+    def __init__(self, root: str, reason: str, holders: tuple[Holder, ...] = ()) -> None:
+        self.root = root
+        self.reason = reason
+        self.holders = holders
+        super().__init__(f"refusing to prune {root}: {reason}")
+
+
+# --- reading /proc -----------------------------------------------------------------------------
+
+
+def _process_ids() -> list[int]:
+    return [int(name) for name in os.listdir(PROC) if name.isdigit()]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Given a PID, return the fields of /proc/PID/stat after the command name, or None."""
+    try:
+        with open(f"{PROC}/{pid}/stat", "rb") as handle:
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses; it ends at the last ")".
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _is_kernel_thread_or_zombie(fields: list[str] | None) -> bool:
+    if fields is None:
+        return True  # gone already
+    state, flags = fields[0], int(fields[6])
+    return state in ("Z", "X") or bool(flags & PF_KTHREAD)
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
+        return 0.0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"{PROC}/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return "?"
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    if text:
+        return text
+    try:
+        with open(f"{PROC}/{pid}/comm", "rb") as handle:
+            return "[" + handle.read().decode(errors="replace").strip() + "]"
+    except OSError:
+        return "?"
+
+
+def _held_paths(pid: int, prefix: bytes) -> tuple[list[tuple[str, str]], bool]:
+    """Given a PID, return ([(how, path)], inspectable) for its cwd, open files and maps.
+
+    Only map lines containing `prefix` (the root) are parsed: a big process maps thousands of
+    libraries, and splitting every line would cost more than the whole rest of the pass.
+    """
+    held: list[tuple[str, str]] = []
+    denied = False
+    try:
+        held.append(("cwd", os.readlink(f"{PROC}/{pid}/cwd")))
+    except PermissionError:
+        denied = True
+    except OSError:
+        pass
+    fd_folder = f"{PROC}/{pid}/fd"
+    try:
+        descriptors = os.listdir(fd_folder)
+    except PermissionError:
+        denied = True
+        descriptors = []
+    except OSError:
+        descriptors = []
+    for descriptor in descriptors:
+        try:
+            held.append(("open", os.readlink(f"{fd_folder}/{descriptor}")))
+        except PermissionError:
+            denied = True
+        except OSError:
+            pass
+    try:
+        with open(f"{PROC}/{pid}/maps", "rb") as handle:
+            maps = handle.read()
+    except PermissionError:
+        denied = True
+        maps = b""
+    except OSError:
+        maps = b""
+    if prefix not in maps:
+        return held, not denied
+    for line in maps.splitlines():
+        if prefix not in line:
+            continue
+        # address perms offset dev inode pathname — the path is the sixth field and may hold spaces.
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith(b"/"):
+            held.append(("mmap", parts[5].decode(errors="replace")))
+    return held, not denied
+
+
+def _entry_under(root_path: str, path: str) -> str | None:
+    """Given the root and a path a process holds, return the root entry containing it, or None."""
+    if path.endswith(" (deleted)"):
+        path = path[: -len(" (deleted)")]
+    prefix = root_path.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return None
+    return path[len(prefix) :].split("/", 1)[0]
+
+
+def _uid_could_reach(pid: int, root_status: os.stat_result) -> bool:
+    """Given an uninspectable process, return whether its user could enter the root at all."""
+    try:
+        with open(f"{PROC}/{pid}/status", encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return True
+    ids: dict[str, list[int]] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid", "Groups"):
+            ids[key] = [int(number) for number in value.split()]
+    uids = ids.get("Uid", [0])
+    gids = ids.get("Gid", []) + ids.get("Groups", [])
+    mode = root_status.st_mode
+    if 0 in uids or root_status.st_uid in uids:
+        return True
+    if root_status.st_gid in gids and mode & stat_module.S_IXGRP:
+        return True
+    return bool(mode & stat_module.S_IXOTH)
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+def find_trainers(
+    holders: Iterable[Holder],
+    *,
+    pid_file: str | None,
+    cmdline_pattern: str | None,
+    pid_file_create_time: float | None = None,
+) -> frozenset[ProcessIdentity]:
+    """Given the root's holders and the trainer config, return the trainer's identities.
+
+    `pid_file`: the PID in it, if that process is alive; its create time is read now (or taken
+    from `pid_file_create_time`, which a caller remembered from when it first saw the trainer —
+    then a PID reused by another program does not match). `cmdline`: every process whose
+    command line matches the regex. Neither: every process holding something under the root.
+    """
+    if pid_file is not None:
+        try:
+            with open(pid_file, encoding="utf-8") as handle:
+                pid = int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return frozenset()
+        create_time = _create_time(pid)
+        if create_time == 0.0:
+            return frozenset()
+        if pid_file_create_time is not None and abs(create_time - pid_file_create_time) > 0.01:
+            return frozenset()
+        return frozenset({ProcessIdentity(pid, create_time)})
+    if cmdline_pattern is not None:
+        pattern = re.compile(cmdline_pattern)
+        identities: set[ProcessIdentity] = set()
+        for pid in _process_ids():
+            command = _cmdline(pid)
+            if pattern.search(command):
+                create_time = _create_time(pid)
+                if create_time:
+                    identities.add(ProcessIdentity(pid, create_time))
+        return frozenset(identities)
+    return frozenset(ProcessIdentity(holder.pid, holder.create_time) for holder in holders)
+
+
+# --- gathering facts ---------------------------------------------------------------------------
+
+
+def _match(
+    root_path: str, wanted: frozenset[str] | None, held: list[tuple[str, str]]
+) -> list[tuple[str, str, str]]:
+    matches: list[tuple[str, str, str]] = []
+    for how, path in held:
+        entry = _entry_under(root_path, path)
+        if entry is None or entry == TRASH_DIRECTORY:
+            continue
+        if wanted is not None and entry not in wanted:
+            continue
+        matches.append((entry, how, path))
+    return matches
+
+
+def _could_hold_unseen(pid: int, root_status: os.stat_result | None, init_command: str) -> bool:
+    """Given a process that could not be inspected, return whether it counts as holding."""
+    if pid == 1 or _is_kernel_thread_or_zombie(_stat_fields(pid)):
+        return False
+    if _cmdline(pid) == init_command:
+        return False  # a fork of init that has not exec'd yet
+    return root_status is None or _uid_could_reach(pid, root_status)
+
+
+def _scan_processes(
+    root_path: str, wanted: frozenset[str] | None
+) -> tuple[dict[str, list[Holder]], list[Holder]]:
+    """Given the root (and optionally only some of its entries), return holders by entry."""
+    own_pid = os.getpid()
+    try:
+        root_status: os.stat_result | None = os.stat(root_path)
+    except OSError:
+        root_status = None
+    init_command = _cmdline(1)
+    prefix = (root_path.rstrip("/") + "/").encode()
+    by_entry: dict[str, list[Holder]] = {}
+    unseen: list[int] = []
+
+    def add(pid: int, matches: list[tuple[str, str, str]]) -> None:
+        create_time = _create_time(pid)
+        command = _cmdline(pid)
+        seen: set[tuple[str, str]] = set()
+        for entry, how, path in matches:
+            if (entry, how) not in seen:
+                seen.add((entry, how))
+                by_entry.setdefault(entry, []).append(Holder(pid, create_time, command, how, path))
+
+    for pid in _process_ids():
+        if pid == own_pid:
+            continue
+        held, inspectable = _held_paths(pid, prefix)
+        matches = _match(root_path, wanted, held)
+        if matches:
+            add(pid, matches)
+        elif not inspectable and _could_hold_unseen(pid, root_status, init_command):
+            unseen.append(pid)
+
+    everywhere: list[Holder] = []
+    if unseen:
+        # A process caught mid-exec (credentials changing) is briefly unreadable; look again
+        # once. Only one that stays unreadable counts as holding.
+        time.sleep(UNSEEN_RETRY_SECONDS)
+        for pid in unseen:
+            held, inspectable = _held_paths(pid, prefix)
+            matches = _match(root_path, wanted, held)
+            if matches:
+                add(pid, matches)
+            elif not inspectable and _could_hold_unseen(pid, root_status, init_command):
+                everywhere.append(Holder(pid, _create_time(pid), _cmdline(pid), "unknown", ""))
+    return by_entry, everywhere
+
+
+def gather_facts(
+    root_path: str,
+    *,
+    now: float,
+    trainer_pid_file: str | None = None,
+    trainer_cmdline: str | None = None,
+    trainer_create_time: float | None = None,
+) -> Facts:
+    """Given a root and the trainer config, return who holds what under it, in one pass."""
+    root_path = os.path.realpath(root_path)
+    by_entry, everywhere = _scan_processes(root_path, None)
+    all_holders = [holder for holders in by_entry.values() for holder in holders]
+    trainers = find_trainers(
+        all_holders,
+        pid_file=trainer_pid_file,
+        cmdline_pattern=trainer_cmdline,
+        pid_file_create_time=trainer_create_time,
+    )
+    notes: list[str] = []
+    if everywhere:
+        notes.append(
+            f"{len(everywhere)} process(es) could not be inspected and count as holding: "
+            + ", ".join(holder.describe() for holder in everywhere[:5])
+        )
+    return Facts(
+        root_path=root_path,
+        now=now,
+        holders=MappingProxyType({key: tuple(value) for key, value in by_entry.items()}),
+        everywhere=tuple(everywhere),
+        trainers=trainers,
+        notes=tuple(notes),
+    )
+
+
+def recheck(root_path: str, entries: Iterable[str], *, now: float = 0.0) -> Facts:
+    """Given a root and the entries about to be deleted, return who holds any of them now.
+
+    The deleter's last-moment check: one pass over the processes that looks only for these
+    entries (no trainer identification, no notes).
+    """
+    real_root = os.path.realpath(root_path)
+    by_entry, everywhere = _scan_processes(real_root, frozenset(entries))
+    return Facts(
+        root_path=real_root,
+        now=now,
+        holders=MappingProxyType({key: tuple(value) for key, value in by_entry.items()}),
+        everywhere=tuple(everywhere),
+    )
+
+
+def holders_of(root_path: str, members: Iterable[str]) -> tuple[Holder, ...]:
+    """Given a root and a checkpoint's entries, return every process holding one of them now."""
+    by_entry, everywhere = _scan_processes(os.path.realpath(root_path), frozenset(members))
+    return tuple(holder for holders in by_entry.values() for holder in holders) + tuple(everywhere)
+
+
+# --- the guard ---------------------------------------------------------------------------------
+
+
+def _is_direct_entry(name: str) -> bool:
+    """Given an entry name, return whether it names something directly inside a root."""
+    return (
+        bool(name)
+        and "/" not in name
+        and "\0" not in name
+        and name not in (".", "..")
+        and name != TRASH_DIRECTORY
+    )
+
+
+def _is_settling(checkpoint: Checkpoint, now: float, settle_seconds: float) -> bool:
+    if checkpoint.complete:
+        return False
+    reason = (checkpoint.incomplete_reason or "").lower()
+    return reason.startswith("settling") or (
+        checkpoint.mtime > 0 and now - checkpoint.mtime < settle_seconds
+    )
+
+
+def _newest_by_series(decisions: Iterable[Decision], *, complete_only: bool) -> set[str]:
+    newest: dict[str, Checkpoint] = {}
+    for decision in decisions:
+        checkpoint = decision.checkpoint
+        if complete_only and not checkpoint.complete:
+            continue
+        current = newest.get(checkpoint.series)
+        if current is None or checkpoint.step > current.step:
+            newest[checkpoint.series] = checkpoint
+    return {checkpoint.name for checkpoint in newest.values()}
+
+
+def _kept(decision: Decision, *reasons: str) -> Decision:
+    """Given a decision the guard overrides, return it as kept with the guard's reasons first."""
+    carried = decision.reasons if decision.keep else ()
+    merged = tuple(dict.fromkeys((*reasons, *carried)))
+    return replace(decision, keep=True, reasons=merged)
+
+
+def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused | None:
+    """Given a plan and the facts, return why the whole root must be left alone, or None.
+
+    The trainer holding (open file, map, cwd) the newest checkpoint of any series, or that
+    newest checkpoint still settling, refuses the root: the trainer is mid-save or mid-resume.
+    """
+    newest = _newest_by_series(plan.decisions, complete_only=False)
+    for decision in plan.decisions:
+        checkpoint = decision.checkpoint
+        if checkpoint.name not in newest:
+            continue
+        if _is_settling(checkpoint, facts.now, settings.settle_seconds):
+            why = checkpoint.incomplete_reason or "written less than settle_seconds ago"
+            return RootRefused(
+                plan.root, f"the newest checkpoint {checkpoint.name} is still settling ({why})"
+            )
+        trainer_holders = tuple(
+            holder for holder in facts.holders_of(checkpoint) if facts.is_trainer(holder)
+        )
+        if trainer_holders:
+            holder = trainer_holders[0]
+            return RootRefused(
+                plan.root,
+                f"the trainer {holder.describe()} holds the newest checkpoint "
+                f"{checkpoint.name} ({holder.how} {holder.path})",
+                trainer_holders,
+            )
+    return None
+
+
+def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
+    """Given a policy's plan, the facts and the settings, return the plan the invariants allow.
+
+    Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
+    pinned, held by a process or not a plain entry directly inside the root become keeps with
+    the reason; then the newest deletions are kept back until `min_keep` survive. Raises
+    `RootRefused` when the trainer holds or is still writing the newest checkpoint, or when the
+    run would delete more than `max_delete_fraction` of the root without `force`.
+    """
+    refused = refusal(plan, facts, settings)
+    if refused is not None:
+        raise refused
+    newest_complete = _newest_by_series(plan.decisions, complete_only=True)
+    guarded: list[Decision] = []
+    for decision in plan.decisions:
+        if decision.keep:
+            guarded.append(decision)
+            continue
+        checkpoint = decision.checkpoint
+        reasons: list[str] = []
+        if checkpoint.name in newest_complete:
+            reasons.append("newest")
+        if not checkpoint.complete:
+            reasons.append("incomplete")
+        if checkpoint.tracked_by:
+            reasons.append("tracked")
+        if checkpoint.pinned_by:
+            reasons.append("pinned")
+        bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
+        if bad or not _is_direct_entry(checkpoint.name):
+            reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
+        for holder in facts.holders_of(checkpoint):
+            reasons.append(f"in-use:{holder.describe()}")
+        guarded.append(_kept(decision, *reasons) if reasons else decision)
+
+    # min_keep: the policy may thin a root to nothing; keep back the newest deletions.
+    survivors = sum(1 for decision in guarded if decision.keep)
+    if survivors < settings.min_keep:
+        deleted_newest_first = sorted(
+            (index for index, decision in enumerate(guarded) if not decision.keep),
+            key=lambda index: guarded[index].checkpoint.step,
+            reverse=True,
+        )
+        for index in deleted_newest_first[: settings.min_keep - survivors]:
+            guarded[index] = _kept(guarded[index], f"min_keep:{settings.min_keep}")
+
+    deleting = sum(1 for decision in guarded if not decision.keep)
+    total = len(guarded)
+    if total and deleting / total > settings.max_delete_fraction and not settings.force:
+        raise RootRefused(
+            plan.root,
+            f"the plan deletes {deleting} of {total} checkpoints "
+            f"({deleting / total:.0%}), more than max_delete_fraction "
+            f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
+        )
+    return replace(plan, decisions=tuple(guarded))
+
+
+def vetoed(before: Plan, after: Plan) -> tuple[Decision, ...]:
+    """Given the policy's plan and the guarded one, return the deletions the guard turned down."""
+    planned_deletions = {decision.checkpoint.name for decision in before.deleted}
+    return tuple(
+        decision
+        for decision in after.decisions
+        if decision.keep and decision.checkpoint.name in planned_deletions
+    )

@@ -1,0 +1,150 @@
+"""`ckptd history` and `ckptd trash` through the real CLI, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from daemon import trash
+from daemon.history import HistoryLog
+
+
+def run(
+    command: list[str], arguments: list[str], env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *arguments], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def write_history(path: Path) -> None:
+    with HistoryLog(str(path)) as history:
+        history.write(
+            "delete",
+            time=1_800_000_000.0,
+            root="/data/run",
+            checkpoint="checkpoint-1100",
+            step=1100,
+            bytes_freed=3_600_000_000,
+            why=["tier3:every-1000: 2000 represents the bucket"],
+        )
+        history.write(
+            "veto",
+            root="/data/run",
+            checkpoint="checkpoint-1200",
+            reason="in-use:pid 7 (python eval.py)",
+        )
+        history.write(
+            "prune_run", root="/data/run", deleted=1, kept=43, vetoed=1, failed=0, seconds=0.5
+        )
+
+
+def test_history_table_newest_last_and_json_lines(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    write_history(tmp_path / "state" / "ckptd" / "history.jsonl")
+    table = run(ckptd_command, ["history"], cli_env)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "checkpoint-1100" in table.stdout and "3.6 GB" in table.stdout
+    assert "tier3:every-1000" in table.stdout and "in-use:pid 7" in table.stdout
+    assert [index for index, line in enumerate(lines) if "prune_run" in line] == [len(lines) - 1]
+    last_two = run(ckptd_command, ["history", "-n", "2", "--json"], cli_env)
+    records = [json.loads(line) for line in last_two.stdout.splitlines()]
+    assert [r["event"] for r in records] == ["veto", "prune_run"]
+
+
+def test_history_reads_the_configs_history_file(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    history_file = tmp_path / "log" / "history.jsonl"
+    write_history(history_file)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nhistory_file: {history_file}\n"
+        f"snapshots: {{enabled: false}}\nroots: []\n"
+    )
+    result = run(ckptd_command, ["history", "--config", str(config), "--json"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+
+
+def test_history_follow_survives_rotation(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    path = tmp_path / "state" / "ckptd" / "history.jsonl"
+    history = HistoryLog(str(path))
+    history.write("prune_run", deleted=0)
+    follower = subprocess.Popen(
+        [*ckptd_command, "history", "--follow", "--json", "-n", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=cli_env,
+    )
+    try:
+        time.sleep(1.0)  # let it reach the end of the file
+        history.write("delete", checkpoint="before-rotation")
+        os.rename(path, str(path) + ".1")  # logrotate, no copytruncate
+        history.write("delete", checkpoint="after-rotation")
+        assert follower.stdout is not None
+        seen = [json.loads(follower.stdout.readline())["checkpoint"] for _ in range(2)]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        history.close()
+    assert seen == ["before-rotation", "after-rotation"]
+
+
+def make_trashed(root: Path, name: str, now: float) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "model.bin").write_bytes(b"m" * 500)
+    trash.move_to_trash(str(root), name, [name], now=now)
+
+
+def test_trash_list_restore_purge(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    root = tmp_path / "run"
+    make_trashed(root, "checkpoint-100", time.time())
+    make_trashed(root, "checkpoint-200", time.time())
+    listed = run(ckptd_command, ["trash", "list", "--root", str(root), "--json"], cli_env)
+    assert listed.returncode == 0, listed.stderr
+    assert [item["name"] for item in json.loads(listed.stdout)] == [
+        "checkpoint-100",
+        "checkpoint-200",
+    ]
+    human = run(ckptd_command, ["trash", "list", "--root", str(root)], cli_env)
+    assert "checkpoint-200" in human.stdout and "500 B" in human.stdout
+
+    restored = run(
+        ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert (root / "checkpoint-100" / "model.bin").read_bytes() == b"m" * 500
+    again = run(ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env)
+    assert again.returncode == 2 and "no checkpoint named" in again.stderr
+
+    purged = run(ckptd_command, ["trash", "purge", "--root", str(root)], cli_env)
+    assert purged.returncode == 0, purged.stderr
+    assert "removed 1" in purged.stdout and "500 B" in purged.stdout
+    assert trash.list_trash(str(root)) == []
+    assert (root / "checkpoint-100").exists()
+
+
+def test_restore_refuses_a_name_that_is_taken(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    root = tmp_path / "run"
+    make_trashed(root, "checkpoint-100", time.time())
+    (root / "checkpoint-100").mkdir()
+    result = run(
+        ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env
+    )
+    assert result.returncode == 2 and "already exists" in result.stderr

@@ -1,0 +1,334 @@
+"""The deleter on real temporary filesystems: trash first, symlinks, errors, honest bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import prune, safety, trash
+from daemon.fsio import LocalFileSystem
+from daemon.history import HistoryLog, read_records
+from policies.model import Checkpoint, Decision, Plan
+
+NOW = 1_800_000_000.0
+FILE_BYTES = 3000
+
+
+def make_checkpoint(root: Path, step: int, files: int = 3) -> Checkpoint:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for index in range(files):
+        (folder / f"shard-{index}.bin").write_bytes(bytes([step % 256]) * FILE_BYTES)
+    (folder / "nested").mkdir()
+    (folder / "nested" / "optimizer.pt").write_bytes(b"o" * FILE_BYTES)
+    size = FILE_BYTES * (files + 1)
+    return Checkpoint(
+        name=folder.name, step=step, size_bytes=size, freeable_bytes=size, mtime=NOW - 3600
+    )
+
+
+def plan_of(root: Path, keep: list[Checkpoint], delete: list[Checkpoint]) -> Plan:
+    decisions = [Decision(c, True, ("tier1",), 1) for c in keep]
+    decisions += [
+        Decision(c, False, ("tier3:every-1000: 1000 represents the bucket",), 3) for c in delete
+    ]
+    decisions.sort(key=lambda d: d.checkpoint.step)
+    return Plan(root=str(root), decisions=tuple(decisions))
+
+
+def no_holders(root: str, _entries: object) -> safety.Facts:
+    return safety.Facts(root_path=root, now=NOW)
+
+
+def run_apply(root: Path, plan: Plan, **options: object) -> prune.ApplyResult:
+    arguments: dict[str, object] = {"dry_run": False, "now": NOW, "holders_check": no_holders}
+    arguments.update(options)
+    return prune.apply(plan, str(root), **arguments)  # type: ignore[arg-type]
+
+
+def test_deletes_exactly_the_planned_checkpoints_and_reports_their_bytes(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300, 400)]
+    history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}-history.jsonl"))
+    plan = plan_of(tmp_path, checkpoints[2:], checkpoints[:2])
+    result = run_apply(tmp_path, plan, history=history, policy={"keep_last": 2})
+    history.close()
+    assert result.deleted == ("checkpoint-100", "checkpoint-200")
+    assert result.bytes_freed == 2 * 4 * FILE_BYTES
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".ckptd-trash",
+        "checkpoint-300",
+        "checkpoint-400",
+    ]
+    assert list((tmp_path / ".ckptd-trash").iterdir()) == []
+    records = read_records(history.path)
+    assert [r["checkpoint"] for r in records if r["event"] == "delete"] == [
+        "checkpoint-100",
+        "checkpoint-200",
+    ]
+    first = records[0]
+    assert first["step"] == 100 and first["bytes_freed"] == 4 * FILE_BYTES
+    assert first["why"] == ["tier3:every-1000: 1000 represents the bucket"]
+    assert first["policy"] == {"keep_last": 2}
+    assert first["time"].endswith("+00:00")
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), dry_run=True)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert result.deleted == () and result.bytes_freed == 0
+    assert result.would_delete == ("checkpoint-100", "checkpoint-200")
+    assert result.would_free == 2 * 4 * FILE_BYTES
+
+
+def test_a_symlink_inside_a_checkpoint_loses_only_the_link(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "dataset.bin").write_bytes(b"precious" * 100)
+    (outside / "folder").mkdir()
+    (outside / "folder" / "inner.bin").write_bytes(b"also precious")
+    checkpoint = make_checkpoint(root, 100)
+    (root / "checkpoint-100" / "data-link").symlink_to(outside / "dataset.bin")
+    (root / "checkpoint-100" / "folder-link").symlink_to(outside / "folder")
+    result = run_apply(root, plan_of(root, [], [checkpoint]))
+    assert result.deleted == ("checkpoint-100",)
+    assert not (root / "checkpoint-100").exists()
+    assert (outside / "dataset.bin").read_bytes() == b"precious" * 100
+    assert (outside / "folder" / "inner.bin").read_bytes() == b"also precious"
+
+
+def test_a_multi_file_checkpoint_goes_whole(tmp_path: Path) -> None:
+    for name in ("ckpt-5.index", "ckpt-5.data-00000-of-00002", "ckpt-5.data-00001-of-00002"):
+        (tmp_path / name).write_bytes(b"t" * 100)
+    (tmp_path / "ckpt-6.index").write_bytes(b"keep")
+    checkpoint = Checkpoint(
+        name="ckpt-5",
+        step=5,
+        entries=("ckpt-5.data-00000-of-00002", "ckpt-5.data-00001-of-00002", "ckpt-5.index"),
+        freeable_bytes=300,
+    )
+    result = run_apply(tmp_path, plan_of(tmp_path, [], [checkpoint]), trash_grace=3600)
+    assert result.trashed == ("ckpt-5",) and result.bytes_freed == 0
+    assert result.bytes_in_trash == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckptd-trash", "ckpt-6.index"]
+    (item,) = trash.list_trash(str(tmp_path))
+    assert item.name == "ckpt-5" and len(item.members) == 3
+    trash.restore(str(tmp_path), "ckpt-5")
+    assert (tmp_path / "ckpt-5.index").read_bytes() == b"t" * 100
+
+
+def test_a_process_holding_the_checkpoint_at_the_last_moment_vetoes_it(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; h = open(sys.argv[1]); print('ready', flush=True); time.sleep(60)",
+            str(tmp_path / "checkpoint-100" / "shard-0.bin"),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
+        history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}-veto.jsonl"))
+        result = prune.apply(
+            plan_of(tmp_path, [], checkpoints),
+            str(tmp_path),
+            dry_run=False,
+            now=NOW,
+            history=history,
+        )
+        history.close()
+    finally:
+        reader.kill()
+        reader.wait()
+    assert result.deleted == ("checkpoint-200",)
+    ((name, reason),) = result.vetoed
+    assert name == "checkpoint-100" and reason.startswith(f"in-use:pid {reader.pid} (")
+    assert (tmp_path / "checkpoint-100" / "shard-0.bin").exists()
+    assert result.bytes_freed == 4 * FILE_BYTES
+    (veto,) = [r for r in read_records(history.path) if r["event"] == "veto"]
+    assert veto["pid"] == reader.pid and "python" in veto["cmdline"]
+
+
+class FailingFileSystem(LocalFileSystem):
+    """The real filesystem, except for the failures a test asks for."""
+
+    def __init__(
+        self,
+        rename_error: Callable[[str], OSError | None] | None = None,
+        remove_error: Callable[[str], OSError | None] | None = None,
+    ) -> None:
+        self.rename_error = rename_error
+        self.remove_error = remove_error
+
+    def rename(self, source: str, destination: str) -> None:
+        error = self.rename_error(source) if self.rename_error else None
+        if error is not None:
+            raise error
+        super().rename(source, destination)
+
+    def remove_tree(
+        self, path: str, on_error: Callable[[str, OSError], None] | None = None
+    ) -> None:
+        def guarded(current: str, error: OSError) -> None:
+            if on_error is None:
+                raise error
+            on_error(current, error)
+
+        # Fail on chosen files inside the tree, like a file the deleter may not unlink.
+        for directory, _folders, files in os.walk(path):
+            for name in files:
+                full = os.path.join(directory, name)
+                error = self.remove_error(full) if self.remove_error else None
+                if error is not None:
+                    guarded(full, error)
+                    return
+        super().remove_tree(path, on_error)
+
+
+def test_permission_denied_on_one_checkpoint_fails_it_and_goes_on(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300)]
+    denied = str(tmp_path / "checkpoint-200")
+    fs = FailingFileSystem(
+        rename_error=lambda source: (
+            PermissionError(errno.EACCES, "Permission denied", source) if source == denied else None
+        )
+    )
+    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), fs=fs)
+    assert result.deleted == ("checkpoint-100", "checkpoint-300")
+    ((name, message),) = result.failed
+    assert name == "checkpoint-200" and "Permission denied" in message
+    assert result.bytes_freed == 2 * 4 * FILE_BYTES
+    assert (tmp_path / "checkpoint-200" / "shard-0.bin").exists()
+
+
+def test_a_partly_removed_checkpoint_is_failed_and_frees_nothing_claimed(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    fs = FailingFileSystem(
+        remove_error=lambda path: (
+            PermissionError(errno.EACCES, "Permission denied", path)
+            if "checkpoint-100" in path and path.endswith("shard-1.bin")
+            else None
+        )
+    )
+    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), fs=fs)
+    assert result.deleted == ("checkpoint-200",)
+    assert result.partial == ("checkpoint-100",)
+    assert "partly removed" in result.failed[0][1]
+    assert result.bytes_freed == 4 * FILE_BYTES  # only checkpoint-200's
+    assert not (tmp_path / "checkpoint-100").exists()  # out of the root, remains in the trash
+    (item,) = trash.list_trash(str(tmp_path))
+    assert item.name == "checkpoint-100"
+
+
+def test_a_checkpoint_vanishing_before_its_deletion_is_reported_not_counted(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+
+    def vanish(source: str) -> OSError | None:
+        if source.endswith("checkpoint-100"):
+            os.system(f"rm -rf '{source}'")  # someone else deleted it just now
+        return None
+
+    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), fs=FailingFileSystem(vanish))
+    assert result.deleted == ("checkpoint-200",)
+    assert result.failed[0][0] == "checkpoint-100"
+    assert "No such file" in result.failed[0][1]
+    assert result.bytes_freed == 4 * FILE_BYTES
+
+
+def test_files_vanishing_mid_delete_are_not_errors(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100,)]
+
+    class Racing(LocalFileSystem):
+        def remove_tree(
+            self, path: str, on_error: Callable[[str, OSError], None] | None = None
+        ) -> None:
+            nested = os.path.join(path, "nested")
+            if os.path.isdir(nested):
+                os.system(f"rm -rf '{nested}'")
+            super().remove_tree(path, on_error)
+
+    result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), fs=Racing())
+    assert result.deleted == ("checkpoint-100",) and result.failed == ()
+
+
+@pytest.fixture
+def read_only_root(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_read_only_filesystem_fails_every_deletion_and_frees_nothing(
+    read_only_root: Path,
+) -> None:
+    checkpoints = [make_checkpoint(read_only_root, step) for step in (100, 200)]
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only_root)], check=True)
+    result = run_apply(read_only_root, plan_of(read_only_root, [], checkpoints))
+    assert result.deleted == () and result.bytes_freed == 0
+    assert [name for name, _ in result.failed] == ["checkpoint-100", "checkpoint-200"]
+    assert all("Read-only file system" in message for _, message in result.failed)
+    assert (read_only_root / "checkpoint-100" / "shard-0.bin").exists()
+
+
+def test_stop_finishes_the_current_deletion_and_starts_no_other(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300)]
+    stop = threading.Event()
+
+    class SignalledAfterFirstRename(LocalFileSystem):
+        def rename(self, source: str, destination: str) -> None:
+            super().rename(source, destination)
+            stop.set()  # SIGTERM arrives while the first checkpoint is being deleted
+
+    result = run_apply(
+        tmp_path, plan_of(tmp_path, [], checkpoints), stop=stop, fs=SignalledAfterFirstRename()
+    )
+    # The first is out of the root (its removal is left to the next run's purge), no other started.
+    assert result.deleted == ("checkpoint-100",) and result.trashed == ("checkpoint-100",)
+    assert result.bytes_freed == 0
+    assert result.skipped == ("checkpoint-200", "checkpoint-300")
+    assert (tmp_path / "checkpoint-200" / "shard-0.bin").exists()
+    assert [item.name for item in trash.list_trash(str(tmp_path))] == ["checkpoint-100"]
+
+
+def test_processes_are_looked_at_again_when_moving_takes_long(tmp_path: Path) -> None:
+    checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300, 400)]
+    checked: list[list[str]] = []
+
+    def counting(root: str, entries: object) -> safety.Facts:
+        checked.append(list(entries))  # type: ignore[call-overload]
+        return safety.Facts(root_path=root, now=NOW)
+
+    class SlowRename(LocalFileSystem):
+        def rename(self, source: str, destination: str) -> None:
+            time.sleep(prune.RECHECK_SECONDS * 0.6)
+            super().rename(source, destination)
+
+    result = run_apply(
+        tmp_path, plan_of(tmp_path, [], checkpoints), holders_check=counting, fs=SlowRename()
+    )
+    assert len(result.deleted) == 4
+    # The first check covers all four; later ones only what is still to be moved.
+    assert checked[0] == [c.name for c in checkpoints]
+    assert len(checked) >= 2 and checked[1][-1] == "checkpoint-400" and len(checked[1]) < 4

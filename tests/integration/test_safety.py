@@ -1,0 +1,374 @@
+"""The safety guard: invariants no plan can override, and real processes holding real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon import safety
+from daemon.safety import Facts, Holder, ProcessIdentity, RootRefused, SafetySettings
+from policies.model import Checkpoint, Decision, Plan
+
+NOW = 1_800_000_000.0
+LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, settle_seconds=60, force=False)
+
+
+def make_root(root: Path, steps: list[int]) -> None:
+    for step in steps:
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.bin").write_bytes(b"w" * 4096)
+        (folder / "trainer_state.json").write_text("{}")
+
+
+def delete_all_plan(root: Path, steps: list[int], **overrides: dict[str, object]) -> Plan:
+    """A deliberately broken plan: it deletes every checkpoint it is given."""
+    decisions = []
+    for step in steps:
+        fields: dict[str, object] = {
+            "name": f"checkpoint-{step}",
+            "step": step,
+            "mtime": NOW - 3600,
+        }
+        fields.update(overrides.get(f"checkpoint-{step}", {}))
+        decisions.append(Decision(Checkpoint(**fields), keep=False, reasons=("tier3:every-1000",)))  # type: ignore[arg-type]
+    return Plan(root=str(root), decisions=tuple(decisions))
+
+
+def empty_facts(root: Path) -> Facts:
+    return Facts(root_path=str(root), now=NOW)
+
+
+def by_name(plan: Plan) -> dict[str, Decision]:
+    return {decision.checkpoint.name: decision for decision in plan.decisions}
+
+
+# --- the broken plan ---------------------------------------------------------------------------
+
+
+def test_a_plan_deleting_everything_keeps_newest_incomplete_tracked_pinned(tmp_path: Path) -> None:
+    steps = list(range(100, 1100, 100))
+    plan = delete_all_plan(
+        tmp_path,
+        steps,
+        **{
+            "checkpoint-1000": {"complete": False, "incomplete_reason": "no trainer_state.json"},
+            "checkpoint-300": {"tracked_by": ("latest",)},
+            "checkpoint-200": {"pinned_by": (".keep",)},
+        },
+    )
+    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=0, force=True))
+    decisions = by_name(guarded)
+    # The newest *complete* one is 900: 1000 is incomplete.
+    assert decisions["checkpoint-900"].keep and "newest" in decisions["checkpoint-900"].reasons
+    assert decisions["checkpoint-1000"].keep
+    assert "incomplete" in decisions["checkpoint-1000"].reasons
+    assert decisions["checkpoint-300"].keep and "tracked" in decisions["checkpoint-300"].reasons
+    assert decisions["checkpoint-200"].keep and "pinned" in decisions["checkpoint-200"].reasons
+    deleted = {d.checkpoint.name for d in guarded.deleted}
+    assert deleted == {f"checkpoint-{s}" for s in (100, 400, 500, 600, 700, 800)}
+
+
+def test_min_keep_holds_back_the_newest_deletions(tmp_path: Path) -> None:
+    steps = list(range(100, 1100, 100))
+    plan = delete_all_plan(tmp_path, steps)
+    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=4, force=True))
+    kept = sorted(d.checkpoint.step for d in guarded.kept)
+    assert kept == [700, 800, 900, 1000]
+    assert "min_keep:4" in by_name(guarded)["checkpoint-800"].reasons
+
+
+def test_more_than_max_delete_fraction_refuses_the_root_unless_forced(tmp_path: Path) -> None:
+    steps = list(range(100, 1100, 100))
+    plan = delete_all_plan(tmp_path, steps)
+    settings = SafetySettings(min_keep=1, max_delete_fraction=0.5)
+    with pytest.raises(RootRefused, match="deletes 9 of 10") as refused:
+        safety.guard(plan, empty_facts(tmp_path), settings)
+    assert refused.value.exit_code == 3
+    forced = safety.guard(
+        plan, empty_facts(tmp_path), SafetySettings(min_keep=1, max_delete_fraction=0.5, force=True)
+    )
+    assert len(forced.deleted) == 9
+    # Exactly at the limit is allowed: 5 of 10 at 0.5.
+    half = Plan(
+        root=plan.root,
+        decisions=tuple(
+            d if d.checkpoint.step <= 500 else Decision(d.checkpoint, True, ("tier1",))
+            for d in plan.decisions
+        ),
+    )
+    assert len(safety.guard(half, empty_facts(tmp_path), settings).deleted) == 5
+
+
+@pytest.mark.parametrize("bad", ["../outside", "a/b", "..", ".", ".ckptd-trash", ""])
+def test_entries_not_directly_inside_the_root_are_never_deleted(tmp_path: Path, bad: str) -> None:
+    plan = delete_all_plan(tmp_path, [100, 200, 300])
+    broken = Decision(Checkpoint(name="checkpoint-100", step=100, entries=(bad,)), False, ("x",))
+    plan = Plan(root=plan.root, decisions=(broken, *plan.decisions[1:]))
+    guarded = safety.guard(plan, empty_facts(tmp_path), LENIENT)
+    decision = by_name(guarded)["checkpoint-100"]
+    assert decision.keep
+    assert any(reason.startswith("outside-root:") for reason in decision.reasons)
+
+
+def test_the_newest_still_settling_refuses_the_root(tmp_path: Path) -> None:
+    plan = delete_all_plan(
+        tmp_path,
+        [100, 200, 300],
+        **{"checkpoint-300": {"complete": False, "incomplete_reason": "settling: written 3 s ago"}},
+    )
+    with pytest.raises(RootRefused, match="still settling"):
+        safety.guard(plan, empty_facts(tmp_path), LENIENT)
+    # An incomplete newest that is *not* settling (a crashed save) only keeps itself.
+    stale = delete_all_plan(
+        tmp_path,
+        [100, 200, 300],
+        **{"checkpoint-300": {"complete": False, "incomplete_reason": "no trainer_state.json"}},
+    )
+    guarded = safety.guard(stale, empty_facts(tmp_path), LENIENT)
+    assert by_name(guarded)["checkpoint-300"].keep
+    assert by_name(guarded)["checkpoint-200"].keep  # the newest complete one
+    assert not by_name(guarded)["checkpoint-100"].keep
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+HOLDERS = {
+    "open": "handle = open(sys.argv[1], 'rb')",
+    # libc mmap, then close the descriptor: only the map holds the file (Python's mmap module
+    # would keep a duplicate descriptor open and hide what this test is about).
+    "mmap": (
+        "import ctypes, os; libc = ctypes.CDLL(None); libc.mmap.restype = ctypes.c_void_p; "
+        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, "
+        "ctypes.c_int, ctypes.c_long]; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "address = libc.mmap(None, 4096, 1, 1, fd, 0); os.close(fd); "
+        "assert address not in (None, ctypes.c_void_p(-1).value)"
+    ),
+    "cwd": "import os; os.chdir(os.path.dirname(sys.argv[1]))",
+}
+
+
+def spawn_holder(how: str, path: Path) -> subprocess.Popen[bytes]:
+    """Start a real process that holds `path` (open file, map or cwd) and wait until it does."""
+    code = f"import sys, time; {HOLDERS[how]}; print('ready', flush=True); time.sleep(60)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, cwd="/"
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline().strip() == b"ready"
+    return process
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("how", ["open", "mmap", "cwd"])
+def test_the_trainer_holding_the_newest_refuses_the_root(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], how: str
+) -> None:
+    steps = [100, 200, 300, 400]
+    make_root(tmp_path, steps)
+    trainer = spawn_holder(how, tmp_path / "checkpoint-400" / "model.bin")
+    processes.append(trainer)
+    facts = safety.gather_facts(str(tmp_path), now=NOW)
+    assert ProcessIdentity(trainer.pid, facts.holders["checkpoint-400"][0].create_time) in (
+        facts.trainers
+    )
+    with pytest.raises(RootRefused) as refused:
+        safety.guard(delete_all_plan(tmp_path, steps), facts, LENIENT)
+    assert f"pid {trainer.pid}" in refused.value.reason
+    assert "python" in refused.value.reason  # the command line is named
+    assert refused.value.holders[0].how == how
+    # Once the trainer is gone the same plan goes through (the newest is still kept).
+    trainer.kill()
+    trainer.wait()
+    guarded = safety.guard(
+        delete_all_plan(tmp_path, steps), safety.gather_facts(str(tmp_path), now=NOW), LENIENT
+    )
+    assert [d.checkpoint.step for d in guarded.kept] == [400]
+
+
+@pytest.mark.parametrize("how", ["open", "mmap", "cwd"])
+def test_any_process_holding_an_older_checkpoint_vetoes_it(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]], how: str
+) -> None:
+    steps = [100, 200, 300, 400]
+    make_root(tmp_path, steps)
+    reader = spawn_holder(how, tmp_path / "checkpoint-200" / "model.bin")
+    processes.append(reader)
+    guarded = safety.guard(
+        delete_all_plan(tmp_path, steps), safety.gather_facts(str(tmp_path), now=NOW), LENIENT
+    )
+    decision = by_name(guarded)["checkpoint-200"]
+    assert decision.keep
+    assert any(reason.startswith(f"in-use:pid {reader.pid} (") for reason in decision.reasons)
+    assert {d.checkpoint.name for d in guarded.deleted} == {"checkpoint-100", "checkpoint-300"}
+    # The last-moment re-check sees the same process, and only for that checkpoint.
+    assert [h.pid for h in safety.holders_of(str(tmp_path), ["checkpoint-200"])] == [reader.pid]
+    assert safety.holders_of(str(tmp_path), ["checkpoint-100"]) == ()
+
+
+def test_pid_file_names_the_trainer_and_others_only_veto(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    steps = [100, 200, 300]
+    root = tmp_path / "root"
+    make_root(root, steps)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x").write_text("x")
+    trainer = spawn_holder("open", tmp_path / "elsewhere" / "x")
+    viewer = spawn_holder("open", root / "checkpoint-300" / "model.bin")
+    processes.extend([trainer, viewer])
+    pid_file = tmp_path / "train.pid"
+    pid_file.write_text(f"{trainer.pid}\n")
+    facts = safety.gather_facts(str(root), now=NOW, trainer_pid_file=str(pid_file))
+    assert {identity.pid for identity in facts.trainers} == {trainer.pid}
+    # A viewer of the newest is not the trainer: no refusal, and the newest is kept anyway.
+    guarded = safety.guard(delete_all_plan(root, steps), facts, LENIENT)
+    assert by_name(guarded)["checkpoint-300"].keep
+    # The same viewer named as trainer by its command line refuses the root.
+    pattern = r"python.*-c .*handle = open"
+    by_cmdline = safety.gather_facts(str(root), now=NOW, trainer_cmdline=pattern)
+    assert viewer.pid in {identity.pid for identity in by_cmdline.trainers}
+    with pytest.raises(RootRefused, match=f"pid {viewer.pid}"):
+        safety.guard(delete_all_plan(root, steps), by_cmdline, LENIENT)
+
+
+def test_a_reused_pid_is_not_the_trainer(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    (tmp_path / "f").write_text("x")
+    process = spawn_holder("open", tmp_path / "f")
+    processes.append(process)
+    pid_file = tmp_path / "train.pid"
+    pid_file.write_text(str(process.pid))
+    real = safety.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None)
+    (identity,) = real
+    # The trainer we knew started at another time: the process now behind that PID is not it.
+    remembered = identity.create_time - 30.0
+    assert (
+        safety.find_trainers(
+            [], pid_file=str(pid_file), cmdline_pattern=None, pid_file_create_time=remembered
+        )
+        == frozenset()
+    )
+    # And a holder with the right PID but another create time is not identified as trainer.
+    facts = Facts(root_path=str(tmp_path), now=NOW, trainers=real)
+    impostor = Holder(process.pid, identity.create_time + 5.0, "other", "open", "/x")
+    assert not facts.is_trainer(impostor)
+    assert facts.is_trainer(Holder(process.pid, identity.create_time, "x", "open", "/x"))
+    # A PID file naming a dead process names no trainer.
+    process.kill()
+    process.wait()
+    assert safety.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None) == frozenset()
+
+
+def test_gathering_facts_is_one_cheap_pass(tmp_path: Path) -> None:
+    make_root(tmp_path, [100])
+    started = time.perf_counter()
+    for _ in range(5):
+        safety.gather_facts(str(tmp_path), now=NOW)
+    assert (time.perf_counter() - started) / 5 < 0.5
+
+
+UNINSPECTABLE_PROBE = """
+import json, sys
+from daemon import safety
+facts = safety.gather_facts(sys.argv[1], now=0.0)
+print(json.dumps([[h.pid, h.how] for h in facts.everywhere]))
+"""
+
+
+def _interpreter_for_other_users() -> tuple[str, str]:
+    """An interpreter and PYTHONPATH an unprivileged user can run ckptd's safety module with."""
+    import psutil
+
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = str(Path(psutil.__file__).resolve().parents[1])
+    repository = str(Path(__file__).resolve().parents[2])
+    path = f"{repository}:{site_packages}"
+    candidates = (
+        os.path.realpath(sys.executable),
+        f"/usr/bin/{version}",
+        f"/usr/local/bin/{version}",
+    )
+    for candidate in candidates:
+        try:
+            check = subprocess.run(
+                [candidate, "-c", "import psutil, daemon.safety"],
+                env={"PYTHONPATH": path},
+                user=65534,
+                group=65534,
+                capture_output=True,
+            )
+        except OSError:
+            continue
+        if check.returncode == 0:
+            return candidate, path
+    pytest.skip("no Python interpreter that user nobody may run with psutil and ckptd")
+
+
+def test_uninspectable_processes_count_as_holding_only_when_they_could_reach_the_root(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the probe as another user")
+    base = Path("/tmp") / f"ckptd-safety-{os.getpid()}"
+    root = base / "root"
+    make_root(root, [100])
+    os.chmod(base, 0o755)
+    os.chmod(root, 0o755)
+    try:
+        # A root-owned and another user's process, holding nothing there: the unprivileged
+        # probe (uid 65534) cannot look inside either.
+        (tmp_path / "f").write_text("x")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(tmp_path / "f", 0o644)
+        root_process = spawn_holder("open", tmp_path / "f")
+        interpreter, path = _interpreter_for_other_users()
+        other_user = subprocess.Popen(
+            [interpreter, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+            stdout=subprocess.PIPE,
+            user=1001,
+            group=1001,
+            cwd="/",
+        )
+        processes.extend([root_process, other_user])
+        assert other_user.stdout is not None and other_user.stdout.readline() == b"ready\n"
+
+        def probe() -> set[int]:
+            result = subprocess.run(
+                [interpreter, "-c", UNINSPECTABLE_PROBE, str(root)],
+                capture_output=True,
+                text=True,
+                env={"PYTHONPATH": path, "PATH": "/usr/bin:/bin"},
+                user=65534,
+                group=65534,
+                check=True,
+            )
+            return {int(pid) for pid, _how in json.loads(result.stdout)}
+
+        # The root is o+x: anyone could hold a file in it, so both count; kernel threads never.
+        counted = probe()
+        assert {root_process.pid, other_user.pid} <= counted
+        assert 2 not in counted  # kthreadd
+        # A root only its owner (root) may enter: uid 1001 cannot hold anything in it.
+        os.chmod(root, 0o700)
+        counted = probe()
+        assert root_process.pid in counted
+        assert other_user.pid not in counted
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=True)

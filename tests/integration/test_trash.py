@@ -1,0 +1,136 @@
+"""The trash: grace, list, restore, purge, empty under disk pressure, and crash leftovers."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon import trash
+from daemon.errors import UsageError
+from daemon.history import HistoryLog, read_records
+
+NOW = 1_800_000_000.0
+
+
+def make(root: Path, name: str, content: bytes = b"x" * 1000) -> None:
+    (root / name).mkdir(parents=True)
+    (root / name / "weights.bin").write_bytes(content)
+    (root / name / "trainer_state.json").write_text("{}")
+
+
+def test_moved_items_wait_for_the_grace_then_purge_frees_their_bytes(tmp_path: Path) -> None:
+    make(tmp_path, "checkpoint-100")
+    make(tmp_path, "checkpoint-200")
+    trash.move_to_trash(str(tmp_path), "checkpoint-100", ["checkpoint-100"], now=NOW)
+    trash.move_to_trash(str(tmp_path), "checkpoint-200", ["checkpoint-200"], now=NOW + 600)
+    items = trash.list_trash(str(tmp_path))
+    assert [(i.name, i.deleted_at, i.state) for i in items] == [
+        ("checkpoint-100", NOW, "trashed"),
+        ("checkpoint-200", NOW + 600, "trashed"),
+    ]
+    assert items[0].bytes == 1002  # weights + "{}"
+    history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}.jsonl"))
+    early = trash.purge(str(tmp_path), now=NOW + 3599, grace=3600, history=history)
+    assert early.removed == ()
+    result = trash.purge(str(tmp_path), now=NOW + 3600, grace=3600, history=history)
+    history.close()
+    assert result.removed == ("checkpoint-100",) and result.bytes_freed == 1002
+    assert [i.name for i in trash.list_trash(str(tmp_path))] == ["checkpoint-200"]
+    (record,) = read_records(history.path)
+    assert record["event"] == "trash_purge" and record["bytes_freed"] == 1002
+
+
+def test_restore_renames_back_and_refuses_a_taken_name(tmp_path: Path) -> None:
+    make(tmp_path, "checkpoint-100", b"original")
+    trash.move_to_trash(str(tmp_path), "checkpoint-100", ["checkpoint-100"], now=NOW)
+    make(tmp_path, "checkpoint-100", b"a new one with the same name")
+    with pytest.raises(UsageError, match="already exists"):
+        trash.restore(str(tmp_path), "checkpoint-100")
+    assert (
+        tmp_path / "checkpoint-100" / "weights.bin"
+    ).read_bytes() == b"a new one with the same name"
+    os.system(f"rm -rf '{tmp_path / 'checkpoint-100'}'")
+    trash.restore(str(tmp_path), "checkpoint-100")
+    assert (tmp_path / "checkpoint-100" / "weights.bin").read_bytes() == b"original"
+    assert trash.list_trash(str(tmp_path)) == []
+    with pytest.raises(UsageError, match="no checkpoint named"):
+        trash.restore(str(tmp_path), "checkpoint-100")
+
+
+def test_empty_trash_removes_everything_regardless_of_grace(tmp_path: Path) -> None:
+    for step in (100, 200, 300):
+        make(tmp_path, f"checkpoint-{step}")
+        trash.move_to_trash(str(tmp_path), f"checkpoint-{step}", [f"checkpoint-{step}"], now=NOW)
+    assert trash.empty_trash(str(tmp_path)) == 3 * 1002
+    assert trash.list_trash(str(tmp_path)) == []
+
+
+def test_hard_linked_files_free_nothing_when_purged(tmp_path: Path) -> None:
+    make(tmp_path, "checkpoint-100")
+    snapshot = tmp_path.parent / f"{tmp_path.name}-snapshot.bin"
+    os.link(tmp_path / "checkpoint-100" / "weights.bin", snapshot)
+    trash.move_to_trash(str(tmp_path), "checkpoint-100", ["checkpoint-100"], now=NOW)
+    assert trash.empty_trash(str(tmp_path)) == 2  # only trainer_state.json was really freed
+    assert snapshot.read_bytes() == b"x" * 1000
+
+
+def test_recovery_rolls_back_a_half_moved_multi_file_checkpoint(tmp_path: Path) -> None:
+    members = ["ckpt-5.index", "ckpt-5.data-00000-of-00002", "ckpt-5.data-00001-of-00002"]
+    for name in members:
+        (tmp_path / name).write_text(name)
+    # What a kill -9 after the journal and the first rename leaves behind.
+    item = tmp_path / ".ckptd-trash" / f"ckpt-5@{int(NOW)}"
+    item.mkdir(parents=True)
+    (item / trash.JOURNAL).write_text(json.dumps({"name": "ckpt-5", "members": members}))
+    os.rename(tmp_path / "ckpt-5.index", item / "ckpt-5.index")
+    (state,) = [i.state for i in trash.list_trash(str(tmp_path))]
+    assert state == "moving"
+    # A purge never removes a half-moved item, whatever the grace.
+    assert trash.purge(str(tmp_path), now=NOW + 10**6, grace=0).removed == ()
+    notes = trash.recover(str(tmp_path))
+    assert notes == ["rolled back the interrupted deletion of ckpt-5"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".ckptd-trash", *members])
+    assert (tmp_path / "ckpt-5.index").read_text() == "ckpt-5.index"
+    assert trash.list_trash(str(tmp_path)) == []
+
+
+def test_recovery_finishes_unfinished_and_half_removed_items(tmp_path: Path) -> None:
+    folder = tmp_path / ".ckptd-trash"
+    # A crash while writing a multi-file checkpoint's journal, before any rename.
+    unfinished = folder / f"ckpt-7@{int(NOW)}"
+    unfinished.mkdir(parents=True)
+    (unfinished / (trash.JOURNAL + ".tmp")).write_text('{"members": ["ckpt-7.ind')
+    # A crash halfway through removing a folder checkpoint.
+    half = folder / f"checkpoint-200@{int(NOW)}"
+    (half / "rng").mkdir(parents=True)
+    (half / "weights.bin").write_bytes(b"left over")
+    notes = trash.recover(str(tmp_path))
+    assert notes == [f"removed the unfinished trash item ckpt-7@{int(NOW)}"]
+    purged = trash.purge(str(tmp_path), now=NOW, grace=0)
+    assert purged.removed == ("checkpoint-200",) and purged.bytes_freed == 9
+    assert list(folder.iterdir()) == []
+
+
+def test_a_failed_move_of_a_multi_file_checkpoint_leaves_it_whole(tmp_path: Path) -> None:
+    from daemon.fsio import LocalFileSystem
+
+    class SecondRenameFails(LocalFileSystem):
+        renames = 0
+
+        def rename(self, source: str, destination: str) -> None:
+            if ".ckptd-trash" in destination and not destination.endswith(trash.JOURNAL):
+                SecondRenameFails.renames += 1
+                if SecondRenameFails.renames == 2:
+                    raise PermissionError(13, "Permission denied", source)
+            super().rename(source, destination)
+
+    members = ["ckpt-5.index", "ckpt-5.data-00000-of-00001"]
+    for name in members:
+        (tmp_path / name).write_text(name)
+    with pytest.raises(PermissionError):
+        trash.move_to_trash(str(tmp_path), "ckpt-5", members, now=NOW, fs=SecondRenameFails())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".ckptd-trash") == sorted(members)
+    assert trash.list_trash(str(tmp_path)) == []
