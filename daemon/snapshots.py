@@ -26,7 +26,7 @@ import threading
 import time as time_module
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -226,11 +226,19 @@ def _walk(
     """Given a path and its name in the snapshot, yield it and everything below, never following
     a symlink (a link is recreated as a link)."""
     info = os.lstat(source)
-    common = {"source": source, "relative": relative, "complete": complete}
     if stat_module.S_ISLNK(info.st_mode):
-        yield FileItem(kind="symlink", link_target=os.readlink(source), **common)  # type: ignore[arg-type]
+        yield FileItem(
+            source, relative, "symlink", complete=complete, link_target=os.readlink(source)
+        )
     elif stat_module.S_ISDIR(info.st_mode):
-        yield FileItem(kind="dir", mtime_ns=info.st_mtime_ns, device=info.st_dev, **common)  # type: ignore[arg-type]
+        yield FileItem(
+            source,
+            relative,
+            "dir",
+            mtime_ns=info.st_mtime_ns,
+            device=info.st_dev,
+            complete=complete,
+        )
         with os.scandir(source) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
@@ -242,12 +250,14 @@ def _walk(
             )
     elif stat_module.S_ISREG(info.st_mode):
         yield FileItem(
-            kind="file",
+            source,
+            relative,
+            "file",
             size=info.st_size,
             mtime_ns=info.st_mtime_ns,
             device=info.st_dev,
+            complete=complete,
             mutable=copying.is_mutable(relative.split("/", 1)[-1], mutable),
-            **common,  # type: ignore[arg-type]
         )
     # Sockets, fifos and devices are not checkpoint data.
 
@@ -333,7 +343,7 @@ def build_snapshot_plan(
             reflink_works=reflink_works.get(item.device, False),
             same_filesystem=same,
         )
-        items.append(_replace_method(item, chosen))
+        items.append(replace(item, method=chosen))
     files = [item for item in items if item.kind == "file"]
     return SnapshotPlan(
         checkpoints=tuple(f"{names[root.path]}/{c.name}" for root, c in selected),
@@ -342,12 +352,6 @@ def build_snapshot_plan(
         bytes_to_write=sum(item.size for item in files if item.method == "copy"),
         errors=tuple(errors),
     )
-
-
-def _replace_method(item: FileItem, method: copying.Method) -> FileItem:
-    values = {name: getattr(item, name) for name in FileItem.__slots__}
-    values["method"] = method
-    return FileItem(**values)
 
 
 class SnapshotError(Exception):
