@@ -366,7 +366,9 @@ def would_pass_critical(config: Config, directory: str, bytes_to_write: int) -> 
     would push that filesystem past the critical threshold, or None when it fits."""
     usage = psutil.disk_usage(directory)
     used_after = usage.used + bytes_to_write
-    percent_after = 100.0 * used_after / usage.total if usage.total else 100.0
+    # The same percent as `df` and the disk check: of the space usable by non-root users.
+    usable = usage.used + usage.free
+    percent_after = 100.0 * used_after / usable if usable else 100.0
     free_after = usage.free - bytes_to_write
     if percent_after > config.disk.critical_percent:
         return (
