@@ -408,3 +408,21 @@ def test_a_missing_root_does_not_cost_the_others_their_snapshot(root: Path, tmp_
     assert report.status == "done"
     assert report.checkpoints == ("run-a/checkpoint-300",)
     assert len(report.errors) == 1 and "gone" in report.errors[0]
+
+
+def test_the_critical_estimate_counts_copies_not_links(
+    tmp_path: Path, tmpfs: Callable[[int], Path]
+) -> None:
+    mount = tmpfs(16 << 20)
+    root = mount / "run"
+    write_hf_checkpoint(root, 100, size=3 << 20, files=2)  # 6 MB: 37.5 % used
+    config = make_config([root], mount / "snaps").model_copy(
+        update={"disk": DiskConfig(critical_percent=50)}
+    )
+    history = RecordingHistory()
+    copied = run(config, history, method="copy")  # would write 6 MB more: 75 %
+    assert copied.status == "skipped" and "to 75.1% used" in (copied.reason or "")
+    linked = run(config, history, method="hardlink")  # writes (almost) nothing
+    assert linked.status == "done", linked.reason
+    assert linked.by_method == {"hardlink": 3, "copy": 1}  # last.pt (1 KB) is copied
+    assert history.events() == ["snapshot_skipped", "snapshot"]
