@@ -31,6 +31,8 @@ def main(args: argparse.Namespace) -> int:
     from daemon.cli import resolve_config_path
 
     config = load_config(resolve_config_path(args.config))
+    if config.snapshots.dir is None:
+        raise UsageError("snapshots.dir is not set in the config: nowhere to put snapshots")
     if args.verify is not None:
         return _verify(config, args.verify, as_json=args.json)
     stop = threading.Event()
@@ -78,8 +80,7 @@ def _describe(report: SnapshotReport) -> str:
 
 
 def _verify(config: Config, which: str, *, as_json: bool) -> int:
-    if config.snapshots.dir is None:
-        raise UsageError("snapshots.dir is not set in the config")
+    assert config.snapshots.dir is not None
     try:
         path = resolve_snapshot(config.snapshots.dir, which)
     except FileNotFoundError as error:

@@ -159,3 +159,13 @@ def test_progress_bar_on_a_terminal_only(
     text = output.decode(errors="replace")
     assert "━" in text or "MB" in text, text[-2000:]
     assert "snapshot" in text
+
+
+def test_no_snapshots_dir_is_a_usage_error(
+    ckptd_command: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"roots:\n  - path: {tmp_path}\nsnapshots:\n  enabled: false\n")
+    result = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert result.returncode == 2
+    assert "snapshots.dir" in result.stderr
