@@ -188,3 +188,16 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
     manifest = json.loads((xfs / "snapshots" / day / "MANIFEST.json").read_text())
     assert {record["method"] for record in manifest["files"]} == {"reflink"}
     assert snapshots.verify_snapshot(str(target.parent.parent)).ok
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 16) * 3, (1 << 16) * 3 + 17])
+def test_sha256_in_mapped_windows_matches_hashlib(
+    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    monkeypatch.setattr(copying, "HASH_WINDOW", 1 << 16)  # several windows, a ragged end
+    path = tmp_path / "data.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert copying.sha256_file(str(path)) == hashlib.sha256(data).hexdigest()
