@@ -211,29 +211,6 @@ def choose_layout(counts: Mapping[str, int], tracker_names: Iterable[str]) -> st
     return best if totals[best] else None
 
 
-def detect_layout(entries: Iterable[tuple[str, bool]]) -> tuple[str | None, list[str]]:
-    """Given a root's entries as (name, is_dir), return the layout most of them follow (None if
-    no name fits any layout) and the folder names that could be dcp or orbax checkpoints.
-
-    Only names are looked at; telling a dcp folder from an orbax one needs a look inside, which
-    discovery does with the second value.
-    """
-    counts: dict[str, int] = {}
-    trackers: list[str] = []
-    numbered: list[str] = []
-    for name, is_dir in entries:
-        if not is_dir and name in _TRACKER_OF:
-            trackers.append(name)
-            continue
-        layout, _ = first_layout(name, is_dir)
-        if layout is None:
-            continue
-        counts[layout] = counts.get(layout, 0) + 1
-        if layout in ("orbax", DCP_CANDIDATE):
-            numbered.append(name)
-    return choose_layout(counts, trackers), numbered
-
-
 # --- custom patterns ----------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"\{(step|epoch)\}|\*|\{[^}]*\}")

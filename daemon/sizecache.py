@@ -41,8 +41,11 @@ Identity = tuple[tuple[str, int, bool], ...]
 """A checkpoint's root entries as `(name, inode, is_dir)`, sorted by name."""
 
 
+_NO_METRICS: Mapping[str, float] = MappingProxyType({})
+
+
 def _empty_metrics() -> Mapping[str, float]:
-    return MappingProxyType({})
+    return _NO_METRICS
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,8 @@ class WalkResult:
     # Whether trainer_state.json / metrics sidecars were read (they are read only when needed:
     # for keep_best, or for the newest checkpoint's best_model_checkpoint).
     state_read: bool = False
+    # Files and folders seen inside (to tell an I/O-bound walk from a CPU-bound one).
+    entry_count: int = 0
 
     @property
     def mtime(self) -> float:
@@ -83,22 +88,29 @@ class WalkResult:
             "best": self.best_model_checkpoint,
             "fingerprint": list(self.fingerprint),
             "state_read": self.state_read,
+            "entries": self.entry_count,
         }
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> WalkResult:
         """Given a dict written by `to_json`, return the walk (KeyError/TypeError if malformed)."""
-        metrics = {str(key): float(value) for key, value in document["metrics"].items()}
+        raw_metrics = document["metrics"]
+        metrics = (
+            MappingProxyType({str(key): float(value) for key, value in raw_metrics.items()})
+            if raw_metrics
+            else _NO_METRICS
+        )
         best = document["best"]
         return cls(
             size_bytes=int(document["size"]),
             freeable_bytes=int(document["freeable"]),
             mtime_ns=int(document["mtime_ns"]),
             markers=frozenset(str(marker) for marker in document["markers"]),
-            metrics=MappingProxyType(metrics),
+            metrics=metrics,
             best_model_checkpoint=str(best) if best is not None else None,
             fingerprint=tuple(int(number) for number in document["fingerprint"]),
             state_read=bool(document.get("state_read", False)),
+            entry_count=int(document.get("entries", 0)),
         )
 
 
@@ -251,7 +263,8 @@ class SizeCache:
         temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
         try:
             with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, separators=(",", ":"))
+                # One-shot dumps: json.dump streams through many small writes (3x slower).
+                handle.write(json.dumps(document, separators=(",", ":")))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(temporary, path)

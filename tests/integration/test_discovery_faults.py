@@ -4,14 +4,17 @@ half-seen checkpoint complete."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import daemon.walker as walker
 from daemon.config import RootConfig
 from daemon.discovery import ScanResult, scan
 from daemon.errors import UsageError
@@ -128,3 +131,71 @@ def test_the_real_filesystem_path_and_the_injected_one_agree(tmp_path: Path) -> 
     fs = MisbehavingFileSystem()
     assert run_scan(tmp_path, fs).checkpoints == run_scan(tmp_path, LocalFileSystem()).checkpoints
     assert fs.scandir_calls  # the injected filesystem was really used
+
+
+def test_walks_move_to_threads_when_the_disk_is_read_and_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf_run(tmp_path, range(100, 20100, 100), model_bytes=10)
+    sequential = run_scan(tmp_path, LocalFileSystem())
+    reads = iter(range(0, 10**9, 10**6))  # every batch "read" a million blocks: cold disk
+    monkeypatch.setattr(walker, "_blocks_read", lambda: next(reads))
+    threaded_threads: set[str] = set()
+    real_walk = walker.walk_checkpoint
+
+    def recording_walk(*args: object, **kwargs: object) -> object:
+        threaded_threads.add(threading.current_thread().name)
+        return real_walk(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(walker, "walk_checkpoint", recording_walk)
+    threaded = run_scan(tmp_path, LocalFileSystem())
+    assert any(name.startswith("ckptd-walk") for name in threaded_threads)
+    assert threaded.checkpoints == sequential.checkpoints
+    assert len(threaded.checkpoints) == 200
+
+
+def test_scan_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100])
+    assert gc.isenabled()
+    run_scan(tmp_path, LocalFileSystem())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        run_scan(tmp_path, LocalFileSystem())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_large_walk_shares_the_work_with_a_helper_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf_run(tmp_path, range(100, 3100, 100), model_bytes=10)
+    (tmp_path / "checkpoint-3000" / "optimizer.pt").unlink()  # one differs from the others
+    age(tmp_path / "checkpoint-3000")
+    sequential = run_scan(tmp_path, MisbehavingFileSystem())  # not the real fs: no helper
+    started: list[list[str]] = []
+    real_start = walker._Helper.start
+
+    def recording_start(*args: object) -> object:
+        helper = real_start(*args)  # type: ignore[arg-type]
+        assert helper is not None
+        started.append(list(helper.process.args))  # type: ignore[arg-type]
+        return helper
+
+    monkeypatch.setattr(walker, "HELPER_MINIMUM", 10)
+    monkeypatch.setattr(walker._Helper, "start", recording_start)
+    shared = run_scan(tmp_path, LocalFileSystem())
+    assert len(started) == 1 and started[0][1:3] == ["-I", "-S"]
+    assert shared.checkpoints == sequential.checkpoints
+    assert len(shared.checkpoints) == 30
+
+
+def test_a_failing_helper_process_costs_time_not_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hf_run(tmp_path, range(100, 2100, 100), model_bytes=10)
+    expected = run_scan(tmp_path, MisbehavingFileSystem()).checkpoints
+    monkeypatch.setattr(walker, "HELPER_MINIMUM", 10)
+    monkeypatch.setattr(walker, "_PACKAGE_PARENT", str(tmp_path / "no-such-package"))
+    assert run_scan(tmp_path, LocalFileSystem()).checkpoints == expected

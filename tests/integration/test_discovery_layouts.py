@@ -372,3 +372,27 @@ def test_unreadable_root_as_a_normal_user(tmp_path: Path) -> None:
             run_scan(root)
     finally:
         root.chmod(0o755)
+
+
+def test_same_step_twice_is_ordered_by_name(tmp_path: Path) -> None:
+    lightning_checkpoint(tmp_path, 1, 1000)
+    (tmp_path / "epoch=1-step=1000.ckpt").rename(tmp_path / "epoch=1-step=1000-v1.ckpt")
+    lightning_checkpoint(tmp_path, 1, 1000)
+    lightning_checkpoint(tmp_path, 0, 500)
+    assert [c.name for c in run_scan(tmp_path).checkpoints] == [
+        "epoch=0-step=500.ckpt",
+        "epoch=1-step=1000-v1.ckpt",
+        "epoch=1-step=1000.ckpt",
+    ]
+
+
+def test_a_pattern_root_keeps_the_completeness_rules_of_its_layout(tmp_path: Path) -> None:
+    hf_run(tmp_path, [100, 200])
+    hf_checkpoint(tmp_path, 300, complete=False)
+    result = run_scan(tmp_path, pattern="checkpoint-{step}")
+    assert result.layout == "hf" and result.series == ("checkpoint-{step}",)
+    assert [(c.step, c.complete) for c in result.checkpoints] == [
+        (100, True),
+        (200, True),
+        (300, False),
+    ]

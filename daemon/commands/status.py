@@ -1,0 +1,305 @@
+"""`ckptd status [--config FILE] [--json]`: per root tiers, bytes, cadence and days until full;
+per filesystem use; the last and next prune, snapshot and disk check."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from daemon import disk
+from daemon.config import Config, RootConfig, load_config, policy_for
+from daemon.discovery import ScanResult
+from daemon.render import format_bytes
+from daemon.snapshots import existing_snapshot_dates, next_snapshot_time, zone_for
+from daemon.state import read_state
+from policies.model import Plan
+
+PlanFunction = Callable[..., tuple[ScanResult, Plan]]
+
+
+def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+    from daemon.planning import plan_root
+
+    return plan_root(config, root, now=now)
+
+
+def root_status(
+    config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
+) -> dict[str, Any]:
+    """Given a root, return its status: counts per tier, bytes, incomplete and in-use
+    checkpoints, cadence and the growth forecast."""
+    try:
+        scan, root_plan = plan(config, root, now=now)
+    except Exception as error:  # a missing root is reported, the other roots still shown
+        return {"root": root.path, "error": str(error)}
+    tiers = Counter(
+        str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
+    )
+    incomplete = [c.name for c in scan.checkpoints if not c.complete]
+    in_use = checkpoints_in_use(root, scan, root_plan, now=now)
+    # The forecast follows the root's busiest series (the one with the most checkpoints).
+    series_sizes = Counter(c.series for c in scan.checkpoints)
+    main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
+    saves_per_day, checkpoint_bytes = disk.observed_cadence(
+        [c for c in scan.checkpoints if c.series == main_series]
+    )
+    forecast = disk.forecast_growth(
+        free_bytes=free_bytes or 0,
+        saves_per_day=saves_per_day,
+        checkpoint_bytes=checkpoint_bytes,
+        cadence_steps=root_plan.cadences.get(main_series or "", None),
+        spec=policy_for(config, root),
+        kept_now=sum(
+            1 for d in root_plan.decisions if d.keep and d.checkpoint.series == main_series
+        ),
+        newest_step=max(
+            (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
+            default=None,
+        ),
+    )
+    return {
+        "root": root.path,
+        "layout": scan.layout,
+        "checkpoints": len(scan.checkpoints),
+        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
+        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
+        "bytes": sum(c.size_bytes for c in scan.checkpoints),
+        "bytes_freeable": root_plan.bytes_freed,
+        "incomplete": incomplete,
+        "in_use": in_use,
+        "cadence": dict(root_plan.cadences),
+        "forecast": forecast.to_dict(),
+        "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def checkpoints_in_use(
+    root: RootConfig, scan: ScanResult, root_plan: Plan, *, now: float
+) -> list[str]:
+    """Given a root's scan, return the checkpoints a process holds now (open file, memory map
+    or cwd inside), as the safety layer sees them."""
+    try:
+        # The safety layer lands separately; imported by name so this works before it does.
+        gather_facts = importlib.import_module("daemon.safety").gather_facts
+    except (ImportError, AttributeError):
+        return [
+            decision.checkpoint.name
+            for decision in root_plan.decisions
+            if any(reason.startswith("in-use") for reason in decision.reasons)
+        ]
+    facts = gather_facts(
+        root.path,
+        now=now,
+        trainer_pid_file=root.trainer.pid_file,
+        trainer_cmdline=root.trainer.cmdline,
+    )
+    return [
+        checkpoint.name
+        for checkpoint in scan.checkpoints
+        if any(facts.holders.get(member) for member in checkpoint.members)
+    ]
+
+
+def filesystem_status(config: Config) -> list[dict[str, Any]]:
+    """Given the config, return each root filesystem's use (the snapshots folder's too)."""
+    groups, _errors = disk.group_roots(config.roots)
+    result = []
+    for roots in groups.values():
+        usage = disk.measure(roots[0].path)
+        result.append(
+            {
+                "mount": disk.mount_point(roots[0].path),
+                "roots": [root.path for root in roots],
+                "total_bytes": usage.total,
+                "used_bytes": usage.used,
+                "free_bytes": usage.free,
+                "used_percent": usage.percent,
+                "level": disk.level_of(usage, config),
+            }
+        )
+    return result
+
+
+def schedule_status(config: Config, *, now: float) -> dict[str, Any]:
+    """Given the config, return the last and next runs: from the daemon's state file if it
+    runs, else what the disk shows (the newest snapshot) and what the schedule says."""
+    state = read_state(config.state_dir)
+    pid = state.get("pid")
+    running = isinstance(pid, int) and psutil.pid_exists(pid)
+    snapshot_dates = (
+        existing_snapshot_dates(config.snapshots.dir) if config.snapshots.dir is not None else []
+    )
+    last_snapshot = state.get("last_snapshot") or (
+        {"date": snapshot_dates[-1].isoformat()} if snapshot_dates else None
+    )
+    upcoming = dict(state.get("next") or {}) if running else {}
+    if config.snapshots.enabled and "snapshot" not in upcoming:
+        moment = datetime.fromtimestamp(now, UTC)
+        upcoming["snapshot"] = (
+            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates)
+            .astimezone(UTC)
+            .isoformat()
+        )
+    return {
+        "daemon_running": running,
+        "pid": pid if running else None,
+        "last_prune": state.get("last_prune"),
+        "last_snapshot": last_snapshot,
+        "last_disk_check": state.get("last_disk_check"),
+        "next": upcoming,
+    }
+
+
+def collect_status(
+    config: Config, *, now: float, plan: PlanFunction | None = None
+) -> dict[str, Any]:
+    """Given the config and the time, return the whole `status --json` document."""
+    filesystems = filesystem_status(config)
+    free_by_root = {
+        root: filesystem["free_bytes"] for filesystem in filesystems for root in filesystem["roots"]
+    }
+    return {
+        "time": datetime.fromtimestamp(now, UTC).isoformat(),
+        "roots": [
+            root_status(
+                config,
+                root,
+                now=now,
+                plan=plan or _default_plan,
+                free_bytes=free_by_root.get(root.path),
+            )
+            for root in config.roots
+        ],
+        "filesystems": filesystems,
+        "schedule": schedule_status(config, now=now),
+    }
+
+
+def _days(value: float | None, growing: bool = False) -> str:
+    if value is None:
+        return "not within 100 years" if growing else "never"
+    if value >= 730:
+        return f"{value / 365:.0f} y"
+    return f"{value:.1f} d" if value < 100 else f"{value:.0f} d"
+
+
+def _moment(value: Any, zone: tzinfo) -> str:
+    """Given an ISO time (or a record holding one), return it in the config's zone, short."""
+    if not value:
+        return "—"
+    text = value.get("time") or value.get("date") if isinstance(value, dict) else value
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return str(text)
+    if moment.tzinfo is None:
+        return str(text)
+    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def _details(record: Any) -> str:
+    if not isinstance(record, dict):
+        return ""
+    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))[:60]
+
+
+def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
+    """Given the status document, print it as tables for people."""
+    for root in document["roots"]:
+        # One small table per root: a long path never squeezes the figures off the screen.
+        table = Table(title=f"root {root['root']}", title_justify="left", show_header=False)
+        table.add_column("what")
+        table.add_column("value", overflow="fold")
+        if "error" in root:
+            table.add_row("error", root["error"])
+            console.print(table)
+            continue
+        forecast = root["forecast"]
+        tiers = root["tiers"]
+        table.add_row(
+            "checkpoints",
+            f"{root['checkpoints']} ({root['layout']}): tier 1 {tiers['1']}, tier 2 {tiers['2']}, "
+            f"tier 3 {tiers['3']}; {root['to_delete']} the policy would delete",
+        )
+        table.add_row(
+            "bytes",
+            f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
+        )
+        table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        table.add_row("in use", ", ".join(root["in_use"]) or "none")
+        cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
+        table.add_row(
+            "cadence",
+            f"{cadence or '—'} steps; {forecast['saves_per_day']:.1f} saves/day of "
+            f"{format_bytes(forecast['checkpoint_bytes'])}",
+        )
+        table.add_row(
+            "growth",
+            f"{format_bytes(forecast['bytes_per_day_with'])}/day with the policy, "
+            f"{format_bytes(forecast['bytes_per_day_without'])}/day without",
+        )
+        table.add_row(
+            "days to full",
+            f"{_days(forecast['days_until_full_with'], forecast['bytes_per_day_with'] > 0)} "
+            "with the policy, "
+            f"{_days(forecast['days_until_full_without'])} without",
+        )
+        console.print(table)
+    filesystems = Table(title="filesystems", title_justify="left")
+    for column in ("mount", "used", "free", "size", "level", "roots"):
+        filesystems.add_column(column, overflow="fold")
+    for filesystem in document["filesystems"]:
+        filesystems.add_row(
+            filesystem["mount"],
+            f"{filesystem['used_percent']:.1f}%",
+            format_bytes(filesystem["free_bytes"]),
+            format_bytes(filesystem["total_bytes"]),
+            filesystem["level"],
+            ", ".join(filesystem["roots"]),
+        )
+    console.print(filesystems)
+    schedule = document["schedule"]
+    running = f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"
+    jobs = Table(title=f"jobs · daemon {running}", title_justify="left")
+    for column in ("job", "last", "details", "next"):
+        jobs.add_column(column)
+    upcoming = schedule["next"]
+    now = document["time"]
+    for job, key in (
+        ("prune", "last_prune"),
+        ("snapshot", "last_snapshot"),
+        ("disk check", "last_disk_check"),
+    ):
+        following = upcoming.get(job.replace(" ", "_")) or upcoming.get(job)
+        jobs.add_row(
+            job,
+            _moment(schedule[key], zone),
+            _details(schedule[key]),
+            "due now" if following and following <= now else _moment(following, zone),
+        )
+    console.print(jobs)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Given parsed `status` arguments, print the status and return the exit code."""
+    from daemon.cli import resolve_config_path
+
+    config = load_config(resolve_config_path(args.config))
+    document = collect_status(config, now=time.time())
+    if args.json:
+        json.dump(document, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_status(Console(highlight=False, soft_wrap=False), document, zone_for(config))
+    return 0 if all("error" not in root for root in document["roots"]) else 1

@@ -1,0 +1,171 @@
+"""`ckptd snapshot` through the real CLI: take, once per date, --verify, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def write_hf_checkpoint(root: Path, step: int, *, age: float = 3600.0) -> None:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(256 * 1024))
+    (folder / "optimizer.pt").write_bytes(os.urandom(64 * 1024))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    past = time.time() - age
+    for path in [*folder.iterdir(), folder]:
+        os.utime(path, (past, past))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
+    root = tmp_path / "current_model"
+    for step in (100, 200, 300):
+        write_hf_checkpoint(root, step)
+    snapshots = tmp_path / "snapshots"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+timezone: UTC
+state_dir: {tmp_path / "state"}
+history_file: {tmp_path / "history.jsonl"}
+roots:
+  - path: {root}
+    layout: hf
+snapshots:
+  dir: {snapshots}
+  method: auto
+disk:
+  critical_percent: 100
+"""
+    )
+    return root, snapshots, config
+
+
+def ckptd(
+    command: list[str], env: dict[str, str], *arguments: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*command, *arguments], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_snapshot_takes_verifies_and_reports_differences(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, snapshots, config = setup
+    taken = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    (date_folder,) = [p for p in snapshots.iterdir() if not p.name.startswith(".")]
+    assert (date_folder / "current_model" / "checkpoint-300" / "model.safetensors").exists()
+    assert sorted(os.listdir(date_folder / "current_model")) == ["checkpoint-300"]
+    assert "checkpoint-300" in taken.stdout
+    history = [
+        json.loads(line) for line in (config.parent / "history.jsonl").read_text().splitlines()
+    ]
+    assert [record["event"] for record in history] == ["snapshot"]
+
+    again = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--json")
+    assert again.returncode == 0
+    assert json.loads(again.stdout)["status"] == "exists"
+
+    verified = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "OK" in verified.stdout
+
+    (date_folder / "current_model" / "checkpoint-300" / "optimizer.pt").unlink()
+    (date_folder / "current_model" / "checkpoint-300" / "extra.bin").write_bytes(b"x")
+    broken = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", date_folder.name
+    )
+    assert broken.returncode == 1
+    assert "missing: current_model/checkpoint-300/optimizer.pt" in broken.stdout
+    assert "extra: current_model/checkpoint-300/extra.bin" in broken.stdout
+
+    as_json = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", "--json"
+    )
+    document = json.loads(as_json.stdout)
+    assert as_json.returncode == 1 and document["ok"] is False
+    assert document["missing"] == ["current_model/checkpoint-300/optimizer.pt"]
+
+
+def test_verify_of_an_unknown_date_is_a_usage_error(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, _snapshots, config = setup
+    result = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", "1999-01-01"
+    )
+    assert result.returncode == 2
+    assert "1999-01-01" in result.stderr
+
+
+def test_snapshot_help(ckptd_command: list[str], cli_env: dict[str, str]) -> None:
+    result = ckptd(ckptd_command, cli_env, "snapshot", "--help")
+    assert result.returncode == 0 and "--verify" in result.stdout
+
+
+def test_progress_bar_on_a_terminal_only(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    import pty
+    import select
+
+    root, _snapshots, config = setup
+    config.write_text(config.read_text().replace("method: auto", "method: copy"))
+    quiet = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    # A second date cannot be taken today: remove today's, and run again on a terminal.
+    snapshots = config.parent / "snapshots"
+    for entry in snapshots.iterdir():
+        if not entry.name.startswith("."):
+            subprocess.run(["rm", "-rf", str(entry)], check=True)
+    # Enough data that the copy is still running when the bar first draws.
+    big = root / "checkpoint-300" / "model.safetensors"
+    big.write_bytes(os.urandom(48 << 20))
+    past = time.time() - 3600
+    os.utime(big, (past, past))  # settled long ago, like the rest of the checkpoint
+    leader, follower = pty.openpty()
+    environment = {**cli_env, "TERM": "xterm"}
+    environment.pop("NO_COLOR", None)
+    process = subprocess.Popen(
+        [*ckptd_command, "snapshot", "--config", str(config)],
+        env=environment,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 30)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=30) == 0
+    text = output.decode(errors="replace")
+    assert "━" in text or "MB" in text, text[-2000:]
+    assert "snapshot" in text
+
+
+def test_no_snapshots_dir_is_a_usage_error(
+    ckptd_command: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(f"roots:\n  - path: {tmp_path}\nsnapshots:\n  enabled: false\n")
+    result = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert result.returncode == 2
+    assert "snapshots.dir" in result.stderr
