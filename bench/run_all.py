@@ -26,7 +26,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str]] = {
     "delete": ("bench_delete.py", [], ["--checkpoints", "10"], "rm -rf"),
     "crash": ("bench_crash.py", ["--trials", "200"], ["--trials", "20"], "invariant check"),
     "snapshot": ("bench_snapshot.py", [], ["--size", "200MB"], "cp -al, cp -r"),
-    "daemon": ("bench_daemon.py", [], ["--quick"], "RSS, CPU, latency targets"),
+    "daemon": (
+        "bench_daemon.py",
+        [],
+        ["--idle-seconds", "10", "--checkpoints", "200"],
+        "RSS, CPU, latency targets",
+    ),
 }
 
 
