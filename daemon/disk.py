@@ -10,7 +10,6 @@ record.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
@@ -23,14 +22,13 @@ from typing import Any, Literal
 import psutil
 
 from daemon.config import Config, RootConfig
-from daemon.fsio import LOCAL
 from daemon.history import HistoryLog
 from daemon.pruning import PruneReport
+from daemon.trash import empty_trash
 from policies.forecast import forecast as simulate
 from policies.model import Checkpoint, PolicySpec
 
 Level = Literal["ok", "warn", "critical"]
-TRASH = ".ckptd-trash"
 SECONDS_PER_DAY = 86400.0
 
 
@@ -144,16 +142,6 @@ def _empty_trash_of(
 ) -> int | None:
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
     first); return the bytes freed when known."""
-    try:
-        # The trash module lands separately; imported by name so this works before it does.
-        empty_trash = importlib.import_module("daemon.trash").empty_trash
-    except (ImportError, AttributeError):
-        trash = os.path.join(root.path, TRASH)
-        if not os.path.isdir(trash):
-            return 0
-        for entry in list(os.scandir(trash)):
-            LOCAL.remove_tree(entry.path, on_error=lambda _path, _error: None)
-        return None
     freed = empty_trash(root.path, history=history)
     return int(freed) if freed is not None else None
 

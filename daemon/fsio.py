@@ -14,6 +14,9 @@ import stat as stat_module
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+# The folder inside each root (and the snapshot folder) that deletions are renamed into first.
+TRASH_DIRECTORY = ".ckptd-trash"
+
 
 class DirEntryLike(Protocol):
     """What discovery needs of a directory entry; `os.DirEntry` is one."""

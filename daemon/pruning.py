@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from daemon import prune, safety, trash
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem
+from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history import HistoryLog
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
@@ -63,7 +63,7 @@ def root_lock(root_path: str) -> Iterator[bool]:
     hand never move the same checkpoints at once. Where the lock file cannot be made (a
     read-only filesystem) nothing can be deleted either, so the run goes on without it.
     """
-    folder = os.path.join(root_path, trash.TRASH_DIRECTORY)
+    folder = os.path.join(root_path, TRASH_DIRECTORY)
     try:
         os.makedirs(folder, exist_ok=True)
         descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)

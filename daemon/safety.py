@@ -46,9 +46,9 @@ from types import MappingProxyType
 import psutil
 
 from daemon.errors import SafetyRefusal
+from daemon.fsio import TRASH_DIRECTORY
 from policies.model import Checkpoint, Decision, Plan
 
-TRASH_DIRECTORY = ".ckptd-trash"
 PF_KTHREAD = 0x00200000
 PROC = "/proc"
 UNSEEN_RETRY_SECONDS = 0.05

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import importlib
 import os
 import queue
 import threading
@@ -30,12 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import Config, RootConfig, load_config, settings_for
+from daemon.disk import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
+from daemon.fsio import TRASH_DIRECTORY
 from daemon.logs import configure_logging, get_logger
 from daemon.scheduler import Schedule, build_triggers
 from daemon.sdnotify import Notifier
+from daemon.sizecache import SizeCache
+from daemon.snapshots import run_daily_snapshot
 from daemon.state import update_state
-from daemon.watcher import TRASH_NAME, Watcher, WatchEvent
+from daemon.watcher import Watcher, WatchEvent
 
 log = get_logger("ckptd.service")
 
@@ -67,17 +70,6 @@ def _file_digest(path: str) -> str | None:
             return hashlib.sha256(handle.read()).hexdigest()
     except OSError:
         return None
-
-
-def _optional(module: str, name: str) -> Callable[..., Any] | None:
-    """Given a module and function name, return the function, or None while it does not exist."""
-    try:
-        found: Any = importlib.import_module(module)
-    except ImportError:
-        return None
-    for part in name.split("."):
-        found = getattr(found, part, None)
-    return found if callable(found) else None
 
 
 class Service:
@@ -303,7 +295,7 @@ class Service:
         root = self._root_for(event.root)
         if root is None:
             return
-        trash = os.path.join(event.root, TRASH_NAME)
+        trash = os.path.join(event.root, TRASH_DIRECTORY)
         paths = [p for p in (event.path, event.dest_path) if p]
         if any(p == trash or p.startswith(trash + os.sep) for p in paths[-1:]):
             return  # our own deletions
@@ -431,20 +423,12 @@ class Service:
         self.pending[key] = min(self.pending.get(key, deadline), deadline)
 
     def _snapshot(self, *, startup: bool) -> None:
-        run_daily_snapshot = _optional("daemon.snapshots", "run_daily_snapshot")
-        if run_daily_snapshot is None:
-            log.warning("snapshot_unavailable", note="daemon.snapshots.run_daily_snapshot missing")
-            return
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.stop)
         log.info("snapshot_job", startup=startup, report=str(report)[:300])
         self._write_state(last_snapshot={"time": _utc_iso(self.clock())})
 
     def _disk(self) -> None:
-        check_disks = _optional("daemon.disk", "check_disks")
-        if check_disks is None:
-            log.warning("disk_check_unavailable", note="daemon.disk.check_disks missing")
-            return
         result = check_disks(
             self.config, now=self.clock(), history=self.history, prune=self.prune_with
         )
@@ -460,13 +444,10 @@ class Service:
         return [(os.path.abspath(root.path), root.watch) for root in config.roots]
 
     @staticmethod
-    def _size_cache(config: Config) -> Any:
+    def _size_cache(config: Config) -> SizeCache | None:
         """Given the config, return the discovery size cache kept in state_dir (None if absent)."""
-        in_state_dir = _optional("daemon.sizecache", "SizeCache.in_state_dir")
-        if in_state_dir is None:
-            return None
         try:
-            return in_state_dir(config.state_dir)
+            return SizeCache.in_state_dir(config.state_dir)
         except (OSError, ValueError) as error:
             log.warning("size_cache_unavailable", state_dir=config.state_dir, error=str(error))
             return None

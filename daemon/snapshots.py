@@ -37,12 +37,11 @@ from daemon import copying
 from daemon.config import Config, RootConfig
 from daemon.discovery import ScanResult
 from daemon.disk import write_history
-from daemon.fsio import LOCAL
+from daemon.fsio import LOCAL, TRASH_DIRECTORY
 from daemon.history import HistoryLog
 from policies.model import Checkpoint, Plan
 
 MANIFEST = "MANIFEST.json"
-TRASH = ".ckptd-trash"
 DATE_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TEMPORARY_NAME = re.compile(r"^\.tmp-(\d{4}-\d{2}-\d{2})-(\d+)$")
 
@@ -586,7 +585,7 @@ def _write_json(path: str, value: dict[str, Any], *, durable: bool = True) -> No
 def remove_snapshot(directory: str, name: str) -> None:
     """Given the snapshots folder and one entry of it, remove it the safe way: one rename into
     `<dir>/.ckptd-trash/`, then removal without following symlinks."""
-    trash = os.path.join(directory, TRASH)
+    trash = os.path.join(directory, TRASH_DIRECTORY)
     os.makedirs(trash, exist_ok=True)
     parked = os.path.join(trash, f"{name}.{time_module.time_ns()}")
     LOCAL.rename(os.path.join(directory, name), parked)
@@ -622,11 +621,11 @@ def clean_leftovers(directory: str) -> list[str]:
         ):
             remove_snapshot(directory, entry.name)
             removed.append(entry.name)
-    trash = os.path.join(directory, TRASH)
+    trash = os.path.join(directory, TRASH_DIRECTORY)
     if os.path.isdir(trash):
         for entry in list(os.scandir(trash)):
             LOCAL.remove_tree(entry.path)
-            removed.append(f"{TRASH}/{entry.name}")
+            removed.append(f"{TRASH_DIRECTORY}/{entry.name}")
     return removed
 
 

@@ -30,10 +30,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem
+from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history import HistoryLog
 
-TRASH_DIRECTORY = ".ckptd-trash"
 JOURNAL = ".ckptd-entry.json"
 
 

@@ -46,11 +46,11 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from daemon.fsio import TRASH_DIRECTORY
 from daemon.logs import get_logger
 
 log = get_logger(__name__)
 
-TRASH_NAME = ".ckptd-trash"
 POLL_INTERVAL_SECONDS = 2.0
 # Mount types where inotify does not see writes made by other machines or by a FUSE server.
 NETWORK_FILESYSTEMS = frozenset(
@@ -362,7 +362,7 @@ def _inode(path: str) -> int | None:
 
 
 __all__ = [
-    "TRASH_NAME",
+    "TRASH_DIRECTORY",
     "WatchEvent",
     "Watcher",
     "choose_mode",

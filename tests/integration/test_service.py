@@ -259,8 +259,6 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
 ) -> None:
     """The disk job raises on its first run: logged with the traceback; the next run happens."""
     import io
-    import sys
-    import types
 
     from daemon.logs import configure_logging
 
@@ -271,9 +269,7 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
         if len(calls) == 1:
             raise OSError("statvfs failed on purpose")
 
-    fake_disk = types.ModuleType("daemon.disk")
-    fake_disk.check_disks = check_disks  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "daemon.disk", fake_disk)
+    monkeypatch.setattr("daemon.service.check_disks", check_disks)
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
     config = tmp_path / "config.yaml"
@@ -362,7 +358,6 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
 ) -> None:
     """daemon.disk.check_disks gets a `prune` callable with prune_root's own signature; calling
     it on the worker deletes through the safety path."""
-    import sys
     import types
 
     root, state = tmp_path / "run", tmp_path / "state"
@@ -386,9 +381,7 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
             )
         return types.SimpleNamespace(status_line="disk 12% used")
 
-    fake_disk = types.ModuleType("daemon.disk")
-    fake_disk.check_disks = check_disks  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "daemon.disk", fake_disk)
+    monkeypatch.setattr("daemon.service.check_disks", check_disks)
     config = tmp_path / "config.yaml"
     write_config(config, root, state, keep_last=100, extra="")
     config.write_text(config.read_text().replace("disk: {interval: 1h}", "disk: {interval: 1s}"))
