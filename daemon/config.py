@@ -906,6 +906,13 @@ def _check_policies(findings: _Findings, data: dict[str, Any]) -> None:
                 f"tier 3 keeps one per {interval} steps, denser than tier 2's one per "
                 f"{2 * cadence} (2 x cadence {cadence}); use tier3_interval >= {2 * cadence}",
             )
+        if spec.keep_last == 1 and cadence is None and (spec.tier2_count or interval):
+            # One tier-1 checkpoint shows no gap: the cadence then comes from the thinned older
+            # ones, drifts as they are pruned, and each prune may delete a little more.
+            findings.warning(
+                (*here, "keep_last") if "keep_last" in raw else here,
+                "keep_last: 1 cannot show the save cadence; set cadence: (steps between saves)",
+            )
 
 
 def _number(raw: Any, key: str, default: float) -> float | None:

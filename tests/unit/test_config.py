@@ -652,3 +652,15 @@ def test_exponential_aliases_are_refused_quickly() -> None:
     assert problems_of("\n".join(lines) + "\n") == [
         "config.yaml: expands to more than 200000 values"
     ]
+
+
+def test_keep_last_one_without_a_cadence_warns(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("snapshots: {enabled: false}\ndefaults:\n  policy: {keep_last: 1}\n")
+    _, warnings = load_config_with_warnings(str(path))
+    assert any("keep_last: 1" in warning and ":3 " in warning for warning in warnings), warnings
+    path.write_text(
+        "snapshots: {enabled: false}\ndefaults:\n  policy: {keep_last: 1, cadence: 100}\n"
+    )
+    _, warnings = load_config_with_warnings(str(path))
+    assert not any("keep_last: 1" in warning for warning in warnings), warnings
