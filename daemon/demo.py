@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from daemon.commands.history import render_table, why_of
 from daemon.logs import configure_logging
 from daemon.service import serve
 from policies import plan
@@ -149,7 +150,7 @@ def view(root: Path, history_path: Path, progress: TrainerProgress, elapsed: flo
     )
     recent = Text(
         "\n".join(
-            f"  deleted {record.get('checkpoint', '?')}: {_why(record)}" for record in pruned[-4:]
+            f"  deleted {record.get('checkpoint', '?')}: {why_of(record)}" for record in pruned[-4:]
         )
     )
     return Group(table, summary, recent)
@@ -164,30 +165,12 @@ def plain_line(root: Path, history_path: Path, progress: TrainerProgress, elapse
     )
 
 
-def _why(record: dict[str, Any]) -> str:
-    why = record.get("why") or record.get("reason") or ""
-    return "; ".join(str(item) for item in why) if isinstance(why, list) else str(why)
-
-
-def history_table(history: list[dict[str, Any]]) -> Table:
-    table = Table(title="history")
-    for column in ("time", "event", "checkpoint", "reason"):
-        table.add_column(column)
-    for record in history:
-        if record.get("event") in ("delete", "prune_run", "prune_refused", "veto"):
-            table.add_row(
-                str(record.get("time", ""))[11:23],
-                str(record.get("event", "")),
-                str(record.get("checkpoint", record.get("root", ""))).rsplit("/", 1)[-1],
-                _why(record)[:70],
-            )
-    return table
-
-
 def run_demo(seconds: float = 30.0, *, keep: bool = False, out: TextIO | None = None) -> int:
     """Given a duration, run the trainer and the daemon, show them live, then the history."""
     out = sys.stdout if out is None else out
     console = Console(file=out, highlight=False)
+    if not console.is_terminal:
+        console = Console(file=out, highlight=False, width=200)
     folder = Path(tempfile.mkdtemp(prefix="ckptd-demo-"))
     root = folder / "run"
     root.mkdir()
@@ -246,7 +229,7 @@ def run_demo(seconds: float = 30.0, *, keep: bool = False, out: TextIO | None = 
 
     history = read_history(history_path)
     survivors = sorted(checkpoint.step for checkpoint in present_checkpoints(root))
-    console.print(history_table(history))
+    console.print(render_table(history))
     console.print(
         f"demo: wrote {progress.written} checkpoints, pruned {len(deletions(history))}, "
         f"kept {len(survivors)}: {survivors}"

@@ -43,7 +43,8 @@ def _local_time(value: object) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _why(record: dict[str, Any]) -> str:
+def why_of(record: dict[str, Any]) -> str:
+    """Given a history record, return the one line that says why it happened."""
     for key in ("why", "reason", "reasons"):
         value = record.get(key)
         if isinstance(value, list) and value:
@@ -74,7 +75,7 @@ def _row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
         str(record.get("root", "")),
         str(record.get("checkpoint", "")),
         shown,
-        _why(record),
+        why_of(record),
     )
 
 
