@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,33 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     environment["NO_COLOR"] = "1"
     environment["COLUMNS"] = "120"
     return environment
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mount small tmpfs filesystems under tmp_path: `tmpfs(size_bytes) -> mount point`.
+
+    A real, small filesystem for disk-full and disk-pressure tests; skipped (with the reason)
+    where not root or where mount fails. Every mount is lazily unmounted afterwards.
+    """
+    mounted: list[Path] = []
+
+    def mount(size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        point = tmp_path / f"tmpfs-{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

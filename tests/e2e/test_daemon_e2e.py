@@ -68,31 +68,6 @@ sys.exit(1 if vanished else 0)
 """
 
 
-def stubs_still_missing() -> list[str]:
-    """Given the checkout, return the parts this test needs that are still stubs."""
-    import importlib
-    import inspect
-
-    needed = {
-        "daemon.config": "load_config",
-        "daemon.discovery": "scan",
-        "daemon.planning": "plan_root",
-        "daemon.pruning": "prune_root",
-        "policies.tiered": "plan",
-    }
-    missing = []
-    for module, name in needed.items():
-        source = inspect.getsource(getattr(importlib.import_module(module), name))
-        if source.rstrip().endswith("raise NotImplementedError"):
-            missing.append(f"{module}.{name}")
-    return missing
-
-
-needs_every_part = pytest.mark.skipif(
-    bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
-)
-
-
 def config_text(root: Path, state: Path, policy: str) -> str:
     return f"""\
 state_dir: {state}
@@ -166,7 +141,6 @@ def survivors(root: Path) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@needs_every_part
 def test_daemon_end_to_end(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:

@@ -2,21 +2,19 @@
 any weekly prune, the disk checks keep it below critical, the trainer never sees ENOSPC, and the
 history shows the escalation (disk_critical -> disk_prune -> emergency_prune).
 
-Twice: with the daemon (`ckptd run`, its 1 s disk-check job; skipped until daemon.service has
-landed) and with `check_disks` called in a loop, as that job calls it."""
+Twice: with the daemon (`ckptd run`, its 1 s disk-check job) and with `check_disks` called in a
+loop, as that job calls it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -50,22 +48,8 @@ TRAINER = textwrap.dedent(
 
 
 @pytest.fixture
-def tmpfs64(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    point = tmp_path / "tmpfs"
-    point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(point)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
+def tmpfs64(tmpfs: Callable[[int], Path]) -> Path:
+    return tmpfs(64 * 1024 * 1024)
 
 
 def write_config(tmp_path: Path, root: Path, interval: str) -> Path:
@@ -133,8 +117,6 @@ def test_the_daemon_keeps_a_fast_trainer_off_enospc(
     tmpfs64: Path, tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
     """`ckptd run` with a 1 s disk check (the scheduler's shortest interval)."""
-    if importlib.util.find_spec("daemon.service") is None:
-        pytest.skip("the daemon (daemon.service) has not landed; the check-loop test covers it")
     root = tmpfs64 / "current_model"
     root.mkdir()
     config_file = write_config(tmp_path, root, "1s")

@@ -22,31 +22,6 @@ from policies.model import PolicySpec
 SETTLE = 0.3
 
 
-def stubs_still_missing() -> list[str]:
-    """Given the checkout, return the parts this test needs that are still stubs."""
-    import importlib
-    import inspect
-
-    needed = {
-        "daemon.config": "load_config",
-        "daemon.discovery": "scan",
-        "daemon.planning": "plan_root",
-        "daemon.pruning": "prune_root",
-        "policies.tiered": "plan",
-    }
-    missing = []
-    for module, name in needed.items():
-        source = inspect.getsource(getattr(importlib.import_module(module), name))
-        if source.rstrip().endswith("raise NotImplementedError"):
-            missing.append(f"{module}.{name}")
-    return missing
-
-
-needs_every_part = pytest.mark.skipif(
-    bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
-)
-
-
 def write_config(path: Path, root: Path, state: Path, *, keep_last: int, extra: str = "") -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(
@@ -172,7 +147,6 @@ def daemon_setup(tmp_path: Path) -> Iterator[dict[str, object]]:
     listener.close()
 
 
-@needs_every_part
 def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     daemon_setup: dict[str, object],
 ) -> None:
@@ -236,7 +210,6 @@ def test_invalid_config_at_start_is_exit_2(tmp_path: Path) -> None:
     assert code == 2
 
 
-@needs_every_part
 def test_missing_root_is_waited_for_then_pruned(daemon_setup: dict[str, object]) -> None:
     root: Path = daemon_setup["root"]  # type: ignore[assignment]
     state: Path = daemon_setup["state"]  # type: ignore[assignment]
@@ -302,7 +275,6 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
     assert "last_disk_check" in state and "disk" in state["next"]
 
 
-@needs_every_part
 def test_sigterm_during_a_prune_finishes_the_deletion_and_exits_0(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
@@ -352,7 +324,6 @@ def test_sigterm_during_a_prune_finishes_the_deletion_and_exits_0(
     assert steps_in(root)[-3:] == [80, 90, 100]
 
 
-@needs_every_part
 def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,33 +6,6 @@ import os
 import re
 import subprocess
 
-import pytest
-
-
-def stubs_still_missing() -> list[str]:
-    """Given the checkout, return the parts this test needs that are still stubs."""
-    import importlib
-    import inspect
-
-    needed = {
-        "daemon.config": "load_config",
-        "daemon.discovery": "scan",
-        "daemon.planning": "plan_root",
-        "daemon.pruning": "prune_root",
-        "policies.tiered": "plan",
-    }
-    missing = []
-    for module, name in needed.items():
-        source = inspect.getsource(getattr(importlib.import_module(module), name))
-        if source.rstrip().endswith("raise NotImplementedError"):
-            missing.append(f"{module}.{name}")
-    return missing
-
-
-pytestmark = pytest.mark.skipif(
-    bool(stubs_still_missing()), reason=f"still stubs on this branch: {stubs_still_missing()}"
-)
-
 
 def test_demo_writes_and_prunes(ckptd_command: list[str], cli_env: dict[str, str]) -> None:
     result = subprocess.run(

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -338,31 +338,6 @@ def test_disk_full_in_the_middle_of_a_copy_abandons_the_snapshot(
     assert shutil.disk_usage(mount).used < 1 << 20
     # And the next attempt, with room again, succeeds.
     assert run(config, history, method="copy").status == "done"
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """Mount small tmpfs filesystems under tmp_path (skip where not root or mount fails)."""
-    mounted: list[Path] = []
-
-    def mount(size: int) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        point = tmp_path / f"tmpfs-{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs: {result.stderr.strip()}")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_stop_mid_snapshot_abandons_it(root: Path, tmp_path: Path) -> None:
