@@ -20,7 +20,8 @@ Trackers protect what they name (`Checkpoint.tracked_by`):
   `all_model_checkpoint_paths` are TF's own retention list (every checkpoint when
   `max_to_keep=None`); protecting them all would make the root unprunable, and deleting one
   breaks no resume. They do count as complete.
-- `best_model_checkpoint` in the `trainer_state.json` of the newest complete hf checkpoint;
+- `best_model_checkpoint` in the `trainer_state.json` of the newest settled hf checkpoint (and
+  of any newer one being saved);
 - a symlink among the root's entries (Lightning's `last.ckpt`, a user's `latest -> ...`) that
   points at a checkpoint of the root. Symlinks are never checkpoints themselves, and a copy
   (Lightning's `last.ckpt` as a file) is simply not a series member.
@@ -324,16 +325,21 @@ def _scan(
 
     trackers = _read_trackers(fs, root_path, layout, tracker_files)
     # Read trainer_state.json / sidecars where needed (once per checkpoint: cached after).
-    newest_hf_index = None
+    # The hf checkpoints whose best_model_checkpoint counts: newest first, down to the newest
+    # settled one. A save in progress may hold a half-written trainer_state.json that names no
+    # best; reading only that one would drop the protection of the best model.
+    hf_state_indexes: list[int] = []
     if layout == "hf":
         for index in range(len(results) - 1, -1, -1):
-            if "trainer_state.json" in results[index][5].markers:
-                newest_hf_index = index
-                break
+            walk = results[index][5]
+            if "trainer_state.json" in walk.markers:
+                hf_state_indexes.append(index)
+                if walk.error is None and now_ns - walk.mtime_ns >= settle_ns:
+                    break
     if want_metrics:
         state_indexes: Collection[int] = range(len(results))
     else:
-        state_indexes = () if newest_hf_index is None else (newest_hf_index,)
+        state_indexes = hf_state_indexes
     for index in state_indexes:
         result = results[index]
         walk = result[5]
@@ -344,12 +350,12 @@ def _scan(
         if entry is not None and cache is not None:
             entry = cache.store(root_path, result[2], result[4], walk)
         results[index] = (*result[:5], walk, entry)
-    if newest_hf_index is not None:
-        best = results[newest_hf_index][5].best_model_checkpoint
+    for index in hf_state_indexes:
+        best = results[index][5].best_model_checkpoint
         if best:
             best_name = os.path.basename(best.rstrip("/"))
             if any(result[2] == best_name for result in results):
-                trackers.add(best_name, f"{results[newest_hf_index][2]}/trainer_state.json")
+                trackers.add(best_name, f"{results[index][2]}/trainer_state.json")
     if symlinks:
         owner = {member[0]: result[2] for result in results for member in result[4]}
         _resolve_symlinks(fs, root_path, symlinks, owner, trackers)
