@@ -30,10 +30,11 @@ Pins (`Checkpoint.pinned_by`): `.keep` inside a checkpoint folder or `<name>.kee
 file checkpoint (`".keep"`); a `protect:` glob matching the name (`"protect:<glob>"`).
 
 Metrics (for `keep_best`), kept simple: from `trainer_state.json` the numeric `eval_*` keys
-of the newest `log_history` record with eval keys at or before the checkpoint's step, plus
-`best_metric`; from a sidecar (`metrics.json` inside a folder, `<name>.metrics.json` beside a
-file, which then belongs to the checkpoint and is deleted with it) every numeric top-level key;
-from a Lightning name such as `epoch=3-step=1200-val_loss=0.31.ckpt`, `val_loss`.
+of the newest `log_history` record with eval keys at the checkpoint's own step (an evaluation
+of an earlier step scored other weights), plus `best_metric`; from a sidecar (`metrics.json`
+inside a folder, `<name>.metrics.json` beside a file, which then belongs to the checkpoint and
+is deleted with it) every numeric top-level key; from a Lightning name such as
+`epoch=3-step=1200-val_loss=0.31.ckpt`, `val_loss`.
 
 Sizes: `size_bytes` sums `st_size` of each inode once (directories not counted: their size is
 filesystem bookkeeping); `freeable_bytes` skips files with more links than this checkpoint
@@ -865,7 +866,12 @@ def _trainer_state_metrics(state: Mapping[str, Any]) -> dict[str, float]:
             ):
                 continue
             record_step = record.get("step")
-            if isinstance(step, int) and isinstance(record_step, int) and record_step > step:
+            if isinstance(step, int) and isinstance(record_step, int) and record_step != step:
+                # An evaluation at another step scored other weights: with eval_steps coarser
+                # than save_steps, handing it on made keep_best keep a never-evaluated
+                # checkpoint (ties go to the newer) and delete the one that scored.
+                if record_step < step:
+                    break
                 continue
             metrics.update(
                 (key, value) for key, value in _numbers(record).items() if key.startswith("eval_")

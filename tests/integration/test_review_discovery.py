@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from daemon.config import Config, RootConfig
+from daemon.config import Config, KeepBestConfig, PolicyConfig, RootConfig
 from daemon.discovery import ScanResult, scan
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
 from policies.model import Checkpoint
-from tests.layouts_fixtures import hf_checkpoint, hf_run
+from tests.layouts_fixtures import age, hf_checkpoint, hf_run, write_json
 
 
 def run_scan(
@@ -45,3 +45,38 @@ def test_best_model_checkpoint_stays_tracked_while_the_newest_trainer_state_is_h
     decision = next(d for d in plan.decisions if d.checkpoint.name == "checkpoint-300")
     assert decision.keep
     assert "tracked:checkpoint-3000/trainer_state.json" in decision.reasons
+
+
+def test_keep_best_keeps_the_evaluated_checkpoint_not_a_later_one_without_an_evaluation(
+    tmp_path: Path,
+) -> None:
+    # Saves every 100, evaluations every 500 (as HF Trainer does with save_steps 100 and
+    # eval_steps 500): each trainer_state.json holds the whole log history so far. Only
+    # checkpoint-500 holds the weights that scored 0.2; checkpoint-600..900 were never
+    # evaluated, so handing them 0.2 too made keep_best keep checkpoint-900 and delete 500.
+    history: list[dict[str, object]] = []
+    losses = {500: 0.2, 1000: 0.4, 1500: 0.5}
+    for step in range(100, 1601, 100):
+        history.append({"step": step, "loss": 1.0})
+        if step in losses:
+            history.append({"step": step, "eval_loss": losses[step]})
+        folder = hf_checkpoint(tmp_path, step)
+        write_json(
+            folder / "trainer_state.json",
+            {"global_step": step, "log_history": list(history)},
+        )
+        age(folder)
+    found = by_name(run_scan(tmp_path, want_metrics=True))
+    assert dict(found["checkpoint-500"].metrics) == {"eval_loss": 0.2}
+    assert dict(found["checkpoint-600"].metrics) == {}
+    assert dict(found["checkpoint-1000"].metrics) == {"eval_loss": 0.4}
+    root = RootConfig(
+        path=str(tmp_path),
+        policy=PolicyConfig(
+            keep_last=3, tier2_count=0, tier3_interval=1000, keep_best=KeepBestConfig(count=1)
+        ),
+    )
+    _, plan = plan_root(Config(roots=[root]), root, now=time.time())
+    kept = {d.checkpoint.name: d.reasons for d in plan.decisions if d.keep}
+    assert kept["checkpoint-500"] == ("best:eval_loss=0.2",)
+    assert "checkpoint-900" not in kept
