@@ -710,6 +710,7 @@ def _resolve_symlinks(
 ) -> None:
     """Given the root's symlinks and which checkpoint each root entry belongs to, mark the
     checkpoints the symlinks point at as tracked by them."""
+    root_identity: tuple[int, int] | None = None
     for link in symlinks:
         try:
             target = fs.readlink(f"{root_path}/{link}")
@@ -717,11 +718,41 @@ def _resolve_symlinks(
             continue  # vanished, or not a symlink any more
         absolute = os.path.normpath(os.path.join(root_path, target))
         relative = os.path.relpath(absolute, root_path)
-        if relative.startswith("..") or relative == ".":
+        if relative == ".":
             continue
-        first = relative.split(os.sep, 1)[0]
+        if relative.startswith(".."):
+            # An absolute target may reach the root by another path (the root configured
+            # through a symlinked mount, the link written with the real one, or the reverse).
+            if root_identity is None:
+                try:
+                    root_status = fs.stat(root_path)
+                except OSError:
+                    continue
+                root_identity = (root_status.st_dev, root_status.st_ino)
+            first_entry = _entry_through_other_path(fs, root_identity, absolute)
+            if first_entry is None:
+                continue
+            first = first_entry
+        else:
+            first = relative.split(os.sep, 1)[0]
         if first in owner:
             trackers.add(owner[first], link)
+
+
+def _entry_through_other_path(
+    fs: FileSystem, root_identity: tuple[int, int], absolute: str
+) -> str | None:
+    """Given the root's (device, inode) and an absolute path, return the root entry the path
+    lies in when one of its parent folders is the root itself, else None."""
+    parts = absolute.split(os.sep)
+    for index in range(len(parts) - 1, 0, -1):
+        try:
+            status = fs.stat(os.sep.join(parts[:index]) or os.sep)
+        except OSError:
+            continue
+        if (status.st_dev, status.st_ino) == root_identity:
+            return parts[index]
+    return None
 
 
 # --- completeness --------------------------------------------------------------------------------

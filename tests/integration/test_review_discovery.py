@@ -80,3 +80,23 @@ def test_keep_best_keeps_the_evaluated_checkpoint_not_a_later_one_without_an_eva
     kept = {d.checkpoint.name: d.reasons for d in plan.decisions if d.keep}
     assert kept["checkpoint-500"] == ("best:eval_loss=0.2",)
     assert "checkpoint-900" not in kept
+
+
+def test_absolute_symlink_through_another_path_to_the_root_still_tracks_its_target(
+    tmp_path: Path,
+) -> None:
+    # The root is configured through a symlinked mount path (/scratch -> /lustre/scratch); a
+    # user's `best` link names the checkpoint by the real path. Textually it lies outside the
+    # root, yet deleting checkpoint-100 would break it.
+    real = tmp_path / "lustre" / "run"
+    real.mkdir(parents=True)
+    (tmp_path / "scratch").symlink_to(tmp_path / "lustre")
+    hf_run(real, [100, 200, 300])
+    (real / "best").symlink_to(real / "checkpoint-100")
+    (real / "via-alias").symlink_to(tmp_path / "scratch" / "run" / "checkpoint-200")
+    (real / "elsewhere").symlink_to(tmp_path / "lustre")
+    for configured in (tmp_path / "scratch" / "run", real):
+        found = by_name(run_scan(configured))
+        assert found["checkpoint-100"].tracked_by == ("best",)
+        assert found["checkpoint-200"].tracked_by == ("via-alias",)
+        assert found["checkpoint-300"].tracked_by == ()
