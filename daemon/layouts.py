@@ -11,7 +11,7 @@ discovery, which has the files at hand.
 |            | `<prefix>_<step>.pt` (also `.pth`)                            | (`model_{step}.pt`) |
 | lightning  | `epoch=<e>-step=<s>*.ckpt` (file or folder)                   | `lightning`         |
 | deepspeed  | `global_step<step>/`                                          | `deepspeed`         |
-| megatron   | `iter_<7 digits>/`                                            | `megatron`          |
+| megatron   | `iter_<7+ digits>/`                                           | `megatron`          |
 | orbax      | `<step>/`, `step_<step>/`, with `.orbax-checkpoint-tmp-<t>`   | `orbax`             |
 | dcp        | a folder whose name ends in digits (holding `*.distcp`)       | `dcp`               |
 | tf         | `<stem>-<n>.index` + `<stem>-<n>.data-*` (+ `.meta`)          | `tf`                |
@@ -73,7 +73,7 @@ _PT_STEP = re.compile(r"(.+)_(\d+)\.(pth?)")
 _LIGHTNING = re.compile(r"epoch=(\d+)-step=(\d+)(.*)\.ckpt")
 _LIGHTNING_METRIC = re.compile(r"-?([A-Za-z_][\w/]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _DEEPSPEED = re.compile(r"global_step(\d+)")
-_MEGATRON = re.compile(r"iter_(\d{7})")
+_MEGATRON = re.compile(r"iter_(\d{7,})")  # `iter_{:07d}`: eight digits from 10,000,000
 _ORBAX = re.compile(r"(?:step_)?(\d+)(?:\.orbax-checkpoint-tmp-\d+)?")
 _DCP = re.compile(r"(?:.*?\D)?(\d+)")
 _TF = re.compile(r"(.+-(\d+))\.(?:index|meta|data-\d+-of-\d+)")

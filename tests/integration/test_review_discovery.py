@@ -10,7 +10,14 @@ from daemon.discovery import ScanResult, scan
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
 from policies.model import Checkpoint
-from tests.layouts_fixtures import age, hf_checkpoint, hf_run, write_json
+from tests.layouts_fixtures import (
+    age,
+    hf_checkpoint,
+    hf_run,
+    megatron_checkpoint,
+    megatron_run,
+    write_json,
+)
 
 
 def run_scan(
@@ -100,3 +107,23 @@ def test_absolute_symlink_through_another_path_to_the_root_still_tracks_its_targ
         assert found["checkpoint-100"].tracked_by == ("best",)
         assert found["checkpoint-200"].tracked_by == ("via-alias",)
         assert found["checkpoint-300"].tracked_by == ()
+
+
+def test_megatron_iterations_past_seven_digits_are_checkpoints(tmp_path: Path) -> None:
+    # Megatron formats `iter_{:07d}`: from iteration 10,000,000 on the name has eight digits.
+    # Matching exactly seven made every later checkpoint invisible, never pruned.
+    megatron_run(tmp_path, [9_998_000, 9_999_000, 10_000_000, 10_001_000])
+    megatron_checkpoint(tmp_path, 10_002_000, age_seconds=None)  # above the tracker: saving
+    result = run_scan(tmp_path)
+    assert result.layout == "megatron"
+    found = by_name(result)
+    assert [checkpoint.step for checkpoint in result.checkpoints] == [
+        9_998_000,
+        9_999_000,
+        10_000_000,
+        10_001_000,
+        10_002_000,
+    ]
+    assert found["iter_10001000"].complete
+    assert found["iter_10001000"].tracked_by == ("latest_checkpointed_iteration.txt",)
+    assert not found["iter_10002000"].complete
