@@ -326,31 +326,36 @@ def _scan(
 
     trackers = _read_trackers(fs, root_path, layout, tracker_files)
     # Read trainer_state.json / sidecars where needed (once per checkpoint: cached after).
-    # The hf checkpoints whose best_model_checkpoint counts: newest first, down to the newest
-    # settled one. A save in progress may hold a half-written trainer_state.json that names no
-    # best; reading only that one would drop the protection of the best model.
-    hf_state_indexes: list[int] = []
-    if layout == "hf":
-        for index in range(len(results) - 1, -1, -1):
-            walk = results[index][5]
-            if "trainer_state.json" in walk.markers:
-                hf_state_indexes.append(index)
-                if walk.error is None and now_ns - walk.mtime_ns >= settle_ns:
-                    break
-    if want_metrics:
-        state_indexes: Collection[int] = range(len(results))
-    else:
-        state_indexes = hf_state_indexes
-    for index in state_indexes:
+
+    def read_state(index: int) -> WalkResult:
         result = results[index]
         walk = result[5]
         if walk.state_read or not (walk.markers & _STATE_MARKERS or len(result[4]) > 1):
-            continue
+            return walk
         walk = _with_state(fs, root_path, result[4], walk)
         entry = result[6]
         if entry is not None and cache is not None:
             entry = cache.store(root_path, result[2], result[4], walk)
         results[index] = (*result[:5], walk, entry)
+        return walk
+
+    # The hf checkpoints whose best_model_checkpoint counts: newest first, down to the newest
+    # settled one with a sound trainer_state.json. A save in progress (or one cut off by a
+    # preemption) may hold a half-written one that names no best; reading only that one would
+    # drop the protection of the best model.
+    hf_state_indexes: list[int] = []
+    if layout == "hf":
+        for index in range(len(results) - 1, -1, -1):
+            if "trainer_state.json" not in results[index][5].markers:
+                continue
+            hf_state_indexes.append(index)
+            walk = read_state(index)
+            settled = walk.error is None and now_ns - walk.mtime_ns >= settle_ns
+            if settled and not walk.state_unreadable:
+                break
+    if want_metrics:
+        for index in range(len(results)):
+            read_state(index)
     for index in hf_state_indexes:
         best = results[index][5].best_model_checkpoint
         if best:
@@ -843,16 +848,24 @@ def _with_state(
 ) -> WalkResult:
     """Given a walk whose trainer_state.json / sidecars were not read yet, return it with its
     metrics and best_model_checkpoint filled in."""
-    metrics, best = _read_metrics(fs, root_path, members, set(walk.markers))
-    return replace(walk, metrics=metrics, best_model_checkpoint=best, state_read=True)
+    metrics, best, unreadable = _read_metrics(fs, root_path, members, set(walk.markers))
+    return replace(
+        walk,
+        metrics=metrics,
+        best_model_checkpoint=best,
+        state_read=True,
+        state_unreadable=unreadable,
+    )
 
 
 def _read_metrics(
     fs: FileSystem, root_path: str, members: Sequence[tuple[str, int, bool]], markers: set[str]
-) -> tuple[Mapping[str, float], str | None]:
-    """Given a checkpoint's members and markers, return its metrics and best_model_checkpoint."""
+) -> tuple[Mapping[str, float], str | None, bool]:
+    """Given a checkpoint's members and markers, return its metrics, best_model_checkpoint and
+    whether its trainer_state.json was there but unreadable."""
     metrics: dict[str, float] = {}
     best: str | None = None
+    unreadable = False
     folder = next((name for name, _, is_dir in members if is_dir), None)
     if folder is not None and "trainer_state.json" in markers:
         state = _load_json(fs, f"{root_path}/{folder}/trainer_state.json", _TRAINER_STATE_LIMIT)
@@ -860,6 +873,8 @@ def _read_metrics(
             metrics.update(_trainer_state_metrics(state))
             candidate = state.get("best_model_checkpoint")
             best = candidate if isinstance(candidate, str) and candidate else None
+        else:
+            unreadable = True
     sidecars = (
         [f"{folder}/metrics.json"] if folder is not None and "metrics.json" in markers else []
     )
@@ -868,7 +883,7 @@ def _read_metrics(
         document = _load_json(fs, f"{root_path}/{sidecar}", _SIDECAR_LIMIT)
         if isinstance(document, dict):
             metrics.update(_numbers(document))
-    return (MappingProxyType(metrics) if metrics else _NO_METRICS), best
+    return (MappingProxyType(metrics) if metrics else _NO_METRICS), best, unreadable
 
 
 def _load_json(fs: FileSystem, path: str, limit: int) -> object:

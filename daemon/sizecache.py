@@ -70,6 +70,8 @@ class WalkResult:
     # Whether trainer_state.json / metrics sidecars were read (they are read only when needed:
     # for keep_best, or for the newest checkpoint's best_model_checkpoint).
     state_read: bool = False
+    # Whether trainer_state.json was there but could not be parsed (a save cut off inside it).
+    state_unreadable: bool = False
     # Files and folders seen inside (to tell an I/O-bound walk from a CPU-bound one).
     entry_count: int = 0
 
@@ -88,6 +90,7 @@ class WalkResult:
             "best": self.best_model_checkpoint,
             "fingerprint": list(self.fingerprint),
             "state_read": self.state_read,
+            "state_unreadable": self.state_unreadable,
             "entries": self.entry_count,
         }
 
@@ -110,6 +113,7 @@ class WalkResult:
             best_model_checkpoint=str(best) if best is not None else None,
             fingerprint=tuple(int(number) for number in document["fingerprint"]),
             state_read=bool(document.get("state_read", False)),
+            state_unreadable=bool(document.get("state_unreadable", False)),
             entry_count=int(document.get("entries", 0)),
         )
 

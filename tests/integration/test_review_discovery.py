@@ -127,3 +127,23 @@ def test_megatron_iterations_past_seven_digits_are_checkpoints(tmp_path: Path) -
     assert found["iter_10001000"].complete
     assert found["iter_10001000"].tracked_by == ("latest_checkpointed_iteration.txt",)
     assert not found["iter_10002000"].complete
+
+
+def test_best_model_checkpoint_stays_tracked_past_a_save_cut_off_inside_trainer_state(
+    tmp_path: Path,
+) -> None:
+    # A preempted node left checkpoint-3100 with a truncated trainer_state.json, long settled.
+    # It names no best, so the best named by every sound trainer_state.json must still count,
+    # on the first scan, from the cache, and from the cache file after a restart.
+    hf_run(tmp_path, range(100, 3001, 100), best_model_checkpoint=str(tmp_path / "checkpoint-300"))
+    cut = hf_checkpoint(tmp_path, 3100, age_seconds=None)
+    (cut / "trainer_state.json").write_text('{"global_step": 3100, "best_model_checkpoint": "')
+    age(cut)
+    cache_path = tmp_path.parent / f"{tmp_path.name}-size-cache.json"
+    cache = SizeCache(str(cache_path))
+    for _ in range(2):
+        found = by_name(run_scan(tmp_path, cache))
+        assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
+    cache.save()
+    found = by_name(run_scan(tmp_path, SizeCache(str(cache_path))))
+    assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
