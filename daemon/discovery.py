@@ -187,9 +187,9 @@ def scan(
     (or True: all) whose cached walk must be proven current by a stat before it is reused (the
     newest `RECHECK_NEWEST` of each series always are). `want_metrics` reads
     trainer_state.json and metrics sidecars of every checkpoint (for keep_best); otherwise
-    only the newest complete hf checkpoint's trainer_state.json is read (its
-    best_model_checkpoint is a tracker). Raises UsageError when the root does not exist, is
-    not a folder or cannot be listed.
+    only the trainer_state.json of the newest settled hf checkpoint (and of any newer one) is
+    read (its best_model_checkpoint is a tracker). Raises UsageError when the root does not
+    exist, is not a folder or cannot be listed.
     """
     with _collector_paused():
         return _scan(root, now, settle_seconds, fs, cache, verify, want_metrics)
