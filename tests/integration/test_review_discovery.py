@@ -147,3 +147,41 @@ def test_best_model_checkpoint_stays_tracked_past_a_save_cut_off_inside_trainer_
     cache.save()
     found = by_name(run_scan(tmp_path, SizeCache(str(cache_path))))
     assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
+
+
+def test_a_checkpoint_with_an_mtime_in_the_future_is_not_settled(tmp_path: Path) -> None:
+    # Clock skew on NFS: the server stamps a file two hours ahead. Until that moment plus
+    # settle_seconds has passed, nothing proves the save is over.
+    hf_run(tmp_path, [100, 200])
+    age(tmp_path / "checkpoint-200", -7200)
+    found = by_name(run_scan(tmp_path))
+    assert found["checkpoint-100"].complete
+    assert not found["checkpoint-200"].complete
+    assert (found["checkpoint-200"].incomplete_reason or "").startswith("settling")
+
+
+def test_stray_files_of_a_training_run_are_neither_checkpoints_nor_a_layout(
+    tmp_path: Path,
+) -> None:
+    hf_run(tmp_path, [0, 100, 200])
+    for folder in ("runs", "wandb", "logs_2024"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "runs" / "events.out.tfevents.1700000000.host.1.v2").write_text("x")
+    for name in ("README.md", "config.json", "events.out.tfevents.1700000000.host", "model.pt"):
+        (tmp_path / name).write_text("x")
+    result = run_scan(tmp_path)
+    assert result.layout == "hf"
+    assert [(c.name, c.step, c.complete) for c in result.checkpoints] == [
+        ("checkpoint-0", 0, True),
+        ("checkpoint-100", 100, True),
+        ("checkpoint-200", 200, True),
+    ]
+    for name in ("ckpt-100", "ckpt-0200", "ckpt-best", "ckpt-100.tmp"):
+        (tmp_path / name).mkdir()
+    patterned = scan(
+        RootConfig(path=str(tmp_path), pattern="ckpt-{step}"), now=time.time(), settle_seconds=60
+    )
+    assert [(c.name, c.step) for c in patterned.checkpoints] == [
+        ("ckpt-100", 100),
+        ("ckpt-0200", 200),
+    ]
