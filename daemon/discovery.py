@@ -36,6 +36,10 @@ inside a folder, `<name>.metrics.json` beside a file, which then belongs to the 
 is deleted with it) every numeric top-level key; from a Lightning name such as
 `epoch=3-step=1200-val_loss=0.31.ckpt`, `val_loss`.
 
+Order: a series whose names carry an epoch and a step (`mid_epoch_<e>_<step>.pt`) is ordered
+by step, unless the step restarts each epoch (some later epoch has a smaller one): then by
+epoch first, the step becoming `epoch * 10^digits + step`.
+
 Sizes: `size_bytes` sums `st_size` of each inode once (directories not counted: their size is
 filesystem bookkeeping); `freeable_bytes` skips files with more links than this checkpoint
 holds (a snapshot shares them). Symlinks count as their own small size, never followed.
@@ -60,6 +64,7 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
@@ -280,6 +285,8 @@ def _scan(
     if layout == "dcp":  # a numbered folder without any *.distcp is not a dcp checkpoint
         results = [result for result in results if DISTCP_MARKER in result[5].markers]
 
+    if layout == "pt" or any(pattern.has_epoch and pattern.has_step for pattern in patterns):
+        _order_epochs_first(results)
     series = _series_order(patterns, layout, results)
     if len(series) > 1:
         order = {series_id: index for index, series_id in enumerate(series)}
@@ -371,7 +378,7 @@ def _scan(
     static = layout in _STATIC_LAYOUTS
     checkpoints: list[Checkpoint] = []
     keep_pin = (".keep",)
-    for _, _, name, match, identity, walk, entry in results:
+    for _, step, name, match, identity, walk, entry in results:
         if entry is not None and static:
             reason = None  # final walk: marker present and settled, for good
         else:
@@ -394,6 +401,7 @@ def _scan(
                 and built_key[2] == tracked_by
                 and built_key[3] == pinned_by
                 and built_key[4] == layout
+                and built_key[5] == step
             ):
                 checkpoints.append(entry.built)  # type: ignore[arg-type]
                 continue
@@ -404,7 +412,7 @@ def _scan(
             )
         checkpoint = Checkpoint(
             name=name,
-            step=match.step,
+            step=step,
             entries=tuple(member[0] for member in identity) if len(identity) > 1 else (),
             series=match.series,
             layout=layout,
@@ -420,7 +428,7 @@ def _scan(
         )
         if entry is not None:
             entry.built = checkpoint
-            entry.built_key = (match, reason, tracked_by, pinned_by, layout)
+            entry.built_key = (match, reason, tracked_by, pinned_by, layout, step)
         checkpoints.append(checkpoint)
 
     if cache is not None:
@@ -449,6 +457,28 @@ def _scan(
 _STEP = itemgetter(1)
 _TRACKER_NAMES = frozenset({DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER})
 _STATE_MARKERS = frozenset({"trainer_state.json", "metrics.json"})
+
+
+def _order_epochs_first(results: list[Any]) -> None:
+    """Given the results, renumber in place the steps of each series whose names carry both an
+    epoch and a step (`mid_epoch_<e>_<step>.pt`) when the step restarts each epoch: some later
+    epoch has a smaller step, so the number is a position in the epoch, not a global step.
+    Ordered by that number alone, the newest saves would sort below older epochs and a
+    rotation would delete them. The step becomes `epoch * 10^digits + step`, which orders by
+    epoch first; a global step is left as it is."""
+    members: dict[str, list[int]] = {}
+    for index, result in enumerate(results):
+        series_id = result[0]
+        if "{epoch}" in series_id and "{step}" in series_id:
+            members.setdefault(series_id, []).append(index)
+    for indexes in members.values():
+        pairs = sorted((results[index][3].epoch, results[index][1]) for index in indexes)
+        if all(earlier[1] <= later[1] for earlier, later in pairwise(pairs)):
+            continue
+        stride = 10 ** len(str(max(step for _, step in pairs)))
+        for index in indexes:
+            result = results[index]
+            results[index] = (result[0], result[3].epoch * stride + result[1], *result[2:])
 
 
 def _sort_equal_steps_by_name(results: list[Any]) -> None:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from daemon.config import Config, KeepBestConfig, PolicyConfig, RootConfig
+from daemon.config import Config, KeepBestConfig, PolicyConfig, RootConfig, SeriesConfig
 from daemon.discovery import ScanResult, scan
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,
+    age_all,
     hf_checkpoint,
     hf_run,
     megatron_checkpoint,
     megatron_run,
+    pt_file,
     write_json,
 )
 
@@ -185,3 +187,35 @@ def test_stray_files_of_a_training_run_are_neither_checkpoints_nor_a_layout(
         ("ckpt-100", 100),
         ("ckpt-0200", 200),
     ]
+
+
+def test_mid_epoch_steps_counted_within_each_epoch_are_ordered_by_epoch_first(
+    tmp_path: Path,
+) -> None:
+    # `mid_epoch_<epoch>_<batch>.pt` where the number restarts each epoch (the position to
+    # resume the data loader from). Ordered by that number alone, mid_epoch_2_250.pt, the newest
+    # save, sorted below mid_epoch_0_750.pt and the keep-5 rotation deleted it.
+    for epoch, batches in ((0, (250, 500, 750)), (1, (250, 500, 750)), (2, (250,))):
+        for batch in batches:
+            pt_file(tmp_path, f"mid_epoch_{epoch}_{batch}.pt", 2048)
+    age_all(tmp_path)
+    series = "mid_epoch_{epoch}_{step}.pt"
+    rotation = PolicyConfig(keep_last=5, tier2_count=0, tier3_interval=None)
+    root = RootConfig(path=str(tmp_path), series=[SeriesConfig(pattern=series, policy=rotation)])
+    result, plan = plan_root(Config(roots=[root]), root, now=time.time())
+    assert [c.name for c in result.checkpoints] == [
+        f"mid_epoch_{epoch}_{batch}.pt"
+        for epoch, batch in ((0, 250), (0, 500), (0, 750), (1, 250), (1, 500), (1, 750), (2, 250))
+    ]
+    kept = [d.checkpoint.name for d in plan.decisions if d.keep]
+    assert kept == [
+        "mid_epoch_0_750.pt",
+        "mid_epoch_1_250.pt",
+        "mid_epoch_1_500.pt",
+        "mid_epoch_1_750.pt",
+        "mid_epoch_2_250.pt",
+    ]
+    assert [c.epoch for c in result.checkpoints] == [0, 0, 0, 1, 1, 1, 2]
+    # The same root auto-detected (no configured series) orders the same way.
+    auto = run_scan(tmp_path)
+    assert [c.name for c in auto.checkpoints] == [c.name for c in result.checkpoints]
