@@ -8,23 +8,24 @@ to `prune.apply` and write one `prune_run` record.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import prune, safety, trash
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
+from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
+from daemon.trash import LOCK_FILE, root_lock
 from policies.model import Plan, PolicySpec
+
+__all__ = ["LOCK_FILE", "PruneReport", "prune_root", "root_lock"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,6 @@ class PruneReport:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-LOCK_FILE = ".lock"
-
 # Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
 Confirm = Callable[[PruneReport], bool]
 
@@ -53,32 +52,6 @@ Confirm = Callable[[PruneReport], bool]
 def _policy_record(spec: PolicySpec) -> dict[str, object]:
     record: dict[str, object] = dataclasses.asdict(spec)
     return record
-
-
-@contextlib.contextmanager
-def root_lock(root_path: str) -> Iterator[bool]:
-    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
-
-    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon and a `ckptd prune` typed by
-    hand never move the same checkpoints at once. Where the lock file cannot be made (a
-    read-only filesystem) nothing can be deleted either, so the run goes on without it.
-    """
-    folder = os.path.join(root_path, TRASH_DIRECTORY)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    except OSError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(descriptor)
 
 
 def _prune_unlocked(

@@ -23,10 +23,11 @@ where the filesystem offers it, else with `os`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat as stat_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
@@ -34,6 +35,7 @@ from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history import HistoryLog
 
 JOURNAL = ".ckptd-entry.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,34 @@ class PurgeResult:
 
 def trash_path(root_path: str) -> str:
     return os.path.join(root_path, TRASH_DIRECTORY)
+
+
+@contextlib.contextmanager
+def root_lock(root_path: str) -> Iterator[bool]:
+    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
+
+    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon, a `ckptd prune` typed by
+    hand and whatever else changes the trash (the disk check emptying it, `ckptd trash`) never
+    work on the same root at once — recovering a half-moved item while a prune is still moving
+    it would remove what the prune moves in next. Where the lock file cannot be made (a
+    read-only filesystem) nothing can be deleted either, so the run goes on without it.
+    """
+    folder = trash_path(root_path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
 
 
 def parse_item_name(item: str) -> tuple[str, float] | None:
@@ -352,10 +382,16 @@ def empty_trash(
     """Given a root, remove everything in its trash regardless of grace; return bytes freed.
 
     The disk check calls this first under disk pressure (before pruning anything more).
-    Crashed moves are rolled back first, so nothing half-moved is lost.
+    Crashed moves are rolled back first, so nothing half-moved is lost. While a prune holds
+    the root (its moves in progress look like crashed ones) nothing is touched and 0 returned:
+    that prune is freeing space already.
     """
-    recover(root_path, fs=fs)
-    return purge(root_path, now=0.0, grace=0.0, everything=True, fs=fs, history=history).bytes_freed
+    with root_lock(root_path) as acquired:
+        if not acquired:
+            return 0
+        recover(root_path, fs=fs)
+        result = purge(root_path, now=0.0, grace=0.0, everything=True, fs=fs, history=history)
+        return result.bytes_freed
 
 
 def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:
