@@ -534,8 +534,9 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
             reasons.append(f"in-use:{holder.describe()}")
         guarded.append(_kept(decision, *reasons) if reasons else decision)
 
-    # min_keep: the policy may thin a root to nothing; keep back the newest deletions.
-    survivors = sum(1 for decision in guarded if decision.keep)
+    # min_keep: the policy may thin a root to nothing; keep back the newest deletions. Only
+    # complete checkpoints count: a crashed save kept as incomplete is nothing to resume from.
+    survivors = sum(1 for decision in guarded if decision.keep and decision.checkpoint.complete)
     if survivors < settings.min_keep:
         deleted_newest_first = sorted(
             (index for index, decision in enumerate(guarded) if not decision.keep),

@@ -7,8 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from daemon import trash
+from daemon import safety, trash
 from daemon.pruning import root_lock
+from policies.model import Checkpoint, Decision, Plan
 
 
 def _half_moved_tensorflow_checkpoint(root: Path) -> Path:
@@ -66,3 +67,22 @@ def test_trash_commands_refuse_while_a_prune_holds_the_root(
             assert "another prune" in done.stderr
             assert _layout(root) == before
     assert os.path.isdir(root / ".ckptd-trash" / "ckpt-1@1000")
+
+
+def test_min_keep_counts_only_complete_survivors() -> None:
+    # Three crashed saves (no trainer_state.json, never resumable) are kept as incomplete;
+    # they must not stand in for the min_keep checkpoints a resume can fall back on.
+    complete = [Checkpoint(name=f"checkpoint-{s}", step=s) for s in (100, 200, 300, 400, 500)]
+    broken = [
+        Checkpoint(name=f"checkpoint-{s}", step=s, complete=False, incomplete_reason="no state")
+        for s in (150, 250, 350)
+    ]
+    decisions = [
+        Decision(c, c.step == 500, ("tier1",) if c.step == 500 else ("tier3",)) for c in complete
+    ]
+    decisions += [Decision(c, True, ("incomplete",)) for c in broken]
+    plan = Plan(root="/r", decisions=tuple(decisions))
+    facts = safety.Facts(root_path="/r", now=1e9)
+    guarded = safety.guard(plan, facts, safety.SafetySettings(min_keep=3, force=True))
+    kept_complete = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.complete)
+    assert kept_complete == [300, 400, 500]
