@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
-from daemon import safety, trash
+from daemon import pruning, safety, trash
+from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
 from daemon.pruning import root_lock
 from policies.model import Checkpoint, Decision, Plan
+from tests.layouts_fixtures import age, hf_checkpoint, hf_run
 
 
 def _half_moved_tensorflow_checkpoint(root: Path) -> Path:
@@ -86,3 +90,40 @@ def test_min_keep_counts_only_complete_survivors() -> None:
     guarded = safety.guard(plan, facts, safety.SafetySettings(min_keep=3, force=True))
     kept_complete = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.complete)
     assert kept_complete == [300, 400, 500]
+
+
+def test_what_changes_while_the_prompt_waits_is_honoured(tmp_path: Path) -> None:
+    # `ckptd prune` shows the plan and waits at [y/N]; the answer may come many minutes later.
+    # Meanwhile the trainer saved checkpoint-6100 whose trainer_state.json names checkpoint-700
+    # as the best model, and a colleague pinned checkpoint-1300. Deleting by the stale plan
+    # breaks the trainer's load_best_model_at_end and ignores the pin.
+    root = tmp_path / "run"
+    hf_run(root, range(100, 6100, 100))
+    config = Config(
+        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
+        roots=[RootConfig(path=str(root))],
+    )
+    shown: list[str] = []
+
+    def confirm(preview: pruning.PruneReport) -> bool:
+        shown.extend(d.checkpoint.name for d in preview.plan.deleted)
+        hf_checkpoint(root, 6100, best_model_checkpoint=str(root / "checkpoint-700"))
+        (root / "checkpoint-1300" / ".keep").write_text("")
+        # checkpoint-800 replaced under its name (a resumed run saved that step again).
+        shutil.rmtree(root / "checkpoint-800")
+        age(hf_checkpoint(root, 800, model_bytes=9000), 7200)
+        age(root / "checkpoint-6100")  # the answer came after settle_seconds
+        return True
+
+    report = pruning.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=False, confirm=confirm
+    )
+    assert {"checkpoint-700", "checkpoint-1300"} <= set(shown)
+    assert report.refused is None and report.failed == ()
+    assert (root / "checkpoint-700").is_dir() and (root / "checkpoint-1300").is_dir()
+    assert (root / "checkpoint-800").is_dir() and "checkpoint-800" not in report.deleted
+    assert "checkpoint-700" not in report.deleted and "checkpoint-1300" not in report.deleted
+    # Nothing the person was not shown is deleted either.
+    assert set(report.deleted) <= set(shown) and report.deleted
+    remaining = {p.name for p in root.iterdir() if p.name.startswith("checkpoint-")}
+    assert remaining.isdisjoint(report.deleted)
