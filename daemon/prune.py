@@ -18,10 +18,11 @@ Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_dele
    grace keeps it).
 
 Errors (permission denied, a file vanishing, a read-only filesystem) are recorded for that
-checkpoint and the run goes on with the rest. Bytes freed are only ever the checkpoint's
-`freeable_bytes` for a removal that finished; a checkpoint left in the trash (grace, or `stop`
-set before its removal) frees nothing yet, and a partly removed one is reported as failed with
-its remains in the trash, finished by the next run's purge.
+checkpoint and the run goes on with the rest. Bytes freed are only ever what the trash item
+held unshared (measured right before its removal) for a removal that finished; a checkpoint
+left in the trash (grace, or `stop` set before its removal) frees nothing yet, and a partly
+removed one is reported as failed with its remains in the trash, finished by the next run's
+purge.
 """
 
 from __future__ import annotations
@@ -188,10 +189,14 @@ def apply(
     # workers overlap those waits: about what `rm -rf` costs, including the checks above).
     # Unless the grace keeps them, or `stop` asks to start nothing more (the next run's purge
     # removes those; they are restorable meanwhile).
-    def remove(item_path: str) -> list[str] | None:
+    # Bytes freed are measured on the item right before it goes: the checkpoint's
+    # `freeable_bytes` may come from the size cache, from before a hard-link snapshot that now
+    # shares its files (only their link counts changed, which the cache cannot see).
+    def remove(item_path: str) -> tuple[int, list[str]] | None:
         if stop is not None and stop.is_set():
             return None
-        return trash.remove_item(item_path, fs)
+        freeable = trash.measure_freeable(item_path, fs)
+        return freeable, trash.remove_item(item_path, fs)
 
     deleted: list[str] = []
     trashed: list[str] = []
@@ -209,7 +214,7 @@ def apply(
                 progress(index, len(moved), checkpoint.name)
             outcome = None if future is None else future.result()
             kept_in_trash = outcome is None
-            removal_errors = outcome or []
+            measured, removal_errors = outcome or (0, [])
             bytes_freed = 0
             if removal_errors:
                 partial.append(checkpoint.name)
@@ -225,7 +230,7 @@ def apply(
                 trashed.append(checkpoint.name)
                 in_trash += checkpoint.freeable_bytes
             else:
-                bytes_freed = checkpoint.freeable_bytes
+                bytes_freed = measured
                 freed += bytes_freed
             if not removal_errors:
                 deleted.append(checkpoint.name)

@@ -137,9 +137,10 @@ def _listdir(fs: FileSystem, path: str) -> list[str]:
 
 
 def measure_freeable(path: str, fs: FileSystem = LOCAL) -> int:
-    """Given a path, return the bytes removing it frees: each inode once, linked files skipped."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    """Given a path, return the bytes removing it frees: each inode once, skipping files with
+    links outside the path (a snapshot shares them)."""
+    # inode -> [links seen below the path, links in all, size]
+    seen: dict[tuple[int, int], list[int]] = {}
     pending = [path]
     while pending:
         current = pending.pop()
@@ -152,12 +153,13 @@ def measure_freeable(path: str, fs: FileSystem = LOCAL) -> int:
                 pending.extend(entry.path for entry in fs.scandir(current))
             except OSError:
                 continue
-        elif stat_module.S_ISREG(status.st_mode) and status.st_nlink == 1:
+        elif stat_module.S_ISREG(status.st_mode):
             key = (status.st_dev, status.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += status.st_size
-    return total
+            if key in seen:
+                seen[key][0] += 1
+            else:
+                seen[key] = [1, status.st_nlink, status.st_size]
+    return sum(size for links_here, links, size in seen.values() if links_here >= links)
 
 
 def _read_journal(fs: FileSystem, item_path: str) -> tuple[str, ...] | None:

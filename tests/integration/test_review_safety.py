@@ -11,7 +11,9 @@ from pathlib import Path
 
 from daemon import pruning, safety, trash
 from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
+from daemon.history import HistoryLog, read_records
 from daemon.pruning import root_lock
+from daemon.sizecache import SizeCache
 from policies.model import Checkpoint, Decision, Plan
 from tests.layouts_fixtures import age, hf_checkpoint, hf_run
 
@@ -127,3 +129,39 @@ def test_what_changes_while_the_prompt_waits_is_honoured(tmp_path: Path) -> None
     assert set(report.deleted) <= set(shown) and report.deleted
     remaining = {p.name for p in root.iterdir() if p.name.startswith("checkpoint-")}
     assert remaining.isdisjoint(report.deleted)
+
+
+def test_bytes_freed_are_measured_at_removal_not_taken_from_the_size_cache(
+    tmp_path: Path,
+) -> None:
+    # The daemon's size cache remembers a complete checkpoint's freeable bytes from when it was
+    # walked. A hard-link snapshot taken later (inside the folder only the files' link counts
+    # change, which the cache cannot see) shares every byte: removing it frees nothing, and
+    # the run and the history must say so, not the cached figure.
+    root = tmp_path / "run"
+    hf_run(root, range(100, 3100, 100), model_bytes=100_000)
+    config = Config(
+        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
+        roots=[RootConfig(path=str(root))],
+    )
+    cache = SizeCache()
+    preview = pruning.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=True, cache=cache
+    )
+    doomed = [d.checkpoint.name for d in preview.plan.deleted]
+    assert doomed and preview.plan.bytes_freed > 0
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for name in doomed:
+        for file in (root / name).iterdir():
+            os.link(file, snapshot / f"{name}-{file.name}")
+    history = HistoryLog(str(tmp_path / "history.jsonl"))
+    report = pruning.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=False, cache=cache, history=history
+    )
+    history.close()
+    assert sorted(report.deleted) == sorted(doomed)
+    assert report.bytes_freed == 0
+    records = read_records(history.path)
+    assert [r["bytes_freed"] for r in records if r["event"] == "delete"] == [0] * len(doomed)
+    assert [r["bytes_freed"] for r in records if r["event"] == "prune_run"] == [0]
