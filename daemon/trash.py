@@ -315,6 +315,9 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     """Given a checkpoint name (or an item name), rename it back into the root; return the item.
 
     Refuses (UsageError) when no such item exists or a member's name is taken in the root.
+    The restored checkpoint is pinned (`.keep` inside a folder, `<name>.keep` beside anything
+    else, as discovery reads pins): the policy that deleted it has not changed, and without
+    the pin the next prune would delete it again.
     """
     items = [item for item in list_trash(root_path, fs) if name in (item.name, item.item)]
     if not items:
@@ -325,6 +328,7 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
         if _exists(fs, target):
             raise UsageError(f"cannot restore {item.name}: it already exists in {root_path}")
         fs.rename(item.path, target)
+        _pin(root_path, item.name, fs)
         fs.fsync_dir(root_path)
         return item
     inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
@@ -336,9 +340,27 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     # The completion marker goes back last: the checkpoint only looks complete once whole.
     for member in sorted(inside, key=lambda member: (member.endswith(".index"), member)):
         fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
+    _pin(root_path, item.name, fs)
     fs.fsync_dir(root_path)
     fs.remove_tree(item.path)
     return item
+
+
+def pin_path(root_path: str, name: str, fs: FileSystem = LOCAL) -> str:
+    """Given a root and a checkpoint entry or name, return the pin file that protects it."""
+    target = os.path.join(root_path, name)
+    try:
+        if stat_module.S_ISDIR(fs.lstat(target).st_mode):
+            return os.path.join(target, ".keep")
+    except OSError:
+        pass
+    return target + ".keep"
+
+
+def _pin(root_path: str, name: str, fs: FileSystem) -> None:
+    path = pin_path(root_path, name, fs)
+    if not _exists(fs, path):
+        _write_file(fs, path, b"restored from the ckptd trash; delete this file to unpin\n")
 
 
 def purge(

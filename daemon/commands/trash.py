@@ -119,11 +119,15 @@ def main(args: argparse.Namespace) -> int:
         if history_file is not None:
             with HistoryLog(history_file) as restore_log:
                 restore_log.write("trash_restore", root=candidates[0], checkpoint=restored.name)
+        pin = trash.pin_path(candidates[0], restored.name)
         if args.json:
-            json.dump({"root": candidates[0], "restored": restored.name}, sys.stdout)
+            json.dump({"root": candidates[0], "restored": restored.name, "pin": pin}, sys.stdout)
             sys.stdout.write("\n")
         else:
-            console.print(f"restored {restored.name} into {candidates[0]}")
+            console.print(
+                f"restored {restored.name} into {candidates[0]}, pinned by {pin} "
+                "(delete it to let the policy decide again)"
+            )
         return EXIT_OK
     # purge
     results = {}

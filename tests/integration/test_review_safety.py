@@ -15,7 +15,7 @@ from daemon.history import HistoryLog, read_records
 from daemon.pruning import root_lock
 from daemon.sizecache import SizeCache
 from policies.model import Checkpoint, Decision, Plan
-from tests.layouts_fixtures import age, hf_checkpoint, hf_run
+from tests.layouts_fixtures import age, age_all, hf_checkpoint, hf_run, tf_checkpoint, tf_tracker
 
 
 def _half_moved_tensorflow_checkpoint(root: Path) -> Path:
@@ -165,3 +165,30 @@ def test_bytes_freed_are_measured_at_removal_not_taken_from_the_size_cache(
     records = read_records(history.path)
     assert [r["bytes_freed"] for r in records if r["event"] == "delete"] == [0] * len(doomed)
     assert [r["bytes_freed"] for r in records if r["event"] == "prune_run"] == [0]
+
+
+def test_a_restored_checkpoint_is_not_deleted_again_by_the_next_prune(tmp_path: Path) -> None:
+    # `ckptd trash restore NAME` undoes a deletion; the policy has not changed, so without a
+    # pin the daemon's next prune (minutes later, on the next new checkpoint) trashes it again
+    # and the grace runs out on a checkpoint the person explicitly brought back.
+    root = tmp_path / "run"
+    hf_run(root, range(100, 3100, 100))
+    tf_root = tmp_path / "tf"
+    tf_root.mkdir()
+    for number in range(1, 31):
+        tf_checkpoint(tf_root, number)
+    tf_tracker(tf_root, range(1, 31))
+    age_all(tf_root)
+    config = Config(
+        defaults=DefaultsConfig(trash=TrashConfig(grace=3600), settle_seconds=60),
+        roots=[RootConfig(path=str(root)), RootConfig(path=str(tf_root))],
+    )
+    for root_config in config.roots:
+        first = pruning.prune_root(config, root_config, now=time.time(), dry_run=False)
+        assert first.deleted and first.refused is None
+        name = first.deleted[0]
+        trash.restore(root_config.path, name)
+        second = pruning.prune_root(config, root_config, now=time.time(), dry_run=False)
+        assert second.refused is None and name not in second.deleted
+        kept = {d.checkpoint.name: d for d in second.plan.kept}
+        assert ".keep" in kept[name].checkpoint.pinned_by
