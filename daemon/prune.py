@@ -8,6 +8,9 @@ Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_dele
    microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
    again, so no checkpoint is renamed more than that long after its last check. Any holder
    vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is honoured between renames.
+   After the renames one more look at the trash items catches a file opened between a check
+   and its rename (after the rename nobody can open it by its old path): that checkpoint is
+   renamed back, vetoed.
 2. **Make the moves durable before removing anything.** A power cut must never bring a
    checkpoint back under its name half-removed. On ext4, XFS, btrfs and ZFS the journal
    commits metadata operations in order, so no unlink below a renamed folder can reach the disk
@@ -37,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from daemon import safety, trash
+from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
 from policies.model import Decision, Plan
@@ -175,6 +179,43 @@ def apply(
             failed.append((checkpoint.name, message))
             continue
         moved.append((decision, item_path))
+
+    # A process that opened a file between the check and the rename holds it inside the trash
+    # now (and no process can open it by its old path any more): one more look, at the trash
+    # items, closes that window. A held checkpoint goes back under its name, vetoed.
+    if moved:
+        trash_facts = check(trash.trash_path(root_path), [os.path.basename(p) for _, p in moved])
+        unheld: list[tuple[Decision, str]] = []
+        for decision, item_path in moved:
+            checkpoint = decision.checkpoint
+            holders = (
+                trash_facts.holders.get(os.path.basename(item_path), ()) + trash_facts.everywhere
+            )
+            if not holders:
+                unheld.append((decision, item_path))
+                continue
+            reason = f"in-use:{holders[0].describe()}"
+            try:
+                trash.undo_move(root_path, item_path, fs)
+            except (OSError, UsageError) as error:
+                # Its name was taken meanwhile: it stays restorable in the trash, not removed.
+                message = f"{reason}; left in {os.path.relpath(item_path, root_path)}: {error}"
+                log.warning("could not put back %s: %s", checkpoint.name, message)
+                failed.append((checkpoint.name, message))
+                continue
+            vetoed.append((checkpoint.name, reason))
+            log.info("veto %s: %s", checkpoint.name, reason)
+            if history is not None:
+                history.write(
+                    "veto",
+                    root=root_path,
+                    checkpoint=checkpoint.name,
+                    step=checkpoint.step,
+                    reason=reason,
+                    pid=holders[0].pid,
+                    cmdline=holders[0].cmdline,
+                )
+        moved = unheld
 
     # Phase 2: the moves reach the disk before anything is removed.
     if moved and not orders_metadata(root_path):

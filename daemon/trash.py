@@ -323,14 +323,31 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     if not items:
         raise UsageError(f"no checkpoint named {name!r} in the trash of {root_path}")
     item = items[-1]  # the most recent deletion of that name
+    _put_back(root_path, item, fs)
+    _pin(root_path, item.name, fs)
+    fs.fsync_dir(root_path)
+    return item
+
+
+def undo_move(root_path: str, item_path: str, fs: FileSystem = LOCAL) -> None:
+    """Given a trash item just moved there, rename it back under its name (not pinned).
+
+    Raises UsageError when its name was taken meanwhile, OSError when a rename fails.
+    """
+    item = describe_item(root_path, os.path.basename(item_path), fs)
+    if item is None:
+        raise UsageError(f"{item_path}: not a trash item")
+    _put_back(root_path, item, fs)
+    fs.fsync_dir(root_path)
+
+
+def _put_back(root_path: str, item: TrashItem, fs: FileSystem) -> None:
     if not _is_multi_item(fs, item.path):
         target = os.path.join(root_path, item.name)
         if _exists(fs, target):
             raise UsageError(f"cannot restore {item.name}: it already exists in {root_path}")
         fs.rename(item.path, target)
-        _pin(root_path, item.name, fs)
-        fs.fsync_dir(root_path)
-        return item
+        return
     inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
     taken = [member for member in inside if _exists(fs, os.path.join(root_path, member))]
     if taken:
@@ -340,10 +357,8 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     # The completion marker goes back last: the checkpoint only looks complete once whole.
     for member in sorted(inside, key=lambda member: (member.endswith(".index"), member)):
         fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
-    _pin(root_path, item.name, fs)
     fs.fsync_dir(root_path)
     fs.remove_tree(item.path)
-    return item
 
 
 def pin_path(root_path: str, name: str, fs: FileSystem = LOCAL) -> str:
