@@ -8,15 +8,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+import pytest
 
 from daemon import prune, pruning, safety, trash
 from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
 from daemon.history import HistoryLog, read_records
 from daemon.pruning import root_lock
 from daemon.sizecache import SizeCache
-from policies.model import Checkpoint, Decision, Plan
+from policies.model import Checkpoint, Decision, Plan, PolicySpec
 from tests.layouts_fixtures import age, age_all, hf_checkpoint, hf_run, tf_checkpoint, tf_tracker
 
 
@@ -246,3 +248,51 @@ def test_a_file_opened_between_the_holder_check_and_the_rename_vetoes_the_remova
     assert (root / "checkpoint-200" / "model.bin").read_bytes() == b"m" * 5000
     assert not (root / "checkpoint-100").exists() and not (root / "checkpoint-300").exists()
     assert trash.list_trash(str(root)) == []
+
+
+def _fill(folder: Path) -> None:
+    descriptor = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(descriptor, b"f" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def test_a_full_disk_that_holds_the_history_does_not_stop_the_prune(
+    tmp_path: Path, tmpfs: Callable[[int], Path]
+) -> None:
+    # The disk is full (the very reason to prune) and the history file is on it: a record
+    # that cannot be appended must not abort the run before it frees anything.
+    mount = tmpfs(8 * 1024 * 1024)
+    root = mount / "run"
+    hf_run(root, range(100, 1100, 100), model_bytes=500_000)
+    _fill(mount)
+    config = Config(
+        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
+        roots=[RootConfig(path=str(root))],
+    )
+    history = HistoryLog(str(mount / "history.jsonl"))
+    with pytest.raises(OSError), open(mount / "probe", "wb") as probe:
+        probe.write(b"p" * 8192)
+    spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
+    report = pruning.prune_root(
+        config,
+        config.roots[0],
+        now=time.time(),
+        dry_run=False,
+        history=history,
+        policy_override=spec,
+    )
+    history.close()
+    assert history.dropped > 0  # said in the log, not silently lost
+    assert report.refused is None and report.failed == ()
+    assert len(report.deleted) == 7 and report.bytes_freed > 7 * 500_000
+    remaining = sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-"))
+    assert remaining == ["checkpoint-1000", "checkpoint-800", "checkpoint-900"]
+    # With space again, the history is written as before.
+    with HistoryLog(str(mount / "history.jsonl")) as again:
+        again.write("probe")
+    assert read_records(str(mount / "history.jsonl"))[-1]["event"] == "probe"
