@@ -296,3 +296,26 @@ def test_a_full_disk_that_holds_the_history_does_not_stop_the_prune(
     with HistoryLog(str(mount / "history.jsonl")) as again:
         again.write("probe")
     assert read_records(str(mount / "history.jsonl"))[-1]["event"] == "probe"
+
+
+def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
+    tmp_path: Path,
+) -> None:
+    # A run crashed while saving checkpoint-5000 (left incomplete) and was restarted from
+    # checkpoint-900; it is writing checkpoint-1000 now. The stale 5000 has the highest step,
+    # but the checkpoint being written is 1000: the root must be refused while it settles.
+    root = tmp_path / "run"
+    hf_run(root, range(100, 1000, 100))
+    hf_checkpoint(root, 5000, complete=False)
+    hf_checkpoint(root, 1000, complete=False, age_seconds=None)  # being written now
+    config = Config(
+        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
+        roots=[RootConfig(path=str(root))],
+    )
+    spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
+    report = pruning.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+    )
+    assert report.refused is not None and "checkpoint-1000" in report.refused
+    assert report.deleted == ()
+    assert len([p for p in root.iterdir() if p.name.startswith("checkpoint-")]) == 11
