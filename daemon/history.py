@@ -11,10 +11,13 @@ opened again, so new records land in the new file and none are lost in the rotat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from datetime import UTC, datetime
 from typing import Any
+
+log = logging.getLogger("ckptd.history")
 
 # Record fields that are always present; `write` refuses to let callers overwrite them.
 RESERVED_FIELDS = ("time", "event")
@@ -40,6 +43,7 @@ class HistoryLog:
         self._lock = threading.Lock()
         self._descriptor: int | None = None
         self._identity: tuple[int, int] | None = None
+        self.dropped = 0  # records that could not be written (full disk, read-only, ...)
 
     def _open(self) -> int:
         parent = os.path.dirname(os.path.abspath(self.path))
@@ -75,11 +79,17 @@ class HistoryLog:
         record.update(fields)
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            descriptor = self._current_descriptor()
-            written = os.write(descriptor, line)
-            if written != len(line):
-                # Only on a full disk or a signal mid-write; finish the line rather than leave half.
-                os.write(descriptor, line[written:])
+            try:
+                descriptor = self._current_descriptor()
+                written = os.write(descriptor, line)
+                if written != len(line):
+                    # Only on a full disk or a signal mid-write; finish the line, not leave half.
+                    os.write(descriptor, line[written:])
+            except OSError as error:
+                # A full disk is the very reason to prune: a record that cannot be written must
+                # not stop the deletions that free the space. Said in the log, counted here.
+                self.dropped += 1
+                log.warning("could not append to the history %s: %s (%s)", self.path, error, event)
 
     def close(self) -> None:
         """Given an open log, close its descriptor (a later write reopens it)."""

@@ -8,6 +8,9 @@ Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_dele
    microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
    again, so no checkpoint is renamed more than that long after its last check. Any holder
    vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is honoured between renames.
+   After the renames one more look at the trash items catches a file opened between a check
+   and its rename (after the rename nobody can open it by its old path): that checkpoint is
+   renamed back, vetoed.
 2. **Make the moves durable before removing anything.** A power cut must never bring a
    checkpoint back under its name half-removed. On ext4, XFS, btrfs and ZFS the journal
    commits metadata operations in order, so no unlink below a renamed folder can reach the disk
@@ -18,10 +21,11 @@ Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_dele
    grace keeps it).
 
 Errors (permission denied, a file vanishing, a read-only filesystem) are recorded for that
-checkpoint and the run goes on with the rest. Bytes freed are only ever the checkpoint's
-`freeable_bytes` for a removal that finished; a checkpoint left in the trash (grace, or `stop`
-set before its removal) frees nothing yet, and a partly removed one is reported as failed with
-its remains in the trash, finished by the next run's purge.
+checkpoint and the run goes on with the rest. Bytes freed are only ever what the trash item
+held unshared (measured right before its removal) for a removal that finished; a checkpoint
+left in the trash (grace, or `stop` set before its removal) frees nothing yet, and a partly
+removed one is reported as failed with its remains in the trash, finished by the next run's
+purge.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from daemon import safety, trash
+from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
 from policies.model import Decision, Plan
@@ -175,6 +180,43 @@ def apply(
             continue
         moved.append((decision, item_path))
 
+    # A process that opened a file between the check and the rename holds it inside the trash
+    # now (and no process can open it by its old path any more): one more look, at the trash
+    # items, closes that window. A held checkpoint goes back under its name, vetoed.
+    if moved:
+        trash_facts = check(trash.trash_path(root_path), [os.path.basename(p) for _, p in moved])
+        unheld: list[tuple[Decision, str]] = []
+        for decision, item_path in moved:
+            checkpoint = decision.checkpoint
+            holders = (
+                trash_facts.holders.get(os.path.basename(item_path), ()) + trash_facts.everywhere
+            )
+            if not holders:
+                unheld.append((decision, item_path))
+                continue
+            reason = f"in-use:{holders[0].describe()}"
+            try:
+                trash.undo_move(root_path, item_path, fs)
+            except (OSError, UsageError) as error:
+                # Its name was taken meanwhile: it stays restorable in the trash, not removed.
+                message = f"{reason}; left in {os.path.relpath(item_path, root_path)}: {error}"
+                log.warning("could not put back %s: %s", checkpoint.name, message)
+                failed.append((checkpoint.name, message))
+                continue
+            vetoed.append((checkpoint.name, reason))
+            log.info("veto %s: %s", checkpoint.name, reason)
+            if history is not None:
+                history.write(
+                    "veto",
+                    root=root_path,
+                    checkpoint=checkpoint.name,
+                    step=checkpoint.step,
+                    reason=reason,
+                    pid=holders[0].pid,
+                    cmdline=holders[0].cmdline,
+                )
+        moved = unheld
+
     # Phase 2: the moves reach the disk before anything is removed.
     if moved and not orders_metadata(root_path):
         with contextlib.suppress(OSError):
@@ -188,10 +230,14 @@ def apply(
     # workers overlap those waits: about what `rm -rf` costs, including the checks above).
     # Unless the grace keeps them, or `stop` asks to start nothing more (the next run's purge
     # removes those; they are restorable meanwhile).
-    def remove(item_path: str) -> list[str] | None:
+    # Bytes freed are measured on the item right before it goes: the checkpoint's
+    # `freeable_bytes` may come from the size cache, from before a hard-link snapshot that now
+    # shares its files (only their link counts changed, which the cache cannot see).
+    def remove(item_path: str) -> tuple[int, list[str]] | None:
         if stop is not None and stop.is_set():
             return None
-        return trash.remove_item(item_path, fs)
+        freeable = trash.measure_freeable(item_path, fs)
+        return freeable, trash.remove_item(item_path, fs)
 
     deleted: list[str] = []
     trashed: list[str] = []
@@ -209,7 +255,7 @@ def apply(
                 progress(index, len(moved), checkpoint.name)
             outcome = None if future is None else future.result()
             kept_in_trash = outcome is None
-            removal_errors = outcome or []
+            measured, removal_errors = outcome or (0, [])
             bytes_freed = 0
             if removal_errors:
                 partial.append(checkpoint.name)
@@ -225,7 +271,7 @@ def apply(
                 trashed.append(checkpoint.name)
                 in_trash += checkpoint.freeable_bytes
             else:
-                bytes_freed = checkpoint.freeable_bytes
+                bytes_freed = measured
                 freed += bytes_freed
             if not removal_errors:
                 deleted.append(checkpoint.name)

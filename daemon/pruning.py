@@ -8,23 +8,24 @@ to `prune.apply` and write one `prune_run` record.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon import prune, safety, trash
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
+from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
 from daemon.planning import plan_root
 from daemon.sizecache import SizeCache
-from policies.model import Plan, PolicySpec
+from daemon.trash import LOCK_FILE, root_lock
+from policies.model import Checkpoint, Decision, Plan, PolicySpec
+
+__all__ = ["LOCK_FILE", "PruneReport", "prune_root", "root_lock"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,6 @@ class PruneReport:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-LOCK_FILE = ".lock"
-
 # Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
 Confirm = Callable[[PruneReport], bool]
 
@@ -55,30 +54,31 @@ def _policy_record(spec: PolicySpec) -> dict[str, object]:
     return record
 
 
-@contextlib.contextmanager
-def root_lock(root_path: str) -> Iterator[bool]:
-    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
+def _same_content(before: Checkpoint, after: Checkpoint) -> bool:
+    return (before.members, before.mtime, before.size_bytes, before.complete) == (
+        after.members,
+        after.mtime,
+        after.size_bytes,
+        after.complete,
+    )
 
-    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon and a `ckptd prune` typed by
-    hand never move the same checkpoints at once. Where the lock file cannot be made (a
-    read-only filesystem) nothing can be deleted either, so the run goes on without it.
-    """
-    folder = os.path.join(root_path, TRASH_DIRECTORY)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    except OSError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(descriptor)
+
+def only_confirmed(fresh: Plan, confirmed: Plan) -> Plan:
+    """Given a fresh guarded plan and the one a person confirmed, return the fresh plan with
+    every deletion that was not confirmed, or whose checkpoint changed since, kept instead."""
+    shown = {d.checkpoint.name: d.checkpoint for d in confirmed.deleted}
+    decisions: list[Decision] = []
+    for decision in fresh.decisions:
+        checkpoint = decision.checkpoint
+        before = shown.get(checkpoint.name)
+        if decision.keep or (before is not None and _same_content(before, checkpoint)):
+            decisions.append(decision)
+        elif before is None:
+            decisions.append(dataclasses.replace(decision, keep=True, reasons=("not-confirmed",)))
+        else:
+            reason = "changed-since-confirmed"
+            decisions.append(dataclasses.replace(decision, keep=True, reasons=(reason,)))
+    return dataclasses.replace(fresh, decisions=tuple(decisions))
 
 
 def _prune_unlocked(
@@ -136,9 +136,8 @@ def _prune_unlocked(
         "purge_bytes_freed": purged.bytes_freed,
         "notes": list(facts.notes) + list(plan.warnings),
     }
-    try:
-        guarded = safety.guard(plan, facts, safety_settings)
-    except safety.RootRefused as refused:
+
+    def refuse(refused: safety.RootRefused, refused_plan: Plan) -> PruneReport:
         if history is not None:
             history.write(
                 "prune_refused",
@@ -150,7 +149,7 @@ def _prune_unlocked(
             )
         return PruneReport(
             root=root_path,
-            plan=plan,
+            plan=refused_plan,
             dry_run=dry_run,
             refused=refused.reason,
             bytes_freed=purged.bytes_freed,
@@ -158,9 +157,12 @@ def _prune_unlocked(
             extra=extra,
         )
 
-    guard_vetoes = safety.vetoed(plan, guarded)
-    if history is not None and not dry_run:
-        for decision in guard_vetoes:
+    def write_vetoes(decisions: tuple[Decision, ...], already: set[str]) -> None:
+        if history is None or dry_run:
+            return
+        for decision in decisions:
+            if decision.checkpoint.name in already:
+                continue
             history.write(
                 "veto",
                 root=root_path,
@@ -168,6 +170,14 @@ def _prune_unlocked(
                 step=decision.checkpoint.step,
                 reason=", ".join(decision.reasons),
             )
+
+    try:
+        guarded = safety.guard(plan, facts, safety_settings)
+    except safety.RootRefused as refused:
+        return refuse(refused, plan)
+
+    guard_vetoes = safety.vetoed(plan, guarded)
+    write_vetoes(guard_vetoes, set())
     preview = PruneReport(
         root=root_path,
         plan=guarded,
@@ -175,9 +185,32 @@ def _prune_unlocked(
         vetoed=tuple(d.checkpoint.name for d in guard_vetoes),
         extra=extra,
     )
-    if confirm is not None and not dry_run and guarded.deleted and not confirm(preview):
-        extra["aborted"] = True
-        return dataclasses.replace(preview, seconds=time.monotonic() - started)
+    if confirm is not None and not dry_run and guarded.deleted:
+        asked_at = time.monotonic()
+        if not confirm(preview):
+            extra["aborted"] = True
+            return dataclasses.replace(preview, seconds=time.monotonic() - started)
+        # The answer may come minutes later: a new checkpoint, tracker or pin since, or a
+        # checkpoint replaced under its name, must count. Plan again at the time of the answer
+        # and delete only what both plans delete, unchanged (nothing the person was not shown).
+        now += time.monotonic() - asked_at
+        _scan, plan = plan_root(
+            config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
+        )
+        facts = safety.gather_facts(
+            root_path,
+            now=now,
+            trainer_pid_file=root.trainer.pid_file,
+            trainer_cmdline=root.trainer.cmdline,
+        )
+        try:
+            fresh = safety.guard(plan, facts, safety_settings)
+        except safety.RootRefused as refused:
+            return refuse(refused, plan)
+        guarded = only_confirmed(fresh, guarded)
+        already = {d.checkpoint.name for d in guard_vetoes}
+        guard_vetoes = safety.vetoed(plan, guarded)
+        write_vetoes(guard_vetoes, already)
 
     result = prune.apply(
         guarded,

@@ -472,13 +472,24 @@ def _kept(decision: Decision, *reasons: str) -> Decision:
 def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused | None:
     """Given a plan and the facts, return why the whole root must be left alone, or None.
 
-    The trainer holding (open file, map, cwd) the newest checkpoint of any series, or that
-    newest checkpoint still settling, refuses the root: the trainer is mid-save or mid-resume.
+    The trainer holding (open file, map, cwd) the newest checkpoint of any series (the newest
+    complete one or any above it), or that newest checkpoint still settling, refuses the root:
+    the trainer is mid-save or mid-resume.
     """
-    newest = _newest_by_series(plan.decisions, complete_only=False)
+    # "The newest" is the newest complete checkpoint of each series and anything above it: a
+    # run restarted from an earlier step writes below a crashed save's higher step, and the
+    # checkpoint it is writing is the one that matters.
+    newest_complete_step: dict[str, int] = {}
     for decision in plan.decisions:
         checkpoint = decision.checkpoint
-        if checkpoint.name not in newest:
+        if checkpoint.complete:
+            current = newest_complete_step.get(checkpoint.series)
+            if current is None or checkpoint.step > current:
+                newest_complete_step[checkpoint.series] = checkpoint.step
+    for decision in plan.decisions:
+        checkpoint = decision.checkpoint
+        floor = newest_complete_step.get(checkpoint.series)
+        if floor is not None and checkpoint.step < floor:
             continue
         if _is_settling(checkpoint, facts.now, settings.settle_seconds):
             why = checkpoint.incomplete_reason or "written less than settle_seconds ago"
@@ -534,8 +545,9 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
             reasons.append(f"in-use:{holder.describe()}")
         guarded.append(_kept(decision, *reasons) if reasons else decision)
 
-    # min_keep: the policy may thin a root to nothing; keep back the newest deletions.
-    survivors = sum(1 for decision in guarded if decision.keep)
+    # min_keep: the policy may thin a root to nothing; keep back the newest deletions. Only
+    # complete checkpoints count: a crashed save kept as incomplete is nothing to resume from.
+    survivors = sum(1 for decision in guarded if decision.keep and decision.checkpoint.complete)
     if survivors < settings.min_keep:
         deleted_newest_first = sorted(
             (index for index, decision in enumerate(guarded) if not decision.keep),

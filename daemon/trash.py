@@ -23,10 +23,11 @@ where the filesystem offers it, else with `os`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import stat as stat_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
@@ -34,6 +35,7 @@ from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history import HistoryLog
 
 JOURNAL = ".ckptd-entry.json"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,34 @@ class PurgeResult:
 
 def trash_path(root_path: str) -> str:
     return os.path.join(root_path, TRASH_DIRECTORY)
+
+
+@contextlib.contextmanager
+def root_lock(root_path: str) -> Iterator[bool]:
+    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
+
+    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon, a `ckptd prune` typed by
+    hand and whatever else changes the trash (the disk check emptying it, `ckptd trash`) never
+    work on the same root at once — recovering a half-moved item while a prune is still moving
+    it would remove what the prune moves in next. Where the lock file cannot be made (a
+    read-only filesystem) nothing can be deleted either, so the run goes on without it.
+    """
+    folder = trash_path(root_path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
+    except OSError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)
 
 
 def parse_item_name(item: str) -> tuple[str, float] | None:
@@ -107,9 +137,10 @@ def _listdir(fs: FileSystem, path: str) -> list[str]:
 
 
 def measure_freeable(path: str, fs: FileSystem = LOCAL) -> int:
-    """Given a path, return the bytes removing it frees: each inode once, linked files skipped."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    """Given a path, return the bytes removing it frees: each inode once, skipping files with
+    links outside the path (a snapshot shares them)."""
+    # inode -> [links seen below the path, links in all, size]
+    seen: dict[tuple[int, int], list[int]] = {}
     pending = [path]
     while pending:
         current = pending.pop()
@@ -122,12 +153,13 @@ def measure_freeable(path: str, fs: FileSystem = LOCAL) -> int:
                 pending.extend(entry.path for entry in fs.scandir(current))
             except OSError:
                 continue
-        elif stat_module.S_ISREG(status.st_mode) and status.st_nlink == 1:
+        elif stat_module.S_ISREG(status.st_mode):
             key = (status.st_dev, status.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += status.st_size
-    return total
+            if key in seen:
+                seen[key][0] += 1
+            else:
+                seen[key] = [1, status.st_nlink, status.st_size]
+    return sum(size for links_here, links, size in seen.values() if links_here >= links)
 
 
 def _read_journal(fs: FileSystem, item_path: str) -> tuple[str, ...] | None:
@@ -283,18 +315,39 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
     """Given a checkpoint name (or an item name), rename it back into the root; return the item.
 
     Refuses (UsageError) when no such item exists or a member's name is taken in the root.
+    The restored checkpoint is pinned (`.keep` inside a folder, `<name>.keep` beside anything
+    else, as discovery reads pins): the policy that deleted it has not changed, and without
+    the pin the next prune would delete it again.
     """
     items = [item for item in list_trash(root_path, fs) if name in (item.name, item.item)]
     if not items:
         raise UsageError(f"no checkpoint named {name!r} in the trash of {root_path}")
     item = items[-1]  # the most recent deletion of that name
+    _put_back(root_path, item, fs)
+    _pin(root_path, item.name, fs)
+    fs.fsync_dir(root_path)
+    return item
+
+
+def undo_move(root_path: str, item_path: str, fs: FileSystem = LOCAL) -> None:
+    """Given a trash item just moved there, rename it back under its name (not pinned).
+
+    Raises UsageError when its name was taken meanwhile, OSError when a rename fails.
+    """
+    item = describe_item(root_path, os.path.basename(item_path), fs)
+    if item is None:
+        raise UsageError(f"{item_path}: not a trash item")
+    _put_back(root_path, item, fs)
+    fs.fsync_dir(root_path)
+
+
+def _put_back(root_path: str, item: TrashItem, fs: FileSystem) -> None:
     if not _is_multi_item(fs, item.path):
         target = os.path.join(root_path, item.name)
         if _exists(fs, target):
             raise UsageError(f"cannot restore {item.name}: it already exists in {root_path}")
         fs.rename(item.path, target)
-        fs.fsync_dir(root_path)
-        return item
+        return
     inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
     taken = [member for member in inside if _exists(fs, os.path.join(root_path, member))]
     if taken:
@@ -306,7 +359,23 @@ def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
         fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
     fs.fsync_dir(root_path)
     fs.remove_tree(item.path)
-    return item
+
+
+def pin_path(root_path: str, name: str, fs: FileSystem = LOCAL) -> str:
+    """Given a root and a checkpoint entry or name, return the pin file that protects it."""
+    target = os.path.join(root_path, name)
+    try:
+        if stat_module.S_ISDIR(fs.lstat(target).st_mode):
+            return os.path.join(target, ".keep")
+    except OSError:
+        pass
+    return target + ".keep"
+
+
+def _pin(root_path: str, name: str, fs: FileSystem) -> None:
+    path = pin_path(root_path, name, fs)
+    if not _exists(fs, path):
+        _write_file(fs, path, b"restored from the ckptd trash; delete this file to unpin\n")
 
 
 def purge(
@@ -352,10 +421,16 @@ def empty_trash(
     """Given a root, remove everything in its trash regardless of grace; return bytes freed.
 
     The disk check calls this first under disk pressure (before pruning anything more).
-    Crashed moves are rolled back first, so nothing half-moved is lost.
+    Crashed moves are rolled back first, so nothing half-moved is lost. While a prune holds
+    the root (its moves in progress look like crashed ones) nothing is touched and 0 returned:
+    that prune is freeing space already.
     """
-    recover(root_path, fs=fs)
-    return purge(root_path, now=0.0, grace=0.0, everything=True, fs=fs, history=history).bytes_freed
+    with root_lock(root_path) as acquired:
+        if not acquired:
+            return 0
+        recover(root_path, fs=fs)
+        result = purge(root_path, now=0.0, grace=0.0, everything=True, fs=fs, history=history)
+        return result.bytes_freed
 
 
 def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:

@@ -19,9 +19,12 @@ from rich.table import Table
 
 from daemon import trash
 from daemon.config import Config, RootConfig, default_config_for_root, settings_for
-from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
+from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
 from daemon.history import HistoryLog
 from daemon.render import make_console
+
+# A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
+BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
 
 
 def _roots(args: argparse.Namespace) -> tuple[Config, list[RootConfig], str | None]:
@@ -109,25 +112,40 @@ def main(args: argparse.Namespace) -> int:
                 f"{args.name!r} is in the trash of several roots ({', '.join(candidates)}); "
                 "choose one with --root"
             )
-        restored = trash.restore(candidates[0], args.name)
+        with trash.root_lock(candidates[0]) as acquired:
+            if not acquired:
+                raise SafetyRefusal(f"refusing to restore into {candidates[0]}: {BUSY}")
+            restored = trash.restore(candidates[0], args.name)
         if history_file is not None:
             with HistoryLog(history_file) as restore_log:
                 restore_log.write("trash_restore", root=candidates[0], checkpoint=restored.name)
+        pin = trash.pin_path(candidates[0], restored.name)
         if args.json:
-            json.dump({"root": candidates[0], "restored": restored.name}, sys.stdout)
+            json.dump({"root": candidates[0], "restored": restored.name, "pin": pin}, sys.stdout)
             sys.stdout.write("\n")
         else:
-            console.print(f"restored {restored.name} into {candidates[0]}")
+            console.print(
+                f"restored {restored.name} into {candidates[0]}, pinned by {pin} "
+                "(delete it to let the policy decide again)"
+            )
         return EXIT_OK
     # purge
     results = {}
     failed = False
+    busy = False
     history = HistoryLog(history_file) if history_file is not None else None
     try:
         for root in roots:
             root_path = os.path.realpath(root.path)
-            trash.recover(root_path)
-            result = trash.purge(root_path, now=now, grace=0.0, everything=True, history=history)
+            with trash.root_lock(root_path) as acquired:
+                if not acquired:
+                    print(f"ckptd trash: refusing to purge {root_path}: {BUSY}", file=sys.stderr)
+                    busy = True
+                    continue
+                trash.recover(root_path)
+                result = trash.purge(
+                    root_path, now=now, grace=0.0, everything=True, history=history
+                )
             results[root_path] = result
             failed = failed or bool(result.failed)
     finally:
@@ -158,4 +176,6 @@ def main(args: argparse.Namespace) -> int:
             )
             for name, error in result.failed:
                 console.print(f"  failed: {name}: {error}")
+    if busy:
+        return EXIT_REFUSED
     return EXIT_FAILED if failed else EXIT_OK
