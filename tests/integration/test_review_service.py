@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,82 @@ def test_inotify_watch_limit_falls_back_to_polling_and_logs_once(tmp_path: Path)
     # One fallback line per folder (the root and its parent), not one per tick.
     assert log_events.count("watch_fallback") == 2, log_events
     assert "watch_failed" not in log_events, log_events
+
+
+def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the start-up snapshot copies one big file on a slow device (each 8 MiB
+    chunk takes 0.5 s): the copy is abandoned at the next chunk, nothing is left under a date
+    name, and serve() returns 0 well within the stop timeout."""
+    from daemon import copying
+    from daemon.fsio import TRASH_DIRECTORY
+    from daemon.service import serve
+
+    root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
+    folder = root / "checkpoint-100"
+    folder.mkdir(parents=True)
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.truncate(40 * copying.CHUNK)  # twenty seconds to copy at this speed
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
+    old = time.time() - 3600
+    for item in (*folder.iterdir(), folder):
+        os.utime(item, (old, old))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+state_dir: {state}
+history_file: {state}/history.jsonl
+defaults:
+  policy: {{keep_last: 5, tier2_count: 0, tier3_interval: null}}
+  settle_seconds: 0.3
+  min_keep: 1
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: true, at: "00:00", dir: {snapshots}, method: copy, keep: 3}}
+disk: {{interval: 1h}}
+"""
+    )
+    chunks: list[int] = []
+    real_copy_range = copying._copy_range
+
+    def slow_copy_range(source: int, destination: int, count: int) -> int:
+        chunks.append(count)
+        time.sleep(0.5)
+        return real_copy_range(source, destination, count)
+
+    monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
+    stop, reload = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            code=serve(
+                str(config),
+                stop=stop,
+                reload=reload,
+                tick=0.05,
+                stop_timeout=3,
+                configure_logs=False,
+            )
+        ),
+        name="test-serve",
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while len(chunks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(chunks) >= 2, "the snapshot copy never started"
+        stop.set()
+        asked = time.monotonic()
+        thread.join(10)
+        took = time.monotonic() - asked
+    finally:
+        stop.set()
+        thread.join(30)
+    assert result.get("code") == 0, result
+    assert took < 3, f"serve() took {took:.1f} s to stop"
+    # The abandoned temporary folder went to the trash; nothing under a date or .tmp- name.
+    assert [entry.name for entry in snapshots.iterdir()] in ([], [TRASH_DIRECTORY])
+    assert (folder / "model.safetensors").stat().st_size == 40 * copying.CHUNK
