@@ -104,6 +104,7 @@ class Service:
         self.history = self._history(config)
         # One size cache for every root (keyed by root inside), persisted in state_dir.
         self.cache = self._size_cache(config)
+        self.cache_state_dir = config.state_dir
         self.cache_saved_at = time.monotonic()
         # Worker-thread state: root path -> monotonic deadline / retry count.
         self.pending: dict[str, float] = {}
@@ -365,6 +366,12 @@ class Service:
         prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
         from daemon.pruning import prune_root
 
+        if self.config.state_dir != self.cache_state_dir:
+            # A reload moved state_dir: the cache lives there from now on (swapped here, on the
+            # worker, the only thread that uses it).
+            self._save_cache()
+            self.cache = self._size_cache(self.config)
+            self.cache_state_dir = self.config.state_dir
         keywords.setdefault("cache", self.cache)
         keywords.setdefault("stop", self.stop)
         report = prune_root(config, root, **keywords)

@@ -10,7 +10,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,3 +173,88 @@ disk: {{interval: 1h}}
     # The abandoned temporary folder went to the trash; nothing under a date or .tmp- name.
     assert [entry.name for entry in snapshots.iterdir()] in ([], [TRASH_DIRECTORY])
     assert (folder / "model.safetensors").stat().st_size == 40 * copying.CHUNK
+
+
+def _serve_in_thread(config: Path, stop: threading.Event, reload: threading.Event) -> Any:
+    from daemon.service import serve
+
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            code=serve(
+                str(config),
+                stop=stop,
+                reload=reload,
+                tick=0.05,
+                stop_timeout=10,
+                configure_logs=False,
+            )
+        ),
+        name="test-serve",
+    )
+    thread.start()
+    return thread, result
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_reload_to_another_state_dir_moves_the_size_cache_there(tmp_path: Path) -> None:
+    """A reload that changes `state_dir`: state.json and the size cache are both kept in the
+    new folder from then on (the cache was still written to the old one)."""
+    from daemon.sizecache import CACHE_FILE_NAME
+
+    root = tmp_path / "run"
+    for step in (1, 2):
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w" * 1024)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        old = time.time() - 3600
+        for item in (*folder.iterdir(), folder):
+            os.utime(item, (old, old))
+    config = tmp_path / "config.yaml"
+
+    def write(state: Path) -> None:
+        text = f"""\
+state_dir: {state}
+history_file: {tmp_path}/history.jsonl
+defaults:
+  policy: {{keep_last: 5, tier2_count: 0, tier3_interval: null}}
+  settle_seconds: 0.3
+  min_keep: 1
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: false}}
+disk: {{interval: 1h}}
+"""
+        (tmp_path / "config.tmp").write_text(text)
+        os.replace(tmp_path / "config.tmp", config)
+
+    first, second = tmp_path / "state-a", tmp_path / "state-b"
+    write(first)
+    stop, reload = threading.Event(), threading.Event()
+    thread, result = _serve_in_thread(config, stop, reload)
+    try:
+        assert _wait(lambda: "last_prune" in _state(first))
+        write(second)
+        reload.set()
+        assert _wait(lambda: "last_prune" in _state(second))
+    finally:
+        stop.set()
+        thread.join(15)
+    assert result.get("code") == 0
+    assert (second / CACHE_FILE_NAME).is_file(), sorted(p.name for p in second.iterdir())
+
+
+def _state(state_dir: Path) -> dict[str, Any]:
+    from daemon.state import read_state
+
+    return dict(read_state(str(state_dir)))
