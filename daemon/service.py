@@ -49,6 +49,10 @@ MAX_RETRY_SECONDS = 300.0
 CONFIG_DEBOUNCE_SECONDS = 0.3
 # The size cache is written back at most this often (and at stop): sizes are cheap to relearn.
 CACHE_SAVE_SECONDS = 300.0
+# The worker shows life at least every second when idle, and between files and chunks (every
+# `stop.is_set()`) in a long prune or snapshot. Silent this long, it is wedged (a hung mount, a
+# deadlock): WATCHDOG=1 stops, so systemd restarts the daemon instead of it never pruning again.
+WORKER_STUCK_SECONDS = 1800.0
 
 
 @dataclass(eq=False)
@@ -58,6 +62,27 @@ class Task:
     name: str
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+
+
+class _SignOfLife(threading.Event):
+    """Given the service's stop event and a callback, answer `is_set()` for that event and call
+    the callback each time: the long jobs ask it between files and chunks, so asking is life."""
+
+    def __init__(self, stop: threading.Event, alive: Callable[[], None]) -> None:
+        super().__init__()
+        self._stop = stop
+        self._alive = alive
+
+    def is_set(self) -> bool:
+        self._alive()
+        return self._stop.is_set()
+
+    def set(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._alive()
+        return self._stop.wait(timeout)
 
 
 def _utc_iso(epoch_seconds: float) -> str:
@@ -101,6 +126,9 @@ class Service:
         self.watcher = Watcher(self.work)
         self.schedule = Schedule(self.run_job)
         self.worker = threading.Thread(target=self._work, name="ckptd-worker", daemon=True)
+        self.worker_alive_at = time.monotonic()
+        self.worker_stuck = False
+        self.job_stop = _SignOfLife(stop, self._worker_alive)
         self.history = self._history(config)
         # One size cache for every root (keyed by root inside), persisted in state_dir.
         self.cache = self._size_cache(config)
@@ -148,8 +176,13 @@ class Service:
                     self.config_changed_at = None
                     self.do_reload()
                 self.watcher.check()
-                if interval and time.monotonic() >= next_ping and self.worker.is_alive():
-                    # A dead worker means no more pings: systemd's watchdog restarts us.
+                if (
+                    interval
+                    and time.monotonic() >= next_ping
+                    and self.worker.is_alive()
+                    and not self._worker_wedged()
+                ):
+                    # A dead or wedged worker means no more pings: systemd's watchdog restarts us.
                     self.notifier.watchdog()
                     next_ping = time.monotonic() + interval
                 if not self.worker.is_alive():
@@ -158,6 +191,25 @@ class Service:
         finally:
             code = self.shutdown()
         return code
+
+    def _worker_wedged(self) -> bool:
+        silent = time.monotonic() - self.worker_alive_at
+        if silent < WORKER_STUCK_SECONDS:
+            if self.worker_stuck:
+                self.worker_stuck = False
+                log.warning("worker_resumed", silent_seconds=round(silent, 1))
+            return False
+        if not self.worker_stuck:
+            self.worker_stuck = True
+            log.error(
+                "worker_stuck",
+                silent_seconds=round(silent, 1),
+                note="no more WATCHDOG=1: systemd restarts the daemon",
+            )
+        return True
+
+    def _worker_alive(self) -> None:
+        self.worker_alive_at = time.monotonic()
 
     def _reload_due(self) -> bool:
         if self.reload.is_set():
@@ -258,11 +310,13 @@ class Service:
 
     def _work(self) -> None:
         while True:
+            self._worker_alive()
             timeout = self._next_timeout()
             try:
                 item = self.work.get(timeout=timeout)
             except queue.Empty:
                 item = False
+            self._worker_alive()
             if item is None or self.stop.is_set():
                 if isinstance(item, Task):
                     item.done.set()
@@ -373,7 +427,7 @@ class Service:
             self.cache = self._size_cache(self.config)
             self.cache_state_dir = self.config.state_dir
         keywords.setdefault("cache", self.cache)
-        keywords.setdefault("stop", self.stop)
+        keywords.setdefault("stop", self.job_stop)
         report = prune_root(config, root, **keywords)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self._save_cache()
@@ -431,7 +485,7 @@ class Service:
 
     def _snapshot(self, *, startup: bool) -> None:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.stop)
+        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
         log.info("snapshot_job", startup=startup, report=str(report)[:300])
         self._write_state(last_snapshot={"time": _utc_iso(self.clock())})
 

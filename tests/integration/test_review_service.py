@@ -258,3 +258,92 @@ def _state(state_dir: Path) -> dict[str, Any]:
     from daemon.state import read_state
 
     return dict(read_state(str(state_dir)))
+
+
+def test_a_wedged_worker_stops_the_watchdog_pings_and_they_resume_when_it_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker hangs inside a prune (a hung mount, a deadlock) while its thread stays alive:
+    WATCHDOG=1 must stop so systemd restarts the daemon (the main thread kept pinging, and the
+    daemon never pruned again, silently); when the worker moves again, so do the pings."""
+    import socket
+
+    from daemon import pruning, service
+    from daemon.sdnotify import Notifier
+    from daemon.service import serve
+
+    monkeypatch.setattr(service, "WORKER_STUCK_SECONDS", 1.0, raising=False)
+    entered, release = threading.Event(), threading.Event()
+    real_prune_root = pruning.prune_root
+
+    def hanging_prune_root(*arguments: Any, **keywords: Any) -> Any:
+        entered.set()
+        release.wait(20)
+        return real_prune_root(*arguments, **keywords)
+
+    monkeypatch.setattr(pruning, "prune_root", hanging_prune_root)
+    root = tmp_path / "run"
+    root.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+state_dir: {tmp_path}/state
+history_file: {tmp_path}/history.jsonl
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: false}}
+disk: {{interval: 1h}}
+"""
+    )
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    listener.settimeout(0.05)
+    pings: list[float] = []
+    listening = threading.Event()
+
+    def receive() -> None:
+        while not listening.is_set():
+            try:
+                message = listener.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if "WATCHDOG=1" in message.split("\n"):
+                pings.append(time.monotonic())
+
+    receiver = threading.Thread(target=receive, name="test-notify-listener")
+    receiver.start()
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
+    stop, reload = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            code=serve(
+                str(config),
+                stop=stop,
+                reload=reload,
+                notifier=notifier,
+                tick=0.05,
+                stop_timeout=10,
+                configure_logs=False,
+            )
+        ),
+        name="test-serve",
+    )
+    thread.start()
+    try:
+        assert entered.wait(10), "the start-up prune never ran"
+        time.sleep(1.5)  # past WORKER_STUCK_SECONDS: the pings have stopped by now
+        wedged_since = time.monotonic()
+        time.sleep(1.0)
+        assert [at for at in pings if at > wedged_since] == [], "pinged for a wedged worker"
+        release.set()
+        assert _wait(lambda: any(at > wedged_since + 1.0 for at in pings), 5), "no pings again"
+    finally:
+        release.set()
+        stop.set()
+        thread.join(15)
+        listening.set()
+        receiver.join()
+        listener.close()
+    assert result.get("code") == 0
