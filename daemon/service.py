@@ -151,6 +151,9 @@ class Service:
         self.schedule.start(self.config)
         startup = Task("startup")
         self.work.put(startup)
+        # Its own task after the start-up prune: READY=1 waits for the prune only, not for a copy
+        # that may outlast systemd's start timeout (it would kill us, and the copy would restart).
+        self.work.put(Task("startup-snapshot"))
         self._write_state(
             pid=os.getpid(), started=_utc_iso(self.started), next=self.schedule.next_run_times()
         )
@@ -390,7 +393,8 @@ class Service:
                         self._prune(root, reason=task.name)
                     else:
                         log.warning("root_missing", root=root.path, job=task.name)
-                if task.name == "startup" and self.config.snapshots.enabled:
+            elif task.name == "startup-snapshot":
+                if self.config.snapshots.enabled:
                     # One per date: the snapshot job skips a date it already has.
                     self._snapshot(startup=True)
             elif task.name == "snapshot":
@@ -401,8 +405,8 @@ class Service:
                 log.error("unknown_task", task=task.name)
         except BaseException as error:
             task.error = error
-            if task.name == "startup":
-                log.exception("startup_task_failed")
+            if task.name.startswith("startup"):
+                log.exception("startup_task_failed", task=task.name)
         finally:
             if not self.stop.is_set():
                 # At stop the scheduler is shut down: its empty schedule is not "nothing next".

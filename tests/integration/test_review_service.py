@@ -347,3 +347,87 @@ disk: {{interval: 1h}}
         receiver.join()
         listener.close()
     assert result.get("code") == 0
+
+
+def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started after `snapshots.at` with today's snapshot missing, the daemon takes it at
+    start-up; copying one big file on a slow device takes longer than systemd's start timeout
+    (90 s by default). READY=1 must not wait for it (systemd would kill the daemon as failed to
+    start, restart it, and it would start the same copy again, forever)."""
+    import socket
+
+    from daemon import copying
+    from daemon.sdnotify import Notifier
+    from daemon.service import serve
+
+    root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
+    folder = root / "checkpoint-100"
+    folder.mkdir(parents=True)
+    with open(folder / "model.safetensors", "wb") as handle:
+        handle.truncate(40 * copying.CHUNK)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
+    old = time.time() - 3600
+    for item in (*folder.iterdir(), folder):
+        os.utime(item, (old, old))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+state_dir: {state}
+history_file: {state}/history.jsonl
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: true, at: "00:00", dir: {snapshots}, method: copy, keep: 3}}
+disk: {{interval: 1h}}
+"""
+    )
+    chunks: list[int] = []
+    real_copy_range = copying._copy_range
+
+    def slow_copy_range(source: int, destination: int, count: int) -> int:
+        chunks.append(count)
+        time.sleep(0.5)
+        return real_copy_range(source, destination, count)
+
+    monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    listener.settimeout(0.05)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    stop, reload = threading.Event(), threading.Event()
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(
+            code=serve(
+                str(config),
+                stop=stop,
+                reload=reload,
+                notifier=notifier,
+                tick=0.05,
+                stop_timeout=10,
+                configure_logs=False,
+            )
+        ),
+        name="test-serve",
+    )
+    thread.start()
+    ready_while_copying = False
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not ready_while_copying:
+            try:
+                message = listener.recv(4096).decode()
+            except TimeoutError:
+                continue
+            if "READY=1" in message.split("\n"):
+                ready_while_copying = len(chunks) < 40
+                break
+    finally:
+        stop.set()
+        thread.join(15)
+        listener.close()
+    assert chunks, "the start-up snapshot never started copying"
+    assert ready_while_copying, f"no READY=1 while the start-up copy ran ({len(chunks)} chunks)"
+    assert result.get("code") == 0
