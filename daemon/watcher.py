@@ -296,6 +296,9 @@ class Watcher:
             self._sync()
 
     def _sync(self) -> None:
+        # Forget folders no longer wanted (each finished checkpoint): no growth over weeks.
+        self._poll_fallback.intersection_update(self._wanted)
+        self._failure_logged.intersection_update(self._wanted)
         for folder, active in list(self._active.items()):
             if self._wanted.get(folder) != active[3]:
                 self._drop(folder)

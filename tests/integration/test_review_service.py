@@ -41,8 +41,14 @@ _WATCH_WITHOUT_INOTIFY = textwrap.dedent(
             watcher.check()
             continue
         seen = isinstance(event, WatchEvent) and event.path.endswith("checkpoint-1")
+    checkpoint = os.path.join(root, "checkpoint-1")
+    watcher.watch_checkpoint(root, checkpoint)
+    polled_checkpoint = checkpoint in watcher.watched_folders()
+    watcher.forget_checkpoints(root)
+    fallbacks = sorted(watcher._poll_fallback)
     watcher.stop()
-    print(json.dumps({"seen": seen, "present": watcher.roots_present()}))
+    print(json.dumps({"seen": seen, "polled_checkpoint": polled_checkpoint,
+                      "fallbacks": fallbacks}))
     """
 )
 
@@ -91,8 +97,11 @@ def test_inotify_watch_limit_falls_back_to_polling_and_logs_once(tmp_path: Path)
     log_events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line]
     assert "inotify watch limit reached" in result.stderr
     assert outcome["seen"], result.stderr
-    # One fallback line per folder (the root and its parent), not one per tick.
-    assert log_events.count("watch_fallback") == 2, log_events
+    assert outcome["polled_checkpoint"], result.stderr
+    # A finished checkpoint's fallback is forgotten with its watch (no growth over weeks).
+    assert outcome["fallbacks"] == sorted([str(root), str(root.parent)])
+    # One fallback line per folder (the root, its parent, the checkpoint), not one per tick.
+    assert log_events.count("watch_fallback") == 3, log_events
     assert "watch_failed" not in log_events, log_events
 
 
