@@ -46,6 +46,10 @@ STOP_TIMEOUT_SECONDS = 30.0
 # Settled means "no event for settle_seconds"; a little more so mtimes are past the threshold.
 SETTLE_MARGIN_SECONDS = 0.3
 MAX_RETRY_SECONDS = 300.0
+# A root that is never quiet (a log file appended in it, checkpoints faster than settle_seconds)
+# is still pruned this many settle periods after its first unsettled event; prune_root's own
+# safety checks keep whatever is still being written.
+MAX_DEFER_SETTLES = 5
 CONFIG_DEBOUNCE_SECONDS = 0.3
 # The size cache is written back at most this often (and at stop): sizes are cheap to relearn.
 CACHE_SAVE_SECONDS = 300.0
@@ -136,6 +140,7 @@ class Service:
         self.cache_saved_at = time.monotonic()
         # Worker-thread state: root path -> monotonic deadline / retry count.
         self.pending: dict[str, float] = {}
+        self.pending_since: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
         self.config_changed_at: float | None = None
         self.last_prune: dict[str, Any] | None = None
@@ -369,8 +374,12 @@ class Service:
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
         if self.config.prune.on_new_checkpoint:
-            settle = float(settings_for(self.config, root)["settle_seconds"])
-            self.pending[event.root] = time.monotonic() + settle + SETTLE_MARGIN_SECONDS
+            settle = (
+                float(settings_for(self.config, root)["settle_seconds"]) + SETTLE_MARGIN_SECONDS
+            )
+            now = time.monotonic()
+            since = self.pending_since.setdefault(event.root, now)
+            self.pending[event.root] = min(now + settle, since + MAX_DEFER_SETTLES * settle)
             self.attempts[event.root] = 0
 
     def _prune_due_roots(self) -> None:
@@ -379,6 +388,7 @@ class Service:
             if deadline > now or self.stop.is_set():
                 continue
             del self.pending[path]
+            self.pending_since.pop(path, None)
             root = self._root_for(path)
             if root is not None and os.path.isdir(path):
                 self._prune(root, reason="new_checkpoint")

@@ -440,3 +440,60 @@ disk: {{interval: 1h}}
     assert chunks, "the start-up snapshot never started copying"
     assert ready_while_copying, f"no READY=1 while the start-up copy ran ({len(chunks)} chunks)"
     assert result.get("code") == 0
+
+
+def test_a_log_file_appended_in_the_root_does_not_postpone_pruning_forever(
+    tmp_path: Path,
+) -> None:
+    """A trainer appending to a log file in the root every 0.1 s (LLaMA-Factory's
+    trainer_log.jsonl lives in output_dir): each close is an event, so the root is never quiet
+    for settle_seconds; new checkpoints must still be pruned, not only at the weekly run."""
+    root = tmp_path / "run"
+    root.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+state_dir: {tmp_path}/state
+history_file: {tmp_path}/history.jsonl
+defaults:
+  policy: {{keep_last: 2, tier2_count: 0, tier3_interval: null}}
+  settle_seconds: 0.3
+  min_keep: 1
+  max_delete_fraction: 1.0
+  trash: {{grace: 0s}}
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: false}}
+disk: {{interval: 1h}}
+"""
+    )
+    stop, reload = threading.Event(), threading.Event()
+    logging_done = threading.Event()
+
+    def append_log() -> None:
+        while not logging_done.wait(0.1):
+            with open(root / "trainer_log.jsonl", "a") as handle:
+                handle.write('{"loss": 1.0}\n')
+
+    def steps() -> list[str]:
+        return sorted(entry.name for entry in root.iterdir() if entry.name.startswith("check"))
+
+    thread, result = _serve_in_thread(config, stop, reload)
+    logger = threading.Thread(target=append_log, name="test-trainer-log")
+    logger.start()
+    try:
+        time.sleep(1.0)  # started, the start-up prune found nothing
+        for step in (1, 2, 3, 4):
+            folder = root / f"checkpoint-{step}"
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"w" * 1024)
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        pruned = _wait(lambda: steps() == ["checkpoint-3", "checkpoint-4"], 8)
+    finally:
+        logging_done.set()
+        logger.join()
+        stop.set()
+        thread.join(15)
+    assert pruned, steps()
+    assert result.get("code") == 0
