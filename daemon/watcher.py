@@ -201,6 +201,7 @@ class Watcher:
         # folder -> (observer, watch, inode, the _Want it was scheduled for)
         self._active: dict[str, tuple[Any, Any, int, _Want]] = {}
         self._roots: dict[str, Literal["inotify", "poll"]] = {}
+        self._settings: dict[str, str] = {}
         self._config_path: str | None = None
         self._checkpoint_watches: dict[str, list[str]] = {}
         self._missing_logged: set[str] = set()
@@ -214,8 +215,10 @@ class Watcher:
         """Given (root path, watch setting) pairs and the config file, watch exactly those."""
         with self._lock:
             self._roots = {}
+            self._settings = {}
             for path, setting in roots:
                 root = os.path.abspath(path)
+                self._settings[root] = setting
                 self._roots[root] = choose_mode(root, setting)
                 if self._roots[root] == "poll":
                     log.info("watch_mode", root=root, mode="poll", fstype=mount_type(root))
@@ -295,7 +298,23 @@ class Watcher:
                     self._drop(folder)
             self._sync()
 
+    def _judge_appeared_roots(self) -> None:
+        """A root missing until now may have come with its mount (NFS mounted after the daemon
+        started): its mode was judged from the folder above it, so judge it again."""
+        changed = False
+        for root in self._missing_logged & set(self._roots):
+            if _inode(root) is None:
+                continue
+            mode = choose_mode(root, self._settings.get(root, "auto"))
+            if mode != self._roots[root]:
+                self._roots[root] = mode
+                changed = True
+                log.info("watch_mode", root=root, mode=mode, fstype=mount_type(root))
+        if changed:
+            self._rebuild_wanted()
+
     def _sync(self) -> None:
+        self._judge_appeared_roots()
         # Forget folders no longer wanted (each finished checkpoint): no growth over weeks.
         self._poll_fallback.intersection_update(self._wanted)
         self._failure_logged.intersection_update(self._wanted)

@@ -497,3 +497,36 @@ disk: {{interval: 1h}}
         thread.join(15)
     assert pruned, steps()
     assert result.get("code") == 0
+
+
+def test_a_root_missing_at_start_gets_its_watch_mode_from_the_mount_it_appears_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root on an NFS mount that is not mounted yet when the daemon starts: its type was
+    judged from the local folder above it (inotify). When the mount and the root appear, the
+    mode must be judged again: polling, or other clients' writes are never seen."""
+    import queue
+
+    from daemon import watcher as watcher_module
+
+    root = tmp_path / "mnt" / "run"
+    mounted = threading.Event()
+
+    def fake_mount_type(path: str) -> str:
+        inside = os.path.realpath(path).startswith(str(tmp_path / "mnt"))
+        return "nfs4" if mounted.is_set() and inside else "ext4"
+
+    monkeypatch.setattr(watcher_module, "mount_type", fake_mount_type)
+    watcher = watcher_module.Watcher(queue.Queue())
+    try:
+        watcher.set_roots([(str(root), "auto")])
+        watcher.check()
+        assert str(root) not in watcher.watched_folders()
+        root.mkdir(parents=True)
+        mounted.set()  # the NFS mount came up with the root on it
+        watcher.check()
+        assert str(root) in watcher.watched_folders()
+        observer = watcher._active[str(root)][0]
+        assert type(observer).__name__ == "PollingObserver", type(observer)
+    finally:
+        watcher.stop()
