@@ -144,8 +144,9 @@ class Schedule:
         logging.getLogger("apscheduler.executors").setLevel(logging.CRITICAL)
 
     def _new_scheduler(self, timezone: dt.tzinfo) -> BackgroundScheduler:
+        self.files_executor = ThreadPoolExecutor(max_workers=1)
         scheduler = BackgroundScheduler(
-            executors={FILES_EXECUTOR: ThreadPoolExecutor(max_workers=1)},
+            executors={FILES_EXECUTOR: self.files_executor},
             job_defaults={
                 "max_instances": 1,
                 "coalesce": True,
@@ -197,6 +198,9 @@ class Schedule:
         """Stop firing; with `wait`, also wait for the job running now (its thread ends)."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=wait)
+        elif wait:
+            # Already stopped without waiting (the service's first step): wait for the job now.
+            self.files_executor.shutdown(wait=True)
 
     @staticmethod
     def _on_job_event(event: JobExecutionEvent) -> None:

@@ -46,9 +46,17 @@ STOP_TIMEOUT_SECONDS = 30.0
 # Settled means "no event for settle_seconds"; a little more so mtimes are past the threshold.
 SETTLE_MARGIN_SECONDS = 0.3
 MAX_RETRY_SECONDS = 300.0
+# A root that is never quiet (a log file appended in it, checkpoints faster than settle_seconds)
+# is still pruned this many settle periods after its first unsettled event; prune_root's own
+# safety checks keep whatever is still being written.
+MAX_DEFER_SETTLES = 5
 CONFIG_DEBOUNCE_SECONDS = 0.3
 # The size cache is written back at most this often (and at stop): sizes are cheap to relearn.
 CACHE_SAVE_SECONDS = 300.0
+# The worker shows life at least every second when idle, and between files and chunks (every
+# `stop.is_set()`) in a long prune or snapshot. Silent this long, it is wedged (a hung mount, a
+# deadlock): WATCHDOG=1 stops, so systemd restarts the daemon instead of it never pruning again.
+WORKER_STUCK_SECONDS = 1800.0
 
 
 @dataclass(eq=False)
@@ -58,6 +66,27 @@ class Task:
     name: str
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+
+
+class _SignOfLife(threading.Event):
+    """Given the service's stop event and a callback, answer `is_set()` for that event and call
+    the callback each time: the long jobs ask it between files and chunks, so asking is life."""
+
+    def __init__(self, stop: threading.Event, alive: Callable[[], None]) -> None:
+        super().__init__()
+        self._stop = stop
+        self._alive = alive
+
+    def is_set(self) -> bool:
+        self._alive()
+        return self._stop.is_set()
+
+    def set(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._alive()
+        return self._stop.wait(timeout)
 
 
 def _utc_iso(epoch_seconds: float) -> str:
@@ -101,12 +130,17 @@ class Service:
         self.watcher = Watcher(self.work)
         self.schedule = Schedule(self.run_job)
         self.worker = threading.Thread(target=self._work, name="ckptd-worker", daemon=True)
+        self.worker_alive_at = time.monotonic()
+        self.worker_stuck = False
+        self.job_stop = _SignOfLife(stop, self._worker_alive)
         self.history = self._history(config)
         # One size cache for every root (keyed by root inside), persisted in state_dir.
         self.cache = self._size_cache(config)
+        self.cache_state_dir = config.state_dir
         self.cache_saved_at = time.monotonic()
         # Worker-thread state: root path -> monotonic deadline / retry count.
         self.pending: dict[str, float] = {}
+        self.pending_since: dict[str, float] = {}
         self.attempts: dict[str, int] = {}
         self.config_changed_at: float | None = None
         self.last_prune: dict[str, Any] | None = None
@@ -122,6 +156,9 @@ class Service:
         self.schedule.start(self.config)
         startup = Task("startup")
         self.work.put(startup)
+        # Its own task after the start-up prune: READY=1 waits for the prune only, not for a copy
+        # that may outlast systemd's start timeout (it would kill us, and the copy would restart).
+        self.work.put(Task("startup-snapshot"))
         self._write_state(
             pid=os.getpid(), started=_utc_iso(self.started), next=self.schedule.next_run_times()
         )
@@ -147,8 +184,13 @@ class Service:
                     self.config_changed_at = None
                     self.do_reload()
                 self.watcher.check()
-                if interval and time.monotonic() >= next_ping and self.worker.is_alive():
-                    # A dead worker means no more pings: systemd's watchdog restarts us.
+                if (
+                    interval
+                    and time.monotonic() >= next_ping
+                    and self.worker.is_alive()
+                    and not self._worker_wedged()
+                ):
+                    # A dead or wedged worker means no more pings: systemd's watchdog restarts us.
                     self.notifier.watchdog()
                     next_ping = time.monotonic() + interval
                 if not self.worker.is_alive():
@@ -157,6 +199,25 @@ class Service:
         finally:
             code = self.shutdown()
         return code
+
+    def _worker_wedged(self) -> bool:
+        silent = time.monotonic() - self.worker_alive_at
+        if silent < WORKER_STUCK_SECONDS:
+            if self.worker_stuck:
+                self.worker_stuck = False
+                log.warning("worker_resumed", silent_seconds=round(silent, 1))
+            return False
+        if not self.worker_stuck:
+            self.worker_stuck = True
+            log.error(
+                "worker_stuck",
+                silent_seconds=round(silent, 1),
+                note="no more WATCHDOG=1: systemd restarts the daemon",
+            )
+        return True
+
+    def _worker_alive(self) -> None:
+        self.worker_alive_at = time.monotonic()
 
     def _reload_due(self) -> bool:
         if self.reload.is_set():
@@ -257,11 +318,13 @@ class Service:
 
     def _work(self) -> None:
         while True:
+            self._worker_alive()
             timeout = self._next_timeout()
             try:
                 item = self.work.get(timeout=timeout)
             except queue.Empty:
                 item = False
+            self._worker_alive()
             if item is None or self.stop.is_set():
                 if isinstance(item, Task):
                     item.done.set()
@@ -311,8 +374,12 @@ class Service:
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
         if self.config.prune.on_new_checkpoint:
-            settle = float(settings_for(self.config, root)["settle_seconds"])
-            self.pending[event.root] = time.monotonic() + settle + SETTLE_MARGIN_SECONDS
+            settle = (
+                float(settings_for(self.config, root)["settle_seconds"]) + SETTLE_MARGIN_SECONDS
+            )
+            now = time.monotonic()
+            since = self.pending_since.setdefault(event.root, now)
+            self.pending[event.root] = min(now + settle, since + MAX_DEFER_SETTLES * settle)
             self.attempts[event.root] = 0
 
     def _prune_due_roots(self) -> None:
@@ -321,6 +388,7 @@ class Service:
             if deadline > now or self.stop.is_set():
                 continue
             del self.pending[path]
+            self.pending_since.pop(path, None)
             root = self._root_for(path)
             if root is not None and os.path.isdir(path):
                 self._prune(root, reason="new_checkpoint")
@@ -335,7 +403,8 @@ class Service:
                         self._prune(root, reason=task.name)
                     else:
                         log.warning("root_missing", root=root.path, job=task.name)
-                if task.name == "startup" and self.config.snapshots.enabled:
+            elif task.name == "startup-snapshot":
+                if self.config.snapshots.enabled:
                     # One per date: the snapshot job skips a date it already has.
                     self._snapshot(startup=True)
             elif task.name == "snapshot":
@@ -346,8 +415,8 @@ class Service:
                 log.error("unknown_task", task=task.name)
         except BaseException as error:
             task.error = error
-            if task.name == "startup":
-                log.exception("startup_task_failed")
+            if task.name.startswith("startup"):
+                log.exception("startup_task_failed", task=task.name)
         finally:
             if not self.stop.is_set():
                 # At stop the scheduler is shut down: its empty schedule is not "nothing next".
@@ -365,8 +434,14 @@ class Service:
         prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
         from daemon.pruning import prune_root
 
+        if self.config.state_dir != self.cache_state_dir:
+            # A reload moved state_dir: the cache lives there from now on (swapped here, on the
+            # worker, the only thread that uses it).
+            self._save_cache()
+            self.cache = self._size_cache(self.config)
+            self.cache_state_dir = self.config.state_dir
         keywords.setdefault("cache", self.cache)
-        keywords.setdefault("stop", self.stop)
+        keywords.setdefault("stop", self.job_stop)
         report = prune_root(config, root, **keywords)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self._save_cache()
@@ -424,7 +499,7 @@ class Service:
 
     def _snapshot(self, *, startup: bool) -> None:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.stop)
+        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
         log.info("snapshot_job", startup=startup, report=str(report)[:300])
         self._write_state(last_snapshot={"time": _utc_iso(self.clock())})
 

@@ -478,7 +478,7 @@ def execute_snapshot_plan(
                         {"path": item.relative, "symlink": item.link_target, "method": "symlink"}
                     )
                     continue
-                method = _place(item, destination, bar)
+                method = _place(item, destination, bar, stop)
                 if method == "copy":
                     written += item.size
                 else:
@@ -539,7 +539,9 @@ def execute_snapshot_plan(
     return manifest, by_method, written
 
 
-def _place(item: FileItem, destination: str, bar: _Progress) -> copying.Method:
+def _place(
+    item: FileItem, destination: str, bar: _Progress, stop: threading.Event | None = None
+) -> copying.Method:
     """Given a file and its destination, place it by its planned method (falling back from a
     reflink the filesystem refuses after all) and return the method used."""
     if item.method == "reflink":
@@ -557,7 +559,15 @@ def _place(item: FileItem, destination: str, bar: _Progress) -> copying.Method:
     elif item.method == "hardlink":
         copying.hardlink(item.source, destination)
         return "hardlink"
-    copying.copy_file(item.source, destination, on_bytes=bar.advance)
+
+    def on_bytes(count: int) -> None:
+        bar.advance(count)
+        # One big file takes minutes: SIGTERM must not wait for it (copy_file removes the
+        # half-written file, the caller the temporary folder).
+        if stop is not None and stop.is_set():
+            raise _Stopped
+
+    copying.copy_file(item.source, destination, on_bytes=on_bytes)
     return "copy"
 
 

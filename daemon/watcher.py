@@ -201,9 +201,13 @@ class Watcher:
         # folder -> (observer, watch, inode, the _Want it was scheduled for)
         self._active: dict[str, tuple[Any, Any, int, _Want]] = {}
         self._roots: dict[str, Literal["inotify", "poll"]] = {}
+        self._settings: dict[str, str] = {}
         self._config_path: str | None = None
         self._checkpoint_watches: dict[str, list[str]] = {}
         self._missing_logged: set[str] = set()
+        # Folders where inotify failed (watch limit): watched by polling from then on.
+        self._poll_fallback: set[str] = set()
+        self._failure_logged: set[str] = set()
 
     # --- what to watch ------------------------------------------------------------------------
 
@@ -211,8 +215,10 @@ class Watcher:
         """Given (root path, watch setting) pairs and the config file, watch exactly those."""
         with self._lock:
             self._roots = {}
+            self._settings = {}
             for path, setting in roots:
                 root = os.path.abspath(path)
+                self._settings[root] = setting
                 self._roots[root] = choose_mode(root, setting)
                 if self._roots[root] == "poll":
                     log.info("watch_mode", root=root, mode="poll", fstype=mount_type(root))
@@ -292,7 +298,26 @@ class Watcher:
                     self._drop(folder)
             self._sync()
 
+    def _judge_appeared_roots(self) -> None:
+        """A root missing until now may have come with its mount (NFS mounted after the daemon
+        started): its mode was judged from the folder above it, so judge it again."""
+        changed = False
+        for root in self._missing_logged & set(self._roots):
+            if _inode(root) is None:
+                continue
+            mode = choose_mode(root, self._settings.get(root, "auto"))
+            if mode != self._roots[root]:
+                self._roots[root] = mode
+                changed = True
+                log.info("watch_mode", root=root, mode=mode, fstype=mount_type(root))
+        if changed:
+            self._rebuild_wanted()
+
     def _sync(self) -> None:
+        self._judge_appeared_roots()
+        # Forget folders no longer wanted (each finished checkpoint): no growth over weeks.
+        self._poll_fallback.intersection_update(self._wanted)
+        self._failure_logged.intersection_update(self._wanted)
         for folder, active in list(self._active.items()):
             if self._wanted.get(folder) != active[3]:
                 self._drop(folder)
@@ -305,21 +330,49 @@ class Watcher:
                     self._missing_logged.add(folder)
                     log.warning("root_missing", root=folder, note="waiting for it to appear")
                 continue
-            observer = self._observer(want.mode)
+            mode = "poll" if folder in self._poll_fallback else want.mode
             try:
-                watch = observer.schedule(
-                    _Enqueue(want.targets, self.events),
-                    folder,
-                    recursive=False,
-                    event_filter=_POLL_FILTER if want.mode == "poll" else _INOTIFY_FILTER,
-                )
+                observer, watch = self._schedule(folder, want, mode)
             except OSError as error:
-                log.warning("watch_failed", folder=folder, error=str(error))
-                continue
+                if mode == "poll":
+                    self._log_failure(folder, error)
+                    continue
+                # Out of inotify watches or instances (ENOSPC/EMFILE): polling still sees every
+                # new checkpoint, a little later; the next tick must not try inotify again.
+                self._poll_fallback.add(folder)
+                log.warning(
+                    "watch_fallback",
+                    folder=folder,
+                    mode="poll",
+                    error=str(error),
+                    note="inotify unavailable (raise fs.inotify.max_user_watches); polling",
+                )
+                try:
+                    observer, watch = self._schedule(folder, want, "poll")
+                except OSError as poll_error:
+                    self._log_failure(folder, poll_error)
+                    continue
+            self._failure_logged.discard(folder)
             self._active[folder] = (observer, watch, inode, want)
             if folder in self._missing_logged:
                 self._missing_logged.discard(folder)
                 log.info("root_appeared", root=folder)
+
+    def _schedule(self, folder: str, want: _Want, mode: str) -> tuple[Any, Any]:
+        observer = self._observer(mode)
+        watch = observer.schedule(
+            _Enqueue(want.targets, self.events),
+            folder,
+            recursive=False,
+            event_filter=_POLL_FILTER if mode == "poll" else _INOTIFY_FILTER,
+        )
+        return observer, watch
+
+    def _log_failure(self, folder: str, error: OSError) -> None:
+        # Retried every tick: logged once until it works, not twice a second.
+        if folder not in self._failure_logged:
+            self._failure_logged.add(folder)
+            log.warning("watch_failed", folder=folder, error=str(error), note="retrying")
 
     def _drop(self, folder: str) -> None:
         observer, watch, _, _ = self._active.pop(folder)

@@ -177,3 +177,27 @@ def test_schedule_runs_jobs_one_at_a_time_and_survives_errors() -> None:
         schedule.shutdown(wait=True)
     assert not overlap
     assert runs.count("disk") >= 2  # the error did not stop the schedule
+
+
+def test_shutdown_with_wait_after_a_shutdown_waits_for_the_running_job() -> None:
+    """The service stops firing first (`shutdown()`), then, once its worker is done, waits for
+    the job still running (`shutdown(wait=True)`): that second call must wait, not return at
+    once because the scheduler already stopped."""
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    started, finished = threading.Event(), threading.Event()
+
+    def run_job(name: str) -> None:
+        started.set()
+        time.sleep(0.5)
+        finished.set()
+
+    schedule = Schedule(run_job)
+    schedule.start(config(snapshots=SnapshotsConfig(enabled=False)))
+    schedule.apply({"disk": IntervalTrigger(seconds=0.05)})
+    try:
+        assert started.wait(5)
+    finally:
+        schedule.shutdown()
+        schedule.shutdown(wait=True)
+    assert finished.is_set(), "shutdown(wait=True) returned while the job was still running"
