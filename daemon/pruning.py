@@ -36,6 +36,8 @@ class PruneReport:
     plan: Plan  # after the safety guard: vetoed checkpoints are kept with their reason
     dry_run: bool
     refused: str | None = None  # why the whole root was refused (exit 3), else None
+    # Whether that refusal clears by itself (a save finishing) or needs a person (a limit).
+    refusal_transient: bool = True
     deleted: tuple[str, ...] = ()
     vetoed: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()  # names whose deletion failed (exit 1)
@@ -152,6 +154,7 @@ def _prune_unlocked(
             plan=refused_plan,
             dry_run=dry_run,
             refused=refused.reason,
+            refusal_transient=refused.transient,
             bytes_freed=purged.bytes_freed,
             seconds=time.monotonic() - started,
             extra=extra,

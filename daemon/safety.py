@@ -117,12 +117,24 @@ class Facts:
 
 
 class RootRefused(SafetyRefusal):
-    """The whole root is refused for this run; `holders` names the processes involved."""
+    """The whole root is refused for this run; `holders` names the processes involved.
 
-    def __init__(self, root: str, reason: str, holders: tuple[Holder, ...] = ()) -> None:
+    `transient`: the refusal clears by itself (the trainer finishes its save, the newest
+    checkpoint settles); otherwise only a person can clear it (a config change, `--force`).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        reason: str,
+        holders: tuple[Holder, ...] = (),
+        *,
+        transient: bool = True,
+    ) -> None:
         self.root = root
         self.reason = reason
         self.holders = holders
+        self.transient = transient
         super().__init__(f"refusing to prune {root}: {reason}")
 
 
@@ -565,6 +577,7 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
             f"the plan deletes {deleting} of {total} checkpoints "
             f"({deleting / total:.0%}), more than max_delete_fraction "
             f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
+            transient=False,
         )
     return replace(plan, decisions=tuple(guarded))
 

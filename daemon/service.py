@@ -452,12 +452,16 @@ class Service:
         started = time.monotonic()
         try:
             report = self.prune_now(root)
-        except NotImplementedError as missing:
-            log.error("prune_unavailable", root=key, error=str(missing) or "not implemented")
-            return
         except Exception:
             log.exception("prune_failed", root=key, trigger=reason)
             self._retry(root)
+            return
+        if report.refused and not report.refusal_transient:
+            # A limit only a person can lift: retrying on a timer would only repeat the refusal
+            # in the history every settle period. The next checkpoint, the schedule or a disk
+            # check tries again.
+            self.attempts.pop(key, None)
+            log.warning("prune_refused", root=key, reason=report.refused, trigger=reason)
             return
         if report.refused:
             log.info("prune_deferred", root=key, reason=report.refused, trigger=reason)

@@ -530,3 +530,60 @@ def test_a_root_missing_at_start_gets_its_watch_mode_from_the_mount_it_appears_o
         assert type(observer).__name__ == "PollingObserver", type(observer)
     finally:
         watcher.stop()
+
+
+def test_a_refusal_only_a_person_can_clear_is_not_retried_every_settle_period(
+    tmp_path: Path,
+) -> None:
+    """`max_delete_fraction` refuses the root: retrying every settle period would write a
+    prune_refused record every minute, day and night, and change nothing. It is retried at the
+    next trigger (a new checkpoint, the schedule, a disk check), not on a timer."""
+    root = tmp_path / "run"
+    root.mkdir()
+    past = time.time() - 3600
+    for step in range(1, 11):
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"w" * 64)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for path in (*folder.iterdir(), folder):
+            os.utime(path, (past, past))
+    history = tmp_path / "history.jsonl"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""\
+state_dir: {tmp_path}/state
+history_file: {history}
+defaults:
+  policy: {{keep_last: 1, cadence: 1, tier2_count: 0, tier3_interval: null}}
+  settle_seconds: 0.2
+  min_keep: 1
+  max_delete_fraction: 0.5
+  trash: {{grace: 0s}}
+roots:
+  - path: {root}
+    layout: hf
+snapshots: {{enabled: false}}
+disk: {{interval: 1h}}
+"""
+    )
+
+    def refusals() -> list[dict[str, Any]]:
+        if not history.exists():
+            return []
+        records = [json.loads(line) for line in history.read_text().splitlines()]
+        return [record for record in records if record["event"] == "prune_refused"]
+
+    stop, reload = threading.Event(), threading.Event()
+    thread, result = _serve_in_thread(config, stop, reload)
+    try:
+        assert _wait(lambda: len(refusals()) >= 1, 10), "the start-up prune was not refused"
+        time.sleep(3.0)  # fifteen settle periods
+        count = len(refusals())
+    finally:
+        stop.set()
+        thread.join(15)
+    assert count == 1, refusals()
+    assert "max_delete_fraction" in refusals()[0]["reason"]
+    assert len(list(root.iterdir())) >= 10  # nothing deleted
+    assert result.get("code") == 0
