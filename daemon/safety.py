@@ -527,9 +527,10 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
 
     Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
     pinned, held by a process or not a plain entry directly inside the root become keeps with
-    the reason; then the newest deletions are kept back until `min_keep` survive. Raises
-    `RootRefused` when the trainer holds or is still writing the newest checkpoint, or when the
-    run would delete more than `max_delete_fraction` of the root without `force`.
+    the reason; then, per series, the newest deletions are kept back until `min_keep`
+    survive. Raises `RootRefused` when the trainer holds or is still writing the newest
+    checkpoint, or when the run would delete more than `max_delete_fraction` of the root
+    without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:
@@ -557,13 +558,19 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
             reasons.append(f"in-use:{holder.describe()}")
         guarded.append(_kept(decision, *reasons) if reasons else decision)
 
-    # min_keep: the policy may thin a root to nothing; keep back the newest deletions. Only
-    # complete checkpoints count: a crashed save kept as incomplete is nothing to resume from.
-    survivors = sum(1 for decision in guarded if decision.keep and decision.checkpoint.complete)
-    if survivors < settings.min_keep:
+    # min_keep, per series: the policy may thin a series to nothing (a keep_last: 1 rotation
+    # beside well-kept epoch checkpoints); keep back its newest deletions. Only complete
+    # checkpoints count: a crashed save kept as incomplete is nothing to resume from.
+    by_series: dict[str, list[int]] = {}
+    for index, decision in enumerate(guarded):
+        by_series.setdefault(decision.checkpoint.series, []).append(index)
+    for indexes in by_series.values():
+        survivors = sum(1 for i in indexes if guarded[i].keep and guarded[i].checkpoint.complete)
+        if survivors >= settings.min_keep:
+            continue
         deleted_newest_first = sorted(
-            (index for index, decision in enumerate(guarded) if not decision.keep),
-            key=lambda index: guarded[index].checkpoint.step,
+            (i for i in indexes if not guarded[i].keep),
+            key=lambda i: guarded[i].checkpoint.step,
             reverse=True,
         )
         for index in deleted_newest_first[: settings.min_keep - survivors]:

@@ -85,6 +85,33 @@ def test_min_keep_holds_back_the_newest_deletions(tmp_path: Path) -> None:
     assert "min_keep:4" in by_name(guarded)["checkpoint-800"].reasons
 
 
+def test_min_keep_holds_in_every_series_of_a_root(tmp_path: Path) -> None:
+    """A root with a mid-epoch rotation and epoch checkpoints: a plan that empties the rotation
+    leaves it min_keep checkpoints even though the other series alone has plenty."""
+    epochs = [
+        Decision(
+            Checkpoint(name=f"checkpoint_epoch_{n}.pt", step=n, series="epoch", mtime=NOW - 3600),
+            keep=True,
+            reasons=("tier1",),
+        )
+        for n in range(1, 11)
+    ]
+    rotation = [
+        Decision(
+            Checkpoint(name=f"mid_epoch_10_{s}.pt", step=s, series="mid", mtime=NOW - 3600),
+            keep=False,
+            reasons=("tier1",),
+        )
+        for s in range(100, 600, 100)
+    ]
+    plan = Plan(root=str(tmp_path), decisions=tuple(epochs + rotation))
+    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=2, force=True))
+    kept_mid = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.series == "mid")
+    assert kept_mid == [400, 500]
+    assert "newest" in by_name(guarded)["mid_epoch_10_500.pt"].reasons
+    assert "min_keep:2" in by_name(guarded)["mid_epoch_10_400.pt"].reasons
+
+
 def test_more_than_max_delete_fraction_refuses_the_root_unless_forced(tmp_path: Path) -> None:
     steps = list(range(100, 1100, 100))
     plan = delete_all_plan(tmp_path, steps)
