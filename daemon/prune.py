@@ -43,7 +43,7 @@ from daemon import safety, trash
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history import HistoryLog
-from policies.model import Decision, Plan
+from policies.model import Checkpoint, Decision, Plan
 
 log = logging.getLogger("ckptd.prune")
 
@@ -155,19 +155,7 @@ def apply(
             checked_at = time.monotonic()
         holders = facts.holders_of(checkpoint)
         if holders:
-            reason = f"in-use:{holders[0].describe()}"
-            vetoed.append((checkpoint.name, reason))
-            log.info("veto %s: %s", checkpoint.name, reason)
-            if history is not None:
-                history.write(
-                    "veto",
-                    root=root_path,
-                    checkpoint=checkpoint.name,
-                    step=checkpoint.step,
-                    reason=reason,
-                    pid=holders[0].pid,
-                    cmdline=holders[0].cmdline,
-                )
+            vetoed.append(_veto(checkpoint, holders[0], root_path, history))
             continue
         try:
             item_path = trash.move_to_trash(
@@ -203,18 +191,7 @@ def apply(
                 log.warning("could not put back %s: %s", checkpoint.name, message)
                 failed.append((checkpoint.name, message))
                 continue
-            vetoed.append((checkpoint.name, reason))
-            log.info("veto %s: %s", checkpoint.name, reason)
-            if history is not None:
-                history.write(
-                    "veto",
-                    root=root_path,
-                    checkpoint=checkpoint.name,
-                    step=checkpoint.step,
-                    reason=reason,
-                    pid=holders[0].pid,
-                    cmdline=holders[0].cmdline,
-                )
+            vetoed.append(_veto(checkpoint, holders[0], root_path, history))
         moved = unheld
 
     # Phase 2: the moves reach the disk before anything is removed.
@@ -303,3 +280,22 @@ def apply(
         bytes_freed=freed,
         bytes_in_trash=in_trash,
     )
+
+
+def _veto(
+    checkpoint: Checkpoint, holder: safety.Holder, root_path: str, history: HistoryLog | None
+) -> tuple[str, str]:
+    """Given a checkpoint a process holds, log and record the veto; return (name, reason)."""
+    reason = f"in-use:{holder.describe()}"
+    log.info("veto %s: %s", checkpoint.name, reason)
+    if history is not None:
+        history.write(
+            "veto",
+            root=root_path,
+            checkpoint=checkpoint.name,
+            step=checkpoint.step,
+            reason=reason,
+            pid=holder.pid,
+            cmdline=holder.cmdline,
+        )
+    return checkpoint.name, reason
