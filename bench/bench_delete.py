@@ -1,8 +1,8 @@
-"""Deleting checkpoints through `prune.apply` versus `rm -rf` on an identical tree, same run.
+"""Deleting checkpoints through `deleter.apply` versus `rm -rf` on an identical tree, same run.
 
 Default: 50 checkpoints of 20 files x 10 MB (10 GB per tree). Files are allocated with
 `posix_fallocate` (real extents the filesystem must free, without writing 10 GB first). Each
-round builds two identical trees, syncs, and times `rm -rf` on one and `prune.apply` (the real
+round builds two identical trees, syncs, and times `rm -rf` on one and `deleter.apply` (the real
 thing: last-moment /proc re-check per checkpoint, rename into the trash, fsyncs, removal,
 history records) on the other, alternating which goes first. Prints a table; exits 1 when the
 median ratio misses the target (1.1x).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon import prune
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.pruning import deleter
 from policies.model import Checkpoint, Decision, Plan
 
 TARGET = 1.1
@@ -74,7 +74,7 @@ def time_apply(root: Path, checkpoints: list[Checkpoint], history_path: str) -> 
     )
     with HistoryLog(history_path) as history:
         started = time.perf_counter()
-        result = prune.apply(
+        result = deleter.apply(
             plan, str(root), dry_run=False, now=time.time(), history=history, trash_grace=0.0
         )
         elapsed = time.perf_counter() - started

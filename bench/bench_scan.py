@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.config import RootConfig
-from daemon.discovery import scan
-from daemon.sizecache import SizeCache
+from daemon.discovery.scan import scan
+from daemon.discovery.sizecache import SizeCache
 from tests.layouts_fixtures import many_folders
 
 COLD_RATIO_TARGET = 1.5

@@ -37,8 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig, parse_size
-from daemon.discovery import ScanResult
-from daemon.snapshots import run_daily_snapshot
+from daemon.discovery.scan import ScanResult
+from daemon.snapshots.daily import run_daily_snapshot
 from policies.model import Checkpoint, Decision, Plan
 
 CHECKPOINT = "checkpoint-1000"

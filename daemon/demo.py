@@ -26,7 +26,7 @@ from rich.text import Text
 
 from daemon.commands.history import render_table, why_of
 from daemon.logs import configure_logging
-from daemon.service import serve
+from daemon.service.lifecycle import serve
 from policies import plan
 from policies.model import Checkpoint, PolicySpec
 

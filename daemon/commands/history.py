@@ -19,7 +19,7 @@ from typing import Any
 from rich.table import Table
 
 from daemon.config import load_config
-from daemon.history import default_history_path, read_records
+from daemon.history.log import default_history_path, read_records
 from daemon.render import format_bytes, make_console
 
 FOLLOW_POLL_SECONDS = 0.25

@@ -10,7 +10,7 @@ import time
 
 from daemon.config import Config, RootConfig, default_config_for_root, load_config
 from daemon.errors import UsageError
-from daemon.planning import plan_root
+from daemon.planner import plan_root
 from daemon.render import make_console, plan_to_json, print_plan
 
 

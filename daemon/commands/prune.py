@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from daemon.commands.plan import select_roots
 from daemon.config import Config
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
-from daemon.history import HistoryLog, default_history_path
-from daemon.pruning import PruneReport, prune_root
+from daemon.history.log import HistoryLog, default_history_path
+from daemon.pruning.pipeline import PruneReport, prune_root
 from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
 
 # Deleting fewer than this finishes before a progress bar would be worth drawing.

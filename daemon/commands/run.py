@@ -7,7 +7,7 @@ import signal
 import threading
 
 from daemon.cli import resolve_config_path
-from daemon.service import serve
+from daemon.service.lifecycle import serve
 
 
 def main(args: argparse.Namespace) -> int:

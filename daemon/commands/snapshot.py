@@ -14,9 +14,9 @@ from typing import Any
 
 from daemon.config import Config, load_config
 from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
 from daemon.render import format_bytes
-from daemon.snapshots import (
+from daemon.snapshots.daily import (
     SnapshotReport,
     VerifyResult,
     resolve_snapshot,

@@ -17,11 +17,11 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from daemon import disk
 from daemon.config import Config, RootConfig, load_config, policy_for
-from daemon.discovery import ScanResult
+from daemon.discovery.scan import ScanResult
+from daemon.disk import pressure
 from daemon.render import format_bytes
-from daemon.snapshots import existing_snapshot_dates, next_snapshot_time, zone_for
+from daemon.snapshots.daily import existing_snapshot_dates, next_snapshot_time, zone_for
 from daemon.state import read_state
 from policies.model import Plan
 
@@ -29,7 +29,7 @@ PlanFunction = Callable[..., tuple[ScanResult, Plan]]
 
 
 def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
-    from daemon.planning import plan_root
+    from daemon.planner import plan_root
 
     return plan_root(config, root, now=now)
 
@@ -51,10 +51,10 @@ def root_status(
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
-    saves_per_day, checkpoint_bytes = disk.observed_cadence(
+    saves_per_day, checkpoint_bytes = pressure.observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
-    forecast = disk.forecast_growth(
+    forecast = pressure.forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
         checkpoint_bytes=checkpoint_bytes,
@@ -91,7 +91,7 @@ def checkpoints_in_use(
     or cwd inside), as the safety layer sees them."""
     try:
         # The safety layer lands separately; imported by name so this works before it does.
-        gather_facts = importlib.import_module("daemon.safety").gather_facts
+        gather_facts = importlib.import_module("daemon.safety.facts").gather_facts
     except (ImportError, AttributeError):
         return [
             decision.checkpoint.name
@@ -113,19 +113,19 @@ def checkpoints_in_use(
 
 def filesystem_status(config: Config) -> list[dict[str, Any]]:
     """Given the config, return each root filesystem's use (the snapshots folder's too)."""
-    groups, _errors = disk.group_roots(config.roots)
+    groups, _errors = pressure.group_roots(config.roots)
     result = []
     for roots in groups.values():
-        usage = disk.measure(roots[0].path)
+        usage = pressure.measure(roots[0].path)
         result.append(
             {
-                "mount": disk.mount_point(roots[0].path),
+                "mount": pressure.mount_point(roots[0].path),
                 "roots": [root.path for root in roots],
                 "total_bytes": usage.total,
                 "used_bytes": usage.used,
                 "free_bytes": usage.free,
                 "used_percent": usage.percent,
-                "level": disk.level_of(usage, config),
+                "level": pressure.level_of(usage, config),
             }
         )
     return result

@@ -17,10 +17,10 @@ from datetime import datetime
 
 from rich.table import Table
 
-from daemon import trash
 from daemon.config import Config, RootConfig, default_config_for_root, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.pruning import trash
 from daemon.render import make_console
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sdnotify import Notifier
+from daemon.service.sdnotify import Notifier
 from policies import plan
 from policies.model import Checkpoint, PolicySpec
 

@@ -155,9 +155,9 @@ def test_the_daemon_keeps_a_fast_trainer_off_enospc(
 def test_disk_checks_keep_a_fast_trainer_off_enospc(tmpfs64: Path, tmp_path: Path) -> None:
     """`check_disks` called every 0.1 s, as the daemon's job does, with the real prune_root."""
     from daemon.config import load_config
-    from daemon.disk import check_disks
-    from daemon.history import HistoryLog
-    from daemon.pruning import prune_root
+    from daemon.disk.pressure import check_disks
+    from daemon.history.log import HistoryLog
+    from daemon.pruning.pipeline import prune_root
 
     root = tmpfs64 / "current_model"
     root.mkdir()

@@ -8,8 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from daemon import trash
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.pruning import trash
 
 
 def run(

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from daemon import trash
 from daemon.config import RootConfig
-from daemon.history import read_records
+from daemon.history.log import read_records
+from daemon.pruning import trash
 
 OLD = time.time() - 3 * 3600  # long settled
 
 
 def discovery_ready(tmp_path: Path) -> None:
-    from daemon.discovery import scan
-    from daemon.planning import plan_root  # noqa: F401 - the CLI needs it too
+    from daemon.discovery.scan import scan
+    from daemon.planner import plan_root  # noqa: F401 - the CLI needs it too
 
     try:
         scan(RootConfig(path=str(tmp_path)), now=time.time(), settle_seconds=60)

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from daemon import trash
+from daemon.pruning import trash
 
 REPOSITORY = str(Path(__file__).resolve().parents[2])
 FOLDERS = 24
@@ -33,10 +33,11 @@ KEEP = 3
 TRIALS = 50
 
 # The prune run under test: plan every checkpoint but the newest KEEP of each kind for deletion,
-# finish a crashed trash the way `prune_root` does, then delete through `prune.apply`.
+# finish a crashed trash the way `prune_root` does, then delete through `deleter.apply`.
 CHILD = r"""
 import os, sys, time
-from daemon import prune, trash
+from daemon.pruning import deleter
+from daemon.pruning import trash
 from policies.model import Checkpoint, Decision, Plan
 
 root = sys.argv[1]
@@ -59,7 +60,7 @@ for index, step in enumerate(tensorflow):
 plan = Plan(root=root, decisions=tuple(decisions))
 print("go", flush=True)
 started = time.perf_counter()
-result = prune.apply(plan, root, dry_run=False, now=time.time(), trash_grace=0.0)
+result = deleter.apply(plan, root, dry_run=False, now=time.time(), trash_grace=0.0)
 assert not result.failed and not result.vetoed, (result.failed, result.vetoed)
 print(f"done {time.perf_counter() - started:.6f}", flush=True)
 """

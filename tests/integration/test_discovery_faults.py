@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-import daemon.walker as walker
+import daemon.discovery.walker as walker
 from daemon.config import RootConfig
-from daemon.discovery import ScanResult, scan
+from daemon.discovery.scan import ScanResult, scan
+from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import DirEntryLike, LocalFileSystem
-from daemon.sizecache import SizeCache
 from tests.layouts_fixtures import age, hf_run
 
 
@@ -183,10 +183,20 @@ def test_a_large_walk_shares_the_work_with_a_helper_process(
         started.append(list(helper.process.args))  # type: ignore[arg-type]
         return helper
 
+    finished: list[bool] = []
+    real_finish = walker._Helper.finish
+
+    def recording_finish(self: object, expected: int) -> object:
+        walks = real_finish(self, expected)  # type: ignore[arg-type]
+        finished.append(walks is not None)  # None: the helper failed, this process walked it all
+        return walks
+
     monkeypatch.setattr(walker, "HELPER_MINIMUM", 10)
     monkeypatch.setattr(walker._Helper, "start", recording_start)
+    monkeypatch.setattr(walker._Helper, "finish", recording_finish)
     shared = run_scan(tmp_path, LocalFileSystem())
     assert len(started) == 1 and started[0][1:3] == ["-I", "-S"]
+    assert finished == [True], "the helper process failed; its share was walked here instead"
     assert shared.checkpoints == sequential.checkpoints
     assert len(shared.checkpoints) == 30
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from daemon.config import RootConfig, SeriesConfig
-from daemon.discovery import ScanResult, scan
+from daemon.discovery.layouts import compile_pattern
+from daemon.discovery.scan import ScanResult, scan
 from daemon.errors import UsageError
-from daemon.layouts import compile_pattern
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,

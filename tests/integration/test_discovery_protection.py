@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from daemon.config import RootConfig
-from daemon.discovery import ScanResult, scan
+from daemon.discovery.scan import ScanResult, scan
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from daemon import disk
 from daemon.config import Config, DiskConfig, PolicyConfig, RootConfig
-from daemon.history import HistoryLog
-from daemon.pruning import PruneReport
+from daemon.disk import pressure
+from daemon.history.log import HistoryLog
+from daemon.pruning.pipeline import PruneReport
 from policies.model import Plan, PolicySpec
 
 MB = 1 << 20
@@ -40,9 +40,9 @@ class RecordingHistory(HistoryLog):
 
 @pytest.fixture(autouse=True)
 def fresh_warning_memory() -> Iterator[None]:
-    disk._warned_at.clear()
+    pressure._warned_at.clear()
     yield
-    disk._warned_at.clear()
+    pressure._warned_at.clear()
 
 
 def fill(path: Path, size: int) -> None:
@@ -102,7 +102,9 @@ def test_below_warn_records_nothing(tmpfs: Callable[[int], Path]) -> None:
     checkpoints(mount / "run", 2, MB)
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
-    report = disk.check_disks(config_for([mount / "run"]), now=1.0, history=history, prune=prune)
+    report = pressure.check_disks(
+        config_for([mount / "run"]), now=1.0, history=history, prune=prune
+    )
     assert [check.level for check in report.filesystems] == ["ok"]
     assert report.status_line is None and history.records == [] and prune.calls == []
     check = report.filesystems[0]
@@ -114,7 +116,7 @@ def test_above_warn_records_a_warning_and_a_status_line(tmpfs: Callable[[int], P
     checkpoints(mount / "run", 10, MB)  # 62.5 %
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
-    report = disk.check_disks(
+    report = pressure.check_disks(
         config_for([mount / "run"], warn_percent=50, critical_percent=90),
         now=1.0,
         history=history,
@@ -135,15 +137,15 @@ def test_a_lasting_warning_is_recorded_once_an_hour(tmpfs: Callable[[int], Path]
     prune = RecordingPrune(1, 1)
     warnings = []
     for now in (1000.0, 1300.0, 4700.0, 5000.0):
-        report = disk.check_disks(config, now=now, history=history, prune=prune)
+        report = pressure.check_disks(config, now=now, history=history, prune=prune)
         assert report.status_line is not None  # STATUS= says it every time
         warnings.append(history.events().count("disk_warn"))
     assert warnings == [1, 1, 2, 2]
     for name in sorted(os.listdir(mount / "run"))[:6]:
         shutil.rmtree(mount / "run" / name)
-    disk.check_disks(config, now=5100.0, history=history, prune=prune)  # 25 %: ok, forgets
+    pressure.check_disks(config, now=5100.0, history=history, prune=prune)  # 25 %: ok, forgets
     fill(mount / "run" / "again.bin", 6 * MB)
-    disk.check_disks(config, now=5200.0, history=history, prune=prune)  # crossing again
+    pressure.check_disks(config, now=5200.0, history=history, prune=prune)  # crossing again
     assert history.events().count("disk_warn") == 3
 
 
@@ -172,7 +174,7 @@ def test_critical_escalates_trash_then_prune_then_emergency_then_alert(
     )
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=10, keep_emergency=4)
-    report = disk.check_disks(config, now=1.0, history=history, prune=prune)
+    report = pressure.check_disks(config, now=1.0, history=history, prune=prune)
     # 81 % -> trash 75 % -> prune to 10: 62.5 % -> emergency to 4: 25 %.
     assert history.events() == [
         "disk_critical",
@@ -207,7 +209,7 @@ def test_emptying_the_trash_alone_can_resolve_it(tmpfs: Callable[[int], Path]) -
     fill(root / ".ckptd-trash" / "checkpoint-1@1780000000" / "model.safetensors", 8 * MB)  # 75 %
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
-    report = disk.check_disks(
+    report = pressure.check_disks(
         config_for([root], warn_percent=50, critical_percent=70),
         now=1.0,
         history=history,
@@ -224,7 +226,9 @@ def test_min_free_alone_makes_it_critical(tmpfs: Callable[[int], Path]) -> None:
     checkpoints(root, 6, MB)  # 37.5 %: far below any percent threshold
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=3, keep_emergency=1)
-    disk.check_disks(config_for([root], min_free=12 * MB), now=1.0, history=history, prune=prune)
+    pressure.check_disks(
+        config_for([root], min_free=12 * MB), now=1.0, history=history, prune=prune
+    )
     assert history.events()[:3] == ["disk_critical", "disk_trash_emptied", "disk_prune"]
     assert history.events()[-1] == "disk_recovered"
 
@@ -238,7 +242,7 @@ def test_unresolved_pressure_alerts_and_a_broken_alert_is_recorded(
     fill(mount / "not-ours.bin", 11 * MB)  # someone else's data: 87 %
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=3, keep_emergency=3)  # safety keeps everything
-    report = disk.check_disks(
+    report = pressure.check_disks(
         config_for([root], critical_percent=80, alert="/nonexistent/alert-command --now"),
         now=1.0,
         history=history,
@@ -264,7 +268,7 @@ def test_roots_are_grouped_by_filesystem(tmpfs: Callable[[int], Path], tmp_path:
     elsewhere = tmp_path / "c"
     elsewhere.mkdir()
     config = config_for([first, second, elsewhere, tmp_path / "missing"])
-    report = disk.check_disks(config, now=1.0, history=None, prune=RecordingPrune(1, 1))
+    report = pressure.check_disks(config, now=1.0, history=None, prune=RecordingPrune(1, 1))
     roots = sorted(check.roots for check in report.filesystems)
     assert roots == sorted([(str(first), str(second)), (str(elsewhere),)])
     assert len(report.errors) == 1 and "missing" in report.errors[0]

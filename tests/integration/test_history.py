@@ -10,7 +10,7 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from daemon.history import HistoryLog, default_history_path, read_records
+from daemon.history.log import HistoryLog, default_history_path, read_records
 
 REPOSITORY = str(Path(__file__).resolve().parents[2])
 
@@ -63,7 +63,7 @@ def test_threads_never_interleave_lines(tmp_path: Path) -> None:
 
 WRITER = """
 import sys
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
 history = HistoryLog(sys.argv[1])
 for index in range(300):
     history.write("delete", writer=int(sys.argv[2]), index=index, padding="q" * 3000)

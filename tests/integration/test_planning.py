@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from daemon import planning
+from daemon import planner as planning
 from daemon.config import (
     Config,
     DefaultsConfig,
@@ -18,8 +18,8 @@ from daemon.config import (
     RootConfig,
     SeriesConfig,
 )
+from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
-from daemon.sizecache import SizeCache
 from policies.model import PRESETS, Checkpoint, Decision, KeepBest, Plan, PolicySpec
 from tests.layouts_fixtures import age, hf_checkpoint, hf_run, pt_training_run
 

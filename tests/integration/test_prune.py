@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import prune, safety, trash
 from daemon.fsio import LocalFileSystem
-from daemon.history import HistoryLog, read_records
+from daemon.history.log import HistoryLog, read_records
+from daemon.pruning import deleter, trash
+from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
@@ -44,14 +45,14 @@ def plan_of(root: Path, keep: list[Checkpoint], delete: list[Checkpoint]) -> Pla
     return Plan(root=str(root), decisions=tuple(decisions))
 
 
-def no_holders(root: str, _entries: object) -> safety.Facts:
-    return safety.Facts(root_path=root, now=NOW)
+def no_holders(root: str, _entries: object) -> proc_facts.Facts:
+    return proc_facts.Facts(root_path=root, now=NOW)
 
 
-def run_apply(root: Path, plan: Plan, **options: object) -> prune.ApplyResult:
+def run_apply(root: Path, plan: Plan, **options: object) -> deleter.ApplyResult:
     arguments: dict[str, object] = {"dry_run": False, "now": NOW, "holders_check": no_holders}
     arguments.update(options)
-    return prune.apply(plan, str(root), **arguments)  # type: ignore[arg-type]
+    return deleter.apply(plan, str(root), **arguments)  # type: ignore[arg-type]
 
 
 def test_deletes_exactly_the_planned_checkpoints_and_reports_their_bytes(tmp_path: Path) -> None:
@@ -141,7 +142,7 @@ def test_a_process_holding_the_checkpoint_at_the_last_moment_vetoes_it(tmp_path:
     try:
         assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
         history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}-veto.jsonl"))
-        result = prune.apply(
+        result = deleter.apply(
             plan_of(tmp_path, [], checkpoints),
             str(tmp_path),
             dry_run=False,
@@ -316,13 +317,13 @@ def test_processes_are_looked_at_again_when_moving_takes_long(tmp_path: Path) ->
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300, 400)]
     checked: list[list[str]] = []
 
-    def counting(root: str, entries: object) -> safety.Facts:
+    def counting(root: str, entries: object) -> proc_facts.Facts:
         checked.append(list(entries))  # type: ignore[call-overload]
-        return safety.Facts(root_path=root, now=NOW)
+        return proc_facts.Facts(root_path=root, now=NOW)
 
     class SlowRename(LocalFileSystem):
         def rename(self, source: str, destination: str) -> None:
-            time.sleep(prune.RECHECK_SECONDS * 0.6)
+            time.sleep(deleter.RECHECK_SECONDS * 0.6)
             super().rename(source, destination)
 
     result = run_apply(

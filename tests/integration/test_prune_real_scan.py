@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from daemon import pruning, trash
 from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
-from daemon.history import HistoryLog, read_records
+from daemon.history.log import HistoryLog, read_records
+from daemon.pruning import pipeline, trash
 from tests.layouts_fixtures import age_all, hf_checkpoint, hf_run, tf_checkpoint, tf_tracker
 
 
@@ -35,7 +35,7 @@ def test_hf_run_keeps_what_policy_trackers_and_pins_keep_and_frees_the_rest(tmp_
     history = HistoryLog(str(tmp_path / "history.jsonl"))
     now = time.time()
     config = config_for(root)
-    report = pruning.prune_root(config, config.roots[0], now=now, dry_run=False, history=history)
+    report = pipeline.prune_root(config, config.roots[0], now=now, dry_run=False, history=history)
     history.close()
     assert report.refused is None and report.failed == ()
     kept = {d.checkpoint.step for d in report.plan.kept}
@@ -55,9 +55,9 @@ def test_a_second_run_deletes_nothing_more(tmp_path: Path) -> None:
     root = tmp_path / "run"
     hf_run(root, range(100, 6100, 100))
     config = config_for(root)
-    first = pruning.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    first = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert first.deleted
-    second = pruning.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    second = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert second.deleted == () and second.refused is None
 
 
@@ -73,7 +73,7 @@ def test_tensorflow_multi_file_checkpoints_go_whole_and_the_tracked_one_stays(
     config = config_for(
         root, layout="tf", policy={"keep_last": 5, "tier2_count": 0, "tier3_interval": 10}
     )
-    report = pruning.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert report.failed == () and report.deleted
     for name in report.deleted:
         assert not any(entry.startswith(name + ".") for entry in os.listdir(root)), name
@@ -94,7 +94,7 @@ def test_a_reader_of_an_old_checkpoint_vetoes_only_that_one(tmp_path: Path) -> N
     )
     try:
         assert reader.stdout is not None and reader.stdout.readline() == b"ready\n"
-        report = pruning.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+        report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     finally:
         reader.kill()
         reader.wait()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import pruning, trash
 from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
-from daemon.discovery import ScanResult
-from daemon.history import HistoryLog, read_records
+from daemon.discovery.scan import ScanResult
+from daemon.history.log import HistoryLog, read_records
+from daemon.pruning import pipeline, trash
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
@@ -85,9 +85,9 @@ def names(root: Path) -> list[str]:
 def test_a_run_deletes_records_and_reports(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root)
-    report = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert report.refused is None and report.failed == ()
     assert report.deleted == tuple(f"checkpoint-{s}" for s in range(100, 700, 100))
     assert report.bytes_freed == 6 * len(FILE)
@@ -102,9 +102,9 @@ def test_a_run_deletes_records_and_reports(
 def test_dry_run_changes_nothing_and_says_so(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root)
-    report = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
+    report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
     assert len(names(root)) == 10 and report.deleted == () and report.bytes_freed == 0
     assert report.extra["would_free"] == 6 * len(FILE)
     (run,) = read_records(history.path)
@@ -114,7 +114,7 @@ def test_dry_run_changes_nothing_and_says_so(
 def test_the_trainer_on_the_newest_refuses_with_pid_and_command_line(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     trainer = subprocess.Popen(
         [sys.executable, "-c", "import os, time; print('ready', flush=True); time.sleep(60)"],
         cwd=root / "checkpoint-1000",
@@ -123,7 +123,7 @@ def test_the_trainer_on_the_newest_refuses_with_pid_and_command_line(
     try:
         assert trainer.stdout is not None and trainer.stdout.readline() == b"ready\n"
         config = config_for(root)
-        report = pruning.prune_root(
+        report = pipeline.prune_root(
             config, config.roots[0], now=NOW, dry_run=False, history=history
         )
     finally:
@@ -139,12 +139,12 @@ def test_the_trainer_on_the_newest_refuses_with_pid_and_command_line(
 def test_max_delete_fraction_refuses_unless_forced(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root, fraction=0.5)
-    refused = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    refused = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert refused.refused is not None and "max_delete_fraction" in refused.refused
     assert len(names(root)) == 10
-    forced = pruning.prune_root(
+    forced = pipeline.prune_root(
         config, config.roots[0], now=NOW, dry_run=False, force=True, history=history
     )
     assert len(forced.deleted) == 6
@@ -153,15 +153,15 @@ def test_max_delete_fraction_refuses_unless_forced(
 def test_declining_the_confirmation_deletes_nothing(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     seen: list[int] = []
 
-    def decline(preview: pruning.PruneReport) -> bool:
+    def decline(preview: pipeline.PruneReport) -> bool:
         seen.append(len(preview.plan.deleted))
         return False
 
     config = config_for(root)
-    report = pruning.prune_root(
+    report = pipeline.prune_root(
         config, config.roots[0], now=NOW, dry_run=False, history=history, confirm=decline
     )
     assert seen == [6] and report.extra["aborted"] is True and report.deleted == ()
@@ -171,16 +171,16 @@ def test_declining_the_confirmation_deletes_nothing(
 def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root, grace=3600)
-    first = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    first = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert len(first.deleted) == 6 and first.bytes_freed == 0
     assert first.extra["bytes_in_trash"] == 6 * len(FILE)
     assert len(trash.list_trash(str(root))) == 6
     trash.restore(str(root), "checkpoint-100")  # a change of mind within the grace
     assert (root / "checkpoint-100" / "model.bin").read_bytes() == FILE
     (root / "checkpoint-100").rename(root / "restored-elsewhere")
-    later = pruning.prune_root(
+    later = pipeline.prune_root(
         config, config.roots[0], now=NOW + 3601, dry_run=False, history=history
     )
     assert later.extra["purged"] == [f"checkpoint-{s}" for s in range(200, 700, 100)]
@@ -193,12 +193,12 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
 def test_a_trash_left_by_a_crash_is_finished_at_the_start(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(10))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(10))
     leftover = root / ".ckptd-trash" / "checkpoint-50@1700000000"
     leftover.mkdir(parents=True)
     (leftover / "half.bin").write_bytes(b"x" * 10)
     config = config_for(root)
-    report = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert report.extra["purged"] == ["checkpoint-50"]
     assert not leftover.exists()
 
@@ -209,22 +209,22 @@ def test_a_second_prune_of_the_same_root_is_refused_while_one_runs(
     import fcntl
     import os
 
-    monkeypatch.setattr(pruning, "plan_root", keep_newest(4))
+    monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root)
     (root / trash.TRASH_DIRECTORY).mkdir()
-    holder = os.open(root / trash.TRASH_DIRECTORY / pruning.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    holder = os.open(root / trash.TRASH_DIRECTORY / pipeline.LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # the other prune, mid-run
-        report = pruning.prune_root(
+        report = pipeline.prune_root(
             config, config.roots[0], now=NOW, dry_run=False, history=history
         )
         assert report.refused is not None and "another prune" in report.refused
         assert len(names(root)) == 10
         # A dry run only reads, so it goes ahead.
-        dry = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=True)
+        dry = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True)
         assert dry.refused is None
     finally:
         os.close(holder)
-    after = pruning.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    after = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert len(after.deleted) == 6
     assert trash.list_trash(str(root)) == []  # the lock file is not a trash item

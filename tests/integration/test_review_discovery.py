@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 from daemon.config import Config, KeepBestConfig, PolicyConfig, RootConfig, SeriesConfig
-from daemon.discovery import ScanResult, scan
-from daemon.planning import plan_root
-from daemon.sizecache import SizeCache
+from daemon.discovery.scan import ScanResult, scan
+from daemon.discovery.sizecache import SizeCache
+from daemon.planner import plan_root
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,

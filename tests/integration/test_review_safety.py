@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon import prune, pruning, safety, trash
 from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
-from daemon.history import HistoryLog, read_records
-from daemon.pruning import root_lock
-from daemon.sizecache import SizeCache
+from daemon.discovery.sizecache import SizeCache
+from daemon.history.log import HistoryLog, read_records
+from daemon.pruning import deleter, pipeline, trash
+from daemon.pruning.pipeline import root_lock
+from daemon.safety import facts as proc_facts
+from daemon.safety import guard
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
 from tests.layouts_fixtures import age, age_all, hf_checkpoint, hf_run, tf_checkpoint, tf_tracker
 
@@ -92,8 +94,8 @@ def test_min_keep_counts_only_complete_survivors() -> None:
     ]
     decisions += [Decision(c, True, ("incomplete",)) for c in broken]
     plan = Plan(root="/r", decisions=tuple(decisions))
-    facts = safety.Facts(root_path="/r", now=1e9)
-    guarded = safety.guard(plan, facts, safety.SafetySettings(min_keep=3, force=True))
+    facts = proc_facts.Facts(root_path="/r", now=1e9)
+    guarded = guard.guard(plan, facts, guard.SafetySettings(min_keep=3, force=True))
     kept_complete = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.complete)
     assert kept_complete == [300, 400, 500]
 
@@ -111,7 +113,7 @@ def test_what_changes_while_the_prompt_waits_is_honoured(tmp_path: Path) -> None
     )
     shown: list[str] = []
 
-    def confirm(preview: pruning.PruneReport) -> bool:
+    def confirm(preview: pipeline.PruneReport) -> bool:
         shown.extend(d.checkpoint.name for d in preview.plan.deleted)
         hf_checkpoint(root, 6100, best_model_checkpoint=str(root / "checkpoint-700"))
         (root / "checkpoint-1300" / ".keep").write_text("")
@@ -121,7 +123,7 @@ def test_what_changes_while_the_prompt_waits_is_honoured(tmp_path: Path) -> None
         age(root / "checkpoint-6100")  # the answer came after settle_seconds
         return True
 
-    report = pruning.prune_root(
+    report = pipeline.prune_root(
         config, config.roots[0], now=time.time(), dry_run=False, confirm=confirm
     )
     assert {"checkpoint-700", "checkpoint-1300"} <= set(shown)
@@ -149,7 +151,7 @@ def test_bytes_freed_are_measured_at_removal_not_taken_from_the_size_cache(
         roots=[RootConfig(path=str(root))],
     )
     cache = SizeCache()
-    preview = pruning.prune_root(
+    preview = pipeline.prune_root(
         config, config.roots[0], now=time.time(), dry_run=True, cache=cache
     )
     doomed = [d.checkpoint.name for d in preview.plan.deleted]
@@ -160,7 +162,7 @@ def test_bytes_freed_are_measured_at_removal_not_taken_from_the_size_cache(
         for file in (root / name).iterdir():
             os.link(file, snapshot / f"{name}-{file.name}")
     history = HistoryLog(str(tmp_path / "history.jsonl"))
-    report = pruning.prune_root(
+    report = pipeline.prune_root(
         config, config.roots[0], now=time.time(), dry_run=False, cache=cache, history=history
     )
     history.close()
@@ -188,11 +190,11 @@ def test_a_restored_checkpoint_is_not_deleted_again_by_the_next_prune(tmp_path: 
         roots=[RootConfig(path=str(root)), RootConfig(path=str(tf_root))],
     )
     for root_config in config.roots:
-        first = pruning.prune_root(config, root_config, now=time.time(), dry_run=False)
+        first = pipeline.prune_root(config, root_config, now=time.time(), dry_run=False)
         assert first.deleted and first.refused is None
         name = first.deleted[0]
         trash.restore(root_config.path, name)
-        second = pruning.prune_root(config, root_config, now=time.time(), dry_run=False)
+        second = pipeline.prune_root(config, root_config, now=time.time(), dry_run=False)
         assert second.refused is None and name not in second.deleted
         kept = {d.checkpoint.name: d for d in second.plan.kept}
         assert ".keep" in kept[name].checkpoint.pinned_by
@@ -215,8 +217,8 @@ def test_a_file_opened_between_the_holder_check_and_the_rename_vetoes_the_remova
     plan = Plan(root=str(root), decisions=tuple(decisions))
     reader: list[subprocess.Popen[str]] = []
 
-    def check_then_open(root_path: str, entries: Iterable[str]) -> safety.Facts:
-        facts = safety.recheck(root_path, entries)
+    def check_then_open(root_path: str, entries: Iterable[str]) -> proc_facts.Facts:
+        facts = proc_facts.recheck(root_path, entries)
         if not reader:
             reader.append(
                 subprocess.Popen(
@@ -235,7 +237,7 @@ def test_a_file_opened_between_the_holder_check_and_the_rename_vetoes_the_remova
         return facts
 
     try:
-        result = prune.apply(
+        result = deleter.apply(
             plan, str(root), dry_run=False, now=time.time(), holders_check=check_then_open
         )
     finally:
@@ -278,7 +280,7 @@ def test_a_full_disk_that_holds_the_history_does_not_stop_the_prune(
     with pytest.raises(OSError), open(mount / "probe", "wb") as probe:
         probe.write(b"p" * 8192)
     spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
-    report = pruning.prune_root(
+    report = pipeline.prune_root(
         config,
         config.roots[0],
         now=time.time(),
@@ -313,7 +315,7 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
         roots=[RootConfig(path=str(root))],
     )
     spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
-    report = pruning.prune_root(
+    report = pipeline.prune_root(
         config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
     )
     assert report.refused is not None and "checkpoint-1000" in report.refused

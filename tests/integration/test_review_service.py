@@ -22,7 +22,7 @@ _WATCH_WITHOUT_INOTIFY = textwrap.dedent(
     """
     import json, os, queue, sys, time
     from daemon.logs import configure_logging
-    from daemon.watcher import Watcher, WatchEvent
+    from daemon.service.watcher import Watcher, WatchEvent
     configure_logging("info", "json")
     root = sys.argv[1]
     events = queue.Queue()
@@ -111,9 +111,9 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     """SIGTERM while the start-up snapshot copies one big file on a slow device (each 8 MiB
     chunk takes 0.5 s): the copy is abandoned at the next chunk, nothing is left under a date
     name, and serve() returns 0 well within the stop timeout."""
-    from daemon import copying
     from daemon.fsio import TRASH_DIRECTORY
-    from daemon.service import serve
+    from daemon.service.lifecycle import serve
+    from daemon.snapshots import copying
 
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
     folder = root / "checkpoint-100"
@@ -185,7 +185,7 @@ disk: {{interval: 1h}}
 
 
 def _serve_in_thread(config: Path, stop: threading.Event, reload: threading.Event) -> Any:
-    from daemon.service import serve
+    from daemon.service.lifecycle import serve
 
     result: dict[str, object] = {}
     thread = threading.Thread(
@@ -217,7 +217,7 @@ def _wait(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 def test_reload_to_another_state_dir_moves_the_size_cache_there(tmp_path: Path) -> None:
     """A reload that changes `state_dir`: state.json and the size cache are both kept in the
     new folder from then on (the cache was still written to the old one)."""
-    from daemon.sizecache import CACHE_FILE_NAME
+    from daemon.discovery.sizecache import CACHE_FILE_NAME
 
     root = tmp_path / "run"
     for step in (1, 2):
@@ -277,20 +277,21 @@ def test_a_wedged_worker_stops_the_watchdog_pings_and_they_resume_when_it_moves(
     daemon never pruned again, silently); when the worker moves again, so do the pings."""
     import socket
 
-    from daemon import pruning, service
-    from daemon.sdnotify import Notifier
-    from daemon.service import serve
+    from daemon.pruning import pipeline
+    from daemon.service import lifecycle
+    from daemon.service.lifecycle import serve
+    from daemon.service.sdnotify import Notifier
 
-    monkeypatch.setattr(service, "WORKER_STUCK_SECONDS", 1.0, raising=False)
+    monkeypatch.setattr(lifecycle, "WORKER_STUCK_SECONDS", 1.0, raising=False)
     entered, release = threading.Event(), threading.Event()
-    real_prune_root = pruning.prune_root
+    real_prune_root = pipeline.prune_root
 
     def hanging_prune_root(*arguments: Any, **keywords: Any) -> Any:
         entered.set()
         release.wait(20)
         return real_prune_root(*arguments, **keywords)
 
-    monkeypatch.setattr(pruning, "prune_root", hanging_prune_root)
+    monkeypatch.setattr(pipeline, "prune_root", hanging_prune_root)
     root = tmp_path / "run"
     root.mkdir()
     config = tmp_path / "config.yaml"
@@ -367,9 +368,9 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
     start, restart it, and it would start the same copy again, forever)."""
     import socket
 
-    from daemon import copying
-    from daemon.sdnotify import Notifier
-    from daemon.service import serve
+    from daemon.service.lifecycle import serve
+    from daemon.service.sdnotify import Notifier
+    from daemon.snapshots import copying
 
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
     folder = root / "checkpoint-100"
@@ -507,7 +508,7 @@ def test_a_root_missing_at_start_gets_its_watch_mode_from_the_mount_it_appears_o
     mode must be judged again: polling, or other clients' writes are never seen."""
     import queue
 
-    from daemon import watcher as watcher_module
+    from daemon.service import watcher as watcher_module
 
     root = tmp_path / "mnt" / "run"
     mounted = threading.Event()

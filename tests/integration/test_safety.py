@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon import safety
-from daemon.safety import Facts, Holder, ProcessIdentity, RootRefused, SafetySettings
+from daemon.safety import facts as proc_facts
+from daemon.safety import guard
+from daemon.safety.facts import Facts, Holder, ProcessIdentity
+from daemon.safety.guard import RootRefused, SafetySettings
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
@@ -64,7 +66,7 @@ def test_a_plan_deleting_everything_keeps_newest_incomplete_tracked_pinned(tmp_p
             "checkpoint-200": {"pinned_by": (".keep",)},
         },
     )
-    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=0, force=True))
+    guarded = guard.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=0, force=True))
     decisions = by_name(guarded)
     # The newest *complete* one is 900: 1000 is incomplete.
     assert decisions["checkpoint-900"].keep and "newest" in decisions["checkpoint-900"].reasons
@@ -79,7 +81,7 @@ def test_a_plan_deleting_everything_keeps_newest_incomplete_tracked_pinned(tmp_p
 def test_min_keep_holds_back_the_newest_deletions(tmp_path: Path) -> None:
     steps = list(range(100, 1100, 100))
     plan = delete_all_plan(tmp_path, steps)
-    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=4, force=True))
+    guarded = guard.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=4, force=True))
     kept = sorted(d.checkpoint.step for d in guarded.kept)
     assert kept == [700, 800, 900, 1000]
     assert "min_keep:4" in by_name(guarded)["checkpoint-800"].reasons
@@ -105,7 +107,7 @@ def test_min_keep_holds_in_every_series_of_a_root(tmp_path: Path) -> None:
         for s in range(100, 600, 100)
     ]
     plan = Plan(root=str(tmp_path), decisions=tuple(epochs + rotation))
-    guarded = safety.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=2, force=True))
+    guarded = guard.guard(plan, empty_facts(tmp_path), SafetySettings(min_keep=2, force=True))
     kept_mid = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.series == "mid")
     assert kept_mid == [400, 500]
     assert "newest" in by_name(guarded)["mid_epoch_10_500.pt"].reasons
@@ -117,9 +119,9 @@ def test_more_than_max_delete_fraction_refuses_the_root_unless_forced(tmp_path: 
     plan = delete_all_plan(tmp_path, steps)
     settings = SafetySettings(min_keep=1, max_delete_fraction=0.5)
     with pytest.raises(RootRefused, match="deletes 9 of 10") as refused:
-        safety.guard(plan, empty_facts(tmp_path), settings)
+        guard.guard(plan, empty_facts(tmp_path), settings)
     assert refused.value.exit_code == 3
-    forced = safety.guard(
+    forced = guard.guard(
         plan, empty_facts(tmp_path), SafetySettings(min_keep=1, max_delete_fraction=0.5, force=True)
     )
     assert len(forced.deleted) == 9
@@ -131,7 +133,7 @@ def test_more_than_max_delete_fraction_refuses_the_root_unless_forced(tmp_path: 
             for d in plan.decisions
         ),
     )
-    assert len(safety.guard(half, empty_facts(tmp_path), settings).deleted) == 5
+    assert len(guard.guard(half, empty_facts(tmp_path), settings).deleted) == 5
 
 
 @pytest.mark.parametrize("bad", ["../outside", "a/b", "..", ".", ".ckptd-trash", ""])
@@ -139,7 +141,7 @@ def test_entries_not_directly_inside_the_root_are_never_deleted(tmp_path: Path, 
     plan = delete_all_plan(tmp_path, [100, 200, 300])
     broken = Decision(Checkpoint(name="checkpoint-100", step=100, entries=(bad,)), False, ("x",))
     plan = Plan(root=plan.root, decisions=(broken, *plan.decisions[1:]))
-    guarded = safety.guard(plan, empty_facts(tmp_path), LENIENT)
+    guarded = guard.guard(plan, empty_facts(tmp_path), LENIENT)
     decision = by_name(guarded)["checkpoint-100"]
     assert decision.keep
     assert any(reason.startswith("outside-root:") for reason in decision.reasons)
@@ -152,14 +154,14 @@ def test_the_newest_still_settling_refuses_the_root(tmp_path: Path) -> None:
         **{"checkpoint-300": {"complete": False, "incomplete_reason": "settling: written 3 s ago"}},
     )
     with pytest.raises(RootRefused, match="still settling"):
-        safety.guard(plan, empty_facts(tmp_path), LENIENT)
+        guard.guard(plan, empty_facts(tmp_path), LENIENT)
     # An incomplete newest that is *not* settling (a crashed save) only keeps itself.
     stale = delete_all_plan(
         tmp_path,
         [100, 200, 300],
         **{"checkpoint-300": {"complete": False, "incomplete_reason": "no trainer_state.json"}},
     )
-    guarded = safety.guard(stale, empty_facts(tmp_path), LENIENT)
+    guarded = guard.guard(stale, empty_facts(tmp_path), LENIENT)
     assert by_name(guarded)["checkpoint-300"].keep
     assert by_name(guarded)["checkpoint-200"].keep  # the newest complete one
     assert not by_name(guarded)["checkpoint-100"].keep
@@ -210,20 +212,20 @@ def test_the_trainer_holding_the_newest_refuses_the_root(
     make_root(tmp_path, steps)
     trainer = spawn_holder(how, tmp_path / "checkpoint-400" / "model.bin")
     processes.append(trainer)
-    facts = safety.gather_facts(str(tmp_path), now=NOW)
+    facts = proc_facts.gather_facts(str(tmp_path), now=NOW)
     assert ProcessIdentity(trainer.pid, facts.holders["checkpoint-400"][0].create_time) in (
         facts.trainers
     )
     with pytest.raises(RootRefused) as refused:
-        safety.guard(delete_all_plan(tmp_path, steps), facts, LENIENT)
+        guard.guard(delete_all_plan(tmp_path, steps), facts, LENIENT)
     assert f"pid {trainer.pid}" in refused.value.reason
     assert "python" in refused.value.reason  # the command line is named
     assert refused.value.holders[0].how == how
     # Once the trainer is gone the same plan goes through (the newest is still kept).
     trainer.kill()
     trainer.wait()
-    guarded = safety.guard(
-        delete_all_plan(tmp_path, steps), safety.gather_facts(str(tmp_path), now=NOW), LENIENT
+    guarded = guard.guard(
+        delete_all_plan(tmp_path, steps), proc_facts.gather_facts(str(tmp_path), now=NOW), LENIENT
     )
     assert [d.checkpoint.step for d in guarded.kept] == [400]
 
@@ -236,16 +238,16 @@ def test_any_process_holding_an_older_checkpoint_vetoes_it(
     make_root(tmp_path, steps)
     reader = spawn_holder(how, tmp_path / "checkpoint-200" / "model.bin")
     processes.append(reader)
-    guarded = safety.guard(
-        delete_all_plan(tmp_path, steps), safety.gather_facts(str(tmp_path), now=NOW), LENIENT
+    guarded = guard.guard(
+        delete_all_plan(tmp_path, steps), proc_facts.gather_facts(str(tmp_path), now=NOW), LENIENT
     )
     decision = by_name(guarded)["checkpoint-200"]
     assert decision.keep
     assert any(reason.startswith(f"in-use:pid {reader.pid} (") for reason in decision.reasons)
     assert {d.checkpoint.name for d in guarded.deleted} == {"checkpoint-100", "checkpoint-300"}
     # The last-moment re-check sees the same process, and only for that checkpoint.
-    assert [h.pid for h in safety.holders_of(str(tmp_path), ["checkpoint-200"])] == [reader.pid]
-    assert safety.holders_of(str(tmp_path), ["checkpoint-100"]) == ()
+    assert [h.pid for h in proc_facts.holders_of(str(tmp_path), ["checkpoint-200"])] == [reader.pid]
+    assert proc_facts.holders_of(str(tmp_path), ["checkpoint-100"]) == ()
 
 
 def test_pid_file_names_the_trainer_and_others_only_veto(
@@ -261,17 +263,17 @@ def test_pid_file_names_the_trainer_and_others_only_veto(
     processes.extend([trainer, viewer])
     pid_file = tmp_path / "train.pid"
     pid_file.write_text(f"{trainer.pid}\n")
-    facts = safety.gather_facts(str(root), now=NOW, trainer_pid_file=str(pid_file))
+    facts = proc_facts.gather_facts(str(root), now=NOW, trainer_pid_file=str(pid_file))
     assert {identity.pid for identity in facts.trainers} == {trainer.pid}
     # A viewer of the newest is not the trainer: no refusal, and the newest is kept anyway.
-    guarded = safety.guard(delete_all_plan(root, steps), facts, LENIENT)
+    guarded = guard.guard(delete_all_plan(root, steps), facts, LENIENT)
     assert by_name(guarded)["checkpoint-300"].keep
     # The same viewer named as trainer by its command line refuses the root.
     pattern = r"python.*-c .*handle = open"
-    by_cmdline = safety.gather_facts(str(root), now=NOW, trainer_cmdline=pattern)
+    by_cmdline = proc_facts.gather_facts(str(root), now=NOW, trainer_cmdline=pattern)
     assert viewer.pid in {identity.pid for identity in by_cmdline.trainers}
     with pytest.raises(RootRefused, match=f"pid {viewer.pid}"):
-        safety.guard(delete_all_plan(root, steps), by_cmdline, LENIENT)
+        guard.guard(delete_all_plan(root, steps), by_cmdline, LENIENT)
 
 
 def test_a_reused_pid_is_not_the_trainer(
@@ -282,12 +284,12 @@ def test_a_reused_pid_is_not_the_trainer(
     processes.append(process)
     pid_file = tmp_path / "train.pid"
     pid_file.write_text(str(process.pid))
-    real = safety.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None)
+    real = proc_facts.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None)
     (identity,) = real
     # The trainer we knew started at another time: the process now behind that PID is not it.
     remembered = identity.create_time - 30.0
     assert (
-        safety.find_trainers(
+        proc_facts.find_trainers(
             [], pid_file=str(pid_file), cmdline_pattern=None, pid_file_create_time=remembered
         )
         == frozenset()
@@ -300,21 +302,22 @@ def test_a_reused_pid_is_not_the_trainer(
     # A PID file naming a dead process names no trainer.
     process.kill()
     process.wait()
-    assert safety.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None) == frozenset()
+    assert proc_facts.find_trainers([], pid_file=str(pid_file), cmdline_pattern=None) == frozenset()
 
 
 def test_gathering_facts_is_one_cheap_pass(tmp_path: Path) -> None:
     make_root(tmp_path, [100])
     started = time.perf_counter()
     for _ in range(5):
-        safety.gather_facts(str(tmp_path), now=NOW)
+        proc_facts.gather_facts(str(tmp_path), now=NOW)
     assert (time.perf_counter() - started) / 5 < 0.5
 
 
 UNINSPECTABLE_PROBE = """
 import json, sys
-from daemon import safety
-facts = safety.gather_facts(sys.argv[1], now=0.0)
+from daemon.safety import facts as proc_facts
+from daemon.safety import guard
+facts = proc_facts.gather_facts(sys.argv[1], now=0.0)
 print(json.dumps([[h.pid, h.how] for h in facts.everywhere]))
 """
 
@@ -335,7 +338,7 @@ def _interpreter_for_other_users() -> tuple[str, str]:
     for candidate in candidates:
         try:
             check = subprocess.run(
-                [candidate, "-c", "import psutil, daemon.safety"],
+                [candidate, "-c", "import psutil, daemon.safety.facts"],
                 env={"PYTHONPATH": path},
                 user=65534,
                 group=65534,

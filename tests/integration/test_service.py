@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sdnotify import Notifier
-from daemon.service import serve
+from daemon.service.lifecycle import serve
+from daemon.service.sdnotify import Notifier
 from daemon.state import read_state
 from policies.model import PolicySpec
 
@@ -242,7 +242,7 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
         if len(calls) == 1:
             raise OSError("statvfs failed on purpose")
 
-    monkeypatch.setattr("daemon.service.check_disks", check_disks)
+    monkeypatch.setattr("daemon.service.lifecycle.check_disks", check_disks)
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
     config = tmp_path / "config.yaml"
@@ -352,7 +352,7 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
             )
         return types.SimpleNamespace(status_line="disk 12% used")
 
-    monkeypatch.setattr("daemon.service.check_disks", check_disks)
+    monkeypatch.setattr("daemon.service.lifecycle.check_disks", check_disks)
     config = tmp_path / "config.yaml"
     write_config(config, root, state, keep_last=100, extra="")
     config.write_text(config.read_text().replace("disk: {interval: 1h}", "disk: {interval: 1s}"))

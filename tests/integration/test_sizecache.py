@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from daemon.config import RootConfig
-from daemon.discovery import ScanResult, scan
+from daemon.discovery.scan import ScanResult, scan
+from daemon.discovery.sizecache import CACHE_FILE_NAME, SizeCache
 from daemon.fsio import LocalFileSystem
-from daemon.sizecache import CACHE_FILE_NAME, SizeCache
 from tests.layouts_fixtures import age, hf_checkpoint, hf_run, write_file, write_json
 
 

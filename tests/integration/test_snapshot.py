@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import snapshots
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.snapshots import daily
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
 
@@ -59,8 +59,8 @@ def make_config(roots: list[Path], snapshot_dir: Path, **snapshot_settings: obje
 
 def run(
     config: Config, history: HistoryLog | None = None, **options: object
-) -> snapshots.SnapshotReport:
-    return snapshots.run_daily_snapshot(
+) -> daily.SnapshotReport:
+    return daily.run_daily_snapshot(
         config,
         now=NOW,
         history=history,
@@ -122,10 +122,10 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
 
 def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", at="04:00")
-    early = snapshots.run_daily_snapshot(config, now=NOW, history=None)
+    early = daily.run_daily_snapshot(config, now=NOW, history=None)
     assert early.status == "not_due" and early.ok
     assert not (tmp_path / "snaps" / "2026-06-01").exists()
-    by_hand = snapshots.run_daily_snapshot(config, now=NOW, history=None, force=True, method="copy")
+    by_hand = daily.run_daily_snapshot(config, now=NOW, history=None, force=True, method="copy")
     assert by_hand.status == "done"
 
 
@@ -222,7 +222,7 @@ def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_
     config = make_config([root], tmp_path / "snaps")
     placed: list[str] = []
 
-    def prune_source_midway(item: snapshots.FileItem) -> None:
+    def prune_source_midway(item: daily.FileItem) -> None:
         if item.kind == "file":
             placed.append(item.relative)
         if len(placed) == 2 and (root / "checkpoint-300").exists():
@@ -243,8 +243,8 @@ def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_
 def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps")
     assert run(config, method="copy").status == "done"
-    path = snapshots.resolve_snapshot(str(tmp_path / "snaps"), "latest")
-    clean = snapshots.verify_snapshot(path)
+    path = daily.resolve_snapshot(str(tmp_path / "snaps"), "latest")
+    clean = daily.verify_snapshot(path)
     assert clean.ok and clean.checked == 4
     checkpoint = Path(path) / "run-a" / "checkpoint-300"
     (checkpoint / "trainer_state.json").unlink()
@@ -254,7 +254,7 @@ def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Pa
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = snapshots.verify_snapshot(path)
+    result = daily.verify_snapshot(path)
     assert not result.ok
     assert result.missing == ("run-a/checkpoint-300/trainer_state.json",)
     assert result.extra == ("run-a/checkpoint-300/stray.bin",)
@@ -269,12 +269,12 @@ def test_verify_seals_linked_files_then_catches_a_rewrite(root: Path, tmp_path: 
     report = run(config, method="hardlink")
     assert report.status == "done"
     assert report.by_method == {"hardlink": 3, "copy": 1}
-    path = snapshots.resolve_snapshot(str(tmp_path / "snaps"), "2026-06-01")
-    first = snapshots.verify_snapshot(path)
+    path = daily.resolve_snapshot(str(tmp_path / "snaps"), "2026-06-01")
+    first = daily.verify_snapshot(path)
     assert first.ok and first.sealed == 3
     manifest = json.loads((Path(path) / "MANIFEST.json").read_text())
     assert all(record["sha256"] for record in manifest["files"])
-    second = snapshots.verify_snapshot(path)
+    second = daily.verify_snapshot(path)
     assert second.ok and second.sealed == 0
     # Flipping a byte of the shared inode (bit rot, or someone writing into the checkpoint).
     shard = root / "checkpoint-300" / "shard-1.safetensors"
@@ -283,7 +283,7 @@ def test_verify_seals_linked_files_then_catches_a_rewrite(root: Path, tmp_path: 
         byte = handle.read(1)
         handle.seek(10)
         handle.write(bytes([byte[0] ^ 1]))
-    third = snapshots.verify_snapshot(path)
+    third = daily.verify_snapshot(path)
     assert [line.split(":")[0] for line in third.checksum] == [
         "run-a/checkpoint-300/shard-1.safetensors"
     ]
@@ -319,7 +319,7 @@ def test_disk_full_in_the_middle_of_a_copy_abandons_the_snapshot(
     config = make_config([root], mount / "snaps")
     filler = mount / "another-writer.bin"
 
-    def someone_else_fills_the_disk(item: snapshots.FileItem) -> None:
+    def someone_else_fills_the_disk(item: daily.FileItem) -> None:
         # After the first shard is in, another writer takes all but 1 MB: the next shard
         # (5 MB) runs into ENOSPC in the middle of its copy.
         if item.relative.endswith("shard-1.safetensors") and not filler.exists():
@@ -346,7 +346,7 @@ def test_stop_mid_snapshot_abandons_it(root: Path, tmp_path: Path) -> None:
     stop = threading.Event()
     history = RecordingHistory()
 
-    def shutdown_requested(item: snapshots.FileItem) -> None:
+    def shutdown_requested(item: daily.FileItem) -> None:
         if item.kind == "file":
             stop.set()  # SIGTERM arrives while the first file is being placed
 
@@ -374,7 +374,7 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
     assert report.status == "done"
     link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
     assert link.is_symlink() and os.readlink(link) == str(outside)
-    assert snapshots.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
+    assert daily.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
 
 
 def test_a_missing_root_does_not_cost_the_others_their_snapshot(root: Path, tmp_path: Path) -> None:

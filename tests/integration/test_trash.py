@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import trash
 from daemon.errors import UsageError
-from daemon.history import HistoryLog, read_records
+from daemon.history.log import HistoryLog, read_records
+from daemon.pruning import trash
 
 NOW = 1_800_000_000.0
 

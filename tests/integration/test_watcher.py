@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.watcher import Watcher, WatchEvent, choose_mode, is_network_filesystem, mount_type
+from daemon.service.watcher import (
+    Watcher,
+    WatchEvent,
+    choose_mode,
+    is_network_filesystem,
+    mount_type,
+)
 
 
 @pytest.fixture

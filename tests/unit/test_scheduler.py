@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from daemon.config import Config, DiskConfig, PruneConfig, SnapshotsConfig
-from daemon.scheduler import (
+from daemon.service.scheduler import (
     Schedule,
     build_triggers,
     prune_trigger,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sdnotify import Notifier, monotonic_usec
+from daemon.service.sdnotify import Notifier, monotonic_usec
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon.snapshots import next_snapshot_time, scheduled_instant, snapshot_due
+from daemon.snapshots.daily import next_snapshot_time, scheduled_instant, snapshot_due
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SPRING = date(2026, 3, 29)  # 02:00 CET -> 03:00 CEST: 02:00-02:59 does not exist

@@ -2,7 +2,7 @@
 
 A cold scan of 10,000 checkpoints of 20 files stats 200,000 files; everything per file here
 is written for that (one `DirEntry.stat` per entry, no other object per file). Imports only
-the standard library and `daemon.fsio`/`daemon.sizecache`, so a helper process can run it
+the standard library and `daemon.fsio`/`daemon.discovery.sizecache`, so a helper process can run it
 without loading the rest of the daemon.
 
 Parallelism, measured on the 2-CPU benchmark machine (bench/bench_scan.py):
@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Any
 
+from daemon.discovery.sizecache import Identity, WalkResult
 from daemon.fsio import FileSystem, LocalFileSystem
-from daemon.sizecache import Identity, WalkResult
 
 try:
     import resource
@@ -76,7 +76,8 @@ _RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None) if resourc
 HELPER_MINIMUM = 2000
 # This process walks a little more than half: the helper starts ~40 ms late.
 _OWN_SHARE = 0.55
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# daemon/discovery/walker.py -> the folder holding the `daemon` package.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _blocks_read() -> int:
@@ -148,7 +149,7 @@ class _Helper:
     ) -> _Helper | None:
         code = (
             f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-            "from daemon.walker import serve; serve()"
+            "from daemon.discovery.walker import serve; serve()"
         )
         try:
             process = subprocess.Popen(

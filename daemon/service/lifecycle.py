@@ -29,16 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import Config, RootConfig, load_config, settings_for
-from daemon.disk import check_disks
+from daemon.discovery.sizecache import SizeCache
+from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.logs import configure_logging, get_logger
-from daemon.scheduler import Schedule, build_triggers
-from daemon.sdnotify import Notifier
-from daemon.sizecache import SizeCache
-from daemon.snapshots import run_daily_snapshot
+from daemon.service.scheduler import Schedule, build_triggers
+from daemon.service.sdnotify import Notifier
+from daemon.service.watcher import Watcher, WatchEvent
+from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
-from daemon.watcher import Watcher, WatchEvent
 
 log = get_logger("ckptd.service")
 
@@ -432,7 +432,7 @@ class Service:
     def prune_with(self, config: Config, root: RootConfig, **keywords: Any) -> Any:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
         prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
-        from daemon.pruning import prune_root
+        from daemon.pruning.pipeline import prune_root
 
         if self.config.state_dir != self.cache_state_dir:
             # A reload moved state_dir: the cache lives there from now on (swapped here, on the
@@ -543,7 +543,7 @@ class Service:
     @staticmethod
     def _history(config: Config) -> Any:
         try:
-            from daemon.history import HistoryLog
+            from daemon.history.log import HistoryLog
 
             os.makedirs(os.path.dirname(config.history_path) or ".", exist_ok=True)
             return HistoryLog(config.history_path)

@@ -3,7 +3,7 @@
 Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_delete.py):
 
 1. **Move.** One pass over the processes looks for holders of the checkpoints about to go
-   (`safety.recheck`), then each unheld checkpoint is renamed into the trash (`daemon.trash`:
+   (`proc_facts.recheck`), then each unheld checkpoint is renamed into the trash (`daemon.pruning.trash`:
    one atomic rename per entry; several entries are journalled and rolled back). Renames take
    microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
    again, so no checkpoint is renamed more than that long after its last check. Any holder
@@ -39,15 +39,16 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from daemon import safety, trash
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.pruning import trash
+from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
 
 log = logging.getLogger("ckptd.prune")
 
-HoldersCheck = Callable[[str, Iterable[str]], safety.Facts]
+HoldersCheck = Callable[[str, Iterable[str]], proc_facts.Facts]
 Progress = Callable[[int, int, str], None]
 
 # The longest a checkpoint may be renamed after the process check that cleared it.
@@ -84,8 +85,8 @@ def orders_metadata(path: str) -> bool:
     return filesystem_type(path) in ORDERED_METADATA
 
 
-def _no_holders(root_path: str, _entries: Iterable[str]) -> safety.Facts:
-    return safety.Facts(root_path=root_path, now=0.0)
+def _no_holders(root_path: str, _entries: Iterable[str]) -> proc_facts.Facts:
+    return proc_facts.Facts(root_path=root_path, now=0.0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def apply(
     history: HistoryLog | None = None,
     trash_grace: float = 0.0,
     stop: threading.Event | None = None,
-    holders_check: HoldersCheck | None = safety.recheck,
+    holders_check: HoldersCheck | None = proc_facts.recheck,
     progress: Progress | None = None,
     policy: Mapping[str, object] | None = None,
 ) -> ApplyResult:
@@ -142,7 +143,7 @@ def apply(
     moved: list[tuple[Decision, str]] = []
 
     # Phase 1: check, then move.
-    facts: safety.Facts | None = None
+    facts: proc_facts.Facts | None = None
     checked_at = 0.0
     for index, decision in enumerate(deletions):
         checkpoint = decision.checkpoint
@@ -283,7 +284,7 @@ def apply(
 
 
 def _veto(
-    checkpoint: Checkpoint, holder: safety.Holder, root_path: str, history: HistoryLog | None
+    checkpoint: Checkpoint, holder: proc_facts.Holder, root_path: str, history: HistoryLog | None
 ) -> tuple[str, str]:
     """Given a checkpoint a process holds, log and record the veto; return (name, reason)."""
     reason = f"in-use:{holder.describe()}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from daemon.config import Config, RootConfig, policy_for, settings_for
-from daemon.discovery import ScanResult, scan
+from daemon.discovery.scan import ScanResult, scan
+from daemon.discovery.sizecache import SizeCache
 from daemon.fsio import LOCAL, FileSystem
-from daemon.sizecache import SizeCache
 from policies import tiered
 from policies.model import Plan, PolicySpec
 

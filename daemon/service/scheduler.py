@@ -3,7 +3,7 @@
 Every job that changes files runs on one single-thread executor ("files"), `max_instances=1`,
 `coalesce=True` and a generous misfire grace, so a late or piled-up run happens once and never
 beside another. The job functions themselves only hand the work to the service's worker thread
-and wait for it (see daemon/service.py): one thread does everything that touches the disk.
+and wait for it (see daemon/service/lifecycle.py): one thread does everything that touches the disk.
 
 Triggers are pure: they compute the next fire time from a given `now`, never from the clock, so
 the daylight-saving days are tested without waiting for them. Wall-clock rule on those days

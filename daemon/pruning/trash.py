@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
 
 JOURNAL = ".ckptd-entry.json"
 LOCK_FILE = ".lock"

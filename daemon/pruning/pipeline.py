@@ -3,7 +3,7 @@
 `ckptd prune`, the daemon's jobs and the disk check's escalation all call `prune_root`. In order:
 finish a trash a crash left behind, purge trash past its grace, scan and plan the root, gather
 the process facts in one pass, let the safety guard veto or refuse, then hand the guarded plan
-to `prune.apply` and write one `prune_run` record.
+to `deleter.apply` and write one `prune_run` record.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from daemon import prune, safety, trash
 from daemon.config import Config, RootConfig, policy_for, settings_for
+from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
-from daemon.history import HistoryLog
-from daemon.planning import plan_root
-from daemon.sizecache import SizeCache
-from daemon.trash import LOCK_FILE, root_lock
+from daemon.history.log import HistoryLog
+from daemon.planner import plan_root
+from daemon.pruning import deleter, trash
+from daemon.pruning.trash import LOCK_FILE, root_lock
+from daemon.safety import facts as proc_facts
+from daemon.safety import guard
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
 
 __all__ = ["LOCK_FILE", "PruneReport", "prune_root", "root_lock"]
@@ -96,7 +98,7 @@ def _prune_unlocked(
     cache: SizeCache | None = None,
     stop: threading.Event | None = None,
     confirm: Confirm | None = None,
-    progress: prune.Progress | None = None,
+    progress: deleter.Progress | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it (the root lock held by the caller).
 
@@ -120,13 +122,13 @@ def _prune_unlocked(
     _scan, plan = plan_root(
         config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
     )
-    facts = safety.gather_facts(
+    facts = proc_facts.gather_facts(
         root_path,
         now=now,
         trainer_pid_file=root.trainer.pid_file,
         trainer_cmdline=root.trainer.cmdline,
     )
-    safety_settings = safety.SafetySettings(
+    safety_settings = guard.SafetySettings(
         min_keep=int(settings["min_keep"]),
         max_delete_fraction=float(settings["max_delete_fraction"]),
         settle_seconds=float(settings["settle_seconds"]),
@@ -139,7 +141,7 @@ def _prune_unlocked(
         "notes": list(facts.notes) + list(plan.warnings),
     }
 
-    def refuse(refused: safety.RootRefused, refused_plan: Plan) -> PruneReport:
+    def refuse(refused: guard.RootRefused, refused_plan: Plan) -> PruneReport:
         if history is not None:
             history.write(
                 "prune_refused",
@@ -175,11 +177,11 @@ def _prune_unlocked(
             )
 
     try:
-        guarded = safety.guard(plan, facts, safety_settings)
-    except safety.RootRefused as refused:
+        guarded = guard.guard(plan, facts, safety_settings)
+    except guard.RootRefused as refused:
         return refuse(refused, plan)
 
-    guard_vetoes = safety.vetoed(plan, guarded)
+    guard_vetoes = guard.vetoed(plan, guarded)
     write_vetoes(guard_vetoes, set())
     preview = PruneReport(
         root=root_path,
@@ -200,22 +202,22 @@ def _prune_unlocked(
         _scan, plan = plan_root(
             config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
         )
-        facts = safety.gather_facts(
+        facts = proc_facts.gather_facts(
             root_path,
             now=now,
             trainer_pid_file=root.trainer.pid_file,
             trainer_cmdline=root.trainer.cmdline,
         )
         try:
-            fresh = safety.guard(plan, facts, safety_settings)
-        except safety.RootRefused as refused:
+            fresh = guard.guard(plan, facts, safety_settings)
+        except guard.RootRefused as refused:
             return refuse(refused, plan)
         guarded = only_confirmed(fresh, guarded)
         already = {d.checkpoint.name for d in guard_vetoes}
-        guard_vetoes = safety.vetoed(plan, guarded)
+        guard_vetoes = guard.vetoed(plan, guarded)
         write_vetoes(guard_vetoes, already)
 
-    result = prune.apply(
+    result = deleter.apply(
         guarded,
         root_path,
         dry_run=dry_run,
@@ -288,7 +290,7 @@ def prune_root(
     cache: SizeCache | None = None,
     stop: threading.Event | None = None,
     confirm: Confirm | None = None,
-    progress: prune.Progress | None = None,
+    progress: deleter.Progress | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it through the safety guard and report.
 

@@ -1,7 +1,7 @@
 """Checkpoint discovery: which entries of a root are checkpoints, of which series, complete or not.
 
 One module scans; it decides nothing. See DESIGN.md, "Checkpoint discovery", and
-`daemon/layouts.py` for the names of each layout. What this module adds:
+`daemon/discovery/layouts.py` for the names of each layout. What this module adds:
 
 Complete when (besides "nothing written for `settle_seconds`", which applies to all):
 - hf: `trainer_state.json` inside (the Trainer writes it last);
@@ -47,8 +47,8 @@ holds (a snapshot shares them). Symlinks count as their own small size, never fo
 changes only the folder's mtime).
 
 Speed: a rescan lists the root once and walks only checkpoints the cache does not know (see
-`daemon/sizecache.py` for what proves a cached checkpoint unchanged); each name is matched
-once (a memo in the cache); the walk itself is `daemon/walker.py`.
+`daemon/discovery/sizecache.py` for what proves a cached checkpoint unchanged); each name is matched
+once (a memo in the cache); the walk itself is `daemon/discovery/walker.py`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,7 @@ from types import MappingProxyType
 from typing import Any
 
 from daemon.config import RootConfig
-from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem
-from daemon.layouts import (
+from daemon.discovery.layouts import (
     DCP_CANDIDATE,
     DEEPSPEED_TRACKER,
     MEGATRON_TRACKER,
@@ -85,14 +83,16 @@ from daemon.layouts import (
     first_layout,
     match_builtin,
 )
-from daemon.sizecache import CacheEntry, Identity, SizeCache, WalkResult
-from daemon.walker import (
+from daemon.discovery.sizecache import CacheEntry, Identity, SizeCache, WalkResult
+from daemon.discovery.walker import (
     DISTCP_MARKER,
     fingerprint_markers_of,
     scandir_of,
     walk_checkpoint,
     walk_many,
 )
+from daemon.errors import UsageError
+from daemon.fsio import LOCAL, FileSystem
 from policies.model import Checkpoint
 
 # Newest checkpoints per series whose fingerprint is re-checked on every scan: a resumed trainer

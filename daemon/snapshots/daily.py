@@ -33,12 +33,12 @@ from zoneinfo import ZoneInfo
 
 import psutil
 
-from daemon import copying
 from daemon.config import Config, RootConfig
-from daemon.discovery import ScanResult
-from daemon.disk import write_history
+from daemon.discovery.scan import ScanResult
+from daemon.disk.pressure import write_history
 from daemon.fsio import LOCAL, TRASH_DIRECTORY
-from daemon.history import HistoryLog
+from daemon.history.log import HistoryLog
+from daemon.snapshots import copying
 from policies.model import Checkpoint, Plan
 
 MANIFEST = "MANIFEST.json"
@@ -643,7 +643,7 @@ def clean_leftovers(directory: str) -> list[str]:
 
 
 def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
-    from daemon.planning import plan_root
+    from daemon.planner import plan_root
 
     return plan_root(config, root, now=now)
 

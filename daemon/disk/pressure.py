@@ -22,9 +22,9 @@ from typing import Any, Literal
 import psutil
 
 from daemon.config import Config, RootConfig
-from daemon.history import HistoryLog
-from daemon.pruning import PruneReport
-from daemon.trash import empty_trash
+from daemon.history.log import HistoryLog
+from daemon.pruning.pipeline import PruneReport
+from daemon.pruning.trash import empty_trash
 from policies.forecast import forecast as simulate
 from policies.model import Checkpoint, PolicySpec
 

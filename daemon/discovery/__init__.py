@@ -1,0 +1,1 @@
+"""Find checkpoints in a root: layouts (names), scan (the phases), walker, sizecache."""

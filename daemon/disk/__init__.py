@@ -1,0 +1,1 @@
+"""Disk usage: mounts, the pressure escalation, the forecast."""

@@ -1,0 +1,1 @@
+"""The cleanup history: the JSON-lines log and its event kinds."""

@@ -1,0 +1,1 @@
+"""The one deletion path: pipeline (prune_root), deleter (apply), trash, lock."""

@@ -1,0 +1,1 @@
+"""The daemon: lifecycle, watcher, scheduler, sd_notify."""

@@ -1,0 +1,1 @@
+"""The daily snapshot: schedule, plan, execute, copying, verify."""
