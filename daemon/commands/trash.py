@@ -19,6 +19,7 @@ from rich.table import Table
 
 from daemon.config import Config, RootConfig, default_config_for_root, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
+from daemon.history.events import TrashRestore
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from daemon.render import make_console
@@ -118,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
             restored = trash.restore(candidates[0], args.name)
         if history_file is not None:
             with HistoryLog(history_file) as restore_log:
-                restore_log.write("trash_restore", root=candidates[0], checkpoint=restored.name)
+                restore_log.record(TrashRestore(root=candidates[0], checkpoint=restored.name))
         pin = trash.pin_path(candidates[0], restored.name)
         if args.json:
             json.dump({"root": candidates[0], "restored": restored.name, "pin": pin}, sys.stdout)

@@ -22,6 +22,21 @@ from typing import Any, Literal
 import psutil
 
 from daemon.config import Config, RootConfig
+from daemon.history.events import (
+    Alert,
+    DiskCritical,
+    DiskPrune,
+    DiskRecovered,
+    DiskTrashEmptied,
+    DiskWarn,
+    EmergencyPrune,
+    EmptiedTrash,
+    EscalationStep,
+    HistoryEvent,
+    Pruned,
+    StepFailed,
+    StepOutcome,
+)
 from daemon.history.log import HistoryLog
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
@@ -111,15 +126,15 @@ _warned_at: dict[str, float] = {}
 WARN_REPEAT_SECONDS = 3600.0
 
 
-def write_history(history: HistoryLog | None, event: str, **fields: Any) -> None:
+def write_history(history: HistoryLog | None, event: HistoryEvent) -> None:
     """Given the history and a record, append it; a history that cannot be written (its own
     disk full) is logged and must never stop the escalation that would free space."""
     if history is None:
         return
     try:
-        history.write(event, **fields)
+        history.record(event)
     except OSError as error:
-        logging.getLogger("ckptd.disk").warning("history unwritable: %s (%s)", error, event)
+        logging.getLogger("ckptd.disk").warning("history unwritable: %s (%s)", error, event.event)
 
 
 def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]], list[str]]:
@@ -197,19 +212,21 @@ def _check_filesystem(
     before = usage(anchor)
     level = level_of(before, config)
 
-    def record(event: str, **fields: Any) -> None:
-        write_history(history, event, mount=mount, **fields)
+    def record(event: HistoryEvent) -> None:
+        write_history(history, event)
 
     if level == "warn" and now - _warned_at.get(mount, -math.inf) >= WARN_REPEAT_SECONDS:
         # Once on crossing, then hourly: the history stays readable with `tail -F`, and the
         # STATUS= line carries the warning in between.
         _warned_at[mount] = now
         record(
-            "disk_warn",
-            roots=list(paths),
-            used_percent=before.percent,
-            free_bytes=before.free,
-            warn_percent=config.disk.warn_percent,
+            DiskWarn(
+                mount=mount,
+                roots=paths,
+                used_percent=before.percent,
+                free_bytes=before.free,
+                warn_percent=config.disk.warn_percent,
+            )
         )
     elif level == "ok":
         _warned_at.pop(mount, None)
@@ -217,56 +234,66 @@ def _check_filesystem(
         return FilesystemCheck(mount, device, paths, level, before, before)
 
     record(
-        "disk_critical",
-        roots=list(paths),
-        used_percent=before.percent,
-        free_bytes=before.free,
-        critical_percent=config.disk.critical_percent,
-        min_free=config.disk.min_free,
+        DiskCritical(
+            mount=mount,
+            roots=paths,
+            used_percent=before.percent,
+            free_bytes=before.free,
+            critical_percent=config.disk.critical_percent,
+            min_free=config.disk.min_free,
+        )
     )
     steps: list[str] = []
     current = before
 
-    def escalate(step: str, action: Callable[[RootConfig], dict[str, Any]]) -> bool:
+    def escalate(step: type[EscalationStep], action: Callable[[RootConfig], StepOutcome]) -> bool:
         """Run one step on every root of this filesystem; return whether that resolved it."""
         nonlocal current
-        results = []
+        results: list[tuple[str, StepOutcome]] = []
         for root in roots:
             try:
-                results.append({"root": root.path, **action(root)})
+                results.append((root.path, action(root)))
             except Exception as error:  # one root's failure must not stop the other roots
-                results.append({"root": root.path, "error": f"{type(error).__name__}: {error}"})
+                results.append((root.path, StepFailed(error=f"{type(error).__name__}: {error}")))
         current = usage(anchor)
-        steps.append(step)
-        for result in results:
-            record(step, **result, used_percent=current.percent, free_bytes=current.free)
+        steps.append(step.event)
+        for path, outcome in results:
+            record(
+                step(
+                    mount=mount,
+                    root=path,
+                    outcome=outcome,
+                    used_percent=current.percent,
+                    free_bytes=current.free,
+                )
+            )
         return level_of(current, config) != "critical"
 
-    def empty_step(root: RootConfig) -> dict[str, Any]:
-        return {"trash_bytes_freed": empty_trash(config, root, now=now, history=history)}
+    def empty_step(root: RootConfig) -> StepOutcome:
+        return EmptiedTrash(trash_bytes_freed=empty_trash(config, root, now=now, history=history))
 
-    def prune_step(override: PolicySpec | None) -> Callable[[RootConfig], dict[str, Any]]:
-        def run(root: RootConfig) -> dict[str, Any]:
+    def prune_step(override: PolicySpec | None) -> Callable[[RootConfig], StepOutcome]:
+        def run(root: RootConfig) -> StepOutcome:
             report = prune(
                 config, root, now=now, dry_run=False, history=history, policy_override=override
             )
             # What this prune moved into the trash frees nothing until the trash is emptied,
             # and under disk pressure no grace period applies.
             emptied = empty_trash(config, root, now=now, history=history)
-            return {
-                "deleted": len(report.deleted),
-                "bytes_freed": report.bytes_freed,
-                "trash_bytes_freed": emptied,
-                "refused": report.refused,
-                "vetoed": len(report.vetoed),
-            }
+            return Pruned(
+                deleted=len(report.deleted),
+                bytes_freed=report.bytes_freed,
+                trash_bytes_freed=emptied,
+                refused=report.refused,
+                vetoed=len(report.vetoed),
+            )
 
         return run
 
     resolved = (
-        escalate("disk_trash_emptied", empty_step)
-        or escalate("disk_prune", prune_step(None))
-        or escalate("emergency_prune", prune_step(config.disk.emergency.to_spec()))
+        escalate(DiskTrashEmptied, empty_step)
+        or escalate(DiskPrune, prune_step(None))
+        or escalate(EmergencyPrune, prune_step(config.disk.emergency.to_spec()))
     )
     alert_exit = None
     if "emergency_prune" in steps and config.disk.alert:
@@ -283,7 +310,7 @@ def _check_filesystem(
         )
         steps.append("alert")
     if resolved:
-        record("disk_recovered", used_percent=current.percent, free_bytes=current.free)
+        record(DiskRecovered(mount=mount, used_percent=current.percent, free_bytes=current.free))
     return FilesystemCheck(mount, device, paths, level, before, current, tuple(steps), alert_exit)
 
 
@@ -328,7 +355,7 @@ def run_alert(
         fields.update(error=f"timed out after {timeout:g} s")
     except (OSError, ValueError) as error:
         fields.update(error=str(error))
-    write_history(history, "alert", **fields)
+    write_history(history, Alert(**fields))
     return code
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
+from daemon.history.events import Delete, Veto
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from daemon.safety import facts as proc_facts
@@ -254,20 +255,21 @@ def apply(
             if not removal_errors:
                 deleted.append(checkpoint.name)
             if history is not None:
-                history.write(
-                    "delete",
-                    root=root_path,
-                    checkpoint=checkpoint.name,
-                    step=checkpoint.step,
-                    series=checkpoint.series,
-                    bytes_freed=bytes_freed,
-                    bytes_in_trash=checkpoint.freeable_bytes if kept_in_trash else 0,
-                    trash_grace=trash_grace,
-                    partial=bool(removal_errors),
-                    errors=removal_errors[:3],
-                    why=list(decision.reasons),
-                    tier=decision.tier,
-                    policy=dict(policy or {}),
+                history.record(
+                    Delete(
+                        root=root_path,
+                        checkpoint=checkpoint.name,
+                        step=checkpoint.step,
+                        series=checkpoint.series,
+                        bytes_freed=bytes_freed,
+                        bytes_in_trash=checkpoint.freeable_bytes if kept_in_trash else 0,
+                        trash_grace=trash_grace,
+                        partial=bool(removal_errors),
+                        errors=tuple(removal_errors[:3]),
+                        why=decision.reasons,
+                        tier=decision.tier,
+                        policy=dict(policy or {}),
+                    )
                 )
     if progress is not None:
         progress(len(moved), len(moved), "")
@@ -290,13 +292,14 @@ def _veto(
     reason = f"in-use:{holder.describe()}"
     log.info("veto %s: %s", checkpoint.name, reason)
     if history is not None:
-        history.write(
-            "veto",
-            root=root_path,
-            checkpoint=checkpoint.name,
-            step=checkpoint.step,
-            reason=reason,
-            pid=holder.pid,
-            cmdline=holder.cmdline,
+        history.record(
+            Veto(
+                root=root_path,
+                checkpoint=checkpoint.name,
+                step=checkpoint.step,
+                reason=reason,
+                pid=holder.pid,
+                cmdline=holder.cmdline,
+            )
         )
     return checkpoint.name, reason

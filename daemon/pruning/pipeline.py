@@ -19,6 +19,7 @@ from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
+from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import HistoryLog
 from daemon.planner import plan_root
 from daemon.pruning import deleter, trash
@@ -143,13 +144,14 @@ def _prune_unlocked(
 
     def refuse(refused: guard.RootRefused, refused_plan: Plan) -> PruneReport:
         if history is not None:
-            history.write(
-                "prune_refused",
-                root=root_path,
-                reason=refused.reason,
-                pids=[holder.pid for holder in refused.holders],
-                cmdlines=[holder.cmdline for holder in refused.holders],
-                dry_run=dry_run,
+            history.record(
+                PruneRefused(
+                    root=root_path,
+                    reason=refused.reason,
+                    pids=tuple(holder.pid for holder in refused.holders),
+                    cmdlines=tuple(holder.cmdline for holder in refused.holders),
+                    dry_run=dry_run,
+                )
             )
         return PruneReport(
             root=root_path,
@@ -168,12 +170,13 @@ def _prune_unlocked(
         for decision in decisions:
             if decision.checkpoint.name in already:
                 continue
-            history.write(
-                "veto",
-                root=root_path,
-                checkpoint=decision.checkpoint.name,
-                step=decision.checkpoint.step,
-                reason=", ".join(decision.reasons),
+            history.record(
+                Veto(
+                    root=root_path,
+                    checkpoint=decision.checkpoint.name,
+                    step=decision.checkpoint.step,
+                    reason=", ".join(decision.reasons),
+                )
             )
 
     try:
@@ -257,22 +260,23 @@ def _prune_unlocked(
         extra=extra,
     )
     if history is not None:
-        history.write(
-            "prune_run",
-            root=root_path,
-            dry_run=dry_run,
-            checkpoints=len(guarded.decisions),
-            kept=len(guarded.decisions) - len(result.deleted),
-            deleted=len(result.deleted),
-            would_delete=len(result.would_delete),
-            vetoed=len(veto_reasons),
-            failed=len(result.failed),
-            trashed=len(result.trashed),
-            bytes_freed=report.bytes_freed,
-            bytes_in_trash=result.bytes_in_trash,
-            seconds=round(seconds, 3),
-            force=force,
-            policy=policy,
+        history.record(
+            PruneRun(
+                root=root_path,
+                dry_run=dry_run,
+                checkpoints=len(guarded.decisions),
+                kept=len(guarded.decisions) - len(result.deleted),
+                deleted=len(result.deleted),
+                would_delete=len(result.would_delete),
+                vetoed=len(veto_reasons),
+                failed=len(result.failed),
+                trashed=len(result.trashed),
+                bytes_freed=report.bytes_freed,
+                bytes_in_trash=result.bytes_in_trash,
+                seconds=round(seconds, 3),
+                force=force,
+                policy=policy,
+            )
         )
     return report
 
@@ -326,7 +330,7 @@ def prune_root(
             return run()
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
     if history is not None:
-        history.write("prune_refused", root=root_path, reason=reason, pids=[], cmdlines=[])
+        history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
         root=root_path, plan=Plan(root=root_path, decisions=()), dry_run=False, refused=reason
     )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
+from daemon.history.events import TrashPurge
 from daemon.history.log import HistoryLog
 
 JOURNAL = ".ckptd-entry.json"
@@ -403,14 +404,15 @@ def purge(
         else:
             removed.append(item.name)
         if history is not None:
-            history.write(
-                "trash_purge",
-                root=root_path,
-                checkpoint=item.name,
-                bytes_freed=bytes_freed,
-                deleted_at=item.deleted_at,
-                partial=bool(errors),
-                errors=errors[:3],
+            history.record(
+                TrashPurge(
+                    root=root_path,
+                    checkpoint=item.name,
+                    bytes_freed=bytes_freed,
+                    deleted_at=item.deleted_at,
+                    partial=bool(errors),
+                    errors=tuple(errors[:3]),
+                )
             )
     return PurgeResult(tuple(removed), freed, tuple(failed))
 

@@ -31,13 +31,21 @@ from daemon.config import (
     TrashConfig,
 )
 from daemon.disk import pressure
+from daemon.history.events import (
+    EVENTS,
+    EmptiedTrash,
+    EscalationStep,
+    HistoryEvent,
+    Pruned,
+    StepFailed,
+)
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import deleter, pipeline, trash
 from daemon.pruning.pipeline import PruneReport
 from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
-from tests.history_golden import EVENT_NAMES, matching_shape
+from tests.history_golden import EVENT_NAMES, GOLDEN, golden_record, matching_shape
 
 NOW = 1_800_000_000.0
 FILE = b"w" * 2000
@@ -60,6 +68,44 @@ def history(tmp_path: Path) -> Iterator[HistoryLog]:
     log = HistoryLog(str(tmp_path / "history.jsonl"))
     yield log
     log.close()
+
+
+# --- each event class writes exactly its golden line ------------------------------------------
+
+
+def _typed(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def event_from(record: dict[str, Any]) -> HistoryEvent:
+    """Given a golden record, return the event that should write it (lists given as tuples,
+    as the writers pass them)."""
+    fields = {key: _typed(value) for key, value in record.items() if key not in ("time", "event")}
+    kind = EVENTS[record["event"]]
+    if issubclass(kind, EscalationStep):
+        common = {key: fields.pop(key) for key in ("mount", "root", "used_percent", "free_bytes")}
+        outcome: EmptiedTrash | Pruned | StepFailed
+        if "error" in fields:
+            outcome = StepFailed(**fields)
+        elif "deleted" in fields:
+            outcome = Pruned(**fields)
+        else:
+            outcome = EmptiedTrash(**fields)
+        return kind(outcome=outcome, **common)
+    return kind(**fields)
+
+
+@pytest.mark.parametrize("shape", sorted(GOLDEN))
+def test_each_event_writes_exactly_its_golden_line(shape: str, tmp_path: Path) -> None:
+    event = event_from(golden_record(shape))
+    with HistoryLog(str(tmp_path / "history.jsonl")) as history:
+        history.record(event, time=0.0)
+    assert (tmp_path / "history.jsonl").read_text() == GOLDEN[shape] + "\n"
+
+
+def test_there_is_one_event_class_per_event_name() -> None:
+    assert set(EVENTS) == set(EVENT_NAMES)
+    assert all(kind.event == name for name, kind in EVENTS.items())
 
 
 # --- the prune pipeline, the deleter, the trash ---------------------------------------------------
