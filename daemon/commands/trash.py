@@ -20,7 +20,7 @@ from rich.table import Table
 from daemon.config import Config, RootConfig, default_config_for_root, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
 from daemon.history.events import TrashRestore
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.pruning import trash
 from daemon.render import make_console
 
@@ -134,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     results = {}
     failed = False
     busy = False
-    history = HistoryLog(history_file) if history_file is not None else None
+    history: History = HistoryLog(history_file) if history_file is not None else NULL_HISTORY
     try:
         for root in roots:
             root_path = os.path.realpath(root.path)
@@ -150,8 +150,7 @@ def main(args: argparse.Namespace) -> int:
             results[root_path] = result
             failed = failed or bool(result.failed)
     finally:
-        if history is not None:
-            history.close()
+        history.close()
     if args.json:
         json.dump(
             {

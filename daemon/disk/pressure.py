@@ -10,7 +10,6 @@ record.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shlex
@@ -32,12 +31,11 @@ from daemon.history.events import (
     EmergencyPrune,
     EmptiedTrash,
     EscalationStep,
-    HistoryEvent,
     Pruned,
     StepFailed,
     StepOutcome,
 )
-from daemon.history.log import HistoryLog
+from daemon.history.log import History
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
 from policies.forecast import forecast as simulate
@@ -126,17 +124,6 @@ _warned_at: dict[str, float] = {}
 WARN_REPEAT_SECONDS = 3600.0
 
 
-def write_history(history: HistoryLog | None, event: HistoryEvent) -> None:
-    """Given the history and a record, append it; a history that cannot be written (its own
-    disk full) is logged and must never stop the escalation that would free space."""
-    if history is None:
-        return
-    try:
-        history.record(event)
-    except OSError as error:
-        logging.getLogger("ckptd.disk").warning("history unwritable: %s (%s)", error, event.event)
-
-
 def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]], list[str]]:
     """Given roots, return them grouped by the device their filesystem is on, and the errors
     of roots that cannot be looked at."""
@@ -153,7 +140,7 @@ def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]
 
 
 def _empty_trash_of(
-    config: Config, root: RootConfig, *, now: float, history: HistoryLog | None
+    config: Config, root: RootConfig, *, now: float, history: History
 ) -> int | None:
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
     first); return the bytes freed when known."""
@@ -165,7 +152,7 @@ def check_disks(
     config: Config,
     *,
     now: float,
-    history: HistoryLog | None,
+    history: History,
     prune: Callable[..., PruneReport],
     empty_trash: Callable[..., int | None] | None = None,
     usage: Callable[[str], Usage] = measure,
@@ -198,7 +185,7 @@ def _check_filesystem(
     roots: Sequence[RootConfig],
     *,
     now: float,
-    history: HistoryLog | None,
+    history: History,
     prune: Callable[..., PruneReport],
     empty_trash: Callable[..., int | None],
     usage: Callable[[str], Usage],
@@ -212,14 +199,11 @@ def _check_filesystem(
     before = usage(anchor)
     level = level_of(before, config)
 
-    def record(event: HistoryEvent) -> None:
-        write_history(history, event)
-
     if level == "warn" and now - _warned_at.get(mount, -math.inf) >= WARN_REPEAT_SECONDS:
         # Once on crossing, then hourly: the history stays readable with `tail -F`, and the
         # STATUS= line carries the warning in between.
         _warned_at[mount] = now
-        record(
+        history.record(
             DiskWarn(
                 mount=mount,
                 roots=paths,
@@ -233,7 +217,7 @@ def _check_filesystem(
     if level != "critical":
         return FilesystemCheck(mount, device, paths, level, before, before)
 
-    record(
+    history.record(
         DiskCritical(
             mount=mount,
             roots=paths,
@@ -258,7 +242,7 @@ def _check_filesystem(
         current = usage(anchor)
         steps.append(step.event)
         for path, outcome in results:
-            record(
+            history.record(
                 step(
                     mount=mount,
                     root=path,
@@ -310,7 +294,9 @@ def _check_filesystem(
         )
         steps.append("alert")
     if resolved:
-        record(DiskRecovered(mount=mount, used_percent=current.percent, free_bytes=current.free))
+        history.record(
+            DiskRecovered(mount=mount, used_percent=current.percent, free_bytes=current.free)
+        )
     return FilesystemCheck(mount, device, paths, level, before, current, tuple(steps), alert_exit)
 
 
@@ -322,7 +308,7 @@ def run_alert(
     usage: Usage,
     level: Level,
     config: Config,
-    history: HistoryLog | None,
+    history: History,
     timeout: float,
 ) -> int | None:
     """Given the `alert` command line and the figures, run it (no shell) with the figures in
@@ -355,7 +341,7 @@ def run_alert(
         fields.update(error=f"timed out after {timeout:g} s")
     except (OSError, ValueError) as error:
         fields.update(error=str(error))
-    write_history(history, Alert(**fields))
+    history.record(Alert(**fields))
     return code
 
 

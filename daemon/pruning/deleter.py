@@ -3,8 +3,9 @@
 Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_delete.py):
 
 1. **Move.** One pass over the processes looks for holders of the checkpoints about to go
-   (`proc_facts.recheck`), then each unheld checkpoint is renamed into the trash (`daemon.pruning.trash`:
-   one atomic rename per entry; several entries are journalled and rolled back). Renames take
+   (`proc_facts.recheck`), then each unheld checkpoint is renamed into the trash
+   (`daemon.pruning.trash`: one atomic rename per entry; several entries are journalled and
+   rolled back). Renames take
    microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
    again, so no checkpoint is renamed more than that long after its last check. Any holder
    vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is honoured between renames.
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history.events import Delete, Veto
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import trash
 from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
@@ -118,7 +119,7 @@ def apply(
     dry_run: bool,
     now: float,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
     trash_grace: float = 0.0,
     stop: threading.Event | None = None,
     holders_check: HoldersCheck | None = proc_facts.recheck,
@@ -254,23 +255,22 @@ def apply(
                 freed += bytes_freed
             if not removal_errors:
                 deleted.append(checkpoint.name)
-            if history is not None:
-                history.record(
-                    Delete(
-                        root=root_path,
-                        checkpoint=checkpoint.name,
-                        step=checkpoint.step,
-                        series=checkpoint.series,
-                        bytes_freed=bytes_freed,
-                        bytes_in_trash=checkpoint.freeable_bytes if kept_in_trash else 0,
-                        trash_grace=trash_grace,
-                        partial=bool(removal_errors),
-                        errors=tuple(removal_errors[:3]),
-                        why=decision.reasons,
-                        tier=decision.tier,
-                        policy=dict(policy or {}),
-                    )
+            history.record(
+                Delete(
+                    root=root_path,
+                    checkpoint=checkpoint.name,
+                    step=checkpoint.step,
+                    series=checkpoint.series,
+                    bytes_freed=bytes_freed,
+                    bytes_in_trash=checkpoint.freeable_bytes if kept_in_trash else 0,
+                    trash_grace=trash_grace,
+                    partial=bool(removal_errors),
+                    errors=tuple(removal_errors[:3]),
+                    why=decision.reasons,
+                    tier=decision.tier,
+                    policy=dict(policy or {}),
                 )
+            )
     if progress is not None:
         progress(len(moved), len(moved), "")
     return ApplyResult(
@@ -286,20 +286,19 @@ def apply(
 
 
 def _veto(
-    checkpoint: Checkpoint, holder: proc_facts.Holder, root_path: str, history: HistoryLog | None
+    checkpoint: Checkpoint, holder: proc_facts.Holder, root_path: str, history: History
 ) -> tuple[str, str]:
     """Given a checkpoint a process holds, log and record the veto; return (name, reason)."""
     reason = f"in-use:{holder.describe()}"
     log.info("veto %s: %s", checkpoint.name, reason)
-    if history is not None:
-        history.record(
-            Veto(
-                root=root_path,
-                checkpoint=checkpoint.name,
-                step=checkpoint.step,
-                reason=reason,
-                pid=holder.pid,
-                cmdline=holder.cmdline,
-            )
+    history.record(
+        Veto(
+            root=root_path,
+            checkpoint=checkpoint.name,
+            step=checkpoint.step,
+            reason=reason,
+            pid=holder.pid,
+            cmdline=holder.cmdline,
         )
+    )
     return checkpoint.name, reason

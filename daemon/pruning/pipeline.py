@@ -20,7 +20,7 @@ from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history.events import PruneRefused, PruneRun, Veto
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History
 from daemon.planner import plan_root
 from daemon.pruning import deleter, trash
 from daemon.pruning.trash import LOCK_FILE, root_lock
@@ -94,7 +94,7 @@ def _prune_unlocked(
     dry_run: bool,
     force: bool = False,
     policy_override: PolicySpec | None = None,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
     fs: FileSystem = LOCAL,
     cache: SizeCache | None = None,
     stop: threading.Event | None = None,
@@ -143,16 +143,15 @@ def _prune_unlocked(
     }
 
     def refuse(refused: guard.RootRefused, refused_plan: Plan) -> PruneReport:
-        if history is not None:
-            history.record(
-                PruneRefused(
-                    root=root_path,
-                    reason=refused.reason,
-                    pids=tuple(holder.pid for holder in refused.holders),
-                    cmdlines=tuple(holder.cmdline for holder in refused.holders),
-                    dry_run=dry_run,
-                )
+        history.record(
+            PruneRefused(
+                root=root_path,
+                reason=refused.reason,
+                pids=tuple(holder.pid for holder in refused.holders),
+                cmdlines=tuple(holder.cmdline for holder in refused.holders),
+                dry_run=dry_run,
             )
+        )
         return PruneReport(
             root=root_path,
             plan=refused_plan,
@@ -165,7 +164,7 @@ def _prune_unlocked(
         )
 
     def write_vetoes(decisions: tuple[Decision, ...], already: set[str]) -> None:
-        if history is None or dry_run:
+        if dry_run:
             return
         for decision in decisions:
             if decision.checkpoint.name in already:
@@ -259,25 +258,24 @@ def _prune_unlocked(
         seconds=seconds,
         extra=extra,
     )
-    if history is not None:
-        history.record(
-            PruneRun(
-                root=root_path,
-                dry_run=dry_run,
-                checkpoints=len(guarded.decisions),
-                kept=len(guarded.decisions) - len(result.deleted),
-                deleted=len(result.deleted),
-                would_delete=len(result.would_delete),
-                vetoed=len(veto_reasons),
-                failed=len(result.failed),
-                trashed=len(result.trashed),
-                bytes_freed=report.bytes_freed,
-                bytes_in_trash=result.bytes_in_trash,
-                seconds=round(seconds, 3),
-                force=force,
-                policy=policy,
-            )
+    history.record(
+        PruneRun(
+            root=root_path,
+            dry_run=dry_run,
+            checkpoints=len(guarded.decisions),
+            kept=len(guarded.decisions) - len(result.deleted),
+            deleted=len(result.deleted),
+            would_delete=len(result.would_delete),
+            vetoed=len(veto_reasons),
+            failed=len(result.failed),
+            trashed=len(result.trashed),
+            bytes_freed=report.bytes_freed,
+            bytes_in_trash=result.bytes_in_trash,
+            seconds=round(seconds, 3),
+            force=force,
+            policy=policy,
         )
+    )
     return report
 
 
@@ -289,7 +287,7 @@ def prune_root(
     dry_run: bool,
     force: bool = False,
     policy_override: PolicySpec | None = None,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
     fs: FileSystem = LOCAL,
     cache: SizeCache | None = None,
     stop: threading.Event | None = None,
@@ -329,8 +327,7 @@ def prune_root(
         if acquired:
             return run()
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
-    if history is not None:
-        history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
+    history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
         root=root_path, plan=Plan(root=root_path, decisions=()), dry_run=False, refused=reason
     )

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history.events import TrashPurge
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History
 
 JOURNAL = ".ckptd-entry.json"
 LOCK_FILE = ".lock"
@@ -386,7 +386,7 @@ def purge(
     grace: float,
     everything: bool = False,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
 ) -> PurgeResult:
     """Given a root and the grace, remove trash items past it (all with `everything`)."""
     removed: list[str] = []
@@ -403,23 +403,20 @@ def purge(
             failed.append((item.name, "; ".join(errors[:3])))
         else:
             removed.append(item.name)
-        if history is not None:
-            history.record(
-                TrashPurge(
-                    root=root_path,
-                    checkpoint=item.name,
-                    bytes_freed=bytes_freed,
-                    deleted_at=item.deleted_at,
-                    partial=bool(errors),
-                    errors=tuple(errors[:3]),
-                )
+        history.record(
+            TrashPurge(
+                root=root_path,
+                checkpoint=item.name,
+                bytes_freed=bytes_freed,
+                deleted_at=item.deleted_at,
+                partial=bool(errors),
+                errors=tuple(errors[:3]),
             )
+        )
     return PurgeResult(tuple(removed), freed, tuple(failed))
 
 
-def empty_trash(
-    root_path: str, *, fs: FileSystem = LOCAL, history: HistoryLog | None = None
-) -> int:
+def empty_trash(root_path: str, *, fs: FileSystem = LOCAL, history: History = NULL_HISTORY) -> int:
     """Given a root, remove everything in its trash regardless of grace; return bytes freed.
 
     The disk check calls this first under disk pressure (before pruning anything more).
@@ -479,7 +476,7 @@ def finish_leftovers(
     now: float,
     grace: float,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
 ) -> PurgeResult:
     """Given a root, finish a trash a crash left behind: repair, then purge what is past grace.
 

@@ -14,7 +14,7 @@ import pytest
 
 from daemon.config import Config, DiskConfig, PolicyConfig, RootConfig
 from daemon.disk import pressure
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, HistoryLog
 from daemon.pruning.pipeline import PruneReport
 from policies.model import Plan, PolicySpec
 
@@ -268,7 +268,7 @@ def test_roots_are_grouped_by_filesystem(tmpfs: Callable[[int], Path], tmp_path:
     elsewhere = tmp_path / "c"
     elsewhere.mkdir()
     config = config_for([first, second, elsewhere, tmp_path / "missing"])
-    report = pressure.check_disks(config, now=1.0, history=None, prune=RecordingPrune(1, 1))
+    report = pressure.check_disks(config, now=1.0, history=NULL_HISTORY, prune=RecordingPrune(1, 1))
     roots = sorted(check.roots for check in report.filesystems)
     assert roots == sorted([(str(first), str(second)), (str(elsewhere),)])
     assert len(report.errors) == 1 and "missing" in report.errors[0]
