@@ -39,41 +39,27 @@ def history_for(config: Config, root_argument: str | None, config_argument: str 
     return config.history_path
 
 
-def _extra_list(report: PruneReport, key: str) -> list[Any]:
-    value = report.extra.get(key)
-    return list(value) if isinstance(value, list | tuple) else []
-
-
-def _extra_dict(report: PruneReport, key: str) -> dict[str, str]:
-    value = report.extra.get(key)
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def _extra_int(report: PruneReport, key: str) -> int:
-    value = report.extra.get(key)
-    return int(value) if isinstance(value, int | float) else 0
-
-
 def report_to_json(report: PruneReport) -> dict[str, Any]:
     """Given a prune report, return `plan --json`'s document plus what was done ("result")."""
     document = plan_to_json(report.plan)
-    veto_reasons = _extra_dict(report, "veto_reasons")
-    failures = _extra_dict(report, "failures")
+    applied = report.applied
+    veto_reasons = report.veto_reasons
+    failures = dict(applied.failed)
     document["result"] = {
         "dry_run": report.dry_run,
         "refused": report.refused,
-        "aborted": bool(report.extra.get("aborted", False)),
+        "aborted": report.aborted,
         "deleted": list(report.deleted),
         "vetoed": [{"name": name, "reason": veto_reasons.get(name, "")} for name in report.vetoed],
         "failed": [{"name": name, "error": failures.get(name, "")} for name in report.failed],
-        "partial": _extra_list(report, "partial"),
-        "trashed": _extra_list(report, "trashed"),
+        "partial": list(applied.partial),
+        "trashed": list(applied.trashed),
         "bytes_freed": report.bytes_freed,
-        "bytes_in_trash": _extra_int(report, "bytes_in_trash"),
-        "would_delete": _extra_list(report, "would_delete"),
-        "would_free": _extra_int(report, "would_free"),
+        "bytes_in_trash": applied.bytes_in_trash,
+        "would_delete": list(applied.would_delete),
+        "would_free": applied.would_free,
         "seconds": round(report.seconds, 3),
-        "notes": _extra_list(report, "notes"),
+        "notes": list(report.notes),
     }
     return document
 
@@ -81,7 +67,7 @@ def report_to_json(report: PruneReport) -> dict[str, Any]:
 def _show_plan(console: Console, report: PruneReport) -> None:
     plan = report.plan
     console.print(f"[bold]{plan.root}[/bold]: {len(plan.decisions)} checkpoints now")
-    for note in _extra_list(report, "notes"):
+    for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     if plan.decisions:
         console.print(timeline_table(plan))
@@ -106,15 +92,15 @@ def _summary(report: PruneReport) -> str:
     kept = len(report.plan.decisions) - len(report.deleted)
     if report.dry_run:
         return (
-            f"dry run, nothing changed: would delete {len(_extra_list(report, 'would_delete'))} "
-            f"and free {format_bytes(_extra_int(report, 'would_free'))}"
+            f"dry run, nothing changed: would delete {len(report.applied.would_delete)} "
+            f"and free {format_bytes(report.applied.would_free)}"
         )
     parts = [
         f"deleted {len(report.deleted)}",
         f"kept {kept}",
         f"freed {format_bytes(report.bytes_freed)}",
     ]
-    in_trash = _extra_int(report, "bytes_in_trash")
+    in_trash = report.applied.bytes_in_trash
     if in_trash:
         parts.append(f"{format_bytes(in_trash)} waiting in the trash")
     if report.vetoed:
@@ -217,7 +203,7 @@ def _prune_one(
         confirmed_shown = bool(report.plan.deleted) and not report.dry_run
         if report.refused is not None or not confirmed_shown:
             _show_plan(console, report)
-        if report.extra.get("aborted"):
+        if report.aborted:
             console.print("nothing deleted")
         elif report.refused is None:
             console.print(_summary(report))

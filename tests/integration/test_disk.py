@@ -15,6 +15,7 @@ import pytest
 from daemon.config import Config, DiskConfig, PolicyConfig, RootConfig
 from daemon.disk import pressure
 from daemon.history.log import NULL_HISTORY, HistoryLog
+from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.pipeline import PruneReport
 from policies.model import Plan, PolicySpec
 
@@ -89,7 +90,10 @@ class RecordingPrune:
             os.rename(Path(root.path) / name, trash / name)
             shutil.rmtree(trash / name)
         return PruneReport(
-            root=root.path, plan=Plan(root.path, ()), dry_run=False, deleted=tuple(doomed)
+            root=root.path,
+            plan=Plan(root.path, ()),
+            dry_run=False,
+            applied=ApplyResult(deleted=tuple(doomed)),
         )
 
 

@@ -41,6 +41,7 @@ from daemon.history.events import (
 )
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import deleter, pipeline, trash
+from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.pipeline import PruneReport
 from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
@@ -257,7 +258,8 @@ def usage_of(*percents: float) -> Callable[[str], pressure.Usage]:
 def prune_deleting(
     config: Config, root: RootConfig, **_keywords: object
 ) -> PruneReport:  # the escalation's prune: one checkpoint deleted
-    return PruneReport(root=root.path, plan=Plan(root.path, ()), dry_run=False, deleted=("c",))
+    applied = ApplyResult(deleted=("c",))
+    return PruneReport(root=root.path, plan=Plan(root.path, ()), dry_run=False, applied=applied)
 
 
 def prune_failing(config: Config, root: RootConfig, **_keywords: object) -> PruneReport:
