@@ -22,6 +22,7 @@ from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, Usa
 from daemon.history.events import TrashRestore
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.pruning import trash
+from daemon.pruning.lock import root_lock
 from daemon.render import make_console
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{args.name!r} is in the trash of several roots ({', '.join(candidates)}); "
                 "choose one with --root"
             )
-        with trash.root_lock(candidates[0]) as acquired:
+        with root_lock(candidates[0]) as acquired:
             if not acquired:
                 raise SafetyRefusal(f"refusing to restore into {candidates[0]}: {BUSY}")
             restored = trash.restore(candidates[0], args.name)
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         for root in roots:
             root_path = os.path.realpath(root.path)
-            with trash.root_lock(root_path) as acquired:
+            with root_lock(root_path) as acquired:
                 if not acquired:
                     print(f"ckptd trash: refusing to purge {root_path}: {BUSY}", file=sys.stderr)
                     busy = True

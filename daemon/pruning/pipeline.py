@@ -24,7 +24,8 @@ from daemon.history.log import NULL_HISTORY, History
 from daemon.planner import plan_root
 from daemon.pruning import deleter, trash
 from daemon.pruning.deleter import ApplyResult
-from daemon.pruning.trash import LOCK_FILE, PurgeResult, root_lock
+from daemon.pruning.lock import LOCK_FILE, root_lock
+from daemon.pruning.trash import PurgeResult
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from policies.model import Checkpoint, Decision, Plan, PolicySpec

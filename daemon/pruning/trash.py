@@ -23,20 +23,19 @@ where the filesystem offers it, else with `os`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import stat as stat_module
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
 from daemon.history.events import TrashPurge
 from daemon.history.log import NULL_HISTORY, History
+from daemon.pruning.lock import root_lock
 
 JOURNAL = ".ckptd-entry.json"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,34 +67,6 @@ class PurgeResult:
 
 def trash_path(root_path: str) -> str:
     return os.path.join(root_path, TRASH_DIRECTORY)
-
-
-@contextlib.contextmanager
-def root_lock(root_path: str) -> Iterator[bool]:
-    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
-
-    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon, a `ckptd prune` typed by
-    hand and whatever else changes the trash (the disk check emptying it, `ckptd trash`) never
-    work on the same root at once — recovering a half-moved item while a prune is still moving
-    it would remove what the prune moves in next. Where the lock file cannot be made (a
-    read-only filesystem) nothing can be deleted either, so the run goes on without it.
-    """
-    folder = trash_path(root_path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    except OSError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(descriptor)
 
 
 def parse_item_name(item: str) -> tuple[str, float] | None:
