@@ -21,22 +21,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from daemon.commands.plan import select_roots
-from daemon.config import Config
+from daemon.commands._common import history_path_for, select_roots
+from daemon.config import Config, RootConfig
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
-from daemon.history.log import HistoryLog, default_history_path
+from daemon.history.log import HistoryLog
 from daemon.pruning.pipeline import PruneReport, prune_root
 from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
 
 # Deleting fewer than this finishes before a progress bar would be worth drawing.
 PROGRESS_AT = 5
-
-
-def history_for(config: Config, root_argument: str | None, config_argument: str | None) -> str:
-    """Given the selected config and the arguments, return the history file to append to."""
-    if root_argument is not None and config_argument is None:
-        return default_history_path()
-    return config.history_path
 
 
 def report_to_json(report: PruneReport) -> dict[str, Any]:
@@ -119,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
             "pass -y to confirm (or --dry-run to see the plan)"
         )
     config, roots = select_roots(args.root, args.config)
-    history = HistoryLog(history_for(config, args.root, args.config))
+    history = HistoryLog(history_path_for(config, args.root, args.config))
     console = make_console()
     documents: list[dict[str, Any]] = []
     exit_code = EXIT_OK
@@ -149,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _prune_one(
     config: Config,
-    root: Any,
+    root: RootConfig,
     args: argparse.Namespace,
     history: HistoryLog,
     console: Console,
