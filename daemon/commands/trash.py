@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         rows: list[dict[str, str | float | int]] = []
         for root in roots:
             root_path = os.path.realpath(root.path)
-            grace = float(settings_for(config, root)["trash_grace"])
+            grace = settings_for(config, root).trash_grace
             for item in trash.list_trash(root_path):
                 rows.append(
                     {

@@ -111,7 +111,7 @@ def _prune_unlocked(
     if not os.path.isdir(root_path):
         raise UsageError(f"{root.path}: not a folder")
     settings = settings_for(config, root)
-    grace = float(settings["trash_grace"])
+    grace = settings.trash_grace
     spec = policy_override or policy_for(config, root)
     policy = _policy_record(spec)
 
@@ -129,9 +129,9 @@ def _prune_unlocked(
         trainer_cmdline=root.trainer.cmdline,
     )
     safety_settings = guard.SafetySettings(
-        min_keep=int(settings["min_keep"]),
-        max_delete_fraction=float(settings["max_delete_fraction"]),
-        settle_seconds=float(settings["settle_seconds"]),
+        min_keep=settings.min_keep,
+        max_delete_fraction=settings.max_delete_fraction,
+        settle_seconds=settings.settle_seconds,
         force=force,
     )
     extra: dict[str, object] = {
