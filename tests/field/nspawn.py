@@ -7,8 +7,10 @@ root, a kernel that cannot boot systemd in a container) ends in `pytest.skip` wi
 
 Why these nspawn options: `--register=no` needs no systemd-machined on the host, and
 `--keep-unit` asks for no scope unit from the host's systemd (there may be none: the test VM
-runs another PID 1). The container shares the host's network, but nothing in it uses it: ckptd
-and its dependencies are installed from wheels the host prepared.
+runs another PID 1). On the development VM (cgroup v1 with a v2 `unified` mount beside it, the
+hybrid layout) systemd 252 boots so without further settings. The container shares the host's
+network, but nothing in it uses it: ckptd and its dependencies are installed from wheels the
+host prepared.
 """
 
 from __future__ import annotations
