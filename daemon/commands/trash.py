@@ -66,7 +66,7 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
     rows: list[dict[str, Any]] = []
     for root in selected.roots:
         root_path = os.path.realpath(root.path)
-        grace = float(settings_for(selected.config, root)["trash_grace"])
+        grace = settings_for(selected.config, root).trash_grace
         for item in trash.list_trash(root_path):
             rows.append(
                 {

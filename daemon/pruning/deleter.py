@@ -3,12 +3,12 @@
 Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_delete.py):
 
 1. **Move.** One pass over the processes looks for holders of the checkpoints about to go
-   (`proc_facts.recheck`), then each unheld checkpoint is renamed into the trash
+   (`safety.facts.recheck`), then each unheld checkpoint is renamed into the trash
    (`daemon.pruning.trash`: one atomic rename per entry; several entries are journalled and
-   rolled back). Renames take
-   microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
-   again, so no checkpoint is renamed more than that long after its last check. Any holder
-   vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is honoured between renames.
+   rolled back). Renames take microseconds; if this phase runs longer than `RECHECK_SECONDS`
+   the processes are looked at again, so no checkpoint is renamed more than that long after
+   its last check. Any holder vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is
+   honoured between renames.
    After the renames one more look at the trash items catches a file opened between a check
    and its rename (after the rename nobody can open it by its old path): that checkpoint is
    renamed back, vetoed.

@@ -170,12 +170,12 @@ def _job_for(
         fs=fs,
         cache=cache,
         safety=guard.SafetySettings(
-            min_keep=int(settings["min_keep"]),
-            max_delete_fraction=float(settings["max_delete_fraction"]),
-            settle_seconds=float(settings["settle_seconds"]),
+            min_keep=settings.min_keep,
+            max_delete_fraction=settings.max_delete_fraction,
+            settle_seconds=settings.settle_seconds,
             force=force,
         ),
-        grace=float(settings["trash_grace"]),
+        grace=settings.trash_grace,
         policy=dataclasses.asdict(spec),
     )
 

@@ -375,9 +375,7 @@ class Service:
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
         if self.config.prune.on_new_checkpoint:
-            settle = (
-                float(settings_for(self.config, root)["settle_seconds"]) + SETTLE_MARGIN_SECONDS
-            )
+            settle = settings_for(self.config, root).settle_seconds + SETTLE_MARGIN_SECONDS
             now = time.monotonic()
             since = self.pending_since.setdefault(event.root, now)
             self.pending[event.root] = min(now + settle, since + MAX_DEFER_SETTLES * settle)
@@ -496,7 +494,7 @@ class Service:
         key = os.path.abspath(root.path)
         attempt = self.attempts.get(key, 0) + 1
         self.attempts[key] = attempt
-        settle = float(settings_for(self.config, root)["settle_seconds"])
+        settle = settings_for(self.config, root).settle_seconds
         delay = min(MAX_RETRY_SECONDS, max(settle, 0.5), 0.5 * 2 ** (attempt - 1))
         deadline = time.monotonic() + delay
         # A newer event's deadline stands if it is sooner.
