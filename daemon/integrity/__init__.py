@@ -1,0 +1,1 @@
+"""Integrity checks of checkpoints without the frameworks (see `daemon/integrity/check.py`)."""
