@@ -130,6 +130,14 @@ def _check_files(context: Context, layout: str) -> None:
     shard_tensors: dict[str, frozenset[str] | None] = {}
     torch_objects: dict[str, Any] = {}
     indexes: list[str] = []
+    for path, entry in sorted(files.entries.items()):
+        # A loader would follow the link, or block on the FIFO: ckptd vouches for neither.
+        if entry.kind == "symlink":
+            context.findings.skip(path, "a symbolic link (not followed)")
+        elif entry.kind == "other" and _is_checked_format(path):
+            context.findings.problem(path, "not a regular file")
+        elif entry.kind == "other":
+            context.findings.skip(path, "not a regular file")
     for path in paths:
         context.options.check_stop()
         _check_one(context, path, layout, shard_tensors, torch_objects, indexes)
@@ -170,6 +178,16 @@ def _check_one(
         tfindex.check_bundle(context, path)
     elif orbax.is_ocdbt_candidate(path, context.deep):
         orbax.check_ocdbt_file(context, path)
+
+
+def _is_checked_format(path: str) -> bool:
+    name = path.rpartition("/")[2]
+    return (
+        name.endswith((".safetensors", ".json", ".index", ".distcp", ".bin"))
+        or torchzip.is_torch_name(name)
+        or dcp.is_metadata(name)
+        or orbax.is_orbax_json(path)
+    )
 
 
 def _check_torch(
