@@ -33,8 +33,10 @@ from typing import Any
 
 from daemon.integrity import dcp, deepspeed, orbax, safetensors, tfindex, torchzip, trackers
 from daemon.integrity.files import (
+    Changed,
     CheckpointFiles,
     Context,
+    Damaged,
     DeepOptions,
     Findings,
     Stopped,
@@ -64,15 +66,15 @@ def check_checkpoint(
     `stopped`); `progress` is told the number of bytes verified after each chunk."""
     descriptor, owned = open_root(root)
     try:
-        files = _files_of(descriptor, checkpoint_name, layout)
         findings = Findings()
-        if files is None:
-            findings.skip(checkpoint_name, "not found (or a symbolic link, not followed)")
-            return _result(checkpoint_name, layout, findings, Signature(), deep)
         try:
+            files = _files_of(descriptor, checkpoint_name, layout)
+            if files is None:
+                findings.skip(checkpoint_name, "not found (or a symbolic link, not followed)")
+                return _result(checkpoint_name, layout, findings, Signature(), deep)
             before = files.walk()
-        except Exception as failure:  # Changed / Unreadable from opening the folder
-            findings.record_failure(checkpoint_name, failure)
+        except _WALK_FAILURES as failure:
+            findings.record_failure(checkpoint_name, _as_finding(failure))
             return _result(checkpoint_name, layout, findings, Signature(), deep)
         if files.truncated:
             findings.skip(checkpoint_name, "more entries than ckptd walks")
@@ -90,10 +92,37 @@ def check_checkpoint(
             os.close(descriptor)
 
 
+def signature_of(
+    root: int | str | os.PathLike[str], checkpoint_name: str, layout: str
+) -> Signature:
+    """Given a root, a checkpoint name and its layout, return the checkpoint's signature now (one
+    walk, no file read): what a cached result must match to be reused. Empty when there is no
+    such checkpoint or it cannot be walked."""
+    descriptor, owned = open_root(root)
+    try:
+        try:
+            files = _files_of(descriptor, checkpoint_name, layout)
+            return files.walk() if files is not None else Signature()
+        except _WALK_FAILURES:
+            return Signature()
+    finally:
+        if owned:
+            os.close(descriptor)
+
+
+_WALK_FAILURES = (Changed, Unreadable, Damaged, OSError)
+
+
+def _as_finding(failure: Exception) -> Exception:
+    if isinstance(failure, (Changed, Unreadable, Damaged)):
+        return failure
+    return Unreadable(f"cannot be walked: {getattr(failure, 'strerror', failure)}")
+
+
 def _rewalk(files: CheckpointFiles) -> Signature | None:
     try:
         return files.walk()
-    except Exception:  # vanished or became unreadable: not the signature checked
+    except _WALK_FAILURES:  # vanished or became unreadable: not the signature checked
         return None
 
 
@@ -196,9 +225,7 @@ def _check_torch(
     found: torchzip.TorchFile | None = None
     try:
         found = torchzip.check_file(context, path, required=required)
-    except Stopped:
-        raise
-    except Exception as failure:  # opening it failed: Unreadable, Changed, Damaged
+    except (Changed, Unreadable, Damaged) as failure:  # opening it failed
         context.findings.record_failure(path, failure)
     if found is not None:
         torch_objects[path] = found.obj
