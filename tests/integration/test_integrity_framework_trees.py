@@ -54,11 +54,11 @@ def _lay_out(document: dict[str, Any], destination: Path) -> set[str]:
     for entry in document["entries"]:
         if entry["type"] != "file":
             continue
-        if "content" in entry or "content_b64" in entry:
-            real.add(entry["path"])
-        elif "safetensors_header" in entry and _restore_safetensors(
+        recorded = "content" in entry or "content_b64" in entry
+        restored = "safetensors_header" in entry and _restore_safetensors(
             destination / entry["path"], entry["safetensors_header"], int(entry["size"])
-        ):
+        )
+        if recorded or restored:
             real.add(entry["path"])
     return real
 
