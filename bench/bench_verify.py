@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.integrity.check import check_checkpoint  # noqa: E402
+from daemon.integrity.check import check_checkpoint
 
 CHEAP_TARGET_MS = 50.0
 DEEP_RATIO_TARGET = 0.8
