@@ -2,15 +2,13 @@
 
 The standard library only has CRC-32 (zlib's polynomial, used by zip). CRC-32C here is pure
 Python, slicing-by-8 over 64-bit words: about 20 MB/s on the benchmark machine, fine for
-indexes and manifests (kilobytes) and acceptable for a deep pass at idle priority. Where the
-`google_crc32c` or `crc32c` package happens to be installed, its C implementation is used.
+indexes and manifests (kilobytes) and acceptable for a deep pass at idle priority (TensorFlow
+tensor data is the one large thing it reads).
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-from collections.abc import Callable
 
 _POLYNOMIAL = 0x82F63B78  # reflected 0x1EDC6F41
 _MASK_DELTA = 0xA282EAD8
@@ -65,28 +63,8 @@ def _pure_extend(crc: int, data: bytes | bytearray | memoryview) -> int:
     return value ^ 0xFFFFFFFF
 
 
-def _accelerated() -> Callable[[int, bytes | bytearray | memoryview], int] | None:
-    for name, attribute in (("google_crc32c", "extend"), ("crc32c", "crc32c")):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        function = getattr(module, attribute, None)
-        if function is None:
-            continue
-        if name == "google_crc32c":
-            return lambda crc, data: int(function(crc, bytes(data)))
-        return lambda crc, data: int(function(bytes(data), crc))
-    return None
-
-
-_FAST = _accelerated()
-
-
 def crc32c_extend(crc: int, data: bytes | bytearray | memoryview) -> int:
     """Given a CRC-32C so far (0 to start) and more bytes, return the CRC-32C of all of them."""
-    if _FAST is not None:
-        return _FAST(crc, data)
     return _pure_extend(crc, data)
 
 
