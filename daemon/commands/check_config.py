@@ -10,6 +10,7 @@ import argparse
 import sys
 from datetime import datetime
 
+from daemon.clock import local_text, zone_for
 from daemon.config import (
     Config,
     PolicyConfig,
@@ -60,11 +61,12 @@ def _preset_note(policy: PolicyConfig | None) -> str:
 
 
 def _next_prune(config: Config, now: datetime) -> str:
-    from apscheduler.triggers.cron import CronTrigger
+    """Given a valid config and the time, return when the daemon's next weekly prune runs."""
+    from daemon.service.scheduler import prune_trigger
 
-    trigger = CronTrigger.from_crontab(config.prune.schedule, timezone=config.timezone)
-    upcoming = trigger.get_next_fire_time(None, now.astimezone(trigger.timezone))
-    return upcoming.strftime("%Y-%m-%d %H:%M %Z") if upcoming is not None else "never"
+    zone = zone_for(config)
+    upcoming = prune_trigger(config, zone).get_next_fire_time(None, now.astimezone(zone))
+    return local_text(upcoming, zone) if upcoming is not None else "never"
 
 
 def _root_lines(config: Config, root: RootConfig) -> list[str]:

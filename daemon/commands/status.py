@@ -17,11 +17,13 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from daemon.clock import local_text, utc_iso, zone_for
 from daemon.config import Config, RootConfig, load_config, policy_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
 from daemon.render import format_bytes
-from daemon.snapshots.daily import existing_snapshot_dates, next_snapshot_time, zone_for
+from daemon.snapshots.execute import existing_snapshot_dates
+from daemon.snapshots.schedule import next_snapshot_time
 from daemon.state import read_state
 from policies.model import Plan
 
@@ -170,7 +172,7 @@ def collect_status(
         root: filesystem["free_bytes"] for filesystem in filesystems for root in filesystem["roots"]
     }
     return {
-        "time": datetime.fromtimestamp(now, UTC).isoformat(),
+        "time": utc_iso(now, timespec="auto"),
         "roots": [
             root_status(
                 config,
@@ -205,7 +207,7 @@ def _moment(value: Any, zone: tzinfo) -> str:
         return str(text)
     if moment.tzinfo is None:
         return str(text)
-    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    return local_text(moment, zone)
 
 
 def _details(record: Any) -> str:
