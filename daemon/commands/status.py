@@ -21,6 +21,8 @@ from daemon.clock import local_text, utc_iso, zone_for
 from daemon.config import Config, RootConfig, load_config, policy_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
+from daemon.disk.forecast import forecast_growth, observed_cadence
+from daemon.disk.mounts import mount_point
 from daemon.render import format_bytes
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import next_snapshot_time
@@ -53,10 +55,10 @@ def root_status(
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
-    saves_per_day, checkpoint_bytes = pressure.observed_cadence(
+    saves_per_day, checkpoint_bytes = observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
-    forecast = pressure.forecast_growth(
+    growth = forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
         checkpoint_bytes=checkpoint_bytes,
@@ -81,7 +83,7 @@ def root_status(
         "incomplete": incomplete,
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
-        "forecast": forecast.to_dict(),
+        "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
     }
 
@@ -121,7 +123,7 @@ def filesystem_status(config: Config) -> list[dict[str, Any]]:
         usage = pressure.measure(roots[0].path)
         result.append(
             {
-                "mount": pressure.mount_point(roots[0].path),
+                "mount": mount_point(roots[0].path),
                 "roots": [root.path for root in roots],
                 "total_bytes": usage.total,
                 "used_bytes": usage.used,
