@@ -59,13 +59,18 @@ def zone_for(config: Config) -> tzinfo:
     return resolve_zone(config.timezone)
 
 
-def utc_iso(epoch_seconds: float, *, timespec: TimeSpec = "milliseconds") -> str:
-    """Given seconds since the epoch, return the UTC ISO 8601 time with `+00:00`.
+def utc_iso(moment: float | datetime, *, timespec: TimeSpec = "milliseconds") -> str:
+    """Given seconds since the epoch (or an aware datetime), return the UTC ISO 8601 time with
+    `+00:00`.
 
     `milliseconds` (the history's records), `seconds` (the daemon's state file), `auto`
-    (`isoformat()`'s own: microseconds only when there are any; `--json` documents).
+    (`isoformat()`'s own: microseconds only when there are any; `--json` documents, manifests).
     """
-    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec=timespec)
+    if isinstance(moment, datetime):
+        if moment.tzinfo is None:
+            raise ValueError("a naive datetime has no place in time: give an aware one")
+        return moment.astimezone(UTC).isoformat(timespec=timespec)
+    return datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec=timespec)
 
 
 def local_text(moment: datetime, zone: tzinfo) -> str:

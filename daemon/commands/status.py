@@ -150,10 +150,9 @@ def schedule_status(config: Config, *, now: float) -> dict[str, Any]:
     upcoming = dict(state.get("next") or {}) if running else {}
     if config.snapshots.enabled and "snapshot" not in upcoming:
         moment = datetime.fromtimestamp(now, UTC)
-        upcoming["snapshot"] = (
-            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates)
-            .astimezone(UTC)
-            .isoformat()
+        upcoming["snapshot"] = utc_iso(
+            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates),
+            timespec="auto",
         )
     return {
         "daemon_running": running,

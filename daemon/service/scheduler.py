@@ -25,7 +25,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from daemon.clock import zone_for
+from daemon.clock import utc_iso, zone_for
 from daemon.config import Config
 from daemon.logs import get_logger
 
@@ -169,7 +169,7 @@ class Schedule:
         for job in self.scheduler.get_jobs():
             next_run = getattr(job, "next_run_time", None)
             if next_run is not None:
-                times[job.id] = next_run.astimezone(dt.UTC).isoformat()
+                times[job.id] = utc_iso(next_run, timespec="auto")
         return times
 
     def shutdown(self, *, wait: bool = False) -> None:

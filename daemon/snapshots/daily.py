@@ -14,10 +14,10 @@ import threading
 import time as time_module
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
 
-from daemon.clock import zone_for
+from daemon.clock import utc_iso, zone_for
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
 from daemon.disk.pressure import write_history
@@ -226,7 +226,11 @@ def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> Snap
             between_files=options.between_files,
             hash_shared=options.hash_shared,
             hash_copies=options.hash_copies,
-            header={"date": today, "created": datetime.now(UTC).isoformat(), "method": requested},
+            header={
+                "date": today,
+                "created": utc_iso(time_module.time(), timespec="auto"),
+                "method": requested,
+            },
         )
         commit(directory, temporary, final)
     except Stopped:
@@ -285,6 +289,11 @@ def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> Snap
         errors=snapshot_plan.errors,
         seconds=seconds,
     )
+
+
+def _created() -> str:
+    """Return the manifest's `created`: now, in UTC, to the microsecond."""
+    return utc_iso(time_module.time(), timespec="auto")
 
 
 def _remove_old(job: _Job) -> list[str]:

@@ -80,6 +80,11 @@ def test_utc_iso_writes_each_precision_as_the_records_always_had_it() -> None:
     assert clock.utc_iso(moment, timespec="seconds") == "2026-05-28T20:26:40+00:00"  # state
     assert clock.utc_iso(moment, timespec="auto") == "2026-05-28T20:26:40.250000+00:00"
     assert clock.utc_iso(1_780_000_000, timespec="auto") == "2026-05-28T20:26:40+00:00"
+    # An aware datetime in any zone: the same instant, written in UTC.
+    summer = datetime(2026, 7, 15, 3, 0, tzinfo=BERLIN)
+    assert clock.utc_iso(summer, timespec="auto") == "2026-07-15T01:00:00+00:00"
+    with pytest.raises(ValueError, match="naive"):
+        clock.utc_iso(datetime(2026, 7, 15, 3, 0))
 
 
 def test_local_text_names_the_zone_of_that_day() -> None:
