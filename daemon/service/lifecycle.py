@@ -34,6 +34,7 @@ from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.fsio import TRASH_DIRECTORY
+from daemon.history.log import NULL_HISTORY
 from daemon.logs import configure_logging, get_logger
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
@@ -548,7 +549,7 @@ class Service:
             return HistoryLog(config.history_path)
         except OSError as error:
             log.warning("history_unavailable", path=config.history_path, error=str(error))
-            return None
+            return NULL_HISTORY
 
     def _write_state(self, **keys: Any) -> None:
         try:

@@ -20,8 +20,13 @@ from typing import Any, Literal
 from daemon.clock import utc_iso, zone_for
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
-from daemon.disk.pressure import write_history
-from daemon.history.log import HistoryLog
+from daemon.history.events import (
+    SnapshotFailed,
+    SnapshotRemoved,
+    SnapshotSkipped,
+    SnapshotTaken,
+)
+from daemon.history.log import History
 from daemon.snapshots import copying
 from daemon.snapshots.execute import (
     Stopped,
@@ -44,7 +49,6 @@ from daemon.snapshots.schedule import snapshot_due, temporary_name
 from policies.model import Plan
 
 Status = Literal["done", "exists", "not_due", "skipped", "failed", "stopped", "disabled"]
-Record = Callable[..., None]
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class _Job:
     directory: str
     requested: copying.Requested
     started: float
-    record: Record
+    history: History
 
 
 def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
@@ -106,7 +110,7 @@ def run_daily_snapshot(
     config: Config,
     *,
     now: datetime,
-    history: HistoryLog | None,
+    history: History,
     stop: threading.Event | None = None,
     plan: PlanFunction | None = None,
     method: copying.Requested | None = None,
@@ -127,15 +131,11 @@ def run_daily_snapshot(
     started = time_module.monotonic()
     settings = config.snapshots
     today = now.astimezone(zone_for(config)).date().isoformat()
-
-    def record(event: str, **fields: Any) -> None:
-        write_history(history, event, date=today, **fields)
-
-    early = _not_taken(config, now, today, record, force=force)
+    early = _not_taken(config, now, today, history, force=force)
     if early is not None:
         return early
     assert settings.dir is not None
-    job = _Job(config, today, settings.dir, method or settings.method, started, record)
+    job = _Job(config, today, settings.dir, method or settings.method, started, history)
     with contextlib.suppress(OSError):
         clean_leftovers(job.directory)
     checked = _checked_plan(job, now=now, plan=plan or _default_plan)
@@ -146,7 +146,7 @@ def run_daily_snapshot(
 
 
 def _not_taken(
-    config: Config, now: datetime, today: str, record: Record, *, force: bool
+    config: Config, now: datetime, today: str, history: History, *, force: bool
 ) -> SnapshotReport | None:
     """Given the job's start, return the report when today's snapshot is not to be taken now
     (off, nowhere to put it, taken already, not due yet), else None."""
@@ -155,7 +155,7 @@ def _not_taken(
         return SnapshotReport(date=today, status="disabled", reason="snapshots.enabled is false")
     if settings.dir is None:
         reason = "snapshots.dir is not set"
-        record("snapshot_skipped", reason=reason)
+        history.record(SnapshotSkipped(date=today, reason=reason))
         return SnapshotReport(date=today, status="skipped", reason=reason)
     directory = settings.dir
     final = os.path.join(directory, today)
@@ -172,13 +172,13 @@ def _not_taken(
 def _checked_plan(job: _Job, *, now: datetime, plan: PlanFunction) -> SnapshotPlan | SnapshotReport:
     """Given the job, return the snapshot's plan, or the report of why it is not taken (the
     plan cannot be made, holds nothing, or would fill the disk)."""
-    record, today, requested = job.record, job.today, job.requested
+    history, today, requested = job.history, job.today, job.requested
     try:
         snapshot_plan = build_snapshot_plan(
             job.config, now=now.timestamp(), plan=plan, method=requested
         )
     except (SnapshotError, OSError) as error:
-        record("snapshot_failed", reason=str(error), method=requested)
+        history.record(SnapshotFailed(date=today, reason=str(error), method=requested))
         return SnapshotReport(
             date=today,
             status="failed",
@@ -188,17 +188,21 @@ def _checked_plan(job: _Job, *, now: datetime, plan: PlanFunction) -> SnapshotPl
         )
     if not snapshot_plan.items:
         reason = "no complete checkpoint to snapshot"
-        record("snapshot_skipped", reason=reason, errors=list(snapshot_plan.errors))
+        history.record(
+            SnapshotSkipped(date=today, reason=reason, errors=tuple(snapshot_plan.errors))
+        )
         return SnapshotReport(
             date=today, status="skipped", reason=reason, errors=snapshot_plan.errors
         )
     too_big = would_pass_critical(job.config, job.directory, snapshot_plan.bytes_to_write)
     if too_big is not None:
-        record(
-            "snapshot_skipped",
-            reason=too_big,
-            bytes_to_write=snapshot_plan.bytes_to_write,
-            checkpoints=list(snapshot_plan.checkpoints),
+        history.record(
+            SnapshotSkipped(
+                date=today,
+                reason=too_big,
+                bytes_to_write=snapshot_plan.bytes_to_write,
+                checkpoints=tuple(snapshot_plan.checkpoints),
+            )
         )
         return SnapshotReport(
             date=today,
@@ -214,7 +218,7 @@ def _checked_plan(job: _Job, *, now: datetime, plan: PlanFunction) -> SnapshotPl
 def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> SnapshotReport:
     """Given the job and its checked plan, write the snapshot under its date, remove dates past
     `keep`, and report; a failure leaves nothing under the date name."""
-    record, today, requested, directory = job.record, job.today, job.requested, job.directory
+    history, today, requested, directory = job.history, job.today, job.requested, job.directory
     final = os.path.join(directory, today)
     temporary = os.path.join(directory, temporary_name(today, os.getpid()))
     try:
@@ -235,7 +239,7 @@ def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> Snap
         commit(directory, temporary, final)
     except Stopped:
         abandon(directory, temporary)
-        record("snapshot_failed", reason="stopped (shutting down)")
+        history.record(SnapshotFailed(date=today, reason="stopped (shutting down)"))
         return SnapshotReport(
             date=today,
             status="stopped",
@@ -246,11 +250,13 @@ def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> Snap
     except Exception as error:  # a failed snapshot must never take the daemon down
         abandon(directory, temporary)
         reason = describe_failure(error)
-        record(
-            "snapshot_failed",
-            reason=reason,
-            method=requested,
-            checkpoints=list(snapshot_plan.checkpoints),
+        history.record(
+            SnapshotFailed(
+                date=today,
+                reason=reason,
+                method=requested,
+                checkpoints=tuple(snapshot_plan.checkpoints),
+            )
         )
         return SnapshotReport(
             date=today,
@@ -263,16 +269,18 @@ def _take(job: _Job, snapshot_plan: SnapshotPlan, options: WriteOptions) -> Snap
         )
     by_method = written.by_method
     seconds = time_module.monotonic() - job.started
-    record(
-        "snapshot",
-        path=final,
-        method=requested,
-        checkpoints=list(snapshot_plan.checkpoints),
-        files=sum(by_method.values()),
-        bytes=snapshot_plan.bytes_total,
-        bytes_written=written.bytes_written,
-        by_method=by_method,
-        seconds=round(seconds, 3),
+    history.record(
+        SnapshotTaken(
+            date=today,
+            path=final,
+            method=requested,
+            checkpoints=tuple(snapshot_plan.checkpoints),
+            files=sum(by_method.values()),
+            bytes=snapshot_plan.bytes_total,
+            bytes_written=written.bytes_written,
+            by_method=by_method,
+            seconds=round(seconds, 3),
+        )
     )
     removed = _remove_old(job)
     return SnapshotReport(
@@ -298,12 +306,14 @@ def _created() -> str:
 
 def _remove_old(job: _Job) -> list[str]:
     """Given a job that took its snapshot, remove the dates past `keep` and return them."""
-    record, settings = job.record, job.config.snapshots
+    history, settings, today = job.history, job.config.snapshots, job.today
     removed: list[str] = []
     try:
         removed = remove_old_snapshots(job.directory, settings.keep)
     except OSError as error:
-        record("snapshot_failed", reason=f"removing old snapshots: {describe_failure(error)}")
+        history.record(
+            SnapshotFailed(date=today, reason=f"removing old snapshots: {describe_failure(error)}")
+        )
     for name in removed:
-        record("snapshot_removed", removed=name, keep=settings.keep)
+        history.record(SnapshotRemoved(date=today, removed=name, keep=settings.keep))
     return removed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.snapshots import daily, verify
 from daemon.snapshots.plan import FileItem
 
@@ -59,9 +59,7 @@ def make_config(roots: list[Path], snapshot_dir: Path, **snapshot_settings: obje
     )
 
 
-def run(
-    config: Config, history: HistoryLog | None = None, **options: object
-) -> daily.SnapshotReport:
+def run(config: Config, history: History = NULL_HISTORY, **options: object) -> daily.SnapshotReport:
     return daily.run_daily_snapshot(
         config,
         now=NOW,
@@ -124,10 +122,12 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
 
 def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", at="04:00")
-    early = daily.run_daily_snapshot(config, now=NOW, history=None)
+    early = daily.run_daily_snapshot(config, now=NOW, history=NULL_HISTORY)
     assert early.status == "not_due" and early.ok
     assert not (tmp_path / "snaps" / "2026-06-01").exists()
-    by_hand = daily.run_daily_snapshot(config, now=NOW, history=None, force=True, method="copy")
+    by_hand = daily.run_daily_snapshot(
+        config, now=NOW, history=NULL_HISTORY, force=True, method="copy"
+    )
     assert by_hand.status == "done"
 
 
@@ -155,9 +155,9 @@ def test_with_the_machines_zone_the_snapshot_runs_at_03_00_local_in_summer_and_w
     config = make_config([root], tmp_path / "snaps").model_copy(update={"timezone": None})
     at = datetime.fromisoformat(three)
     day = three[:10]
-    early = daily.run_daily_snapshot(config, now=at - timedelta(minutes=1), history=None)
+    early = daily.run_daily_snapshot(config, now=at - timedelta(minutes=1), history=NULL_HISTORY)
     assert early.status == "not_due" and early.date == day
-    on_time = daily.run_daily_snapshot(config, now=at, history=None, method="copy")
+    on_time = daily.run_daily_snapshot(config, now=at, history=NULL_HISTORY, method="copy")
     assert on_time.status == "done" and on_time.date == day
     assert (tmp_path / "snaps" / day / "run-a" / "checkpoint-300").is_dir()
 
