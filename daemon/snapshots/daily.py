@@ -14,7 +14,7 @@ import threading
 import time as time_module
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any, Literal
 
 from daemon.clock import utc_iso, zone_for
@@ -130,8 +130,9 @@ def run_daily_snapshot(
     """
     started = time_module.monotonic()
     settings = config.snapshots
-    today = now.astimezone(zone_for(config)).date().isoformat()
-    early = _not_taken(config, now, today, history, force=force)
+    zone = zone_for(config)  # once: the machine's zone is read from its settings
+    today = now.astimezone(zone).date().isoformat()
+    early = _not_taken(config, now, zone, history, force=force)
     if early is not None:
         return early
     assert settings.dir is not None
@@ -146,11 +147,12 @@ def run_daily_snapshot(
 
 
 def _not_taken(
-    config: Config, now: datetime, today: str, history: History, *, force: bool
+    config: Config, now: datetime, zone: tzinfo, history: History, *, force: bool
 ) -> SnapshotReport | None:
     """Given the job's start, return the report when today's snapshot is not to be taken now
     (off, nowhere to put it, taken already, not due yet), else None."""
     settings = config.snapshots
+    today = now.astimezone(zone).date().isoformat()
     if not settings.enabled and not force:
         return SnapshotReport(date=today, status="disabled", reason="snapshots.enabled is false")
     if settings.dir is None:
@@ -161,7 +163,7 @@ def _not_taken(
     final = os.path.join(directory, today)
     if os.path.lexists(final):
         return SnapshotReport(date=today, status="exists", path=final, reason="already taken")
-    if not force and snapshot_due(now, settings.at, zone_for(config), []) is None:
+    if not force and snapshot_due(now, settings.at, zone, []) is None:
         # Start-up before today's `at`: the scheduled run will take it.
         return SnapshotReport(
             date=today, status="not_due", reason=f"today's snapshot runs at {settings.at}"
