@@ -256,7 +256,8 @@ def _locate(handle: FileHandle, members: list[Member], directory_at: int) -> lis
             )
         )
     ordered = sorted(located, key=lambda member: member.header_offset)
-    for current, following in zip(ordered, [*ordered[1:], None], strict=True):
+    # An empty archive (only its end record) has nothing to order: [None] would outnumber it.
+    for current, following in zip(ordered, [*ordered[1:], None][: len(ordered)], strict=True):
         limit = following.header_offset if following is not None else directory_at
         if current.data_offset + current.compressed > limit:
             raise Damaged(
