@@ -155,6 +155,28 @@ GOLDEN: dict[str, str] = {
         '"command":"/nonexistent/alert-command --now","level":"critical",'
         '"error":"[Errno 2] No such file or directory: \'/nonexistent/alert-command\'"}'
     ),
+    "integrity_corrupt": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"integrity_corrupt","root":"/data/run",'
+        '"checkpoint":"checkpoint-300","problems":["model.safetensors: the header says 4000 '
+        'bytes of tensor data, the file holds 1000"],"deep":false}'
+    ),
+    "user_test": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"user_test","root":"/data/run",'
+        '"checkpoint":"checkpoint-300","command":["python3","test_model.py","--model",'
+        '"/data/run/checkpoint-300"],"verdict":"failed","exit_code":3,"seconds":1.5,'
+        '"last_lines":["loading /data/run/checkpoint-300","accuracy 0.12 < 0.5"],"error":null}'
+    ),
+    "user_test_timed_out": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"user_test","root":"/data/run",'
+        '"checkpoint":"checkpoint-300","command":["python3","test_model.py","--model",'
+        '"/data/run/checkpoint-300"],"verdict":"failed","exit_code":null,"seconds":3600.0,'
+        '"last_lines":["epoch 1/100"],"error":"timed out after 3600 s"}'
+    ),
+    "hold_expired": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"hold_expired","root":"/data/run",'
+        '"checkpoint":"checkpoint-300","holder":"eval-sweep","until":"2026-12-24T00:00:00+01:00",'
+        '"reason":"eval sweep v3"}'
+    ),
 }
 
 # Every event name written to the history, and the module that writes it.
@@ -176,6 +198,9 @@ EVENT_NAMES = (
     "emergency_prune",
     "disk_recovered",
     "alert",
+    "integrity_corrupt",
+    "user_test",
+    "hold_expired",
 )
 
 

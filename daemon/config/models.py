@@ -7,6 +7,8 @@ specific setting wins (series, then root, then `defaults`).
 from __future__ import annotations
 
 import re
+import shlex
+import string
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -150,10 +152,16 @@ class SnapshotsConfig(StrictModel):
     @field_validator("at")
     @classmethod
     def _clock_time(cls, value: str) -> str:
-        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
-        if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
-            raise ValueError(f'{value!r} is not a time of day such as "03:00"')
-        return f"{int(match.group(1)):02d}:{match.group(2)}"
+        return clock_time(value)
+
+
+def clock_time(value: str) -> str:
+    """Given a time of day as written (`3:00`, `03:00`), return it as `HH:MM`; raise ValueError
+    for anything else."""
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
+    if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+        raise ValueError(f'{value!r} is not a time of day such as "03:00"')
+    return f"{int(match.group(1)):02d}:{match.group(2)}"
 
 
 class DiskConfig(StrictModel):
@@ -163,6 +171,43 @@ class DiskConfig(StrictModel):
     min_free: Size | None = None
     emergency: PolicyConfig = Field(default_factory=lambda: PolicyConfig(preset="aggressive"))
     alert: str | None = None
+
+
+# The placeholders `verify.command` may use; each becomes one argument (no shell is involved).
+VERIFY_PLACEHOLDERS = ("path", "root", "name", "step")
+
+
+class VerifyConfig(StrictModel):
+    """Integrity checks of each new checkpoint, and the user's own test of the newest one."""
+
+    checks: StrictBool = True
+    deep: StrictBool = True
+    command: str | None = None
+    at: str = "05:00"
+    timeout: Duration = Field(default=3600.0, gt=0)
+
+    @field_validator("at")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        return clock_time(value)
+
+    @field_validator("command")
+    @classmethod
+    def _command_splits(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            words = shlex.split(value)
+        except ValueError as error:
+            raise ValueError(f"not a command line: {error}") from None
+        if not words:
+            raise ValueError("an empty command")
+        for word in words:
+            for _, field, _, _ in string.Formatter().parse(word):
+                if field is not None and field not in VERIFY_PLACEHOLDERS:
+                    known = ", ".join("{" + name + "}" for name in VERIFY_PLACEHOLDERS)
+                    raise ValueError(f"unknown placeholder {{{field}}}: use {known}")
+        return value
 
 
 class LogConfig(StrictModel):
@@ -180,6 +225,7 @@ class Config(StrictModel):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     snapshots: SnapshotsConfig = Field(default_factory=SnapshotsConfig)
     disk: DiskConfig = Field(default_factory=DiskConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
 
     @field_validator("timezone")
     @classmethod

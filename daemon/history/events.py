@@ -11,7 +11,8 @@ Written by `daemon.pruning`: `delete`, `veto`, `prune_refused`, `prune_run`, `tr
 by `ckptd trash restore`: `trash_restore`; by `daemon.snapshots.daily`: `snapshot`,
 `snapshot_removed`, `snapshot_skipped`, `snapshot_failed`; by `daemon.disk.pressure`:
 `disk_warn`, `disk_critical`, `disk_trash_emptied`, `disk_prune`, `emergency_prune`,
-`disk_recovered`, `alert`.
+`disk_recovered`, `alert`; by `daemon.verification`: `integrity_corrupt`, `user_test`,
+`hold_expired` (and `alert` for a corrupt checkpoint).
 """
 
 from __future__ import annotations
@@ -337,6 +338,51 @@ class Alert(HistoryEvent):
     error: str | None = None
 
 
+# --- integrity and holds --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntegrityCorrupt(HistoryEvent):
+    """A checkpoint found corrupt by an integrity check (`deep`: every checksum was read), with
+    what is wrong, each naming its file."""
+
+    event: ClassVar[str] = "integrity_corrupt"
+    root: str
+    checkpoint: str
+    problems: tuple[str, ...]
+    deep: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserTest(HistoryEvent):
+    """The user's own test (`verify.command`) run on a checkpoint: `verified` (exit 0) or
+    `failed`, its exit code (null when it timed out or could not start: `error` says why) and
+    its last lines of output."""
+
+    event: ClassVar[str] = "user_test"
+    root: str
+    checkpoint: str
+    command: tuple[str, ...]
+    verdict: str
+    exit_code: int | None
+    seconds: float
+    last_lines: tuple[str, ...]
+    error: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HoldExpired(HistoryEvent):
+    """An expired hold removed by a prune (`Hold.to_record()`: who held which checkpoint until
+    when, and why)."""
+
+    event: ClassVar[str] = "hold_expired"
+    root: str
+    checkpoint: str
+    holder: str
+    until: str
+    reason: str
+
+
 # Every event class by the name it is written under (a test checks each against its golden).
 EVENTS: dict[str, type[HistoryEvent]] = {
     kind.event: kind
@@ -358,5 +404,8 @@ EVENTS: dict[str, type[HistoryEvent]] = {
         EmergencyPrune,
         DiskRecovered,
         Alert,
+        IntegrityCorrupt,
+        UserTest,
+        HoldExpired,
     )
 }
