@@ -1,15 +1,43 @@
-"""Scan a root and plan it: the one function `ckptd plan`, prune, the daemon and status share."""
+"""Scan a root and plan it: the one function `ckptd plan`, prune, the daemon and status share.
+
+Besides the policy, two things of issue 12 go into every plan, through the same means the
+policy's own protections use (a Checkpoint's completeness, a kept Decision with its reasons),
+so the safety guard and the deleter need not know them:
+
+- integrity (`daemon/verification.py`): a corrupt checkpoint is planned as incomplete
+  (`incomplete:corrupt: <first problem>`): kept, and never counted as the newest complete one;
+  the newest checkpoint that passed is kept (`last-good`) while a newer one of its series is
+  corrupt or unchecked. Each corrupt checkpoint is also one of the plan's warnings;
+- holds (`daemon/holds.py`): a held checkpoint is kept (`held:<holder> until <time>`); an
+  unreadable hold keeps its checkpoint too and is a warning.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import os
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import tzinfo
 
+from daemon.clock import zone_for
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
 from daemon.fsio import LOCAL, FileSystem
+from daemon.holds import HoldSet, read_holds
+from daemon.integrity.result import IntegrityResult
+from daemon.verification import (
+    Assessment,
+    VerificationState,
+    assess,
+    corrupt_reason,
+    is_marked_corrupt,
+    last_good_protection,
+)
 from policies import tiered
-from policies.model import Plan, PolicySpec
+from policies.model import Decision, Plan, PolicySpec
+
+LAST_GOOD = "last-good"
 
 
 def series_policies(
@@ -32,6 +60,17 @@ def series_policies(
     return specs
 
 
+@dataclass(frozen=True)
+class Planned:
+    """Given one planning of one root: the scan (corrupt checkpoints marked incomplete), the
+    plan, the integrity verdicts it rests on and the root's holds."""
+
+    scan: ScanResult
+    plan: Plan
+    assessment: Assessment = field(default_factory=Assessment)
+    holds: HoldSet = field(default_factory=HoldSet)
+
+
 def plan_root(
     config: Config,
     root: RootConfig,
@@ -40,13 +79,49 @@ def plan_root(
     fs: FileSystem = LOCAL,
     cache: SizeCache | None = None,
     policy_override: PolicySpec | None = None,
+    verification: VerificationState | None = None,
+    check_new: bool = False,
+    on_checked: Callable[[IntegrityResult], None] | None = None,
 ) -> tuple[ScanResult, Plan]:
-    """Given the config, one of its roots and the time, return the scan and the policy's Plan.
+    """Given the config, one of its roots and the time, return the scan and the policy's Plan
+    (see `plan_root_full`)."""
+    planned = plan_root_full(
+        config,
+        root,
+        now=now,
+        fs=fs,
+        cache=cache,
+        policy_override=policy_override,
+        verification=verification,
+        check_new=check_new,
+        on_checked=on_checked,
+    )
+    return planned.scan, planned.plan
+
+
+def plan_root_full(
+    config: Config,
+    root: RootConfig,
+    *,
+    now: float,
+    fs: FileSystem = LOCAL,
+    cache: SizeCache | None = None,
+    policy_override: PolicySpec | None = None,
+    verification: VerificationState | None = None,
+    check_new: bool = False,
+    on_checked: Callable[[IntegrityResult], None] | None = None,
+) -> Planned:
+    """Given the config, one of its roots and the time, return the scan, the Plan, the
+    integrity verdicts and the holds.
 
     `policy_override` replaces every series' policy (the disk check's emergency policy).
     With a cache, every checkpoint the plan would delete is proven unchanged since it was
     cached (a stat or two each: a `.keep` dropped into an old folder must pin it) and the root
     is planned again if any was not. Scan warnings are the plan's warnings.
+
+    `verification` is what is remembered of the checkpoints' integrity (default: what
+    `<state_dir>` holds, read only); `check_new` also checks every checkpoint never checked
+    before (the prune); `on_checked` is told each integrity result computed now.
     """
     settle_seconds = settings_for(config, root).settle_seconds
     if policy_override is not None:
@@ -56,26 +131,127 @@ def plan_root(
         candidates += [policy_for(config, root, series) for series in root.series]
     # Metrics are read from trainer_state.json / sidecars only when a policy ranks by them.
     want_metrics = any(spec.keep_best is not None for spec in candidates)
-    result = scan(
-        root, now=now, settle_seconds=settle_seconds, fs=fs, cache=cache, want_metrics=want_metrics
-    )
-    specs = series_policies(config, root, result.series, policy_override)
-    plan = tiered.plan(result.checkpoints, specs, root=result.root)
-    if cache is not None and plan.deleted:
-        to_delete = [decision.checkpoint.name for decision in plan.deleted]
-        verified = scan(
+
+    def scan_now(verify: Collection[str]) -> ScanResult:
+        return scan(
             root,
             now=now,
             settle_seconds=settle_seconds,
             fs=fs,
             cache=cache,
-            verify=to_delete,
+            verify=verify,
             want_metrics=want_metrics,
         )
+
+    result = scan_now(())
+    specs = series_policies(config, root, result.series, policy_override)
+    context = _Context(config, now, verification, check_new, on_checked)
+    holds = read_holds(result.root, now=now, tz=context.zone)
+    planned = _plan_checked(result, specs, context, holds)
+    if cache is not None and planned.plan.deleted:
+        to_delete = [decision.checkpoint.name for decision in planned.plan.deleted]
+        verified = scan_now(to_delete)
         if verified.checkpoints != result.checkpoints:
             # Something changed inside a checkpoint since it was cached: plan what is there now.
             result = verified
-            plan = tiered.plan(result.checkpoints, specs, root=result.root)
+            planned = _plan_checked(result, specs, context, holds)
     if result.warnings:
-        plan = replace(plan, warnings=(*result.warnings, *plan.warnings))
-    return result, plan
+        plan = planned.plan
+        planned = replace(planned, plan=replace(plan, warnings=(*result.warnings, *plan.warnings)))
+    return planned
+
+
+@dataclass
+class _Context:
+    """What planning needs besides the scan: the integrity state and the zone of hold times."""
+
+    config: Config
+    now: float
+    verification: VerificationState | None
+    check_new: bool
+    on_checked: Callable[[IntegrityResult], None] | None
+
+    def __post_init__(self) -> None:
+        self.zone = zone_for(self.config)
+
+    def state(self) -> VerificationState:
+        if self.verification is None:
+            # Read only: `ckptd plan` must not need write access to state_dir.
+            self.verification = VerificationState.in_folder(self.config.state_dir)
+        return self.verification
+
+
+def _plan_checked(
+    result: ScanResult, specs: dict[str, PolicySpec], context: _Context, holds: HoldSet
+) -> Planned:
+    """Given a scan, the policies and the holds: assess the checkpoints' integrity, mark the
+    corrupt ones, plan, and keep what holds and `last-good` protect."""
+    assessment = Assessment()
+    if context.config.verify.checks:
+        # Keyed by the real path, as the prune pipeline keys the root.
+        root = os.path.realpath(result.root)
+        assessment = assess(root, result.checkpoints, context.state(), check_new=context.check_new)
+        if context.on_checked is not None:
+            for checked in assessment.fresh:
+                context.on_checked(checked)
+    marked = mark_corrupt(result, assessment)
+    plan = tiered.plan(marked.checkpoints, specs, root=marked.root)
+    protections = protections_for(marked, assessment, holds, context.zone)
+    plan = protect(plan, protections)
+    plan = replace(plan, warnings=(*plan.warnings, *_integrity_warnings(marked, holds)))
+    return Planned(marked, plan, assessment, holds)
+
+
+def mark_corrupt(result: ScanResult, assessment: Assessment) -> ScanResult:
+    """Given a scan and its assessment, return the scan with each corrupt checkpoint planned as
+    incomplete (`corrupt: <first problem>`): kept, never the newest complete one."""
+    corrupt = assessment.corrupt()
+    if not corrupt:
+        return result
+    checkpoints = tuple(
+        replace(c, complete=False, incomplete_reason=corrupt_reason(corrupt[c.name]))
+        if c.name in corrupt and c.complete
+        else c
+        for c in result.checkpoints
+    )
+    return replace(result, checkpoints=checkpoints)
+
+
+def protections_for(
+    result: ScanResult, assessment: Assessment, holds: HoldSet, zone: tzinfo
+) -> dict[str, tuple[str, ...]]:
+    """Given a marked scan, its assessment and the holds, return the reasons that keep a
+    checkpoint whatever the policy says, by name: `held:<holder> until <time>`, `last-good`."""
+    reasons: dict[str, tuple[str, ...]] = dict(holds.reasons(zone))
+    for name in last_good_protection(result.checkpoints, assessment):
+        reasons[name] = (*reasons.get(name, ()), LAST_GOOD)
+    return reasons
+
+
+def protect(plan: Plan, protections: Mapping[str, tuple[str, ...]]) -> Plan:
+    """Given a plan and reasons that keep checkpoints by name, return the plan with those kept:
+    a kept checkpoint gains the reasons, a deleted one is kept for them alone (the tier rules'
+    explanations would contradict a kept checkpoint), as the policy treats pins."""
+    if not protections:
+        return plan
+    decisions: list[Decision] = []
+    for decision in plan.decisions:
+        extra = protections.get(decision.checkpoint.name)
+        if extra is None:
+            decisions.append(decision)
+        elif decision.keep:
+            merged = tuple(dict.fromkeys((*decision.reasons, *extra)))
+            decisions.append(replace(decision, reasons=merged))
+        else:
+            decisions.append(replace(decision, keep=True, reasons=extra))
+    return replace(plan, decisions=tuple(decisions))
+
+
+def _integrity_warnings(result: ScanResult, holds: HoldSet) -> tuple[str, ...]:
+    warnings = [
+        f"{c.name} is {c.incomplete_reason}; kept, and not counted as the newest checkpoint"
+        for c in result.checkpoints
+        if is_marked_corrupt(c)
+    ]
+    warnings += [f"unreadable hold {bad.path}: {bad.problem}" for bad in holds.malformed]
+    return tuple(warnings)

@@ -26,6 +26,9 @@ TIER_TITLES = {
     3: "tier 3 · sparse history",
     None: "incomplete · still being written or settling",
 }
+# The incomplete group's title when it holds a checkpoint found corrupt (daemon/verification.py).
+CORRUPT_TITLE = "incomplete or corrupt · kept; a corrupt one never counts as the newest"
+CORRUPT_REASON = "incomplete:corrupt: "
 
 # A run shorter than this is shown line by line: folding 2 lines into 1 hides more than it saves.
 FOLD_AT = 3
@@ -152,6 +155,11 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
     series_seen: str | None = None
     tier_seen: object = object()
     multi_series = len({d.checkpoint.series for d in plan.decisions}) > 1
+    with_corrupt = {
+        d.checkpoint.series
+        for d in plan.decisions
+        if d.reasons and d.reasons[0].startswith(CORRUPT_REASON)
+    }
     for decisions in _split_runs(_timeline_order(plan), unfold):
         head = decisions.first
         if multi_series and head.checkpoint.series != series_seen:
@@ -161,6 +169,8 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
         if head.tier != tier_seen:
             tier_seen = head.tier
             title = TIER_TITLES.get(head.tier, f"tier {head.tier}")
+            if head.tier is None and head.checkpoint.series in with_corrupt:
+                title = CORRUPT_TITLE
             table.add_row("", Text(title, style="bold cyan"), "", "", "", "")
         action = Text("KEEP", style="bold green") if head.keep else Text("delete", style="red")
         size = sum(d.checkpoint.size_bytes for d in decisions.decisions)

@@ -1,9 +1,11 @@
 """Scan, plan, guard, delete, record: the one safety-checked prune path.
 
 `ckptd prune`, the daemon's jobs and the disk check's escalation all call `prune_root`. In order:
-finish a trash a crash left behind, purge trash past its grace, scan and plan the root, gather
-the process facts in one pass, let the safety guard veto or refuse, then hand the guarded plan
-to `deleter.apply` and write one `prune_run` record.
+finish a trash a crash left behind, purge trash past its grace, remove expired holds, scan and
+plan the root (checking each checkpoint never checked before: a corrupt one is recorded and
+alerted on, see `daemon/verification.py`), gather the process facts in one pass, let the safety
+guard veto or refuse, then hand the guarded plan to `deleter.apply` and write one `prune_run`
+record.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from daemon.clock import zone_for
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import NULL_HISTORY, History
+from daemon.integrity.result import IntegrityResult
 from daemon.planner import plan_root
 from daemon.pruning import deleter, trash
 from daemon.pruning.deleter import ApplyResult
@@ -28,6 +32,7 @@ from daemon.pruning.lock import LOCK_FILE, root_lock
 from daemon.pruning.trash import PurgeResult
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
+from daemon.verification import VerificationState, expire_and_record, record_corrupt
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
 
 __all__ = ["LOCK_FILE", "PruneReport", "Refusal", "prune_root", "root_lock"]
@@ -125,9 +130,12 @@ class _Job:
     safety: guard.SafetySettings
     grace: float
     policy: dict[str, object]
+    verification: VerificationState
 
     def look(self, now: float) -> tuple[Plan, proc_facts.Facts]:
-        """Given the time, return the root's plan and the process facts (one pass each)."""
+        """Given the time, return the root's plan and the process facts (one pass each); record
+        the checkpoints found corrupt by the checks this planning made (not in a dry run)."""
+        checked: list[IntegrityResult] = []
         _scan, plan = plan_root(
             self.config,
             self.root,
@@ -135,7 +143,12 @@ class _Job:
             fs=self.fs,
             cache=self.cache,
             policy_override=self.policy_override,
+            verification=self.verification,
+            check_new=True,
+            on_checked=checked.append,
         )
+        if not self.dry_run:
+            record_corrupt(self.config, self.root_path, checked, self.history)
         facts = proc_facts.gather_facts(
             self.root_path,
             now=now,
@@ -155,6 +168,7 @@ def _job_for(
     history: History,
     fs: FileSystem,
     cache: SizeCache | None,
+    verification: VerificationState | None,
 ) -> _Job:
     """Given prune_root's arguments, return the job with the root's settings resolved."""
     settings = settings_for(config, root)
@@ -177,6 +191,7 @@ def _job_for(
         ),
         grace=settings.trash_grace,
         policy=dataclasses.asdict(spec),
+        verification=verification or VerificationState.in_folder(config.state_dir),
     )
 
 
@@ -321,6 +336,7 @@ def _prune_unlocked(
         purged = trash.finish_leftovers(
             job.root_path, now=now, grace=job.grace, fs=job.fs, history=job.history
         )
+        expire_and_record(job.root_path, now=now, tz=zone_for(job.config), history=job.history)
     plan, facts = job.look(now)
     report = PruneReport(
         root=job.root_path,
@@ -368,6 +384,7 @@ def prune_root(
     stop: threading.Event | None = None,
     confirm: Confirm | None = None,
     progress: deleter.Progress | None = None,
+    verification: VerificationState | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it through the safety guard and report.
 
@@ -375,6 +392,8 @@ def prune_root(
     (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
     with nothing deleted. `progress(done, total, name)` is told before each removal. A second
     prune of the same root while one runs (daemon and CLI) is refused, not queued.
+    `verification` is the integrity state to use and keep (default: `<state_dir>`'s, saved
+    there after the run when that folder exists; a dry run saves nothing).
     """
     root_path = os.path.realpath(root.path)
     if not os.path.isdir(root_path):
@@ -388,12 +407,15 @@ def prune_root(
         history=history,
         fs=fs,
         cache=cache,
+        verification=verification,
     )
     if dry_run:
         return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
     with root_lock(root_path) as acquired:
         if acquired:
-            return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
+            report = _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
+            _keep_verification(job, report)
+            return report
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
     history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
@@ -402,3 +424,15 @@ def prune_root(
         dry_run=False,
         refusal=Refusal(reason),
     )
+
+
+def _keep_verification(job: _Job, report: PruneReport) -> None:
+    """Given a finished run, forget the integrity results of checkpoints gone and save the rest
+    (saved even when refused: a checkpoint checked and recorded corrupt is not recorded again)."""
+    if report.plan.decisions:
+        gone = set(report.deleted)
+        job.verification.retain(
+            job.root_path,
+            [d.checkpoint.name for d in report.plan.decisions if d.checkpoint.name not in gone],
+        )
+    job.verification.save()
