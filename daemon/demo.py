@@ -8,13 +8,17 @@ touched; it is removed at the end unless `keep`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
+import struct
 import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,6 +71,26 @@ disk: {{interval: 1h}}
 """
 
 
+def safetensors_bytes(data_bytes: int) -> bytes:
+    """Given a size, return a well-formed safetensors file of one random U8 tensor that size:
+    ckptd's integrity check keeps (and never counts as the newest) a corrupt checkpoint."""
+    header = {"weight": {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + os.urandom(data_bytes)
+
+
+def torch_zip_bytes(data_bytes: int) -> bytes:
+    """Given a size, return a well-formed torch.save-style zip: a pickled dict referring to one
+    random storage of that many bytes, as `torch.save` lays out an optimizer state."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"state": {}, "step": 0}, protocol=2))
+        archive.writestr("archive/data/0", os.urandom(data_bytes))
+        archive.writestr("archive/version", "3\n")
+    return buffer.getvalue()
+
+
 def train(root: Path, stop: threading.Event, progress: TrainerProgress) -> None:
     """Given a root, save a checkpoint every ~0.3 s (folder, weights, state last) until `stop`."""
     while not stop.is_set():
@@ -76,8 +100,8 @@ def train(root: Path, stop: threading.Event, progress: TrainerProgress) -> None:
             progress.step += STEP
             folder = root / f"checkpoint-{progress.step}"
             folder.mkdir()
-            (folder / "model.safetensors").write_bytes(os.urandom(4096))
-            (folder / "optimizer.pt").write_bytes(os.urandom(8192))
+            (folder / "model.safetensors").write_bytes(safetensors_bytes(4096))
+            (folder / "optimizer.pt").write_bytes(torch_zip_bytes(8192))
             state = {"global_step": progress.step, "log_history": []}
             (folder / "trainer_state.json").write_text(json.dumps(state))
             progress.written += 1

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import struct
 import time
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -31,14 +34,195 @@ _SPARSE_ABOVE = 64 * 1024
 
 def write_file(path: Path, size: int, *, fill: bytes = b"\0") -> Path:
     """Given a path and a size in bytes, create the file (and its parents) with that `st_size`:
-    real bytes when small, a sparse file above 64 KiB. Return the path."""
+    real bytes when small, a sparse file above 64 KiB. Return the path.
+
+    A file whose name says safetensors or torch.save (`*.safetensors`, `*.pt`, `*.pth`,
+    `*.ckpt`, `training_args.bin`, ...) gets a well-formed file of that format and size, as
+    the framework would leave it (ckptd's integrity checks would rightly call `fill` bytes
+    there corrupt); its payload bytes are zeros (sparse when large)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if size > _SPARSE_ABOVE:
+    head, tail = well_formed(path.name, size)
+    if head is not None:
+        with open(path, "wb") as handle:
+            handle.write(head)
+            handle.truncate(size)
+            handle.seek(size - len(tail))
+            handle.write(tail)
+    elif size > _SPARSE_ABOVE:
         with open(path, "wb") as handle:
             handle.truncate(size)
     else:
         path.write_bytes((fill * (size // max(1, len(fill)) + 1))[:size])
     return path
+
+
+# --- well-formed payloads -------------------------------------------------------------------------
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+_TORCH_BIN_NAMES = ("training_args.bin", "optimizer.bin", "scheduler.bin", "scaler.bin")
+# The tensor every generated safetensors file holds (a sharded index may name it).
+FIXTURE_TENSOR = "lm_head.weight"
+
+
+def well_formed(name: str, size: int) -> tuple[bytes | None, bytes]:
+    """Given a file name and a size, return (the bytes at its start, the bytes at its end) of a
+    well-formed file of the format its name says, zeros between; (None, b"") for a name of no
+    checked format or a size too small for one."""
+    if name.endswith(".safetensors"):
+        return _safetensors(size), b""
+    if name.endswith(".json"):
+        return (b"{}".ljust(size, b" ") if size >= 2 else None), b""
+    if name.endswith(_TORCH_SUFFIXES) or name in _TORCH_BIN_NAMES:
+        return _torch_zip(size)
+    return None, b""
+
+
+def well_formed_bytes(name: str, size: int, *, random: bool = False) -> bytes:
+    """Given a file name and a size, return the whole content of a well-formed file of the
+    format its name says (see `write_file`), its payload zeros or, with `random`, random bytes
+    (so two such files differ); for a name of no checked format, zeros or random bytes."""
+    head, tail = well_formed(name, size)
+    if head is None:
+        return os.urandom(size) if random else bytes(size)
+    middle = size - len(head) - len(tail)
+    if not random or middle == 0:
+        return head + bytes(middle) + tail
+    if name.endswith(".safetensors"):
+        return head + os.urandom(middle) + tail
+    payload = os.urandom(middle)
+    head, tail = _torch_zip(size, zlib.crc32(payload))
+    assert head is not None and len(head) + middle + len(tail) == size
+    return head + payload + tail
+
+
+def tf_index_bytes(shards: int, size: int = 300) -> bytes:
+    """Given a shard count and a size, return a TensorFlow bundle `.index` of exactly that size
+    (a LevelDB-format table holding the bundle header and no tensor; zeros before its first
+    block) naming `shards` data shards."""
+    header = b"\x08" + _varint(shards)
+    entries = [(b"", header)]
+    data_block = _table_block(entries)
+    index_block_for = _table_block
+    body_size = len(data_block) + 5 + len(index_block_for([(b"\xff", b"\0\0")])) + 5 + 48
+    start = max(0, size - body_size - 4)
+    while True:
+        handle = _varint(start) + _varint(len(data_block))
+        index_block = index_block_for([(b"\xff", handle)])
+        index_offset = start + len(data_block) + 5
+        footer_handles = _varint(0) + _varint(0) + _varint(index_offset) + _varint(len(index_block))
+        footer = footer_handles.ljust(40, b"\0") + struct.pack("<Q", 0xDB4775248B80FB57)
+        table = (
+            data_block
+            + _block_trailer(data_block)
+            + index_block
+            + _block_trailer(index_block)
+            + footer
+        )
+        if start + len(table) == size or start == 0:
+            return bytes(start) + table
+        start -= start + len(table) - size
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _table_block(entries: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"".join(
+        _varint(0) + _varint(len(key)) + _varint(len(value)) + key + value for key, value in entries
+    )
+    return body + struct.pack("<II", 0, 1)
+
+
+def _block_trailer(block: bytes) -> bytes:
+    from daemon.integrity.crc import crc32c, mask
+
+    return b"\0" + struct.pack("<I", mask(crc32c(block + b"\0")))
+
+
+def _safetensors(size: int) -> bytes | None:
+    """A header holding one U8 tensor covering the data (or, when small, no tensor and a header
+    padded with spaces to the size)."""
+    for data in (size - 8 - 128, 0):
+        if data < 0:
+            continue
+        header = {FIXTURE_TENSOR: {"dtype": "U8", "shape": [data], "data_offsets": [0, data]}}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        room = size - 8 - data
+        if room >= len(raw):
+            return struct.pack("<Q", room) + raw.ljust(room, b" ")
+    if size >= 10:
+        return struct.pack("<Q", size - 8) + b"{}".ljust(size - 8, b" ")
+    return None
+
+
+def _zip_member(name: bytes, data_size: int, crc: int, offset: int) -> tuple[bytes, bytes]:
+    """Return a stored member's local header and its central directory entry."""
+    local = struct.pack(
+        "<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, crc, data_size, data_size, len(name), 0
+    )
+    central = struct.pack(
+        "<4s4B4HL2L5H2L",
+        b"PK\x01\x02",
+        20,
+        0,
+        20,
+        0,
+        0,
+        0,
+        0,
+        0,
+        crc,
+        data_size,
+        data_size,
+        len(name),
+        0,
+        0,
+        0,
+        0,
+        0,
+        offset,
+    )
+    return local + name, central + name
+
+
+def _zeros_crc(count: int) -> int:
+    crc = 0
+    block = bytes(1 << 20)
+    while count > 0:
+        chunk = min(count, len(block))
+        crc = zlib.crc32(block[:chunk], crc)
+        count -= chunk
+    return crc
+
+
+def _torch_zip(size: int, pad_crc: int | None = None) -> tuple[bytes | None, bytes]:
+    """A torch.save zip: `archive/data.pkl` (a dict, no tensors) and a stored `archive/data/pad`
+    member filling the size, of zeros or of bytes with CRC `pad_crc` (CRCs right, so a deep
+    check passes too)."""
+    pickled = pickle.dumps({"fixture": True}, protocol=2)
+    pkl_local, pkl_central = _zip_member(b"archive/data.pkl", len(pickled), zlib.crc32(pickled), 0)
+    head = pkl_local + pickled
+    overhead = len(head) + 30 + 16 + len(pkl_central) + 46 + 16 + 22
+    pad = size - overhead
+    if pad < 0:
+        # Too small for that: an empty archive whose comment fills the size.
+        if 22 <= size <= 22 + 0xFFFF:
+            return struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0, 0, 0, 0, size - 22), b""
+        return None, b""
+    crc = _zeros_crc(pad) if pad_crc is None else pad_crc
+    pad_local, pad_central = _zip_member(b"archive/data/pad", pad, crc, len(head))
+    directory = pkl_central + pad_central
+    end = struct.pack(
+        "<4s4H2LH", b"PK\x05\x06", 0, 0, 2, 2, len(directory), len(head) + len(pad_local) + pad, 0
+    )
+    return head + pad_local, directory + end
 
 
 def write_json(path: Path, document: object) -> Path:
@@ -349,7 +533,9 @@ def tf_checkpoint(
         for index in range(shards)
     ]
     if with_index:
-        files.append(write_file(root / f"{prefix}-{number}.index", 300))
+        index = root / f"{prefix}-{number}.index"
+        index.write_bytes(tf_index_bytes(shards, 300))
+        files.append(index)
     for path in files:
         _finish(path, age_seconds)
     return files

@@ -35,8 +35,14 @@ SWITCH_AFTER = 20
 SETTLE = 0.8
 FINAL_POLICY = PolicySpec(keep_last=5, tier2_count=4, tier3_interval=100)
 
-TRAINER = r"""
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+# The files are well-formed (tests/layouts_fixtures.py): ckptd keeps a corrupt checkpoint.
+TRAINER = (
+    f"import sys; sys.path.insert(0, {str(REPOSITORY)!r})\n"
+    + r"""
 import json, os, sys, time
+from tests.layouts_fixtures import well_formed_bytes
 root, total, step, switch_after, go_file, pause = sys.argv[1:7]
 total, step, switch_after, pause = int(total), int(step), int(switch_after), float(pause)
 vanished = []
@@ -53,7 +59,7 @@ for index in range(1, total + 1):
     for name in files:
         time.sleep(0.05)  # the files of one save arrive over ~0.25 s
         content = json.dumps({"global_step": index * step}) if name == "trainer_state.json" \
-            else os.urandom(2048)
+            else well_formed_bytes(name, 2048, random=True)
         mode = "w" if isinstance(content, str) else "wb"
         with open(os.path.join(folder, name), mode) as handle:
             handle.write(content)
@@ -66,6 +72,7 @@ for index in range(1, total + 1):
 print(json.dumps({"saved": saved, "vanished": vanished}), flush=True)
 sys.exit(1 if vanished else 0)
 """
+)
 
 
 def config_text(root: Path, state: Path, policy: str) -> str:

@@ -22,12 +22,16 @@ import pytest
 MB = 1 << 20
 SAVES = 40  # 80 MB into 64 MB: without the disk checks, ENOSPC after about 8 s
 
-TRAINER = textwrap.dedent(
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+# The weights are a well-formed file (tests/layouts_fixtures.py): ckptd keeps a corrupt one.
+TRAINER = f"import sys; sys.path.insert(0, {str(REPOSITORY)!r})\n" + textwrap.dedent(
     """
     import errno, json, os, sys, time
+    from tests.layouts_fixtures import well_formed_bytes
     root, count = sys.argv[1], int(sys.argv[2])
     interval, size = float(sys.argv[3]), int(sys.argv[4])
-    payload = os.urandom(size)
+    payload = well_formed_bytes("model.safetensors", size, random=True)
     for index in range(1, count + 1):
         step = index * 100
         folder = os.path.join(root, f"checkpoint-{step}")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.layouts_fixtures import write_file
+
 
 def _hugging_face_run(root: Path, steps: range, *, age_seconds: float = 3600) -> None:
     """Given a folder, fill it with settled Hugging Face Trainer checkpoints at `steps`."""
@@ -17,8 +19,8 @@ def _hugging_face_run(root: Path, steps: range, *, age_seconds: float = 3600) ->
     for step in steps:
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"w" * 1000)
-        (folder / "optimizer.pt").write_bytes(b"o" * 500)
+        write_file(folder / "model.safetensors", 1000)
+        write_file(folder / "optimizer.pt", 500)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in (*folder.iterdir(), folder):
             os.utime(path, (past, past))

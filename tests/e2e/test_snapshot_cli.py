@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.layouts_fixtures import well_formed_bytes
+
 
 def write_hf_checkpoint(root: Path, step: int, *, age: float = 3600.0) -> None:
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(os.urandom(256 * 1024))
-    (folder / "optimizer.pt").write_bytes(os.urandom(64 * 1024))
+    for name, size in (("model.safetensors", 256 * 1024), ("optimizer.pt", 64 * 1024)):
+        (folder / name).write_bytes(well_formed_bytes(name, size, random=True))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     past = time.time() - age
     for path in [*folder.iterdir(), folder]:
@@ -128,7 +130,7 @@ def test_progress_bar_on_a_terminal_only(
             subprocess.run(["rm", "-rf", str(entry)], check=True)
     # Enough data that the copy is still running when the bar first draws.
     big = root / "checkpoint-300" / "model.safetensors"
-    big.write_bytes(os.urandom(48 << 20))
+    big.write_bytes(well_formed_bytes(big.name, 48 << 20, random=True))
     past = time.time() - 3600
     os.utime(big, (past, past))  # settled long ago, like the rest of the checkpoint
     leader, follower = pty.openpty()

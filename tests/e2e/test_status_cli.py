@@ -9,13 +9,17 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.layouts_fixtures import well_formed_bytes
+
 
 def write_checkpoints(root: Path, steps: range, *, size: int = 100_000) -> None:
     now = time.time()
     for index, step in enumerate(steps):
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(os.urandom(size))
+        (folder / "model.safetensors").write_bytes(
+            well_formed_bytes("model.safetensors", size, random=True)
+        )
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         # One save an hour, the newest an hour ago.
         moment = now - 3600.0 * (len(steps) - index)

@@ -15,6 +15,7 @@ import pytest
 from daemon.config import Config, DefaultsConfig, DiskConfig, RootConfig, SnapshotsConfig
 from daemon.history.log import NULL_HISTORY
 from daemon.snapshots import copying, daily, verify
+from tests.layouts_fixtures import well_formed_bytes
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -164,8 +165,10 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
     root = xfs / "run"
     checkpoint = root / "checkpoint-7"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "model.safetensors").write_bytes(os.urandom(2 << 20))
-    (checkpoint / "last.pt").write_bytes(os.urandom(1 << 20))
+    (checkpoint / "model.safetensors").write_bytes(
+        well_formed_bytes("model.safetensors", 2 << 20, random=True)
+    )
+    (checkpoint / "last.pt").write_bytes(well_formed_bytes("last.pt", 1 << 20, random=True))
     (checkpoint / "trainer_state.json").write_text("{}")
     os.sync()
 

@@ -47,6 +47,7 @@ from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
 from tests.history_golden import EVENT_NAMES, GOLDEN, golden_record, matching_shape
+from tests.layouts_fixtures import well_formed_bytes
 
 NOW = 1_800_000_000.0
 FILE = b"w" * 2000
@@ -337,7 +338,8 @@ def hf_checkpoint(root: Path, step: int) -> None:
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for index in range(2):
-        (folder / f"shard-{index}.safetensors").write_bytes(os.urandom(4096))
+        shard = f"shard-{index}.safetensors"
+        (folder / shard).write_bytes(well_formed_bytes(shard, 4096, random=True))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     moment = SNAPSHOT_NOW.timestamp() - 3600
     for path in [*folder.iterdir(), folder]:

@@ -158,7 +158,7 @@ def test_missing_root_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_with_the_real_policy_engine(tmp_path: Path) -> None:
     """The reference answer through discovery and the real policy (once it has landed)."""
-    hf_run(tmp_path, range(100, 17001, 100), model_bytes=10)
+    hf_run(tmp_path, range(100, 17001, 100), model_bytes=16)
     root = RootConfig(path=str(tmp_path))
     try:
         scan_result, plan = planning.plan_root(Config(roots=[root]), root, now=time.time())

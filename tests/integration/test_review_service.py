@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from tests.layouts_fixtures import write_file
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 _WATCH_WITHOUT_INOTIFY = textwrap.dedent(
@@ -118,8 +120,8 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
     folder = root / "checkpoint-100"
     folder.mkdir(parents=True)
-    with open(folder / "model.safetensors", "wb") as handle:
-        handle.truncate(40 * copying.CHUNK)  # twenty seconds to copy at this speed
+    # Twenty seconds to copy at this speed.
+    write_file(folder / "model.safetensors", 40 * copying.CHUNK)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
     old = time.time() - 3600
     for item in (*folder.iterdir(), folder):
@@ -223,7 +225,7 @@ def test_reload_to_another_state_dir_moves_the_size_cache_there(tmp_path: Path) 
     for step in (1, 2):
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"w" * 1024)
+        write_file(folder / "model.safetensors", 1024)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         old = time.time() - 3600
         for item in (*folder.iterdir(), folder):
@@ -375,8 +377,7 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
     folder = root / "checkpoint-100"
     folder.mkdir(parents=True)
-    with open(folder / "model.safetensors", "wb") as handle:
-        handle.truncate(40 * copying.CHUNK)
+    write_file(folder / "model.safetensors", 40 * copying.CHUNK)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
     old = time.time() - 3600
     for item in (*folder.iterdir(), folder):
@@ -488,7 +489,7 @@ disk: {{interval: 1h}}
         for step in (1, 2, 3, 4):
             folder = root / f"checkpoint-{step}"
             folder.mkdir()
-            (folder / "model.safetensors").write_bytes(b"w" * 1024)
+            write_file(folder / "model.safetensors", 1024)
             (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         pruned = _wait(lambda: steps() == ["checkpoint-3", "checkpoint-4"], 8)
     finally:
@@ -545,7 +546,7 @@ def test_a_refusal_only_a_person_can_clear_is_not_retried_every_settle_period(
     for step in range(1, 11):
         folder = root / f"checkpoint-{step}"
         folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"w" * 64)
+        write_file(folder / "model.safetensors", 64)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in (*folder.iterdir(), folder):
             os.utime(path, (past, past))

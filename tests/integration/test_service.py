@@ -18,6 +18,7 @@ from daemon.service.lifecycle import serve
 from daemon.service.sdnotify import Notifier
 from daemon.state import read_state
 from policies.model import PolicySpec
+from tests.layouts_fixtures import write_file
 
 SETTLE = 0.3
 
@@ -49,7 +50,7 @@ disk: {{interval: 1h}}
 def save_checkpoint(root: Path, step: int) -> None:
     folder = root / f"checkpoint-{step}"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"w" * 1024)
+    write_file(folder / "model.safetensors", 1024)
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     old = time.time() - 3600
     for item in (*folder.iterdir(), folder):
@@ -171,7 +172,7 @@ def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     # A new checkpoint: pruned once it has settled.
     folder = root / "checkpoint-90"
     folder.mkdir()
-    (folder / "model.safetensors").write_bytes(b"w" * 1024)
+    write_file(folder / "model.safetensors", 1024)
     time.sleep(SETTLE / 2)
     assert steps_in(root) == [60, 70, 80, 90]  # nothing while it is being written
     (folder / "trainer_state.json").write_text("{}")

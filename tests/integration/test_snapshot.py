@@ -17,6 +17,7 @@ from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.snapshots import daily, verify
 from daemon.snapshots.plan import FileItem
+from tests.layouts_fixtures import well_formed_bytes
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
 
@@ -36,12 +37,15 @@ class RecordingHistory(HistoryLog):
 
 
 def write_hf_checkpoint(root: Path, step: int, *, size: int = 64 * 1024, files: int = 2) -> Path:
-    """Given a root and a step, write a complete Hugging Face checkpoint of random data."""
+    """Given a root and a step, write a complete Hugging Face checkpoint of random data (in
+    well-formed files: ckptd never snapshots a checkpoint its integrity check calls corrupt)."""
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for index in range(files):
-        (folder / f"shard-{index}.safetensors").write_bytes(os.urandom(size))
-    (folder / "last.pt").write_bytes(os.urandom(1024))  # a mutable file inside
+        shard = f"shard-{index}.safetensors"
+        (folder / shard).write_bytes(well_formed_bytes(shard, size, random=True))
+    # A mutable file inside.
+    (folder / "last.pt").write_bytes(well_formed_bytes("last.pt", 1024, random=True))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     # Written an hour before NOW: settled, so discovery counts it complete.
     moment = NOW.timestamp() - 3600 + step / 1000
