@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from daemon import __version__
 from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError, ConfigError
@@ -49,6 +49,46 @@ def _add_policy_knobs(parser: argparse.ArgumentParser) -> None:
         help="steps between tier-3 survivors, or 'none' to keep nothing past tier 2",
     )
     group.add_argument("--cadence", type=int, metavar="STEPS", default=None)
+
+
+def _add_integrity_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """Given the function that adds a command, add verify, last-good, hold, release, holds."""
+    verify = command("verify", "check checkpoints' integrity (headers, or --deep every checksum)")
+    verify.add_argument("root", nargs="?", metavar="ROOT", help="a checkpoint folder")
+    _add_config(verify)
+    verify.add_argument("--deep", action="store_true", help="read every checksummed byte")
+    verify.add_argument(
+        "--test", action="store_true", help="also run verify.command on the newest checkpoint"
+    )
+    _add_json(verify)
+
+    last_good = command("last-good", "print the newest complete checkpoint that is not corrupt")
+    last_good.add_argument("root", metavar="ROOT", help="a checkpoint folder")
+    _add_config(last_good)
+    last_good.add_argument("--series", metavar="SERIES", default=None, help="only this series")
+    _add_json(last_good)
+
+    hold = command("hold", "keep a checkpoint until a time (a hold file other tools can write)")
+    hold.add_argument("root", metavar="ROOT", help="a checkpoint folder")
+    hold.add_argument("name", metavar="NAME", help="the checkpoint, as `ckptd plan` names it")
+    _add_config(hold)
+    until = hold.add_mutually_exclusive_group(required=True)
+    until.add_argument("--until", metavar="TIME", help="e.g. 2026-12-24T00:00 (config's zone)")
+    until.add_argument("--for", dest="duration", metavar="DURATION", help="e.g. 6h, 2d, 1w")
+    hold.add_argument("--by", required=True, metavar="HOLDER", help="who holds it: eval-sweep")
+    hold.add_argument("--reason", default="", metavar="TEXT", help="why (shown by ckptd holds)")
+    hold.add_argument("--force", action="store_true", help="allow a hold of more than a year")
+
+    release = command("release", "remove a holder's hold (exit 1 when it had none)")
+    release.add_argument("root", metavar="ROOT", help="a checkpoint folder")
+    release.add_argument("name", metavar="NAME", help="the held checkpoint")
+    _add_config(release)
+    release.add_argument("--by", required=True, metavar="HOLDER", help="whose hold")
+
+    holds = command("holds", "list the holds of a root (or of every configured root)")
+    holds.add_argument("root", nargs="?", metavar="ROOT", help="a checkpoint folder")
+    _add_config(holds)
+    _add_json(holds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     forecast.add_argument("--size", required=True, metavar="SIZE", help="e.g. 3.6GB")
     _add_policy_knobs(forecast)
     _add_json(forecast)
+
+    _add_integrity_commands(command)
 
     check = command("check-config", "validate a config file; exit 2 with every problem")
     check.add_argument("file", metavar="FILE")

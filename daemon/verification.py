@@ -60,7 +60,7 @@ _VERSION: Final = 1
 
 
 @dataclass(frozen=True, slots=True)
-class TestRecord:
+class UserTestRecord:
     """The user's test of one checkpoint: `verified` or `failed` (an `error`, a command that
     could not start, is no verdict and is not remembered), for the signature `digest`."""
 
@@ -80,7 +80,7 @@ class TestRecord:
         }
 
     @classmethod
-    def from_json(cls, document: dict[str, Any]) -> TestRecord:
+    def from_json(cls, document: dict[str, Any]) -> UserTestRecord:
         """Given a dict written by `to_json`, return it (KeyError/TypeError/ValueError if not)."""
         verdict = document["verdict"]
         if verdict not in ("verified", "failed"):
@@ -111,7 +111,7 @@ class Verdict:
         return self.problems[0] if self.problems else ""
 
 
-def combine(result: IntegrityResult | None, test: TestRecord | None) -> Verdict:
+def combine(result: IntegrityResult | None, test: UserTestRecord | None) -> Verdict:
     """Given a checkpoint's integrity result and user test (either may be None), return its
     verdict: any problem or a failed test is corrupt; an ok check or a passed test passes."""
     integrity = result.status if result is not None else None
@@ -139,19 +139,19 @@ class UserTestStore:
     def __init__(self, path: str | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._roots: dict[str, dict[str, TestRecord]] = {}
+        self._roots: dict[str, dict[str, UserTestRecord]] = {}
         self._dirty = False
         if path is not None:
             self._load(path)
 
-    def lookup(self, root: str, name: str, digest: str) -> TestRecord | None:
+    def lookup(self, root: str, name: str, digest: str) -> UserTestRecord | None:
         """Given a checkpoint and its signature digest now, return the test run on exactly
         that content, else None."""
         with self._lock:
             record = self._roots.get(root, {}).get(name)
         return record if record is not None and record.digest == digest else None
 
-    def store(self, root: str, name: str, record: TestRecord) -> None:
+    def store(self, root: str, name: str, record: UserTestRecord) -> None:
         with self._lock:
             self._roots.setdefault(root, {})[name] = record
             self._dirty = True
@@ -201,7 +201,7 @@ class UserTestStore:
                 return
             for root, entries in document["roots"].items():
                 self._roots[str(root)] = {
-                    str(name): TestRecord.from_json(entry) for name, entry in entries.items()
+                    str(name): UserTestRecord.from_json(entry) for name, entry in entries.items()
                 }
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._roots = {}  # unreadable or from another version: test again
@@ -304,7 +304,7 @@ class _Assessor:
         self.verdicts[checkpoint.name] = verdict
         return verdict
 
-    def _test_of(self, name: str, signature: Signature) -> TestRecord | None:
+    def _test_of(self, name: str, signature: Signature) -> UserTestRecord | None:
         if not signature.entries:
             return None
         return self.state.tests.lookup(self.root, name, signature.digest)

@@ -11,6 +11,7 @@ from daemon.cli import DEFAULT_CONFIG
 from daemon.config import Config, RootConfig, default_config_for_root, load_config
 from daemon.errors import UsageError
 from daemon.history.log import default_history_path
+from daemon.verification import VerificationState
 
 
 def config_path(explicit: str | None) -> str:
@@ -73,3 +74,24 @@ def history_path(config_argument: str | None) -> str:
     if config_argument is not None or os.path.exists(path):
         return load_config(path).history_path
     return default_history_path()
+
+
+def verification_state_for(
+    config: Config, root_argument: str | None, config_argument: str | None
+) -> VerificationState:
+    """Given the selected config and the ROOT and --config arguments, return the integrity
+    state to read and keep: beside the user's own history for a bare ROOT without --config
+    (as `history_path_for`), else in the config's state_dir."""
+    if root_argument is not None and config_argument is None:
+        folder = os.path.dirname(default_history_path())
+    else:
+        folder = config.state_dir
+    return VerificationState.in_folder(folder, create=True)
+
+
+def open_root_argument(
+    root_argument: str, config_argument: str | None
+) -> tuple[Config, RootConfig]:
+    """Given a ROOT argument (required) and --config, return the config and that root."""
+    config, roots = select_roots(root_argument, config_argument)
+    return config, roots[0]

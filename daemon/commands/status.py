@@ -28,6 +28,7 @@ from daemon.safety.facts import gather_facts
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import next_snapshot_time
 from daemon.state import read_state
+from daemon.verification import is_marked_corrupt, newest_sound
 from policies.model import Plan
 
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
@@ -51,7 +52,7 @@ def root_status(
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
-    incomplete = [c.name for c in scan.checkpoints if not c.complete]
+    incomplete = [c.name for c in scan.checkpoints if not c.complete and not is_marked_corrupt(c)]
     in_use = checkpoints_in_use(root, scan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
@@ -82,10 +83,31 @@ def root_status(
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
         "incomplete": incomplete,
+        **integrity_status(scan, root_plan),
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
         "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def integrity_status(scan: ScanResult, root_plan: Plan) -> dict[str, Any]:
+    """Given a root's planned scan and plan, return what issue 12 adds to its status: the
+    corrupt checkpoints (with why), the last good one (what `ckptd last-good` prints) and the
+    held ones (with their holds)."""
+    last_good = newest_sound(scan.checkpoints)
+    return {
+        "corrupt": {
+            c.name: (c.incomplete_reason or "").removeprefix("corrupt: ")
+            for c in scan.checkpoints
+            if is_marked_corrupt(c)
+        },
+        "last_good": last_good.name if last_good is not None else None,
+        "held": {
+            d.checkpoint.name: [reason for reason in d.reasons if reason.startswith("held:")]
+            for d in root_plan.decisions
+            if any(reason.startswith("held:") for reason in d.reasons)
+        },
     }
 
 
@@ -207,6 +229,15 @@ def _details(record: Any) -> str:
     return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))[:60]
 
 
+def _integrity_rows(table: Table, root: dict[str, Any]) -> None:
+    corrupt = [f"{name} ({why})" for name, why in root["corrupt"].items()]
+    table.add_row("corrupt", "; ".join(corrupt) or "none")
+    table.add_row("last good", root["last_good"] or "none")
+    if root["held"]:
+        held = [f"{name} ({', '.join(reasons)})" for name, reasons in root["held"].items()]
+        table.add_row("held", "; ".join(held))
+
+
 def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
     """Given the status document, print it as tables for people."""
     for root in document["roots"]:
@@ -230,6 +261,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
         )
         table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        _integrity_rows(table, root)
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
         cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
         table.add_row(
