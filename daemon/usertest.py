@@ -286,7 +286,7 @@ def run_daily_user_tests(
     """Given the config, test the newest sound checkpoint of every root that exists (each
     once per signature), save the verdicts in state_dir and return the outcomes: the daily
     job's body."""
-    state = state or VerificationState.in_folder(config.state_dir)
+    state = state or VerificationState.in_folder(config.state_dir, create=True)
     outcomes = []
     for root in config.roots:
         if stop is not None and stop.is_set():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from daemon import cli
+from daemon import cli, usertest
 from daemon.config import (
     Config,
     DefaultsConfig,
@@ -29,6 +30,7 @@ from daemon.config import (
     RootConfig,
     SnapshotsConfig,
     TrashConfig,
+    VerifyConfig,
 )
 from daemon.disk import pressure
 from daemon.history.events import (
@@ -45,9 +47,10 @@ from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.pipeline import PruneReport
 from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
+from daemon.verification import VerificationState
 from policies.model import Checkpoint, Decision, Plan
 from tests.history_golden import EVENT_NAMES, GOLDEN, golden_record, matching_shape
-from tests.layouts_fixtures import well_formed_bytes
+from tests.layouts_fixtures import age, well_formed_bytes
 
 NOW = 1_800_000_000.0
 FILE = b"w" * 2000
@@ -412,6 +415,52 @@ def test_the_daily_snapshot_writes_its_records_in_their_shapes(
     assert records[4] == {**records[4], "reason": "stopped (shutting down)"}
     assert "method" not in records[4] and records[5]["method"] == "copy"
     assert records[7]["removed"] == "2026-05-28" and records[7]["keep"] == 1
+
+
+# --- integrity, the user's test, holds ------------------------------------------------------
+
+
+def test_integrity_user_tests_and_holds_write_their_records_in_their_shapes(
+    tmp_path: Path, history: HistoryLog
+) -> None:
+    real = Path(__file__).resolve().parents[1] / "fixtures" / "integrity" / "trees" / "hf"
+    root = tmp_path / "run"
+    for step in (100, 200):
+        shutil.copytree(real / "checkpoint-10", root / f"checkpoint-{step}")
+        age(root / f"checkpoint-{step}")
+    weights = root / "checkpoint-200" / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    age(root / "checkpoint-200")
+    hold = root / ".ckptd-holds" / "checkpoint-100" / "eval-sweep.json"
+    hold.parent.mkdir(parents=True)
+    hold.write_text('{"until": "2000-01-01T00:00:00+00:00", "reason": "eval sweep v3"}')
+    script = tmp_path / "test_model.py"
+    script.write_text("import sys\nprint('loading', sys.argv[1])\nsys.exit(3)\n")
+    config = Config(
+        state_dir=str(tmp_path / "state"),
+        roots=[RootConfig(path=str(root))],
+        verify=VerifyConfig(command=f"{sys.executable} {script} {{path}}", timeout=30),
+    )
+    pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    state = VerificationState()
+    checkpoint = Checkpoint("checkpoint-100", 100, layout="hf")
+    result = usertest.run_user_test(config, str(root), checkpoint)
+    usertest.record_user_test(config, result, state, history)
+    timed_out = config.model_copy(
+        update={
+            "verify": VerifyConfig(
+                command=f"{sys.executable} -c 'import time; time.sleep(30)'", timeout=0.5
+            )
+        }
+    )
+    result = usertest.run_user_test(timed_out, str(root), checkpoint)
+    usertest.record_user_test(timed_out, result, state, history)
+    records = assert_golden_shapes(history.path)
+    events = [r["event"] for r in records]
+    assert events == ["hold_expired", "integrity_corrupt", "prune_run", "user_test", "user_test"]
+    assert records[1]["checkpoint"] == "checkpoint-200" and records[1]["deep"] is False
+    assert matching_shape(records[3]) == "user_test" and records[3]["exit_code"] == 3
+    assert records[4]["exit_code"] is None and records[4]["error"] == "timed out after 0.5 s"
 
 
 def test_the_scenarios_write_every_event_name_there_is() -> None:
