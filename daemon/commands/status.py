@@ -52,7 +52,6 @@ def root_status(
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
-    incomplete = [c.name for c in scan.checkpoints if not c.complete and not is_marked_corrupt(c)]
     in_use = checkpoints_in_use(root, scan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
@@ -82,7 +81,6 @@ def root_status(
         "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
-        "incomplete": incomplete,
         **integrity_status(scan, root_plan),
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
@@ -92,11 +90,14 @@ def root_status(
 
 
 def integrity_status(scan: ScanResult, root_plan: Plan) -> dict[str, Any]:
-    """Given a root's planned scan and plan, return what issue 12 adds to its status: the
-    corrupt checkpoints (with why), the last good one (what `ckptd last-good` prints) and the
-    held ones (with their holds)."""
+    """Given a root's planned scan and plan, return the incomplete checkpoints and what issue
+    12 adds to a root's status: the corrupt checkpoints (with why), the last good one (what
+    `ckptd last-good` prints) and the held ones (with their holds)."""
     last_good = newest_sound(scan.checkpoints)
     return {
+        "incomplete": [
+            c.name for c in scan.checkpoints if not c.complete and not is_marked_corrupt(c)
+        ],
         "corrupt": {
             c.name: (c.incomplete_reason or "").removeprefix("corrupt: ")
             for c in scan.checkpoints
