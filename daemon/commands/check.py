@@ -41,6 +41,8 @@ NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 PRECEDENCE = (CRITICAL, WARNING, UNKNOWN, OK)
 # A pid whose process started this long after the daemon said it started is another process.
 PID_REUSE_SLACK_SECONDS = 5.0
+# The OK line's parts, in this order: "2 roots, disk 41% (/data), last prune 12m ago, ...".
+SUMMARY_ORDER = ("roots", "disk", "prune", "snapshot", "daemon")
 # A snapshot run that found nothing complete to copy is not a missing snapshot.
 NOTHING_TO_SNAPSHOT = "no complete checkpoint"
 
@@ -58,7 +60,7 @@ class Report:
     """Given everything the check looked at: its findings, the OK summary parts, the figures."""
 
     findings: list[Finding] = field(default_factory=list)
-    summary: list[str] = field(default_factory=list)
+    summary: dict[str, str] = field(default_factory=dict)
     perfdata: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -73,7 +75,8 @@ class Report:
     def line(self) -> str:
         """Given the report, return the one Nagios line: status, findings or summary, perfdata."""
         worst_first = sorted(self.findings, key=lambda f: PRECEDENCE.index(f.level))
-        text = "; ".join(f.message for f in worst_first) or ", ".join(self.summary)
+        parts = [self.summary[key] for key in SUMMARY_ORDER if key in self.summary]
+        text = "; ".join(f.message for f in worst_first) or ", ".join(parts)
         perfdata = f" | {' '.join(self.perfdata)}" if self.perfdata else ""
         return f"CKPTD {NAMES[self.code]} - {text}{perfdata}"
 
@@ -140,7 +143,7 @@ def check_daemon(state: dict[str, Any], report: Report, *, now: float) -> float 
         return started
     report.details["daemon"]["running"] = True
     if started is not None:
-        report.summary.append(f"daemon up {ago(now - started)}")
+        report.summary["daemon"] = f"daemon up {ago(now - started)}"
     return started
 
 
@@ -180,7 +183,7 @@ def check_disks(config: Config, report: Report) -> None:
             )
     if rows:
         percent, mount = max(rows)
-        report.summary.append(f"disk {percent:.0f}% ({mount})")
+        report.summary["disk"] = f"disk {percent:.0f}% ({mount})"
 
 
 def check_roots(
@@ -217,9 +220,9 @@ def check_roots(
                 f"{root.path} refused for {ago(now - refused_since)}: {refused.get('reason')}",
             )
     report.details["roots"] = roots
-    report.summary.insert(0, f"{len(config.roots)} root{'s' * (len(config.roots) != 1)}")
+    report.summary["roots"] = f"{len(config.roots)} root{'s' * (len(config.roots) != 1)}"
     if newest is not None:
-        report.summary.append(f"last prune {ago(now - newest)} ago")
+        report.summary["prune"] = f"last prune {ago(now - newest)} ago"
 
 
 def check_snapshot(config: Config, state: dict[str, Any], report: Report, *, now: float) -> None:
@@ -244,7 +247,7 @@ def check_snapshot(config: Config, state: dict[str, Any], report: Report, *, now
         "last_result": result,
     }
     if dates:
-        report.summary.append(f"snapshot {dates[-1].isoformat()}")
+        report.summary["snapshot"] = f"snapshot {dates[-1].isoformat()}"
     if moment.date() in dates or now < due + config.check.snapshot_grace:
         return
     today = moment.date().isoformat()
