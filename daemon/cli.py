@@ -114,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
     parser.add_argument("--quiet", "-q", action="store_true", default=False, help=QUIET_HELP)
     command = _commands(parser)
+    _add_root_commands(command)
+    _add_other_commands(command)
+    return parser
 
+
+def _add_root_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Given the subcommand factory, add the commands that act on the configured roots."""
     run = command("run", "run the daemon (systemd Type=notify service)")
     _add_config(run)
 
@@ -176,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_json(trash)
     _add_quiet(trash)
 
+
+def _add_other_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """Given the subcommand factory, add forecast, the checks, the demo and the docs."""
     forecast = command(
         "forecast",
         "checkpoints and bytes after N steps, with and without policy",
@@ -204,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = command(
         "check",
-        "one line on the daemon's health, with Nagios exit codes (for monitoring and cron)",
+        "the daemon's health in one line, with Nagios exit codes",
         epilog=NAGIOS_EXIT_CODES,
     )
     _add_config(check)
@@ -234,7 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     manpage.add_argument(
         "--output", "-o", metavar="FILE", default=None, help="write it here instead of stdout"
     )
-    return parser
 
 
 def resolve_config_path(explicit: str | None) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_created_metrics
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import generate_latest, start_wsgi_server
 
@@ -110,6 +110,10 @@ class Metrics:
     """Given nothing, return the ckptd metrics in a registry of their own."""
 
     def __init__(self) -> None:
+        # No `_created` series beside each counter and histogram: they double the exposition for
+        # a start time that `ckptd_start_time_seconds` gives once. (A process-wide switch of the
+        # library; ckptd's process has no other metrics.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.info = Gauge("ckptd_build_info", "ckptd's version; always 1", ["version"], registry=r)
@@ -343,6 +347,7 @@ class Monitor:
         self.prune_success: dict[str, str] = {}
         self.refused: dict[str, dict[str, str]] = {}
         self.snapshot_success = 0.0
+        self.mounts: set[str] = set()
 
     # --- lifetime (main thread) -----------------------------------------------------------
 
@@ -462,6 +467,7 @@ class Monitor:
         self._set_filesystem(mount, usage)
 
     def _set_filesystem(self, mount: str, usage: pressure.Usage) -> None:
+        self.mounts.add(mount)
         self.metrics.used_ratio.labels(mount).set(usage.percent / 100.0)
         self.metrics.free_bytes.labels(mount).set(usage.free)
         self.metrics.size_bytes.labels(mount).set(usage.total)
@@ -495,6 +501,17 @@ class Monitor:
     @_safely
     def disk_checked(self, report: Any) -> None:
         """Given the report of one disk check, update every filesystem's figures and its time."""
+        mounts = {check.mount for check in report.filesystems}
+        for mount in self.mounts - mounts:
+            # No root is on it any more: its figures would stay frozen at their last value.
+            for gauge in (
+                self.metrics.used_ratio,
+                self.metrics.free_bytes,
+                self.metrics.size_bytes,
+            ):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(mount)
+        self.mounts = mounts
         for check in report.filesystems:
             self._set_filesystem(check.mount, check.after)
         self.metrics.last_disk_check.set(self.clock())

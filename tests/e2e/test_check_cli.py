@@ -150,6 +150,8 @@ def test_ok_then_each_finding_then_critical_when_stopped(setup: Setup) -> None:
         setup.log()
     )
 
+    # Readable by a monitoring user, not only by the daemon's.
+    assert (setup.state / "state.json").stat().st_mode & 0o777 == 0o644
     result = setup.check()
     assert result.returncode == 0, (result, setup.log())
     line = result.stdout.strip()

@@ -396,3 +396,36 @@ def test_metrics_use_their_own_registry_and_base_units() -> None:
         for sample in family.samples:
             assert set(sample.labels) <= {"root", "tier", "reason", "mount", "version", "le"}
         assert not family.name.endswith(("_milliseconds", "_percent", "_megabytes"))
+
+
+def test_a_reload_moves_the_endpoint_and_stop_closes_it(tmp_path: Path) -> None:
+    """metrics.listen changed by a reload: the old port stops answering, the new one serves;
+    removed from the config: nothing serves; a root removed from the config loses its series."""
+    root, state = tmp_path / "run", tmp_path / "state"
+    root.mkdir()
+    make_checkpoint(root, 10)
+    first, second = free_port(), free_port()
+    text = CONFIG.format(state=state, root=root, port=first, textfile="null")
+    (tmp_path / "a.yaml").write_text(text)
+    (tmp_path / "b.yaml").write_text(text.replace(str(first), str(second)))
+    (tmp_path / "c.yaml").write_text(
+        text.replace(f'  listen: "127.0.0.1:{first}"\n', "")
+        .replace(f"  - path: {root}\n", "")
+        .replace("    layout: hf\n", "")
+        .replace("roots:\n", "roots: []\n")
+    )
+    monitor = Monitor(load_config(str(tmp_path / "a.yaml")), clock=time.time)
+    monitor.start()
+    try:
+        report = prune_root(monitor.config, monitor.config.roots[0], now=time.time(), dry_run=False)
+        monitor.pruned(report)
+        assert value(scrape(first) or {}, "ckptd_checkpoints", root=str(root), tier="1") == 1
+        monitor.apply(load_config(str(tmp_path / "b.yaml")))
+        assert scrape(first) is None
+        assert value(scrape(second) or {}, "ckptd_checkpoints", root=str(root), tier="1") == 1
+        monitor.apply(load_config(str(tmp_path / "c.yaml")))
+        assert scrape(second) is None
+        samples = parse(monitor.metrics.text().decode())
+        assert not [name for (name, labels) in samples if "root" in dict(labels)]
+    finally:
+        monitor.close()
