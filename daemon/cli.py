@@ -11,13 +11,13 @@ import argparse
 import contextlib
 import importlib
 import io
-import os
 import sys
 from collections.abc import Callable, Sequence
 
 from daemon import __version__
 from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError, ConfigError
 
+# The config file when neither --config nor $CKPTD_CONFIG names one (daemon.commands._common).
 DEFAULT_CONFIG = "/etc/ckptd/config.yaml"
 
 EXIT_CODES = "exit codes: 0 done; 1 failed; 2 usage or config error; 3 refused for safety."
@@ -243,11 +243,6 @@ def _add_other_commands(command: Callable[..., argparse.ArgumentParser]) -> None
     manpage.add_argument(
         "--output", "-o", metavar="FILE", default=None, help="write it here instead of stdout"
     )
-
-
-def resolve_config_path(explicit: str | None) -> str:
-    """Given the --config argument, return the config file path to use."""
-    return explicit or os.environ.get("CKPTD_CONFIG") or DEFAULT_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> int:

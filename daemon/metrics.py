@@ -39,6 +39,8 @@ from daemon.config.models import parse_listen
 from daemon.disk import pressure
 from daemon.logs import get_logger
 from daemon.pruning import trash
+from daemon.pruning.pipeline import PruneReport
+from daemon.snapshots.daily import SnapshotReport
 from daemon.state import read_state, update_state
 
 log = get_logger("ckptd.metrics")
@@ -259,7 +261,7 @@ class Tally:
     incomplete: int
 
 
-def tally(report: Any) -> Tally:
+def tally(report: PruneReport) -> Tally:
     """Given a prune report, return what is in its root now: every checkpoint of its plan but
     those it deleted (a refused run deleted nothing)."""
     deleted = set(report.deleted)
@@ -277,7 +279,7 @@ def tally(report: Any) -> Tally:
     return Tally(counts, sizes, incomplete)
 
 
-def deleted_bytes(report: Any) -> int:
+def deleted_bytes(report: PruneReport) -> int:
     """Given a prune report, return the bytes of the checkpoints it deleted."""
     deleted = set(report.deleted)
     return sum(
@@ -412,7 +414,7 @@ class Monitor:
     # --- events (worker thread) -----------------------------------------------------------
 
     @_safely
-    def pruned(self, report: Any) -> None:
+    def pruned(self, report: PruneReport) -> None:
         """Given the report of one real (not dry-run) prune of one root, update its metrics and
         the state `ckptd check` reads."""
         if report.dry_run:
@@ -426,8 +428,8 @@ class Monitor:
         m.deleted_bytes.labels(root).inc(deleted_bytes(report))
         m.freed_bytes.labels(root).inc(report.bytes_freed)
         m.failed_deletions.labels(root).inc(len(report.failed))
-        for reasons in dict(report.extra.get("veto_reasons") or {}).values():
-            m.vetoes.labels(root, veto_reason(str(reasons))).inc()
+        for reasons in report.veto_reasons.values():
+            m.vetoes.labels(root, veto_reason(reasons)).inc()
         m.prune_duration.observe(report.seconds)
         if report.refused:
             m.refusals.labels(root, refusal_reason(report.refused)).inc()
@@ -444,7 +446,7 @@ class Monitor:
         self._save_state(prune_success=dict(self.prune_success), refused=dict(self.refused))
         self.write_textfile()
 
-    def _set_contents(self, root: str, report: Any) -> None:
+    def _set_contents(self, root: str, report: PruneReport) -> None:
         counted = tally(report)
         for tier in TIERS:
             self.metrics.checkpoints.labels(root, tier).set(counted.counts.get(tier, 0))
@@ -473,7 +475,7 @@ class Monitor:
         self.metrics.size_bytes.labels(mount).set(usage.total)
 
     @_safely
-    def snapshot_taken(self, report: Any) -> None:
+    def snapshot_taken(self, report: SnapshotReport) -> None:
         """Given the report of one daily snapshot run, record its result and, when a snapshot
         was taken (or already there), its time."""
         now = self.clock()
@@ -499,7 +501,7 @@ class Monitor:
         self.write_textfile()
 
     @_safely
-    def disk_checked(self, report: Any) -> None:
+    def disk_checked(self, report: pressure.DiskReport) -> None:
         """Given the report of one disk check, update every filesystem's figures and its time."""
         mounts = {check.mount for check in report.filesystems}
         for mount in self.mounts - mounts:

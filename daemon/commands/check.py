@@ -28,6 +28,7 @@ from typing import Any
 
 import psutil
 
+from daemon.commands._common import config_path
 from daemon.config import Config, load_config
 from daemon.disk import pressure
 from daemon.errors import CkptdError
@@ -280,9 +281,7 @@ def unknown(message: str) -> Report:
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `check` arguments, print the one line (or JSON) and return the Nagios code."""
-    from daemon.cli import resolve_config_path
-
-    path = resolve_config_path(args.config)
+    path = config_path(args.config)
     try:
         report = run_check(load_config(path), now=time.time())
     except CkptdError as error:

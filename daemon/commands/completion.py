@@ -17,6 +17,8 @@ import sys
 
 import shtab
 
+from daemon.commands._common import cli_parser
+
 # Option destinations whose value is a file, or a folder, on this machine.
 FILE_VALUES = frozenset({"config", "file", "output"})
 FOLDER_VALUES = frozenset({"root"})
@@ -38,9 +40,7 @@ def annotate(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def script(shell: str) -> str:
     """Given a shell name, return ckptd's completion script for it."""
-    from daemon.cli import build_parser
-
-    return str(shtab.complete(annotate(build_parser()), shell=shell))
+    return str(shtab.complete(annotate(cli_parser()), shell=shell))
 
 
 def main(args: argparse.Namespace) -> int:

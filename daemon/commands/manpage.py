@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 
 from daemon import __version__
+from daemon.commands._common import cli_parser
 from daemon.fsio import TRASH_DIRECTORY
 
 ENVIRONMENT = (
@@ -140,9 +141,7 @@ def render(parser: argparse.ArgumentParser) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `manpage` arguments, write the page and return 0."""
-    from daemon.cli import build_parser
-
-    page = render(build_parser())
+    page = render(cli_parser())
     if args.output is None:
         sys.stdout.write(page)
         return 0

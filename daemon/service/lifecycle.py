@@ -33,6 +33,7 @@ from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.fsio import TRASH_DIRECTORY
+from daemon.history.log import NULL_HISTORY
 from daemon.logs import configure_logging, get_logger
 from daemon.metrics import Monitor
 from daemon.service.scheduler import Schedule, build_triggers
@@ -556,7 +557,7 @@ class Service:
             return HistoryLog(config.history_path)
         except OSError as error:
             log.warning("history_unavailable", path=config.history_path, error=str(error))
-            return None
+            return NULL_HISTORY
 
     def _write_state(self, **keys: Any) -> None:
         try:
