@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -142,18 +143,23 @@ class HistoryLog:
 
 def read_records(path: str) -> list[dict[str, Any]]:
     """Given a history file, return its records in order (unparseable lines skipped)."""
-    records: list[dict[str, Any]] = []
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(value, dict):
-                    records.append(value)
+            return parse_records(handle)
     except FileNotFoundError:
-        pass
+        return []
+
+
+def parse_records(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Given the lines of a history file, return its records in order (unparseable skipped)."""
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
     return records
 
 
