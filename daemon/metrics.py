@@ -33,10 +33,11 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, disable_creat
 from prometheus_client import Counter as PromCounter
 from prometheus_client.exposition import generate_latest, start_wsgi_server
 
-from daemon import __version__
+from daemon import __version__, clock
 from daemon.config import Config
 from daemon.config.models import parse_listen
 from daemon.disk import pressure
+from daemon.disk.mounts import mount_point
 from daemon.logs import get_logger
 from daemon.pruning import trash
 from daemon.pruning.pipeline import PruneReport
@@ -92,7 +93,8 @@ def refusal_reason(reason: str) -> str:
 
 
 def utc_iso(epoch_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
+    """Given epoch seconds, return the state file's UTC ISO time (to the second)."""
+    return clock.utc_iso(epoch_seconds, timespec="seconds")
 
 
 def epoch_of(iso: object) -> float | None:
@@ -463,7 +465,7 @@ class Monitor:
     def _measure_filesystem(self, root: str) -> None:
         try:
             usage = pressure.measure(root)
-            mount = pressure.mount_point(root)
+            mount = mount_point(root)
         except OSError:
             return
         self._set_filesystem(mount, usage)

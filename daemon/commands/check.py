@@ -28,12 +28,15 @@ from typing import Any
 
 import psutil
 
+from daemon.clock import zone_for
 from daemon.commands._common import config_path
 from daemon.config import Config, load_config
 from daemon.disk import pressure
+from daemon.disk.mounts import mount_point
 from daemon.errors import CkptdError
 from daemon.metrics import epoch_of
-from daemon.snapshots.daily import existing_snapshot_dates, scheduled_instant, zone_for
+from daemon.snapshots.execute import existing_snapshot_dates
+from daemon.snapshots.schedule import scheduled_instant
 from daemon.state import state_path
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
@@ -158,7 +161,7 @@ def check_disks(config: Config, report: Report) -> None:
     rows = []
     for roots in groups.values():
         usage = pressure.measure(roots[0].path)
-        mount = pressure.mount_point(roots[0].path)
+        mount = mount_point(roots[0].path)
         level = pressure.level_of(usage, config)
         rows.append((usage.percent, mount))
         report.perfdata.append(
