@@ -195,6 +195,14 @@ def _decode_checkpoint(raw: object, root: StorageUrl) -> CheckpointObjects:
     return CheckpointObjects(name=name, markers=markers, objects=objects, prefix=prefix)
 
 
+def _check_all(root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> None:
+    """Given checkpoints about to be journalled, raise JournalError unless each has a plain
+    name, its own prefix, markers among its objects and every key inside it."""
+    for checkpoint in checkpoints:
+        raw = _encode_checkpoint(checkpoint)
+        _decode_checkpoint(raw, root)
+
+
 def _decode_object(item: object) -> ObjectInfo:
     if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
         raise JournalError(f"not an [key, size] pair: {item!r}")
@@ -225,9 +233,7 @@ def write_journal(
 
     Nothing may be deleted before this returns: the journal is what lets a crash be finished.
     """
-    for checkpoint in checkpoints:
-        for key in (item.key for item in checkpoint.objects):
-            _check_key(key, root, _check_name(checkpoint.name), checkpoint.prefix)
+    _check_all(root, checkpoints)
     key = journal_key(root, run_id)
     store.put(key, _encode(run_id, root, checkpoints))
     return key
@@ -393,9 +399,7 @@ def defer(
     """Given checkpoints and the time their grace ends, list them for deletion then (the
     objects stay); return the list's key."""
     run = run_id or new_run_id()
-    for checkpoint in checkpoints:
-        for item in checkpoint.objects:
-            _check_key(item.key, root, _check_name(checkpoint.name), checkpoint.prefix)
+    _check_all(root, checkpoints)
     document = json.loads(_encode(run, root, checkpoints))
     document["due"] = due
     key = deferred_key(root, run)
