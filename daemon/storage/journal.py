@@ -132,26 +132,8 @@ def deferred_key(root: StorageUrl, run_id: str) -> str:
 # --- encoding and validation -------------------------------------------------------------
 
 
-def _encode_checkpoint(checkpoint: CheckpointObjects) -> dict[str, object]:
-    return {
-        "name": checkpoint.name,
-        "prefix": checkpoint.prefix,
-        "markers": list(checkpoint.markers),
-        "objects": [[item.key, item.size] for item in checkpoint.objects],
-    }
-
-
-def _encode(run_id: str, root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> bytes:
-    document = {
-        "version": FORMAT_VERSION,
-        "run_id": run_id,
-        "root": str(root),
-        "created": time.time(),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "checkpoints": [_encode_checkpoint(checkpoint) for checkpoint in checkpoints],
-    }
-    return json.dumps(document, separators=(",", ":")).encode()
+def _base(root: StorageUrl, checkpoint_name: str, is_prefix: bool) -> str:
+    return f"{root.directory()}{checkpoint_name}/" if is_prefix else root.directory()
 
 
 def _check_name(name: object) -> str:
@@ -166,48 +148,75 @@ def _check_name(name: object) -> str:
     return name
 
 
-def _check_key(key: str, root: StorageUrl, name: str, prefix: str | None) -> None:
-    top = root.directory()
-    if prefix is not None:
-        inside = key.startswith(prefix) and len(key) > len(prefix)
-    else:
-        rest = key[len(top) :]
-        inside = key.startswith(top) and "/" not in rest and rest.startswith(name)
-    segments = key[len(top) :].split("/")
+def _check_relative(relative: str, name: str, is_prefix: bool) -> None:
+    """Given a key relative to its checkpoint's base, raise JournalError unless it lies inside
+    that checkpoint: no empty, '.' or '..' segment; a top-level object starts with the name."""
+    segments = relative.split("/")
+    inside = is_prefix or (len(segments) == 1 and relative.startswith(name))
     if not inside or any(segment in ("", ".", "..") for segment in segments):
-        raise JournalError(f"key {key!r} is not inside checkpoint {name!r} of {root}")
+        raise JournalError(f"{relative!r} is not inside checkpoint {name!r}")
+
+
+def _relative(key: str, base: str, name: str, is_prefix: bool) -> str:
+    if not key.startswith(base):
+        raise JournalError(f"key {key!r} is not inside checkpoint {name!r}")
+    relative = key[len(base) :]
+    _check_relative(relative, name, is_prefix)
+    return relative
+
+
+def _encode_checkpoint(root: StorageUrl, checkpoint: CheckpointObjects) -> dict[str, object]:
+    """Given a checkpoint, return its journal entry (keys relative to it, each checked)."""
+    name = _check_name(checkpoint.name)
+    is_prefix = checkpoint.prefix is not None
+    base = _base(root, name, is_prefix)
+    if is_prefix and checkpoint.prefix != base:
+        raise JournalError(f"prefix {checkpoint.prefix!r} does not belong to {name!r}")
+    objects = [[_relative(i.key, base, name, is_prefix), i.size] for i in checkpoint.objects]
+    keys = {item.key for item in checkpoint.objects}
+    if not set(checkpoint.markers) <= keys:
+        raise JournalError(f"a marker of {name!r} is not among its objects")
+    markers = [marker[len(base) :] for marker in checkpoint.markers]
+    return {"name": name, "prefix": is_prefix, "markers": markers, "objects": objects}
+
+
+def _encode(run_id: str, root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> bytes:
+    document = {
+        "version": FORMAT_VERSION,
+        "run_id": run_id,
+        "root": str(root),
+        "created": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "checkpoints": [_encode_checkpoint(root, checkpoint) for checkpoint in checkpoints],
+    }
+    return json.dumps(document, separators=(",", ":")).encode()
 
 
 def _decode_checkpoint(raw: object, root: StorageUrl) -> CheckpointObjects:
     if not isinstance(raw, dict):
         raise JournalError("a checkpoint entry is not an object")
     name = _check_name(raw.get("name"))
-    prefix = raw.get("prefix")
-    if prefix is not None and prefix != f"{root.directory()}{name}/":
-        raise JournalError(f"prefix {prefix!r} does not belong to {name!r}")
-    objects = tuple(_decode_object(item) for item in raw.get("objects") or ())
+    is_prefix = raw.get("prefix") is True
+    base = _base(root, name, is_prefix)
+    objects = tuple(
+        _decode_object(item, base, name, is_prefix) for item in raw.get("objects") or ()
+    )
     keys = {item.key for item in objects}
-    markers = tuple(str(marker) for marker in raw.get("markers") or ())
+    markers = tuple(base + str(marker) for marker in raw.get("markers") or ())
     if not set(markers) <= keys:
         raise JournalError(f"a marker of {name!r} is not among its objects")
-    for key in keys:
-        _check_key(key, root, name, prefix)
-    return CheckpointObjects(name=name, markers=markers, objects=objects, prefix=prefix)
+    return CheckpointObjects(
+        name=name, markers=markers, objects=objects, prefix=base if is_prefix else None
+    )
 
 
-def _check_all(root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> None:
-    """Given checkpoints about to be journalled, raise JournalError unless each has a plain
-    name, its own prefix, markers among its objects and every key inside it."""
-    for checkpoint in checkpoints:
-        raw = _encode_checkpoint(checkpoint)
-        _decode_checkpoint(raw, root)
-
-
-def _decode_object(item: object) -> ObjectInfo:
+def _decode_object(item: object, base: str, name: str, is_prefix: bool) -> ObjectInfo:
     if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
-        raise JournalError(f"not an [key, size] pair: {item!r}")
+        raise JournalError(f"not a [name, size] pair: {item!r}")
+    _check_relative(item[0], name, is_prefix)
     size = item[1] if isinstance(item[1], int) and item[1] >= 0 else 0
-    return ObjectInfo(key=item[0], size=size, mtime=0.0, etag="")
+    return ObjectInfo(key=base + item[0], size=size, mtime=0.0, etag="")
 
 
 def _decode(data: bytes, root: StorageUrl) -> tuple[dict[str, object], list[CheckpointObjects]]:
@@ -233,7 +242,6 @@ def write_journal(
 
     Nothing may be deleted before this returns: the journal is what lets a crash be finished.
     """
-    _check_all(root, checkpoints)
     key = journal_key(root, run_id)
     store.put(key, _encode(run_id, root, checkpoints))
     return key
@@ -399,7 +407,6 @@ def defer(
     """Given checkpoints and the time their grace ends, list them for deletion then (the
     objects stay); return the list's key."""
     run = run_id or new_run_id()
-    _check_all(root, checkpoints)
     document = json.loads(_encode(run, root, checkpoints))
     document["due"] = due
     key = deferred_key(root, run)
@@ -485,7 +492,7 @@ def _rewrite_list(
 ) -> bool:
     if not left:
         return store.delete_if_match(key, etag)
-    document = dict(document, checkpoints=[_encode_checkpoint(c) for c in left])
+    document = dict(document, checkpoints=[_encode_checkpoint(root, c) for c in left])
     data = json.dumps(document, separators=(",", ":")).encode()
     return store.replace_if_match(key, data, etag)
 

@@ -12,6 +12,7 @@ message, a repr or a log line.
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -45,6 +46,8 @@ KNOWN_OPTIONS = frozenset(
 # The codes S3 answers a lost conditional write with: 412, and 409 while another conditional
 # write to the same key is in flight (AWS asks to retry; the other writer wins meanwhile).
 _LOST = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
+# How long the answer to "is the bucket versioned?" is trusted (seconds).
+VERSIONING_TTL = 600.0
 _ABSENT = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 _DENIED = frozenset(
     {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
@@ -138,6 +141,7 @@ class S3Store:
         self._endpoint = endpoint
         # Requests per operation: the benchmark and the listing-cost tests read this.
         self.requests: collections.Counter[str] = collections.Counter()
+        self._versioning: tuple[float, bool] | None = None
         client.meta.events.register("before-call.s3", self._count)
 
     def _count(self, model: Any = None, **_: Any) -> None:
@@ -287,6 +291,15 @@ class S3Store:
             arguments["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
 
     def versioning_enabled(self) -> bool:
+        # A bucket's versioning is changed by hand, rarely: ask once per VERSIONING_TTL.
+        now = time.monotonic()
+        if self._versioning is not None and now - self._versioning[0] < VERSIONING_TTL:
+            return self._versioning[1]
+        answer = self._ask_versioning()
+        self._versioning = (now, answer)
+        return answer
+
+    def _ask_versioning(self) -> bool:
         try:
             answer = self._call("get_bucket_versioning", "?versioning")
         except PermissionError:

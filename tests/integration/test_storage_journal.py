@@ -248,9 +248,9 @@ def test_a_journal_reaching_outside_its_checkpoint_is_refused_and_kept(
         "checkpoints": [
             {
                 "name": "checkpoint-1",
-                "prefix": "run/checkpoint-1/",
-                "markers": ["run/checkpoint-2/trainer_state.json"],
-                "objects": [["run/checkpoint-2/trainer_state.json", 10]],
+                "prefix": True,
+                "markers": ["../checkpoint-2/trainer_state.json"],
+                "objects": [["../checkpoint-2/trainer_state.json", 10]],
             }
         ],
     }
@@ -260,11 +260,12 @@ def test_a_journal_reaching_outside_its_checkpoint_is_refused_and_kept(
     assert checkpoints_left(s3_bucket)["checkpoint-2"] == set(FILES)
     assert pending_journals(store, url) == ["run/.ckptd-journal/planted.json"]
     with pytest.raises(JournalError):
-        delete_checkpoints(
-            store,
-            url,
-            [CheckpointObjects("..", (), (), None)],
-        )
+        delete_checkpoints(store, url, [CheckpointObjects("..", (), (), None)])
+    outside = objects_of(store, url, "checkpoint-2")
+    stray = CheckpointObjects("checkpoint-1", outside.markers, outside.objects, "run/checkpoint-1/")
+    with pytest.raises(JournalError):
+        delete_checkpoints(store, url, [stray])
+    assert checkpoints_left(s3_bucket)["checkpoint-2"] == set(FILES), "refused before deleting"
 
 
 def test_lease_lost_mid_run_stops_and_the_journal_finishes_it(s3_bucket: S3Bucket) -> None:

@@ -224,4 +224,7 @@ def test_versioning_is_reported(s3_bucket: S3Bucket) -> None:
     make_client(s3_bucket.endpoint).put_bucket_versioning(
         Bucket=s3_bucket.name, VersioningConfiguration={"Status": "Enabled"}
     )
-    assert store.versioning_enabled() is True
+    assert store_of(s3_bucket).versioning_enabled() is True
+    # Asked once per VERSIONING_TTL: a run deleting in many batches asks once.
+    assert store.versioning_enabled() is False
+    assert store.requests["GetBucketVersioning"] == 1
