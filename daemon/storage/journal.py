@@ -30,7 +30,9 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from daemon.storage.base import DeleteFailure, ObjectInfo, ObjectStore
@@ -43,6 +45,9 @@ OWN_PREFIX = ".ckptd"
 FORMAT_VERSION = 1
 # A journal of a very large run (100,000 keys) is a few MiB; anything larger is not ours.
 JOURNAL_LIMIT = 64 << 20
+# Delete requests in flight at once within a phase (markers, then the rest): S3 serves them
+# in parallel, and a run of 100,000 objects is 100 requests.
+DEFAULT_PARALLEL = 4
 VERSIONED_NOTE = (
     "the bucket keeps old versions (versioning or soft delete): the deleted objects stay"
     " billed until a lifecycle rule expires them"
@@ -257,16 +262,28 @@ def _delete_in_batches(
     keys: Sequence[str],
     batch_size: int,
     keep_going: Callable[[], bool] | None,
+    parallel: int,
 ) -> tuple[list[DeleteFailure], bool]:
-    """Given keys, delete them batch by batch; return the failures and whether it stopped
-    early because `keep_going()` said so (the keys not sent count as failures)."""
+    """Given keys, delete them in batches, at most `parallel` requests in flight; return the
+    failures and whether it stopped early because `keep_going()` said so before a batch (the
+    keys not sent count as failures)."""
     failures: list[DeleteFailure] = []
-    for index, batch in enumerate(_batches(keys, batch_size)):
-        if keep_going is not None and not keep_going():
-            unsent = keys[index * batch_size :]
-            failures.extend(DeleteFailure(key, "Stopped", "lease lost") for key in unsent)
-            return failures, True
-        failures.extend(store.delete_batch(batch))
+    batches = list(_batches(keys, batch_size))
+    workers = max(1, min(parallel, len(batches)))
+    with ThreadPoolExecutor(workers, thread_name_prefix="ckptd-delete") as pool:
+        in_flight: deque[Future[list[DeleteFailure]]] = deque()
+        for index, batch in enumerate(batches):
+            if len(in_flight) >= workers:
+                failures.extend(in_flight.popleft().result())
+            if keep_going is not None and not keep_going():
+                for future in in_flight:
+                    failures.extend(future.result())
+                unsent = keys[index * batch_size :]
+                failures.extend(DeleteFailure(key, "Stopped", "lease lost") for key in unsent)
+                return failures, True
+            in_flight.append(pool.submit(store.delete_batch, batch))
+        for future in in_flight:
+            failures.extend(future.result())
     return failures, False
 
 
@@ -277,12 +294,14 @@ def execute(
     versioned: bool,
     batch_size: int = 1000,
     keep_going: Callable[[], bool] | None = None,
+    parallel: int = 1,
 ) -> tuple[list[DeletionOutcome], bool]:
     """Given journalled checkpoints, delete every marker first, then the rest of each
     checkpoint whose markers are gone, in batches; return the outcomes and whether it stopped
-    early. A checkpoint whose marker could not be deleted keeps all its other objects."""
+    early. A checkpoint whose marker could not be deleted keeps all its other objects.
+    `parallel` batches may be in flight at once within each phase, never across the two."""
     markers = [key for checkpoint in checkpoints for key in checkpoint.markers]
-    marker_failures, stopped = _delete_in_batches(store, markers, batch_size, keep_going)
+    marker_failures, stopped = _delete_in_batches(store, markers, batch_size, keep_going, parallel)
     failed_by_key = {failure.key: failure for failure in marker_failures}
     go_on = [c for c in checkpoints if not any(m in failed_by_key for m in c.markers)]
     rest = [
@@ -292,7 +311,7 @@ def execute(
         if item.key not in checkpoint.markers
     ]
     if not stopped:
-        rest_failures, stopped = _delete_in_batches(store, rest, batch_size, keep_going)
+        rest_failures, stopped = _delete_in_batches(store, rest, batch_size, keep_going, parallel)
         failed_by_key.update((failure.key, failure) for failure in rest_failures)
     else:
         failed_by_key.update((key, DeleteFailure(key, "Stopped", "lease lost")) for key in rest)
@@ -321,11 +340,17 @@ def _finish(
     journal: str,
     batch_size: int,
     keep_going: Callable[[], bool] | None,
+    parallel: int,
 ) -> RunOutcome:
     """Given a run whose journal is written, delete (markers first) and then remove the
     journal when every key is gone; return the run with its outcomes."""
     run.outcomes, run.stopped = execute(
-        store, checkpoints, versioned=run.versioned, batch_size=batch_size, keep_going=keep_going
+        store,
+        checkpoints,
+        versioned=run.versioned,
+        batch_size=batch_size,
+        keep_going=keep_going,
+        parallel=parallel,
     )
     if all(outcome.complete for outcome in run.outcomes):
         store.delete_batch([journal])
@@ -342,6 +367,7 @@ def delete_checkpoints(
     batch_size: int = 1000,
     keep_going: Callable[[], bool] | None = None,
     versioned: bool | None = None,
+    parallel: int = DEFAULT_PARALLEL,
 ) -> RunOutcome:
     """Given checkpoints chosen for deletion, delete them journalled, markers first; return
     what happened. `keep_going()` is asked before each request (the lease is still held);
@@ -351,7 +377,7 @@ def delete_checkpoints(
         return run
     run.versioned = store.versioning_enabled() if versioned is None else versioned
     key = write_journal(store, root, checkpoints, run.run_id)
-    return _finish(store, run, checkpoints, key, batch_size, keep_going)
+    return _finish(store, run, checkpoints, key, batch_size, keep_going, parallel)
 
 
 def pending_journals(store: ObjectStore, root: StorageUrl) -> list[str]:
@@ -370,6 +396,7 @@ def finish_pending(
     *,
     batch_size: int = 1000,
     keep_going: Callable[[], bool] | None = None,
+    parallel: int = DEFAULT_PARALLEL,
 ) -> list[RunOutcome]:
     """Given a root, finish every journalled run a crash left behind (markers again first);
     return one outcome per journal. A journal that fails validation is left in place and
@@ -387,7 +414,7 @@ def finish_pending(
         run = RunOutcome(
             run_id=str(document.get("run_id", key)), versioned=store.versioning_enabled()
         )
-        runs.append(_finish(store, run, checkpoints, key, batch_size, keep_going))
+        runs.append(_finish(store, run, checkpoints, key, batch_size, keep_going, parallel))
     if invalid:
         raise JournalError("; ".join(invalid))
     return runs
@@ -505,6 +532,7 @@ def purge_due(
     everything: bool = False,
     batch_size: int = 1000,
     keep_going: Callable[[], bool] | None = None,
+    parallel: int = DEFAULT_PARALLEL,
 ) -> list[RunOutcome]:
     """Given the time, delete (journalled, markers first) every deferred list that fell due,
     or every list when `everything` (disk pressure empties the trash first); return one
@@ -524,5 +552,5 @@ def purge_due(
             store.delete_batch([journal])
             continue
         run = RunOutcome(run_id=run_id, versioned=store.versioning_enabled())
-        runs.append(_finish(store, run, checkpoints, journal, batch_size, keep_going))
+        runs.append(_finish(store, run, checkpoints, journal, batch_size, keep_going, parallel))
     return runs

@@ -186,20 +186,28 @@ CHILD = textwrap.dedent(
         print(requests, flush=True)
         sys.stdin.readline()  # the test lets each request go, and kills us at its chosen one
         return True
-    delete_checkpoints(store, url, doomed, batch_size=4, keep_going=keep_going)
+    parallel = int(sys.argv[3])
+    delete_checkpoints(store, url, doomed, batch_size=4, keep_going=keep_going, parallel=parallel)
     print("done", flush=True)
     """
 )
 
 
-@pytest.mark.parametrize("kill_at", [3, 10, 21])
+@pytest.mark.parametrize(("kill_at", "parallel"), [(3, 1), (10, 1), (21, 1), (5, 4), (12, 4)])
 def test_kill_9_mid_delete_then_finish_pending_completes_it(
-    s3_bucket: S3Bucket, kill_at: int
+    s3_bucket: S3Bucket, kill_at: int, parallel: int
 ) -> None:
     # 30 checkpoints, batches of 4: requests 1-8 delete markers, 9-23 the other 60 objects.
     write_checkpoints(s3_bucket, range(1, 36))
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, s3_bucket.url("run"), json.dumps(s3_bucket.options)],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            s3_bucket.url("run"),
+            json.dumps(s3_bucket.options),
+            str(parallel),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -217,15 +225,9 @@ def test_kill_9_mid_delete_then_finish_pending_completes_it(
     child.stdin.close()
     child.stdout.close()
 
-    # Requests 1..kill_at-1 were answered: 8 marker batches come first, then the rest.
     assert_marker_first(s3_bucket)
-    done = kill_at - 1
-    left = checkpoints_left(s3_bucket)
-    doomed = [f"checkpoint-{step}" for step in range(1, 31)]
-    without_marker = [name for name in doomed if MARKER not in left.get(name, set())]
-    assert len(without_marker) == min(4 * done, 30)
-    others_left = sum(len(left.get(name, set()) - {MARKER}) for name in doomed)
-    assert others_left == 60 - 4 * max(0, done - 8)
+    if parallel == 1:
+        assert_sequential_progress(s3_bucket, kill_at)
     url, store = opened(s3_bucket)
     assert len(pending_journals(store, url)) == 1
 
@@ -235,6 +237,17 @@ def test_kill_9_mid_delete_then_finish_pending_completes_it(
     assert sorted(checkpoints_left(s3_bucket)) == [f"checkpoint-{s}" for s in range(31, 36)]
     assert all(files == set(FILES) for files in checkpoints_left(s3_bucket).values())
     assert pending_journals(store, url) == []
+
+
+def assert_sequential_progress(s3_bucket: S3Bucket, kill_at: int) -> None:
+    """Requests 1..kill_at-1 were answered: 8 marker batches come first, then the rest."""
+    done = kill_at - 1
+    left = checkpoints_left(s3_bucket)
+    doomed = [f"checkpoint-{step}" for step in range(1, 31)]
+    without_marker = [name for name in doomed if MARKER not in left.get(name, set())]
+    assert len(without_marker) == min(4 * done, 30)
+    others_left = sum(len(left.get(name, set()) - {MARKER}) for name in doomed)
+    assert others_left == 60 - 4 * max(0, done - 8)
 
 
 def test_a_journal_reaching_outside_its_checkpoint_is_refused_and_kept(
