@@ -1,6 +1,6 @@
 """Benchmark object-storage discovery and deletion against plain S3 client loops (issue 14).
 
-    python bench/bench_s3.py [--checkpoints 10000] [--delete 1000] [--repeat 4]
+    python bench/bench_s3.py [--checkpoints 10000] [--delete 1000] [--repeat 5]
 
 Starts moto's S3 server on 127.0.0.1 (the one the tests use; `pip install -e '.[test]'`),
 uploads N Hugging Face-style checkpoints of 3 small objects each (`checkpoint-<step>/`
@@ -192,7 +192,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", type=int, default=10_000)
     parser.add_argument("--delete", type=int, default=1_000)
-    parser.add_argument("--repeat", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     if 2 * args.delete * args.repeat > args.checkpoints:
         parser.error("--checkpoints must be at least 2 x --delete x --repeat")

@@ -18,6 +18,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,10 +57,18 @@ def serve() -> None:
     from werkzeug.serving import make_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     application = DomainDispatcherApplication(create_backend_app)
     server = make_server("127.0.0.1", 0, application, threaded=True)
     print(server.server_port, flush=True)
     server.serve_forever()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this server when the process that started it is gone (a killed test run)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 class S3Server:
@@ -122,6 +131,12 @@ def make_client(endpoint: str) -> Any:
     )
 
 
+# One server for the whole session. Each test module imports the fixture, and pytest keeps a
+# session fixture per module that defines it; the first one starts the server, the others
+# share it, and the one that started it stops it when the session ends.
+_shared: list[S3Server] = []
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """The test server's endpoint URL for the whole session (skipped, with why, without moto)."""
@@ -130,13 +145,18 @@ def s3_endpoint() -> Iterator[str]:
         import werkzeug  # noqa: F401
     except ImportError as error:
         pytest.skip(f"moto's S3 server is not installed (pip install -e '.[test]'): {error}")
+    if _shared:
+        yield _shared[0].endpoint
+        return
     server = S3Server()
     problem = server.wait_ready()
     if problem is not None:
         pytest.skip(problem)
+    _shared.append(server)
     try:
         yield server.endpoint
     finally:
+        _shared.clear()
         server.stop()
 
 
