@@ -28,11 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.clock import utc_iso
 from daemon.config import Config, RootConfig, load_config, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.fsio import TRASH_DIRECTORY
+from daemon.history.log import NULL_HISTORY
 from daemon.logs import configure_logging, get_logger
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
@@ -90,7 +92,7 @@ class _SignOfLife(threading.Event):
 
 
 def _utc_iso(epoch_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
+    return utc_iso(epoch_seconds, timespec="seconds")  # the state file's times: whole seconds
 
 
 def _file_digest(path: str) -> str | None:
@@ -547,7 +549,7 @@ class Service:
             return HistoryLog(config.history_path)
         except OSError as error:
             log.warning("history_unavailable", path=config.history_path, error=str(error))
-            return None
+            return NULL_HISTORY
 
     def _write_state(self, **keys: Any) -> None:
         try:

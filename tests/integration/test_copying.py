@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, DefaultsConfig, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.snapshots import copying, daily
+from daemon.history.log import NULL_HISTORY
+from daemon.snapshots import copying, daily, verify
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -176,7 +177,7 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
         disk=DiskConfig(critical_percent=100),
     )
     now = datetime.now(UTC) + timedelta(seconds=1)
-    report = daily.run_daily_snapshot(config, now=now, history=None, force=True)
+    report = daily.run_daily_snapshot(config, now=now, history=NULL_HISTORY, force=True)
     day = now.date().isoformat()
     assert report.status == "done", report
     assert report.by_method == {"reflink": 3}
@@ -187,7 +188,7 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
     assert (target / "last.pt").stat().st_ino != (checkpoint / "last.pt").stat().st_ino
     manifest = json.loads((xfs / "snapshots" / day / "MANIFEST.json").read_text())
     assert {record["method"] for record in manifest["files"]} == {"reflink"}
-    assert daily.verify_snapshot(str(target.parent.parent)).ok
+    assert verify.verify_snapshot(str(target.parent.parent)).ok
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 16) * 3, (1 << 16) * 3 + 17])
