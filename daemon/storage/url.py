@@ -7,8 +7,8 @@ local path and never reaches this module's parser.
 
 from __future__ import annotations
 
-import importlib.util
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from daemon.errors import CkptdError
@@ -25,11 +25,35 @@ _CANONICAL = {
 }
 
 
+def _has_botocore() -> bool:
+    try:
+        import botocore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_gcsfs() -> bool:
+    try:
+        import gcsfs  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_adlfs() -> bool:
+    try:
+        import adlfs  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Backend:
-    """What a scheme needs installed: the module imported, the pip extra that brings it."""
+    """What a scheme needs installed: a check that it is, the package and the pip extra."""
 
-    module: str
+    installed: Callable[[], bool]
     package: str
     extra: str
 
@@ -37,9 +61,9 @@ class Backend:
 # s3 is served by botocore directly (conditional writes, DeleteObjects with per-key errors,
 # synchronous); the others go through their fsspec package.
 BACKENDS = {
-    "s3": Backend(module="botocore", package="s3fs", extra="s3"),
-    "gs": Backend(module="gcsfs", package="gcsfs", extra="gcs"),
-    "az": Backend(module="adlfs", package="adlfs", extra="azure"),
+    "s3": Backend(installed=_has_botocore, package="s3fs", extra="s3"),
+    "gs": Backend(installed=_has_gcsfs, package="gcsfs", extra="gcs"),
+    "az": Backend(installed=_has_adlfs, package="adlfs", extra="azure"),
 }
 
 _URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$")
@@ -111,7 +135,7 @@ def parse(path: str) -> StorageUrl:
 def require_backend(url: StorageUrl) -> Backend:
     """Given a parsed URL, return its backend; raise MissingBackendError naming the install."""
     backend = BACKENDS[url.scheme]
-    if importlib.util.find_spec(backend.module) is None:
+    if not backend.installed():
         raise MissingBackendError(
             f"{url.scheme}:// roots need the {backend.package} package, which is not installed:"
             f" pip install 'ckptd[{backend.extra}]'"

@@ -76,15 +76,13 @@ def test_bad_urls_are_refused_with_the_reason(bad: str) -> None:
 def test_a_missing_fsspec_package_names_the_extra_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(sys.modules, "gcsfs", None)  # find_spec then raises or finds nothing
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else real(name, *a)
-    )
+    # None in sys.modules makes `import` raise ImportError, installed or not.
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    monkeypatch.setitem(sys.modules, "botocore", None)
     with pytest.raises(MissingBackendError, match=r"pip install 'ckptd\[gcs\]'"):
         require_backend(parse("gs://bucket/prefix"))
+    with pytest.raises(MissingBackendError, match=r"s3fs.*pip install 'ckptd\[s3\]'"):
+        open_store("s3://bucket/prefix", {})
 
 
 def test_unknown_storage_options_are_refused_without_showing_values() -> None:
