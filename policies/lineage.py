@@ -133,6 +133,8 @@ def _last_of_max(times: Sequence[float], first: int) -> int:
 
 
 def _walk(steps: Sequence[int], times: Sequence[float]) -> Lineage:
+    """Given steps (ascending) and mtimes, return the lineage found by walking them in write
+    order (the module's docstring)."""
     count = len(steps)
     order = sorted(range(count), key=times.__getitem__)  # stable: equal mtimes by step
     unwritten = _Unwritten(count)
@@ -180,6 +182,8 @@ def _confirm(
 def _lineage(
     steps: Sequence[int], live: list[int], restarts: list[_Restart], newest_written: int
 ) -> Lineage:
+    """Given the walk's outcome, return the Lineage: each restart's branch named by its branch
+    point (`#2`, `#3` for later ones of the same name, in write order) and its witnesses."""
     branches: list[Branch] = []
     seen: dict[str, int] = {}
     witnesses: dict[int, list[str]] = {}

@@ -17,7 +17,16 @@ Per series, ordered by step (never mtime), over its complete checkpoints only:
   the whole series, tier 1 included. A checkpoint in tier t is kept if it represents its bucket
   for tier t or any later tier (`tier2:every-200`, `tier3:every-1000`).
 - `keep_best`, pins and trackers keep a checkpoint whatever the tiers say, and incomplete
-  checkpoints are kept (`incomplete:<why>`) and take no part in tiers, cadence or buckets.
+  checkpoints are kept (`incomplete:<why>`) and take no part in tiers, cadence or buckets;
+  one the daemon flagged `abandoned` (a crashed save) is deleted (`abandoned-save`) unless
+  pinned or tracked.
+- **Restarts** (policies/lineage.py): mtimes order nothing, but they tell runs apart. When a
+  trainer restarted from an older step, the saves it abandoned above that step form a branch
+  (`branch:abandoned-after-2000`) planned by these rules as a run of its own; the live run
+  (the shared history plus the new saves) is planned alone, so its newest save is its `newest`.
+  The branch point and the restart's first two saves are kept (`restart:...`), and so is the
+  most recently written complete checkpoint (`newest-written`) if nothing else keeps it. When
+  the write order agrees with the step order none of this changes anything.
 
 Why results do not depend on how often pruning runs: tier 1 is never thinned, so the cadence and
 the tier-2 boundary of "survivors + new saves" equal those of "everything + new saves"; each
