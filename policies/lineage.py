@@ -33,6 +33,11 @@ highest step. That also keeps a late save's verdict: the highest step of the gro
 later save above the range lies above the range too and was written after `y`. Deleting anything
 else changes no pop, no verdict and no branch name.
 
+So the most recently written complete checkpoint is always the live run's highest step (its
+`newest`, kept by tier 1): it went on above the lineage, or it is a restart that popped
+everything above it. Only saves written within JITTER_SECONDS of each other may rank the other
+way, and then the highest step counts as the newest, as without mtimes.
+
 The live run's cadence is read from its tier 1 from the latest branch point on: below it, the
 shared history was already thinned by earlier plans and its gaps are not the cadence.
 """
@@ -53,7 +58,6 @@ JITTER_SECONDS = 2.0
 RESUMED_FROM = "restart:resumed-from"
 FIRST_SAVE = "restart:first-save"
 SECOND_SAVE = "restart:second-save"
-NEWEST_WRITTEN = "newest-written"
 
 _NO_WITNESSES: Mapping[int, tuple[str, ...]] = MappingProxyType({})
 
@@ -80,7 +84,6 @@ class Lineage:
     """
 
     live: Sequence[int]
-    newest_written: int
     branches: tuple[Branch, ...] = ()
     witnesses: Mapping[int, tuple[str, ...]] = field(default_factory=lambda: _NO_WITNESSES)
     cadence_from: int = 0
@@ -99,7 +102,7 @@ def trace(
 ) -> Lineage | None:
     """Given a series' complete checkpoints as their steps (ascending) and mtimes, return how
     they split into the live run and abandoned branches, or None when the write order agrees
-    with the step order (one run; the highest step is the newest written).
+    with the step order up to JITTER_SECONDS (one run).
 
     `repeated` says whether two steps may be equal, when the caller knows (None: look)."""
     count = len(steps)
@@ -111,25 +114,13 @@ def trace(
     if not repeated and all(map(le, times, islice(times, 1, None))):
         return None
     # A restart needs a checkpoint written clearly before one with a lower step; without one
-    # (only jitter) the series is one run whose newest write may not be its highest step.
+    # the inversions are jitter: one run, whose highest step is as new as any write.
     # running[i] is the latest mtime among positions 0..i, compared with position i + 1's.
     running = accumulate(times, max)
     pairs = zip(running, islice(times, 1, None), strict=False)
     if not repeated and all(earlier <= later + JITTER_SECONDS for earlier, later in pairs):
-        newest = max(range(count), key=times.__getitem__)
-        return Lineage(live=range(count), newest_written=_last_of_max(times, newest))
+        return None
     return _walk(steps, times)
-
-
-def _last_of_max(times: Sequence[float], first: int) -> int:
-    """Given mtimes and the first position holding their maximum, return the last such one:
-    among saves written in the same instant, the highest step counts as the newest."""
-    newest = times[first]
-    last = first
-    for position in range(first + 1, len(times)):
-        if times[position] == newest:
-            last = position
-    return last
 
 
 def _walk(steps: Sequence[int], times: Sequence[float]) -> Lineage:
@@ -158,7 +149,7 @@ def _walk(steps: Sequence[int], times: Sequence[float]) -> Lineage:
                 lineage[below:] = [member for member in lineage[below:] if member not in gone]
                 restarts.append(restart)
         insort(lineage, save)
-    return _lineage(steps, lineage, restarts, order[-1])
+    return _lineage(steps, lineage, restarts)
 
 
 def _confirm(
@@ -179,9 +170,7 @@ def _confirm(
     return _Restart(save, None, None, popped)
 
 
-def _lineage(
-    steps: Sequence[int], live: list[int], restarts: list[_Restart], newest_written: int
-) -> Lineage:
+def _lineage(steps: Sequence[int], live: list[int], restarts: list[_Restart]) -> Lineage:
     """Given the walk's outcome, return the Lineage: each restart's branch named by its branch
     point (`#2`, `#3` for later ones of the same name, in write order) and its witnesses."""
     branches: list[Branch] = []
@@ -203,7 +192,6 @@ def _lineage(
                 witnesses[position].append(reason)
     return Lineage(
         live=live,
-        newest_written=newest_written,
         branches=tuple(branches),
         witnesses={position: tuple(reasons) for position, reasons in witnesses.items()},
         cadence_from=_cadence_from(live, restarts),

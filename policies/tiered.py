@@ -24,9 +24,9 @@ Per series, ordered by step (never mtime), over its complete checkpoints only:
   trainer restarted from an older step, the saves it abandoned above that step form a branch
   (`branch:abandoned-after-2000`) planned by these rules as a run of its own; the live run
   (the shared history plus the new saves) is planned alone, so its newest save is its `newest`.
-  The branch point and the restart's first two saves are kept (`restart:...`), and so is the
-  most recently written complete checkpoint (`newest-written`) if nothing else keeps it. When
-  the write order agrees with the step order none of this changes anything.
+  The branch point and the restart's first two saves are kept (`restart:...`); the most
+  recently written complete checkpoint is the live run's `newest`. When the write order agrees
+  with the step order (up to 2 s of jitter) none of this changes anything.
 
 Why results do not depend on how often pruning runs: tier 1 is never thinned, so the cadence and
 the tier-2 boundary of "survivors + new saves" equal those of "everything + new saves"; each
@@ -52,7 +52,7 @@ from itertools import compress, islice, pairwise, repeat
 from operator import attrgetter, lt, ne
 from typing import Any
 
-from policies.lineage import NEWEST_WRITTEN, Branch, Lineage, trace
+from policies.lineage import Branch, Lineage, trace
 from policies.model import PRESETS, Checkpoint, Decision, Plan, PolicySpec
 
 _step_of = attrgetter("step")
@@ -206,11 +206,8 @@ def _plan_series(
     else:
         complete, incomplete = ordered, []
     lineage = trace(steps, list(map(_mtime_of, complete)), repeated=repeated)
-    if lineage is None:
+    if lineage is None or not lineage.branches:
         columns = _plan_group(series, complete, steps, spec)
-    elif not lineage.branches:
-        columns = _plan_group(series, complete, steps, spec)
-        _keep_newest_written(columns, lineage.newest_written)
     else:
         columns = _plan_branched(series, complete, steps, spec, lineage)
 
@@ -269,7 +266,6 @@ def _plan_branched(
         columns.warnings.extend(part.warnings)
     for position, witnessed in lineage.witnesses.items():
         _keep_also(columns, position, witnessed)
-    _keep_newest_written(columns, lineage.newest_written)
     return columns
 
 
@@ -308,7 +304,8 @@ def _scatter(
 
 def _keep_also(columns: _Columns, position: int, added: tuple[str, ...]) -> None:
     """Keep the checkpoint at `position` for the `added` reasons too, whatever the tiers say."""
-    label = columns.branches[position] if columns.branches is not None else None
+    assert columns.branches is not None
+    label = columns.branches[position]
     tag = (f"branch:{label}",) if label is not None else ()
     if columns.keeps[position]:
         current = tuple(reason for reason in columns.reasons[position] if reason not in tag)
@@ -317,13 +314,6 @@ def _keep_also(columns: _Columns, position: int, added: tuple[str, ...]) -> None
     columns.keeps[position] = True
     # The tier rules' explanations would contradict a kept checkpoint; its branch still holds.
     columns.reasons[position] = added + tag
-
-
-def _keep_newest_written(columns: _Columns, position: int) -> None:
-    """The most recently written complete checkpoint is kept: it is what the trainer saved
-    last, whatever its step (usually it is the highest step, `newest`, and this adds nothing)."""
-    if "newest" not in columns.reasons[position]:
-        _keep_also(columns, position, (NEWEST_WRITTEN,))
 
 
 def _decisions(checkpoints: list[Checkpoint], columns: _Columns) -> list[Decision]:

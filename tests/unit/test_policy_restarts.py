@@ -286,10 +286,7 @@ def test_saves_finishing_out_of_order_within_the_jitter_are_one_run() -> None:
     for step in range(100, 6001, 100):
         # Each pair of saves finishes in reverse order, a second apart.
         disk.save(step, late=1.0 if step % 200 else -1.0)
-    result = disk.plan()
-
-    assert all(d.branch is None for d in result.decisions)
-    assert [d.keep for d in result.decisions] == [d.keep for d in without_mtimes(disk).decisions]
+    assert outcome(disk.plan()) == outcome(without_mtimes(disk))
     assert JITTER_SECONDS > 1.0
 
 
@@ -317,20 +314,29 @@ def test_an_evaluation_writing_into_an_old_checkpoint_splits_nothing_once_the_ru
     assert outcome(disk.plan()) == outcome(without_mtimes(disk))
 
 
-def test_the_newest_written_checkpoint_is_kept_whatever_its_step() -> None:
-    # A rotation keeps one; the trainer's last write finished a second after a higher step.
+@pytest.mark.parametrize(
+    ("late", "kept", "newest"), [(1.0, [1000], 1000), (10.0, [800, 900, 1000], 900)]
+)
+def test_the_newest_write_is_the_newest_unless_within_the_jitter(
+    late: float, kept: list[int], newest: int
+) -> None:
+    # A one-checkpoint rotation; 900 finished `late` seconds after 1000. A second apart, the
+    # order is noise and the highest step is the newest, as without mtimes. Ten seconds apart,
+    # 900 is a restart's save: the live run's newest, and 1000 an abandoned branch of its own
+    # (800, the branch point, is kept as its witness).
     spec = {"default": PolicySpec(keep_last=1, tier2_count=0, tier3_interval=None, cadence=100)}
     checkpoints = [
-        Checkpoint(name="c-900", step=900, mtime=1001.0),
-        Checkpoint(name="c-1000", step=1000, mtime=1000.0),
         Checkpoint(name="c-800", step=800, mtime=900.0),
+        Checkpoint(name="c-1000", step=1000, mtime=1000.0),
+        Checkpoint(name="c-900", step=900, mtime=1000.0 + late),
     ]
 
-    decisions = decisions_by_step(plan(checkpoints, spec))
+    result = plan(checkpoints, spec)
 
-    assert decisions[900] == (True, ("newest-written",), 3)
-    assert decisions[1000] == (True, ("tier1", "newest"), 1)
-    assert decisions[800][0] is False
+    assert [d.checkpoint.step for d in result.kept] == kept
+    (newest_decision,) = [d for d in result.decisions if "newest" in d.reasons]
+    assert newest_decision.checkpoint.step == newest
+    assert newest_decision.branch is None
 
 
 # --- abandoned saves ---------------------------------------------------------------------------
