@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from daemon.state import read_state
+from tests.layouts_fixtures import well_formed_bytes
 
 OLD = time.time() - 3600
 
@@ -43,7 +44,7 @@ def make_checkpoint(root: Path, step: int) -> Path:
     folder = root / f"checkpoint-{step}"
     folder.mkdir()
     for name in ("config.json", "model.safetensors", "optimizer.pt"):
-        (folder / name).write_bytes(b"x" * 1000)
+        (folder / name).write_bytes(well_formed_bytes(name, 1000))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     for path in [*folder.iterdir(), folder]:
         os.utime(path, (OLD, OLD))

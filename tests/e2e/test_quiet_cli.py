@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.layouts_fixtures import well_formed_bytes
+
 OLD = time.time() - 3600
 
 
@@ -21,7 +23,7 @@ def root(tmp_path: Path) -> Path:
     for step in range(10, 310, 10):
         checkpoint = folder / f"checkpoint-{step}"
         checkpoint.mkdir()
-        (checkpoint / "model.safetensors").write_bytes(b"x" * 100)
+        (checkpoint / "model.safetensors").write_bytes(well_formed_bytes("model.safetensors", 100))
         (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in [*checkpoint.iterdir(), checkpoint]:
             os.utime(path, (OLD, OLD))

@@ -25,6 +25,7 @@ from daemon.metrics import Metrics, Monitor, refusal_reason, veto_reason, write_
 from daemon.pruning.pipeline import prune_root
 from daemon.pruning.trash import root_lock
 from daemon.state import read_state
+from tests.layouts_fixtures import well_formed_bytes
 
 OLD = time.time() - 3600
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -35,7 +36,7 @@ def make_checkpoint(root: Path, step: int, *, mtime: float | None = OLD) -> Path
     folder = root / f"checkpoint-{step}"
     folder.mkdir()
     for name in ("config.json", "model.safetensors", "optimizer.pt", "scheduler.pt"):
-        (folder / name).write_bytes(os.urandom(1000 + step))
+        (folder / name).write_bytes(well_formed_bytes(name, 1000 + step, random=True))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if mtime is not None:
         for path in [*folder.iterdir(), folder]:
