@@ -250,12 +250,15 @@ class VerificationState:
         self.cache.retain(root, names)
         self.tests.retain(root, names)
 
-    def save(self) -> None:
-        """Write both files if they changed (silently not, where the folder is not writable)."""
+    def save(self, *, tests: bool = True) -> None:
+        """Write both files if they changed (silently not, where the folder is not writable).
+        `tests` False leaves the user's test results alone: a prune only reads them, and must
+        not write back a copy older than a test that finished meanwhile."""
         if self.folder is not None and not self.create and not os.path.isdir(self.folder):
             return
         self.cache.save()
-        self.tests.save()
+        if tests:
+            self.tests.save()
 
 
 # --- assessing a root ---------------------------------------------------------------------------
