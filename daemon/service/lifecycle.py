@@ -314,6 +314,9 @@ class Service:
 
     def run_job(self, name: str) -> None:
         """Given a job name (on APScheduler's "files" thread), have the worker run it and wait."""
+        if name == "verify":
+            self._user_tests()
+            return
         task = Task(name)
         self.work.put(task)
         while not task.done.wait(0.5):
@@ -321,6 +324,18 @@ class Service:
                 return
         if task.error is not None:
             raise task.error
+
+    def _user_tests(self) -> None:
+        """The user's daily test (on the scheduler's own "verify" thread, not the worker: a test
+        may take an hour, and pruning must not wait for it); it reads, and a failure keeps."""
+        from daemon.usertest import run_daily_user_tests
+
+        outcomes = run_daily_user_tests(
+            self.config, now=self.clock(), history=self.history, stop=self.stop
+        )
+        for outcome in outcomes:
+            verdict = outcome.result.verdict if outcome.result is not None else None
+            log.info("user_test", root=outcome.root, verdict=verdict, skipped=outcome.skipped)
 
     # --- worker thread ------------------------------------------------------------------------
 

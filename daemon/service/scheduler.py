@@ -1,4 +1,5 @@
-"""The schedule: weekly prune, daily snapshot, disk checks, on APScheduler 3's BackgroundScheduler.
+"""The schedule: weekly prune, daily snapshot, disk checks and the user's daily test
+(`verify.command`), on APScheduler 3's BackgroundScheduler.
 
 Every job that changes files runs on one single-thread executor ("files"), `max_instances=1`,
 `coalesce=True` and a generous misfire grace, so a late or piled-up run happens once and never
@@ -32,9 +33,12 @@ from daemon.logs import get_logger
 log = get_logger(__name__)
 
 FILES_EXECUTOR = "files"
+# The user's daily test (`verify.command`) may run for an hour: its own thread, so the prune,
+# snapshot and disk jobs never queue behind it.
+VERIFY_EXECUTOR = "verify"
 # A job missed by up to 6 hours (machine asleep, daemon restarted) still runs, once.
 MISFIRE_GRACE_SECONDS = 6 * 3600
-JOB_NAMES = ("prune", "snapshot", "disk")
+JOB_NAMES = ("prune", "snapshot", "disk", "verify")
 
 
 class WallClockTrigger(BaseTrigger):  # type: ignore[misc]
@@ -102,12 +106,20 @@ def disk_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
     return IntervalTrigger(seconds=max(1.0, float(config.disk.interval)), timezone=timezone)
 
 
+def verify_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
+    """Given the config, return the trigger of the user's daily test at `verify.at` local time."""
+    hour, minute = (int(part) for part in config.verify.at.split(":"))
+    return WallClockTrigger(CronTrigger(hour=hour, minute=minute, timezone=timezone))
+
+
 def build_triggers(config: Config) -> dict[str, BaseTrigger]:
     """Given a config, return job name -> trigger; raise ValueError on a bad schedule."""
     timezone = zone_for(config)
     triggers = {"prune": prune_trigger(config, timezone), "disk": disk_trigger(config, timezone)}
     if config.snapshots.enabled:
         triggers["snapshot"] = snapshot_trigger(config, timezone)
+    if config.verify.command:
+        triggers["verify"] = verify_trigger(config, timezone)
     return triggers
 
 
@@ -123,8 +135,9 @@ class Schedule:
 
     def _new_scheduler(self, timezone: dt.tzinfo) -> BackgroundScheduler:
         self.files_executor = ThreadPoolExecutor(max_workers=1)
+        self.verify_executor = ThreadPoolExecutor(max_workers=1)
         scheduler = BackgroundScheduler(
-            executors={FILES_EXECUTOR: self.files_executor},
+            executors={FILES_EXECUTOR: self.files_executor, VERIFY_EXECUTOR: self.verify_executor},
             job_defaults={
                 "max_instances": 1,
                 "coalesce": True,
@@ -159,7 +172,7 @@ class Schedule:
                     args=[name],
                     id=name,
                     name=name,
-                    executor=FILES_EXECUTOR,
+                    executor=VERIFY_EXECUTOR if name == "verify" else FILES_EXECUTOR,
                     replace_existing=True,
                 )
 
@@ -179,6 +192,7 @@ class Schedule:
         elif wait:
             # Already stopped without waiting (the service's first step): wait for the job now.
             self.files_executor.shutdown(wait=True)
+            self.verify_executor.shutdown(wait=True)
 
     @staticmethod
     def _on_job_event(event: JobExecutionEvent) -> None:
@@ -195,10 +209,12 @@ class Schedule:
 
 __all__ = [
     "FILES_EXECUTOR",
+    "VERIFY_EXECUTOR",
     "Schedule",
     "WallClockTrigger",
     "build_triggers",
     "disk_trigger",
     "prune_trigger",
     "snapshot_trigger",
+    "verify_trigger",
 ]

@@ -319,3 +319,101 @@ def test_stop_ends_a_running_test(tmp_path: Path) -> None:
     result = run_user_test(config, str(root), Checkpoint("checkpoint-100", 100), stop=stop)
     assert time.monotonic() - started < 8
     assert result.verdict == "error" and result.error == "stopped (shutting down)"
+
+
+# --- the daemon's daily job -----------------------------------------------------------------------
+
+
+def test_the_daily_test_has_its_own_trigger_and_thread(tmp_path: Path) -> None:
+    """`verify.at` local time, daily, only with a command; a test running for a long time does
+    not hold up the prune, snapshot and disk jobs (they run on another executor)."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from daemon.service.scheduler import Schedule, build_triggers
+
+    berlin = ZoneInfo("Europe/Berlin")
+    assert "verify" not in build_triggers(Config(timezone="Europe/Berlin"))
+    configured = Config(
+        timezone="Europe/Berlin", verify=VerifyConfig(command="t {path}", at="5:30")
+    )
+    trigger = build_triggers(configured)["verify"]
+    first = trigger.get_next_fire_time(None, dt.datetime(2026, 3, 28, 12, 0, tzinfo=berlin))
+    second = trigger.get_next_fire_time(first, first)
+    assert first == dt.datetime(2026, 3, 29, 5, 30, tzinfo=berlin)  # the spring-forward day
+    assert second == dt.datetime(2026, 3, 30, 5, 30, tzinfo=berlin)
+
+    disk_runs: list[float] = []
+    testing = threading.Event()
+
+    def run_job(name: str) -> None:
+        if name == "verify":
+            testing.set()
+            time.sleep(2.0)
+        else:
+            disk_runs.append(time.monotonic())
+
+    schedule = Schedule(run_job)
+    schedule.start(Config(snapshots={"enabled": False}))  # type: ignore[arg-type]
+    try:
+        schedule.apply(
+            {"verify": IntervalTrigger(seconds=0.05), "disk": IntervalTrigger(seconds=0.1)}
+        )
+        assert testing.wait(5)
+        started = time.monotonic()
+        time.sleep(1.0)
+        assert sum(1 for run in disk_runs if run > started) >= 3
+    finally:
+        schedule.shutdown()
+        schedule.shutdown(wait=True)
+
+
+def test_the_daemon_runs_the_users_test_daily_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    from daemon.service import scheduler
+    from daemon.service.lifecycle import serve
+
+    root = tmp_path / "run"
+    real_run(root, [100, 200])
+    script = tmp_path / "test_model.py"
+    script.write_text("import sys\nprint('tested', sys.argv[1])\n")
+    state = tmp_path / "state"
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"state_dir: {state}\nroots:\n  - path: {root}\nsnapshots: {{enabled: false}}\n"
+        f"disk: {{interval: 1h}}\nverify: {{command: '{sys.executable} {script} {{path}}'}}\n"
+    )
+    # The daily time, brought forward: every half second.
+    monkeypatch.setattr(scheduler, "verify_trigger", lambda *_: IntervalTrigger(seconds=0.5))
+    stop, reload = threading.Event(), threading.Event()
+    thread = threading.Thread(
+        target=lambda: serve(
+            str(config), stop=stop, reload=reload, tick=0.05, configure_logs=False
+        ),
+        name="test-serve-verify",
+    )
+    thread.start()
+    history = state / "history.jsonl"
+
+    def tested() -> list[dict[str, object]]:
+        if not history.exists():
+            return []
+        return [r for r in read_records(str(history)) if r["event"] == "user_test"]
+
+    try:
+        deadline = time.monotonic() + 20
+        while not tested() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # more runs of the job: the checkpoint is tested once, not again
+    finally:
+        stop.set()
+        thread.join(15)
+    (record,) = tested()
+    assert record["checkpoint"] == "checkpoint-200" and record["verdict"] == "verified"
+    assert record["last_lines"] == [f"tested {root / 'checkpoint-200'}"]
+    assert (state / "user-tests.json").exists()
