@@ -35,7 +35,6 @@ from datetime import tzinfo
 from typing import Any, Final, Literal
 
 from daemon.config import Config
-from daemon.disk.mounts import mount_point
 from daemon.history.events import Alert, HoldExpired, IntegrityCorrupt
 from daemon.history.log import History
 from daemon.holds import expire_holds
@@ -480,6 +479,8 @@ def run_corrupt_alert(
 
 
 def _mount_of(root: str) -> str:
+    from daemon.disk.mounts import mount_point  # only when an alert runs: `ckptd plan` stays quick
+
     try:
         return mount_point(root)
     except OSError:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from daemon.cli import DEFAULT_CONFIG, build_parser
 from daemon.config import Config, RootConfig, default_config_for_root, load_config
 from daemon.errors import UsageError
 from daemon.history.log import default_history_path
-from daemon.verification import VerificationState
+
+if TYPE_CHECKING:
+    from daemon.verification import VerificationState
 
 
 def config_path(explicit: str | None) -> str:
@@ -88,6 +91,8 @@ def verification_state_for(
     """Given the selected config and the ROOT and --config arguments, return the integrity
     state to read and keep: beside the user's own history for a bare ROOT without --config
     (as `history_path_for`), else in the config's state_dir."""
+    from daemon.verification import VerificationState  # not every command checks integrity
+
     if root_argument is not None and config_argument is None:
         folder = os.path.dirname(default_history_path())
     else:
