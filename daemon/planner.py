@@ -145,7 +145,7 @@ def plan_root_full(
 
     result = scan_now(())
     specs = series_policies(config, root, result.series, policy_override)
-    context = _Context(config, now, verification, check_new, on_checked)
+    context = _Context(config, verification, check_new, on_checked)
     holds = read_holds(result.root, now=now, tz=context.zone)
     planned = _plan_checked(result, specs, context, holds)
     if cache is not None and planned.plan.deleted:
@@ -166,10 +166,10 @@ class _Context:
     """What planning needs besides the scan: the integrity state and the zone of hold times."""
 
     config: Config
-    now: float
     verification: VerificationState | None
     check_new: bool
     on_checked: Callable[[IntegrityResult], None] | None
+    zone: tzinfo = field(init=False)
 
     def __post_init__(self) -> None:
         self.zone = zone_for(self.config)

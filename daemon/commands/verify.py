@@ -65,7 +65,7 @@ class RootReport:
         return corrupt or bool(self.trackers.problems) or test_failed
 
 
-Progress_ = Callable[[str, int], None]
+ProgressFunction = Callable[[str, int], None]
 
 
 def verify_root(
@@ -74,7 +74,7 @@ def verify_root(
     state: VerificationState,
     *,
     deep: bool,
-    progress: Progress_ | None = None,
+    progress: ProgressFunction | None = None,
 ) -> RootReport:
     """Given a root, check each complete checkpoint (remembered results reused while their
     signature holds) and the trackers; return the report (nothing recorded yet)."""
@@ -101,7 +101,7 @@ def _check(
     checkpoint: Checkpoint,
     state: VerificationState,
     deep: bool,
-    progress: Progress_ | None,
+    progress: ProgressFunction | None,
 ) -> tuple[IntegrityResult, bool]:
     signature = signature_of(root, checkpoint.name, checkpoint.layout)
     remembered = state.cache.lookup(root, checkpoint.name, signature, deep=deep)
@@ -187,7 +187,7 @@ def print_report(console: Console, document: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _progress_for(deep: bool, console: Console) -> Iterator[Progress_ | None]:
+def _progress_for(deep: bool, console: Console) -> Iterator[ProgressFunction | None]:
     """Given --deep and the console, yield a progress callback (bytes read per checkpoint): a
     bar on a terminal, else one line per checkpoint on stderr."""
     if not deep:
