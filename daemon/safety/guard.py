@@ -128,6 +128,70 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     return None
 
 
+def _veto_reasons(decision: Decision, facts: Facts, newest_complete: set[str]) -> list[str]:
+    """Given a planned deletion, the facts and the newest complete checkpoints, return every
+    invariant that forbids it (empty when it may go)."""
+    checkpoint = decision.checkpoint
+    reasons: list[str] = []
+    if checkpoint.name in newest_complete:
+        reasons.append("newest")
+    if not checkpoint.complete:
+        reasons.append("incomplete")
+    if checkpoint.tracked_by:
+        reasons.append("tracked")
+    if checkpoint.pinned_by:
+        reasons.append("pinned")
+    bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
+    if bad or not _is_direct_entry(checkpoint.name):
+        reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
+    reasons.extend(f"in-use:{holder.describe()}" for holder in facts.holders_of(checkpoint))
+    return reasons
+
+
+def _with_min_keep(guarded: list[Decision], min_keep: int) -> list[Decision]:
+    """Given the guarded decisions, return them with, per series, the newest deletions kept
+    back until `min_keep` complete checkpoints survive.
+
+    The policy may thin a series to nothing (a keep_last: 1 rotation beside well-kept epoch
+    checkpoints). Only complete checkpoints count: a crashed save kept as incomplete is nothing
+    to resume from.
+    """
+    result = list(guarded)
+    by_series: dict[str, list[int]] = {}
+    for index, decision in enumerate(result):
+        by_series.setdefault(decision.checkpoint.series, []).append(index)
+    for indexes in by_series.values():
+        survivors = sum(1 for i in indexes if result[i].keep and result[i].checkpoint.complete)
+        if survivors >= min_keep:
+            continue
+        deleted_newest_first = sorted(
+            (i for i in indexes if not result[i].keep),
+            key=lambda i: result[i].checkpoint.step,
+            reverse=True,
+        )
+        for index in deleted_newest_first[: min_keep - survivors]:
+            result[index] = _kept(result[index], f"min_keep:{min_keep}")
+    return result
+
+
+def _fraction_refusal(
+    root: str, guarded: list[Decision], settings: SafetySettings
+) -> RootRefused | None:
+    """Given the guarded decisions, return the refusal when they delete more than
+    `max_delete_fraction` of the root without `force`, else None."""
+    deleting = sum(1 for decision in guarded if not decision.keep)
+    total = len(guarded)
+    if not total or deleting / total <= settings.max_delete_fraction or settings.force:
+        return None
+    return RootRefused(
+        root,
+        f"the plan deletes {deleting} of {total} checkpoints "
+        f"({deleting / total:.0%}), more than max_delete_fraction "
+        f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
+        transient=False,
+    )
+
+
 def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     """Given a policy's plan, the facts and the settings, return the plan the invariants allow.
 
@@ -144,54 +208,12 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     newest_complete = _newest_by_series(plan.decisions, complete_only=True)
     guarded: list[Decision] = []
     for decision in plan.decisions:
-        if decision.keep:
-            guarded.append(decision)
-            continue
-        checkpoint = decision.checkpoint
-        reasons: list[str] = []
-        if checkpoint.name in newest_complete:
-            reasons.append("newest")
-        if not checkpoint.complete:
-            reasons.append("incomplete")
-        if checkpoint.tracked_by:
-            reasons.append("tracked")
-        if checkpoint.pinned_by:
-            reasons.append("pinned")
-        bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
-        if bad or not _is_direct_entry(checkpoint.name):
-            reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
-        for holder in facts.holders_of(checkpoint):
-            reasons.append(f"in-use:{holder.describe()}")
+        reasons = [] if decision.keep else _veto_reasons(decision, facts, newest_complete)
         guarded.append(_kept(decision, *reasons) if reasons else decision)
-
-    # min_keep, per series: the policy may thin a series to nothing (a keep_last: 1 rotation
-    # beside well-kept epoch checkpoints); keep back its newest deletions. Only complete
-    # checkpoints count: a crashed save kept as incomplete is nothing to resume from.
-    by_series: dict[str, list[int]] = {}
-    for index, decision in enumerate(guarded):
-        by_series.setdefault(decision.checkpoint.series, []).append(index)
-    for indexes in by_series.values():
-        survivors = sum(1 for i in indexes if guarded[i].keep and guarded[i].checkpoint.complete)
-        if survivors >= settings.min_keep:
-            continue
-        deleted_newest_first = sorted(
-            (i for i in indexes if not guarded[i].keep),
-            key=lambda i: guarded[i].checkpoint.step,
-            reverse=True,
-        )
-        for index in deleted_newest_first[: settings.min_keep - survivors]:
-            guarded[index] = _kept(guarded[index], f"min_keep:{settings.min_keep}")
-
-    deleting = sum(1 for decision in guarded if not decision.keep)
-    total = len(guarded)
-    if total and deleting / total > settings.max_delete_fraction and not settings.force:
-        raise RootRefused(
-            plan.root,
-            f"the plan deletes {deleting} of {total} checkpoints "
-            f"({deleting / total:.0%}), more than max_delete_fraction "
-            f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
-            transient=False,
-        )
+    guarded = _with_min_keep(guarded, settings.min_keep)
+    refused = _fraction_refusal(plan.root, guarded, settings)
+    if refused is not None:
+        raise refused
     return replace(plan, decisions=tuple(guarded))
 
 

@@ -28,7 +28,7 @@ import queue
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 from watchdog.events import (
@@ -44,6 +44,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from daemon.fsio import TRASH_DIRECTORY
@@ -196,10 +197,10 @@ class Watcher:
     def __init__(self, events: queue.Queue[object]) -> None:
         self.events = events
         self._lock = threading.RLock()
-        self._observers: dict[str, Any] = {}
+        self._observers: dict[str, BaseObserver] = {}
         self._wanted: dict[str, _Want] = {}
         # folder -> (observer, watch, inode, the _Want it was scheduled for)
-        self._active: dict[str, tuple[Any, Any, int, _Want]] = {}
+        self._active: dict[str, tuple[BaseObserver, ObservedWatch, int, _Want]] = {}
         self._roots: dict[str, Literal["inotify", "poll"]] = {}
         self._settings: dict[str, str] = {}
         self._config_path: str | None = None
@@ -358,7 +359,7 @@ class Watcher:
                 self._missing_logged.discard(folder)
                 log.info("root_appeared", root=folder)
 
-    def _schedule(self, folder: str, want: _Want, mode: str) -> tuple[Any, Any]:
+    def _schedule(self, folder: str, want: _Want, mode: str) -> tuple[BaseObserver, ObservedWatch]:
         observer = self._observer(mode)
         watch = observer.schedule(
             _Enqueue(want.targets, self.events),
@@ -380,7 +381,7 @@ class Watcher:
         with contextlib.suppress(KeyError, OSError, ValueError):
             observer.unschedule(watch)
 
-    def _observer(self, mode: str) -> Any:
+    def _observer(self, mode: str) -> BaseObserver:
         observer = self._observers.get(mode)
         if observer is None:
             observer = (
