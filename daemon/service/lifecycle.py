@@ -16,7 +16,6 @@ and `serve` returns 0.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import queue
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from daemon.config import Config, load_config
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.logs import configure_logging, get_logger
+from daemon.service.reload import ConfigWatch, file_digest
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
 from daemon.service.watcher import Watcher, WatchEvent
@@ -34,19 +34,10 @@ from daemon.service.worker import Task, Worker, utc_iso
 log = get_logger("ckptd.service")
 
 STOP_TIMEOUT_SECONDS = 30.0
-CONFIG_DEBOUNCE_SECONDS = 0.3
 # The worker shows life at least every second when idle, and between files and chunks (every
 # `stop.is_set()`) in a long prune or snapshot. Silent this long, it is wedged (a hung mount, a
 # deadlock): WATCHDOG=1 stops, so systemd restarts the daemon instead of it never pruning again.
 WORKER_STUCK_SECONDS = 1800.0
-
-
-def _file_digest(path: str) -> str | None:
-    try:
-        with open(path, "rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()
-    except OSError:
-        return None
 
 
 def _problems(error: Exception, path: str) -> list[str]:
@@ -73,7 +64,7 @@ class Service:
     ) -> None:
         self.config_path = os.path.abspath(config_path)
         self.config = config
-        self.config_digest = _file_digest(self.config_path)
+        self.config_watch = ConfigWatch(self.config_path, file_digest(self.config_path))
         self.config_problem: str | None = None
         self.stop = stop
         self.reload = reload
@@ -96,7 +87,6 @@ class Service:
             next_runs=self.schedule.next_run_times,
         )
         self.worker_stuck = False
-        self.config_changed_at: float | None = None
         self.started = clock()
 
     # --- main thread ----------------------------------------------------------------------------
@@ -138,9 +128,8 @@ class Service:
                 ready = True
                 self.notifier.ready(self.status_line())
                 log.info("ready", status=self.status_line())
-            if ready and self._reload_due():
+            if ready and self.config_watch.due(signalled=self.reload.is_set()):
                 self.reload.clear()
-                self.config_changed_at = None
                 self.do_reload()
             self.watcher.check()
             worker_alive = self.worker.thread.is_alive()
@@ -170,17 +159,11 @@ class Service:
             )
         return True
 
-    def _reload_due(self) -> bool:
-        if self.reload.is_set():
-            return True
-        changed = self.config_changed_at
-        return changed is not None and time.monotonic() - changed >= CONFIG_DEBOUNCE_SECONDS
-
     def do_reload(self) -> bool:
         """Given a request to reload, load the config; keep the old one if the new one is bad."""
         self.notifier.reloading()
         # What was read this time, good or bad: an edit back to the old text is a change too.
-        self.config_digest = _file_digest(self.config_path)
+        self.config_watch = ConfigWatch(self.config_path, file_digest(self.config_path))
         try:
             config = load_config(self.config_path)
             build_triggers(config)  # a bad cron line is a config error too
@@ -265,9 +248,9 @@ class Service:
     # --- worker thread ------------------------------------------------------------------------
 
     def _on_config_event(self, event: WatchEvent) -> None:
-        """Given an event on the config file, note that it changed (the main thread reloads)."""
-        if _file_digest(self.config_path) != self.config_digest:
-            self.config_changed_at = time.monotonic()
+        """Given an event on the config file, start its settle period (the main thread reloads
+        once the file is closed and unchanged; see daemon/service/reload.py)."""
+        self.config_watch.touched()
 
     # --- helpers ------------------------------------------------------------------------------
 
