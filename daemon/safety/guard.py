@@ -29,8 +29,8 @@ class SafetySettings:
 class RootRefused(SafetyRefusal):
     """The whole root is refused for this run; `holders` names the processes involved.
 
-    `transient`: the refusal clears by itself (the trainer finishes its save, the newest
-    checkpoint settles); otherwise only a person can clear it (a config change, `--force`).
+    `transient`: the refusal clears by itself (the trainer lets go of the newest checkpoint);
+    otherwise only a person can clear it (a config change, `--force`).
     """
 
     def __init__(
@@ -59,15 +59,6 @@ def _is_direct_entry(name: str) -> bool:
     )
 
 
-def _is_settling(checkpoint: Checkpoint, now: float, settle_seconds: float) -> bool:
-    if checkpoint.complete:
-        return False
-    reason = (checkpoint.incomplete_reason or "").lower()
-    return reason.startswith("settling") or (
-        checkpoint.mtime > 0 and now - checkpoint.mtime < settle_seconds
-    )
-
-
 def _newest_by_series(decisions: Iterable[Decision], *, complete_only: bool) -> set[str]:
     newest: dict[str, Checkpoint] = {}
     for decision in decisions:
@@ -91,8 +82,10 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     """Given a plan and the facts, return why the whole root must be left alone, or None.
 
     The trainer holding (open file, map, cwd) the newest checkpoint of any series (the newest
-    complete one or any above it), or that newest checkpoint still settling, refuses the root:
-    the trainer is mid-save or mid-resume.
+    complete one or any above it) refuses the root: the trainer is mid-save or mid-resume. A
+    save that is merely settling does not: it is incomplete, so it is never deleted and is not
+    the newest complete one, and a trainer that saves every few seconds must still be pruned
+    while it runs.
     """
     # "The newest" is the newest complete checkpoint of each series and anything above it: a
     # run restarted from an earlier step writes below a crashed save's higher step, and the
@@ -109,11 +102,6 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
         floor = newest_complete_step.get(checkpoint.series)
         if floor is not None and checkpoint.step < floor:
             continue
-        if _is_settling(checkpoint, facts.now, settings.settle_seconds):
-            why = checkpoint.incomplete_reason or "written less than settle_seconds ago"
-            return RootRefused(
-                plan.root, f"the newest checkpoint {checkpoint.name} is still settling ({why})"
-            )
         trainer_holders = tuple(
             holder for holder in facts.holders_of(checkpoint) if facts.is_trainer(holder)
         )
@@ -198,9 +186,8 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
     pinned, held by a process or not a plain entry directly inside the root become keeps with
     the reason; then, per series, the newest deletions are kept back until `min_keep`
-    survive. Raises `RootRefused` when the trainer holds or is still writing the newest
-    checkpoint, or when the run would delete more than `max_delete_fraction` of the root
-    without `force`.
+    survive. Raises `RootRefused` when the trainer holds the newest checkpoint, or when the run
+    would delete more than `max_delete_fraction` of the root without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:

@@ -262,6 +262,23 @@ class Watcher:
             self._rebuild_wanted()
             self._sync()
 
+    def watch_only_checkpoints(self, root: str, paths: list[str]) -> None:
+        """Given a root and the checkpoint folders still being written in it (oldest first),
+        watch exactly those (the newest 8): their completion marker must be an event even
+        after a prune that ran while they were in flight."""
+        with self._lock:
+            if root not in self._roots:
+                return
+            wanted = [path for path in paths if path not in self._roots][-8:]
+            if wanted == self._checkpoint_watches.get(root, []):
+                return
+            if wanted:
+                self._checkpoint_watches[root] = wanted
+            else:
+                self._checkpoint_watches.pop(root, None)
+            self._rebuild_wanted()
+            self._sync()
+
     def forget_checkpoints(self, root: str) -> None:
         """Given a root that was just pruned (so nothing in it is incomplete), drop the watches on
         its checkpoints."""

@@ -2,11 +2,19 @@
 
 Watchdog's threads put `WatchEvent`s on the work queue and APScheduler's "files" thread puts a
 `Task` there and waits; the worker takes everything off that queue, in order, so no two jobs
-that touch the disk ever run at once. It also keeps the per-root prune timers: a new checkpoint
-is pruned for after its root has been quiet for `settle_seconds` (every event in the root or in
-a checkpoint being written pushes the deadline back, up to `MAX_DEFER_SETTLES` periods);
-`prune_root` is the safety-checked path of `ckptd prune -y`, and a refusal that clears by itself
-is retried with a backoff.
+that touch the disk ever run at once.
+
+It also keeps the per-root prune timers (issue 9, point 3: a trainer that saves every second
+must be pruned while it runs). A root is looked at:
+- `EVENT_DEBOUNCE_SECONDS` after an event in it or in a checkpoint being written (a new
+  checkpoint, a completion marker landing, a file the trainer closed), the burst's first event
+  counting, so a trainer that never stops writing does not postpone it;
+- when one of its incomplete checkpoints will have settled (`settle_seconds` after its last
+  write: layouts without a completion marker) or been abandoned (`abandoned_after`);
+- after a refusal that clears by itself (the trainer holds the newest checkpoint), at the next
+  event (the trainer closing its file) or with a backoff, whichever comes first.
+Looking means planning (a scan and the policy, no /proc pass and no history); only a plan that
+deletes something goes through `prune_root`, the safety-checked path of `ckptd prune -y`.
 """
 
 from __future__ import annotations
@@ -20,28 +28,28 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from daemon.config import Config, RootConfig, settings_for
+from daemon.config import Config, RootConfig, RootSettings, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import HistoryLog
 from daemon.logs import get_logger
+from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
-from policies.model import PolicySpec
+from policies.model import Plan, PolicySpec
 
 log = get_logger("ckptd.service")
 
-# Settled means "no event for settle_seconds"; a little more so mtimes are past the threshold.
-SETTLE_MARGIN_SECONDS = 0.3
+# An event's root is looked at this long after the first event of its burst (the files of one
+# save arrive together): soon enough that a trainer saving every 0.4 s is pruned between saves.
+EVENT_DEBOUNCE_SECONDS = 0.1
+# A settle or abandon wake-up lands this far past the threshold, so mtimes are past it too.
+WAKE_MARGIN_SECONDS = 0.3
 MAX_RETRY_SECONDS = 300.0
-# A root that is never quiet (a log file appended in it, checkpoints faster than settle_seconds)
-# is still pruned this many settle periods after its first unsettled event; prune_root's own
-# safety checks keep whatever is still being written.
-MAX_DEFER_SETTLES = 5
 # The size cache is written back at most this often (and at stop): sizes are cheap to relearn.
 CACHE_SAVE_SECONDS = 300.0
 # The worker waits at most this long on an empty queue, so it shows life at least this often.
@@ -136,11 +144,10 @@ def open_size_cache(config: Config) -> SizeCache | None:
 
 @dataclass
 class PruneTimers:
-    """The worker's per-root prune timers: root path -> monotonic deadline, when the current
-    burst of events began, and how many refusals in a row (for the backoff)."""
+    """The worker's per-root prune timers: root path -> monotonic deadline, and how many
+    refusals in a row (for the backoff)."""
 
     deadlines: dict[str, float] = field(default_factory=dict)
-    burst_started: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
 
     def next_timeout(self, now: float) -> float:
@@ -149,33 +156,48 @@ class PruneTimers:
             return IDLE_WAIT_SECONDS
         return max(0.02, min(IDLE_WAIT_SECONDS, min(self.deadlines.values()) - now))
 
-    def on_event(self, root: str, settle: float, now: float) -> None:
-        """Given an event in a root, its settle period (margin included) and the time, push the
-        root's deadline back, but no later than `MAX_DEFER_SETTLES` periods into the burst."""
-        since = self.burst_started.setdefault(root, now)
-        self.deadlines[root] = min(now + settle, since + MAX_DEFER_SETTLES * settle)
-        self.attempts[root] = 0
+    def wake(self, root: str, at: float) -> None:
+        """Given a root and a monotonic time, look at the root then (or sooner, if due sooner)."""
+        self.deadlines[root] = min(self.deadlines.get(root, at), at)
+
+    def on_event(self, root: str, now: float) -> None:
+        """Given an event in a root and the time, look at it `EVENT_DEBOUNCE_SECONDS` after the
+        first event of this burst (a later event does not push that back)."""
+        self.wake(root, now + EVENT_DEBOUNCE_SECONDS)
 
     def take_due(self, now: float) -> list[str]:
         """Given the time, return the roots whose deadline has passed, and forget their timers."""
         due = [root for root, deadline in self.deadlines.items() if deadline <= now]
         for root in due:
             del self.deadlines[root]
-            self.burst_started.pop(root, None)
         return due
 
     def retry(self, root: str, settle_seconds: float, now: float) -> None:
-        """Given a root refused for a while, schedule its next attempt with a backoff; a newer
-        event's deadline stands if it is sooner."""
+        """Given a root refused for a while, schedule its next attempt with a backoff; an
+        event (the holder closing its file) looks sooner."""
         attempt = self.attempts.get(root, 0) + 1
         self.attempts[root] = attempt
         delay = min(MAX_RETRY_SECONDS, max(settle_seconds, 0.5), 0.5 * 2 ** (attempt - 1))
-        deadline = now + delay
-        self.deadlines[root] = min(self.deadlines.get(root, deadline), deadline)
+        self.wake(root, now + delay)
 
     def settled(self, root: str) -> None:
         """Given a root that was pruned (or refused for good), forget its refusal count."""
         self.attempts.pop(root, None)
+
+
+def next_wake(plan: Plan, settings: RootSettings, now: float) -> float | None:
+    """Given a root's plan, its settings and the time (epoch seconds), return when (epoch
+    seconds) one of its incomplete checkpoints will have settled or been abandoned, or None."""
+    times: list[float] = []
+    for decision in plan.decisions:
+        checkpoint = decision.checkpoint
+        if checkpoint.complete or checkpoint.mtime <= 0:
+            continue
+        for threshold in (settings.settle_seconds, settings.abandoned_after):
+            at = checkpoint.mtime + threshold + WAKE_MARGIN_SECONDS
+            if at > now:
+                times.append(at)
+    return min(times, default=None)
 
 
 class Worker:
@@ -301,8 +323,7 @@ class Worker:
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
         if self.config.prune.on_new_checkpoint:
-            settle = settings_for(self.config, root).settle_seconds + SETTLE_MARGIN_SECONDS
-            self.timers.on_event(event.root, settle, time.monotonic())
+            self.timers.on_event(event.root, time.monotonic())
 
     def _concerns_checkpoints(self, event: WatchEvent) -> bool:
         """Given an event in a root, return whether it may make something to prune (our own
@@ -326,7 +347,7 @@ class Worker:
         for path in self.timers.take_due(time.monotonic()):
             root = self._root_for(path)
             if root is not None and os.path.isdir(path):
-                self._prune(root, trigger="new_checkpoint")
+                self._look(root)
             if self.stop.is_set():
                 return
 
@@ -375,12 +396,6 @@ class Worker:
     ) -> PruneReport:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
         prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
-        if self.config.state_dir != self.cache_state_dir:
-            # A reload moved state_dir: the cache lives there from now on (swapped here, on the
-            # worker, the only thread that uses it).
-            self.save_cache()
-            self.cache = open_size_cache(self.config)
-            self.cache_state_dir = self.config.state_dir
         report = pipeline.prune_root(
             config,
             root,
@@ -388,12 +403,56 @@ class Worker:
             dry_run=dry_run,
             history=history,
             policy_override=policy_override,
-            cache=self.cache,
+            cache=self._size_cache(),
             stop=self.job_stop,
         )
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self.save_cache()
         return report
+
+    def _size_cache(self) -> SizeCache | None:
+        if self.config.state_dir != self.cache_state_dir:
+            # A reload moved state_dir: the cache lives there from now on (swapped here, on the
+            # worker, the only thread that uses it).
+            self.save_cache()
+            self.cache = open_size_cache(self.config)
+            self.cache_state_dir = self.config.state_dir
+        return self.cache
+
+    def _look(self, root: RootConfig) -> None:
+        """Given a root whose timer fired, plan it; prune it only if the plan deletes something
+        (the guard can only keep more, so a plan that deletes nothing needs no /proc pass, and
+        leaves no record in the history every time a trainer closes a file)."""
+        key = os.path.abspath(root.path)
+        try:
+            _scan, plan = plan_root(self.config, root, now=self.clock(), cache=self._size_cache())
+        except Exception:
+            log.exception("plan_failed", root=key, trigger="new_checkpoint")
+            self.timers.retry(key, settings_for(self.config, root).settle_seconds, time.monotonic())
+            return
+        if plan.deleted:
+            self._prune(root, trigger="new_checkpoint")
+        else:
+            self._follow(root, plan)
+
+    def _follow(self, root: RootConfig, plan: Plan) -> None:
+        """Given a root and its latest plan, watch the checkpoints still being written and wake
+        up when one of them will have settled or been abandoned."""
+        key = os.path.abspath(root.path)
+        in_flight = [
+            path
+            for decision in plan.decisions
+            if not decision.checkpoint.complete
+            for member in decision.checkpoint.members
+            if os.path.isdir(path := os.path.join(key, member)) and not os.path.islink(path)
+        ]
+        self.watcher.watch_only_checkpoints(key, in_flight)
+        if not self.config.prune.on_new_checkpoint:
+            return
+        now = self.clock()
+        at = next_wake(plan, settings_for(self.config, root), now)
+        if at is not None:
+            self.timers.wake(key, time.monotonic() + (at - now))
 
     def _prune(self, root: RootConfig, *, trigger: str) -> None:
         key = os.path.abspath(root.path)
@@ -407,6 +466,8 @@ class Worker:
             log.exception("prune_failed", root=key, trigger=trigger)
             self.timers.retry(key, settle_seconds, time.monotonic())
             return
+        if report.plan.decisions:  # none when another prune held the root's lock
+            self._follow(root, report.plan)
         if report.refused and not report.refusal_transient:
             # A limit only a person can lift: retrying on a timer would only repeat the refusal
             # in the history every settle period. The next checkpoint, the schedule or a disk
@@ -419,7 +480,6 @@ class Worker:
             self.timers.retry(key, settle_seconds, time.monotonic())
             return
         self.timers.settled(key)
-        self.watcher.forget_checkpoints(key)
         self._record_prune(key, trigger, report, time.monotonic() - started)
 
     def _record_prune(self, root: str, trigger: str, report: PruneReport, seconds: float) -> None:

@@ -147,24 +147,19 @@ def test_entries_not_directly_inside_the_root_are_never_deleted(tmp_path: Path, 
     assert any(reason.startswith("outside-root:") for reason in decision.reasons)
 
 
-def test_the_newest_still_settling_refuses_the_root(tmp_path: Path) -> None:
-    plan = delete_all_plan(
-        tmp_path,
-        [100, 200, 300],
-        **{"checkpoint-300": {"complete": False, "incomplete_reason": "settling: written 3 s ago"}},
-    )
-    with pytest.raises(RootRefused, match="still settling"):
-        guard.guard(plan, empty_facts(tmp_path), LENIENT)
-    # An incomplete newest that is *not* settling (a crashed save) only keeps itself.
-    stale = delete_all_plan(
-        tmp_path,
-        [100, 200, 300],
-        **{"checkpoint-300": {"complete": False, "incomplete_reason": "no trainer_state.json"}},
-    )
-    guarded = guard.guard(stale, empty_facts(tmp_path), LENIENT)
-    assert by_name(guarded)["checkpoint-300"].keep
-    assert by_name(guarded)["checkpoint-200"].keep  # the newest complete one
-    assert not by_name(guarded)["checkpoint-100"].keep
+def test_a_settling_newest_save_is_kept_and_does_not_stop_older_deletions(tmp_path: Path) -> None:
+    """Issue 9, point 3: a save that is merely settling is incomplete (never deleted, not the
+    newest complete one) but does not refuse the root; only the trainer holding it does."""
+    for reason in ("settling: written 3 s ago", "no trainer_state.json"):
+        plan = delete_all_plan(
+            tmp_path,
+            [100, 200, 300],
+            **{"checkpoint-300": {"complete": False, "incomplete_reason": reason}},
+        )
+        guarded = guard.guard(plan, empty_facts(tmp_path), LENIENT)
+        assert by_name(guarded)["checkpoint-300"].reasons[0] == "incomplete"
+        assert by_name(guarded)["checkpoint-200"].reasons[0] == "newest"  # newest complete
+        assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]
 
 
 # --- real processes ----------------------------------------------------------------------------
