@@ -26,13 +26,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
 
 from daemon.config import Config, RootConfig, RootSettings, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.logs import get_logger
 from daemon.planner import plan_root
 from daemon.pruning import pipeline
@@ -82,21 +81,6 @@ class LastPrune:
         return asdict(self)
 
 
-class PruneFunction(Protocol):
-    """`prune_root`'s signature, as the disk check calls it through the worker."""
-
-    def __call__(
-        self,
-        config: Config,
-        root: RootConfig,
-        *,
-        now: float,
-        dry_run: bool,
-        history: HistoryLog | None = None,
-        policy_override: PolicySpec | None = None,
-    ) -> PruneReport: ...
-
-
 class SignOfLife(threading.Event):
     """Given the service's stop event and a callback, answer `is_set()` for that event and call
     the callback each time: the long jobs ask it between files and chunks, so asking is life."""
@@ -123,14 +107,15 @@ def utc_iso(epoch_seconds: float) -> str:
     return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
 
 
-def open_history(config: Config) -> HistoryLog | None:
-    """Given the config, return its history log, or None (logged) when its folder is unusable."""
+def open_history(config: Config) -> History:
+    """Given the config, return its history log, or NULL_HISTORY (logged) when its folder is
+    unusable."""
     try:
         os.makedirs(os.path.dirname(config.history_path) or ".", exist_ok=True)
         return HistoryLog(config.history_path)
     except OSError as error:
         log.warning("history_unavailable", path=config.history_path, error=str(error))
-        return None
+        return NULL_HISTORY
 
 
 def open_size_cache(config: Config) -> SizeCache | None:
@@ -391,7 +376,7 @@ class Worker:
         *,
         now: float,
         dry_run: bool,
-        history: HistoryLog | None = None,
+        history: History = NULL_HISTORY,
         policy_override: PolicySpec | None = None,
     ) -> PruneReport:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
