@@ -45,6 +45,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
 from daemon.fsio import TRASH_DIRECTORY
@@ -143,6 +144,14 @@ class _QuietStoppedEmitter(logging.Filter):
 
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStoppedEmitter())
+
+# watchdog holds every IN_MOVED_FROM for 0.5 s, waiting for its IN_MOVED_TO, and the events
+# after it wait in the same queue. Each checkpoint the daemon moves into the trash is such a
+# move (the trash is not watched): the root's next events (a new checkpoint folder) came 0.5 s
+# late, its watch too late to see its completion marker. The kernel reports both halves of a
+# rename together, so 20 ms still pairs every rename inside a watched folder.
+MOVE_PAIRING_SECONDS = 0.02
+InotifyMoveEventGrouper.delay = MOVE_PAIRING_SECONDS
 
 
 class _Enqueue(FileSystemEventHandler):
@@ -262,15 +271,21 @@ class Watcher:
             self._rebuild_wanted()
             self._sync()
 
-    def watch_only_checkpoints(self, root: str, paths: list[str]) -> None:
-        """Given a root and the checkpoint folders still being written in it (oldest first),
-        watch exactly those (the newest 8): their completion marker must be an event even
-        after a prune that ran while they were in flight."""
+    def follow_checkpoints(self, root: str, *, writing: list[str], done: list[str]) -> None:
+        """Given a root, the checkpoint folders a scan found still being written (oldest first)
+        and those it found complete, watch the first (the newest 8 of them and of the folders
+        already watched) and no longer the second nor folders that are gone: a save's
+        completion marker must be an event even after a prune that ran while it was in flight,
+        and a folder too new or too empty to be a checkpoint yet stays watched."""
         with self._lock:
             if root not in self._roots:
                 return
-            wanted = [path for path in paths if path not in self._roots][-8:]
-            if wanted == self._checkpoint_watches.get(root, []):
+            finished = set(done)
+            current = self._checkpoint_watches.get(root, [])
+            kept = [path for path in current if path not in finished and _inode(path) is not None]
+            wanted = list(dict.fromkeys([*kept, *(p for p in writing if p not in self._roots)]))
+            wanted = wanted[-8:]
+            if wanted == current:
                 return
             if wanted:
                 self._checkpoint_watches[root] = wanted

@@ -7,8 +7,9 @@ that touch the disk ever run at once.
 It also keeps the per-root prune timers (issue 9, point 3: a trainer that saves every second
 must be pruned while it runs). A root is looked at:
 - `EVENT_DEBOUNCE_SECONDS` after an event in it or in a checkpoint being written (a new
-  checkpoint, a completion marker landing, a file the trainer closed), the burst's first event
-  counting, so a trainer that never stops writing does not postpone it;
+  checkpoint, a file the trainer closed), the burst's first event counting, so a trainer that
+  never stops writing does not postpone it; at once when the event completes a save (a
+  completion marker or a tracker file written, a save renamed into place);
 - when one of its incomplete checkpoints will have settled (`settle_seconds` after its last
   write: layouts without a completion marker) or been abandoned (`abandoned_after`);
 - after a refusal that clears by itself (the trainer holds the newest checkpoint), at the next
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from daemon.config import Config, RootConfig, RootSettings, settings_for
+from daemon.discovery.layouts import DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER
 from daemon.discovery.sizecache import SizeCache
+from daemon.discovery.walker import FINGERPRINT_MARKERS
 from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
@@ -46,6 +49,11 @@ log = get_logger("ckptd.service")
 # An event's root is looked at this long after the first event of its burst (the files of one
 # save arrive together): soon enough that a trainer saving every 0.4 s is pruned between saves.
 EVENT_DEBOUNCE_SECONDS = 0.1
+# Files whose arrival completes a save (a completion marker written last, a tracker naming the
+# newest step): the root is looked at at once, not after the debounce.
+COMPLETING_NAMES = frozenset(
+    {*FINGERPRINT_MARKERS, DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER}
+)
 # A settle or abandon wake-up lands this far past the threshold, so mtimes are past it too.
 WAKE_MARGIN_SECONDS = 0.3
 MAX_RETRY_SECONDS = 300.0
@@ -307,8 +315,17 @@ class Worker:
         landed = event.dest_path or event.path
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
-        if self.config.prune.on_new_checkpoint:
-            self.timers.on_event(event.root, time.monotonic())
+        if not self.config.prune.on_new_checkpoint:
+            return
+        now = time.monotonic()
+        written = event.kind in ("modified", "moved")  # closed after writing, or renamed
+        if (written and os.path.basename(landed) in COMPLETING_NAMES) or (
+            event.kind == "moved" and os.path.dirname(landed) == event.root
+        ):
+            # A marker landed, or a save renamed into place (Orbax): probably something to prune.
+            self.timers.wake(event.root, now)
+        else:
+            self.timers.on_event(event.root, now)
 
     def _concerns_checkpoints(self, event: WatchEvent) -> bool:
         """Given an event in a root, return whether it may make something to prune (our own
@@ -424,14 +441,17 @@ class Worker:
         """Given a root and its latest plan, watch the checkpoints still being written and wake
         up when one of them will have settled or been abandoned."""
         key = os.path.abspath(root.path)
-        in_flight = [
-            path
-            for decision in plan.decisions
-            if not decision.checkpoint.complete
-            for member in decision.checkpoint.members
-            if os.path.isdir(path := os.path.join(key, member)) and not os.path.islink(path)
-        ]
-        self.watcher.watch_only_checkpoints(key, in_flight)
+        writing: list[str] = []
+        done: list[str] = []
+        for decision in plan.decisions:
+            checkpoint = decision.checkpoint
+            for member in checkpoint.members:
+                path = os.path.join(key, member)
+                if checkpoint.complete:
+                    done.append(path)  # no stat: a root may hold 10,000 of them
+                elif os.path.isdir(path) and not os.path.islink(path):
+                    writing.append(path)
+        self.watcher.follow_checkpoints(key, writing=writing, done=done)
         if not self.config.prune.on_new_checkpoint:
             return
         now = self.clock()
