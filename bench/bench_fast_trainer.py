@@ -54,6 +54,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback,
 
 root, steps, pace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
+torch.set_num_threads(1)  # a tiny model: one core computes it (a GPU run leaves the CPU free)
 model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256,
                                    n_positions=64))
 
