@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from daemon.clock import utc_iso as iso_time
 from daemon.config import Config, RootConfig, RootSettings, settings_for
 from daemon.discovery.layouts import DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER
 from daemon.discovery.sizecache import SizeCache
@@ -111,8 +112,8 @@ class SignOfLife(threading.Event):
 
 
 def utc_iso(epoch_seconds: float) -> str:
-    """Given seconds since the epoch, return the UTC ISO time to the second."""
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
+    """Given seconds since the epoch, return the UTC ISO time to the second (the state file's)."""
+    return iso_time(epoch_seconds, timespec="seconds")
 
 
 def open_history(config: Config) -> History:
