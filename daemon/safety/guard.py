@@ -24,6 +24,8 @@ class SafetySettings:
     max_delete_fraction: float = 0.9
     settle_seconds: float = 60.0
     force: bool = False
+    # An incomplete save flagged abandoned may go only once nothing was written in it this long.
+    abandoned_after: float = 3600.0
 
 
 class RootRefused(SafetyRefusal):
@@ -116,14 +118,28 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     return None
 
 
-def _veto_reasons(decision: Decision, facts: Facts, newest_complete: set[str]) -> list[str]:
-    """Given a planned deletion, the facts and the newest complete checkpoints, return every
-    invariant that forbids it (empty when it may go)."""
+def is_abandoned(checkpoint: Checkpoint, facts: Facts, settings: SafetySettings) -> bool:
+    """Given a checkpoint, the facts and the settings, return whether it is an abandoned save
+    the guard lets go: incomplete, flagged abandoned, nothing written in it for
+    `abandoned_after`, and no process holding anything in it."""
+    return (
+        not checkpoint.complete
+        and checkpoint.abandoned
+        and 0 < checkpoint.mtime <= facts.now - settings.abandoned_after
+        and not facts.holders_of(checkpoint)
+    )
+
+
+def _veto_reasons(
+    decision: Decision, facts: Facts, settings: SafetySettings, newest_complete: set[str]
+) -> list[str]:
+    """Given a planned deletion, the facts, the settings and the newest complete checkpoints,
+    return every invariant that forbids it (empty when it may go)."""
     checkpoint = decision.checkpoint
     reasons: list[str] = []
     if checkpoint.name in newest_complete:
         reasons.append("newest")
-    if not checkpoint.complete:
+    if not checkpoint.complete and not is_abandoned(checkpoint, facts, settings):
         reasons.append("incomplete")
     if checkpoint.tracked_by:
         reasons.append("tracked")
@@ -152,8 +168,9 @@ def _with_min_keep(guarded: list[Decision], min_keep: int) -> list[Decision]:
         survivors = sum(1 for i in indexes if result[i].keep and result[i].checkpoint.complete)
         if survivors >= min_keep:
             continue
+        # Keeping an abandoned save back would not help: it is nothing to resume from.
         deleted_newest_first = sorted(
-            (i for i in indexes if not result[i].keep),
+            (i for i in indexes if not result[i].keep and result[i].checkpoint.complete),
             key=lambda i: result[i].checkpoint.step,
             reverse=True,
         )
@@ -183,11 +200,12 @@ def _fraction_refusal(
 def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     """Given a policy's plan, the facts and the settings, return the plan the invariants allow.
 
-    Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
-    pinned, held by a process or not a plain entry directly inside the root become keeps with
-    the reason; then, per series, the newest deletions are kept back until `min_keep`
-    survive. Raises `RootRefused` when the trainer holds the newest checkpoint, or when the run
-    would delete more than `max_delete_fraction` of the root without `force`.
+    Deletions of the newest complete checkpoint (per series), anything incomplete (but an
+    abandoned save: `is_abandoned`), tracked, pinned, held by a process or not a plain entry
+    directly inside the root become keeps with the reason; then, per series, the newest
+    deletions are kept back until `min_keep` complete checkpoints survive. Raises
+    `RootRefused` when the trainer holds the newest checkpoint, or when the run would delete
+    more than `max_delete_fraction` of the root without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:
@@ -195,7 +213,7 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     newest_complete = _newest_by_series(plan.decisions, complete_only=True)
     guarded: list[Decision] = []
     for decision in plan.decisions:
-        reasons = [] if decision.keep else _veto_reasons(decision, facts, newest_complete)
+        reasons = [] if decision.keep else _veto_reasons(decision, facts, settings, newest_complete)
         guarded.append(_kept(decision, *reasons) if reasons else decision)
     guarded = _with_min_keep(guarded, settings.min_keep)
     refused = _fraction_refusal(plan.root, guarded, settings)

@@ -162,6 +162,30 @@ def test_a_settling_newest_save_is_kept_and_does_not_stop_older_deletions(tmp_pa
         assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]
 
 
+def test_only_an_abandoned_save_quiet_for_abandoned_after_may_go(tmp_path: Path) -> None:
+    """Issue 9, point 2: a save flagged abandoned goes (reason abandoned-save) once nothing was
+    written in it for `abandoned_after`; any other incomplete checkpoint is kept, and min_keep
+    does not hold back a crashed save (it is nothing to resume from)."""
+    plan = delete_all_plan(
+        tmp_path,
+        [100, 200, 300, 400, 450, 500],
+        **{
+            "checkpoint-400": {"complete": False, "abandoned": True, "mtime": NOW - 7200},
+            # Flagged, but written to a minute ago (as of the facts): not quiet long enough.
+            "checkpoint-500": {"complete": False, "abandoned": True, "mtime": NOW - 60},
+            # Old, but not flagged by the planner.
+            "checkpoint-450": {"complete": False, "mtime": NOW - 7200},
+        },
+    )
+    settings = SafetySettings(min_keep=10, max_delete_fraction=1.0, abandoned_after=3600)
+    guarded = guard.guard(plan, empty_facts(tmp_path), settings)
+    assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-400"]
+    assert by_name(guarded)["checkpoint-450"].reasons[0] == "incomplete"
+    assert by_name(guarded)["checkpoint-500"].reasons[0] == "incomplete"
+    assert by_name(guarded)["checkpoint-300"].reasons[0] == "newest"
+    assert by_name(guarded)["checkpoint-100"].reasons[0] == "min_keep:10"
+
+
 # --- real processes ----------------------------------------------------------------------------
 
 HOLDERS = {
@@ -397,3 +421,34 @@ def test_uninspectable_processes_count_as_holding_only_when_they_could_reach_the
         assert other_user.pid not in counted
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+def test_a_process_holding_an_abandoned_save_keeps_it(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    make_root(tmp_path, [100, 200])
+    crashed = tmp_path / "checkpoint-300"
+    crashed.mkdir()
+    (crashed / "model.bin").write_bytes(b"w" * 4096)
+    reader = spawn_holder("open", crashed / "model.bin")
+    processes.append(reader)
+    plan = delete_all_plan(
+        tmp_path,
+        [100, 200, 300],
+        **{"checkpoint-300": {"complete": False, "abandoned": True, "mtime": NOW - 7200}},
+    )
+    settings = SafetySettings(min_keep=0, max_delete_fraction=1.0, abandoned_after=3600)
+    facts = proc_facts.gather_facts(str(tmp_path), now=NOW)
+    # The reader holds something above the newest complete checkpoint: as the trainer (it is
+    # the only process holding anything) it refuses the root; named as another process, it
+    # vetoes the abandoned save only.
+    with pytest.raises(RootRefused, match="checkpoint-300"):
+        guard.guard(plan, facts, settings)
+    as_reader = Facts(
+        root_path=facts.root_path, now=NOW, holders=facts.holders, trainers=frozenset()
+    )
+    guarded = guard.guard(plan, as_reader, settings)
+    decision = by_name(guarded)["checkpoint-300"]
+    assert decision.keep
+    assert any(reason.startswith(f"in-use:pid {reader.pid} (") for reason in decision.reasons)
+    assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]

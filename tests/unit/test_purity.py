@@ -277,6 +277,8 @@ def test_the_guard_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
         checkpoint(6, complete=False, incomplete_reason="no trainer_state.json"),
         checkpoint(7),
         checkpoint(8),  # the newest complete
+        checkpoint(9, complete=False, abandoned=True, mtime=900.0),  # a crashed save
+        checkpoint(10, complete=False, abandoned=True, mtime=990.0),  # quiet 10 s only
     ]
     plan = Plan(root="/r", decisions=tuple(Decision(c, False, ("old",)) for c in checkpoints))
     facts = Facts(
@@ -285,7 +287,7 @@ def test_the_guard_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
         holders=MappingProxyType({"checkpoint-4": (reader,)}),
         trainers=frozenset({ProcessIdentity(77, 2.0)}),
     )
-    settings = SafetySettings(min_keep=6, max_delete_fraction=1.0, settle_seconds=60)
+    settings = SafetySettings(min_keep=6, max_delete_fraction=1.0, abandoned_after=60)
 
     guarded = guard(plan, facts, settings)
 
@@ -298,8 +300,9 @@ def test_the_guard_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
         6: "incomplete",
         7: "min_keep:6",
         8: "newest",
+        10: "incomplete",
     }
-    assert [d.checkpoint.step for d in guarded.deleted] == [1]
+    assert [d.checkpoint.step for d in guarded.deleted] == [1, 9]
     held = Facts(
         root_path="/r",
         now=1_000.0,
