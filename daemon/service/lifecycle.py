@@ -25,6 +25,7 @@ from collections.abc import Callable
 from daemon.config import Config, load_config
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.logs import configure_logging, get_logger
+from daemon.metrics import Monitor
 from daemon.service.reload import ConfigWatch, file_digest
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
@@ -75,12 +76,15 @@ class Service:
         self.work: queue.Queue[object] = queue.Queue()
         self.watcher = Watcher(self.work)
         self.schedule = Schedule(self.run_job)
+        # metrics: Prometheus figures and what `ckptd check` reads (daemon/metrics.py).
+        self.monitor = Monitor(config, clock=clock)
         self.worker = Worker(
             config,
             work=self.work,
             stop=stop,
             clock=clock,
             watcher=self.watcher,
+            monitor=self.monitor,
             config_path=self.config_path,
             on_config_event=self._on_config_event,
             on_status=self._status_changed,
@@ -93,6 +97,7 @@ class Service:
 
     def run(self) -> int:
         """Given a started service, serve until `stop`; return the exit code."""
+        self.monitor.start()  # metrics: before the worker's first prune
         self.worker.thread.start()
         self.watcher.set_roots(self._root_watches(self.config), self.config_path)
         self.schedule.start(self.config)
@@ -181,6 +186,7 @@ class Service:
         self.config_problem = None
         old = self.config
         self.config = config
+        self.monitor.apply(config)  # metrics: metrics.listen may have changed
         if config.log != old.log:
             configure_logging(config.log.level, config.log.format)
         self.worker.use_config(config)
@@ -207,6 +213,7 @@ class Service:
         self.work.put(None)
         self.worker.thread.join(self.stop_timeout)
         self.watcher.stop()
+        self.monitor.close()  # metrics
         if not self.worker.thread.is_alive():
             self.worker.save_cache()
         self.schedule.shutdown(wait=True)

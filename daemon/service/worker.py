@@ -37,6 +37,7 @@ from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.logs import get_logger
+from daemon.metrics import Monitor
 from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
@@ -206,6 +207,7 @@ class Worker:
         stop: threading.Event,
         clock: Callable[[], float],
         watcher: Watcher,
+        monitor: Monitor,
         config_path: str,
         on_config_event: Callable[[WatchEvent], None],
         on_status: Callable[[], None],
@@ -217,6 +219,7 @@ class Worker:
         self.stop = stop
         self.clock = clock
         self.watcher = watcher
+        self.monitor = monitor
         self.config_path = config_path
         self.on_config_event = on_config_event
         self.on_status = on_status
@@ -409,6 +412,7 @@ class Worker:
             cache=self._size_cache(),
             stop=self.job_stop,
         )
+        self.monitor.pruned(report)  # metrics: every real prune (the disk check's too)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self.save_cache()
         return report
@@ -424,8 +428,9 @@ class Worker:
 
     def _look(self, root: RootConfig) -> None:
         """Given a root whose timer fired, plan it; prune it only if the plan deletes something
-        (the guard can only keep more, so a plan that deletes nothing needs no /proc pass, and
-        leaves no record in the history every time a trainer closes a file)."""
+        or the last attempt was refused (the guard can only keep more, so a plan that deletes
+        nothing needs no /proc pass, and leaves no record in the history every time a trainer
+        closes a file)."""
         key = os.path.abspath(root.path)
         try:
             _scan, plan = plan_root(self.config, root, now=self.clock(), cache=self._size_cache())
@@ -433,7 +438,9 @@ class Worker:
             log.exception("plan_failed", root=key, trigger="new_checkpoint")
             self.timers.retry(key, settings_for(self.config, root).settle_seconds, time.monotonic())
             return
-        if plan.deleted:
+        # After a refusal or a failure, prune_root runs even if the plan now deletes nothing:
+        # its success is what clears the refusal (`ckptd check`, the metrics).
+        if plan.deleted or key in self.timers.attempts:
             self._prune(root, trigger="new_checkpoint")
         else:
             self._follow(root, plan)
@@ -515,6 +522,7 @@ class Worker:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
         log.info("snapshot_job", startup=startup, report=str(report)[:300])
+        self.monitor.snapshot_taken(report)  # metrics
         self.write_state(last_snapshot={"time": utc_iso(self.clock())})
 
     def _disk(self) -> None:
@@ -523,4 +531,5 @@ class Worker:
         )
         self.disk_status = result.status_line
         log.debug("disk_checked", result=str(result)[:300])
+        self.monitor.disk_checked(result)  # metrics
         self.write_state(last_disk_check={"time": utc_iso(self.clock())})
