@@ -22,7 +22,6 @@ class SafetySettings:
 
     min_keep: int = 3
     max_delete_fraction: float = 0.9
-    settle_seconds: float = 60.0
     force: bool = False
     # An incomplete save flagged abandoned may go only once nothing was written in it this long.
     abandoned_after: float = 3600.0

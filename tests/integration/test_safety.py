@@ -19,7 +19,7 @@ from daemon.safety.guard import RootRefused, SafetySettings
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
-LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, settle_seconds=60, force=False)
+LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, force=False)
 
 
 def make_root(root: Path, steps: list[int]) -> None:
