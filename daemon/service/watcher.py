@@ -7,8 +7,11 @@ Everything else, including deciding what an event means, happens on the service'
 Choices (watchdog 7):
 - Non-recursive watches: checkpoints are the entries directly in a root. A new checkpoint
   folder gets a watch of its own while it is being written (`watch_checkpoint`), so the
-  completion marker one level down (`trainer_state.json`) is an event too; the service drops
-  those watches once the root has been pruned.
+  completion marker one level down (`trainer_state.json`) is an event too; after each look at
+  the root the service keeps exactly the watches of the saves still in flight
+  (`follow_checkpoints`), also those a scan found incomplete (a save begun before the start).
+- Our own deletions are renames into the unwatched trash: watchdog's wait for the other half of
+  a move is cut to 20 ms, or every later event of the root would come 0.5 s late.
 - inotify on local filesystems; polling where inotify sees nothing of other clients' writes
   (NFS, Lustre, CIFS, FUSE, ...), judged from the mount type (`daemon.disk.mounts`, the
   longest mount point containing the root); a root's `watch: inotify|poll` overrides.
