@@ -345,5 +345,8 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
     )
     assert report.refused is None
     names = sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-"))
-    # keep_last 2, raised to min_keep 3: 700-900, and the two incomplete saves.
-    assert names == [f"checkpoint-{step}" for step in (1000, 5000, 700, 800, 900)]
+    # keep_last 2, raised to min_keep 3: 700-900, and the save in flight; the crashed 5000,
+    # quiet for an hour (abandoned_after) and held by nobody, went as an abandoned save.
+    assert names == [f"checkpoint-{step}" for step in (1000, 700, 800, 900)]
+    why = {d.checkpoint.name: d.reasons for d in report.plan.deleted}
+    assert why["checkpoint-5000"] == ("abandoned-save",)
