@@ -39,6 +39,26 @@ def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[Scan
     return plan_root(config, root, now=now)
 
 
+def _incomplete_saves(scan: ScanResult, abandoned_after: float) -> list[dict[str, Any]]:
+    """Given a root's scan and its `abandoned_after`, return each save in flight or cut off
+    with its size, and when it counts as abandoned (then the next prune moves it to the
+    trash, if no process holds it)."""
+    saves: list[dict[str, Any]] = []
+    for checkpoint in scan.checkpoints:
+        if checkpoint.complete:
+            continue
+        at = checkpoint.mtime + abandoned_after
+        saves.append(
+            {
+                "name": checkpoint.name,
+                "bytes": checkpoint.size_bytes,
+                "abandoned": checkpoint.abandoned,
+                "abandoned_at": utc_iso(at, timespec="seconds") if checkpoint.mtime > 0 else None,
+            }
+        )
+    return saves
+
+
 def root_status(
     config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
 ) -> dict[str, Any]:
@@ -52,21 +72,7 @@ def root_status(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
-    abandoned_after = settings_for(config, root).abandoned_after
-    # Each save in flight or cut off, with its size, and when it counts as abandoned (then the
-    # next prune moves it to the trash, if no process holds it).
-    incomplete_saves = [
-        {
-            "name": c.name,
-            "bytes": c.size_bytes,
-            "abandoned": c.abandoned,
-            "abandoned_at": utc_iso(c.mtime + abandoned_after, timespec="seconds")
-            if c.mtime > 0
-            else None,
-        }
-        for c in scan.checkpoints
-        if not c.complete
-    ]
+    incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
     in_use = checkpoints_in_use(root, scan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
