@@ -35,7 +35,7 @@ from daemon.verification import (
     last_good_protection,
 )
 from policies import tiered
-from policies.model import Decision, Plan, PolicySpec
+from policies.model import Checkpoint, Decision, Plan, PolicySpec
 
 LAST_GOOD = "last-good"
 
@@ -58,6 +58,23 @@ def series_policies(
             specs[series_id] = policy_for(config, root, configured.get(series_id))
     specs["default"] = policy_override or policy_for(config, root)
     return specs
+
+
+def with_abandoned(result: ScanResult, *, now: float, abandoned_after: float) -> ScanResult:
+    """Given a scan, the time and the root's `abandoned_after`, return it with every incomplete
+    checkpoint nothing wrote in for that long flagged `abandoned` (a crashed save: the policy
+    plans it for deletion). Whether a process still holds it is the safety guard's to check."""
+    if not any(_quiet_for(c, now, abandoned_after) for c in result.checkpoints):
+        return result
+    checkpoints = tuple(
+        replace(c, abandoned=True) if _quiet_for(c, now, abandoned_after) else c
+        for c in result.checkpoints
+    )
+    return replace(result, checkpoints=checkpoints)
+
+
+def _quiet_for(checkpoint: Checkpoint, now: float, seconds: float) -> bool:
+    return not checkpoint.complete and 0 < checkpoint.mtime <= now - seconds
 
 
 @dataclass(frozen=True)
@@ -117,13 +134,16 @@ def plan_root_full(
     `policy_override` replaces every series' policy (the disk check's emergency policy).
     With a cache, every checkpoint the plan would delete is proven unchanged since it was
     cached (a stat or two each: a `.keep` dropped into an old folder must pin it) and the root
-    is planned again if any was not. Scan warnings are the plan's warnings.
+    is planned again if any was not. Scan warnings are the plan's warnings. An incomplete
+    checkpoint quiet for `abandoned_after` is flagged abandoned (`with_abandoned`; before the
+    integrity check, so a corrupt checkpoint, complete as scanned, is never flagged).
 
     `verification` is what is remembered of the checkpoints' integrity (default: what
     `<state_dir>` holds, read only); `check_new` also checks every checkpoint never checked
     before (the prune); `on_checked` is told each integrity result computed now.
     """
-    settle_seconds = settings_for(config, root).settle_seconds
+    settings = settings_for(config, root)
+    settle_seconds = settings.settle_seconds
     if policy_override is not None:
         candidates = [policy_override]
     else:
@@ -133,7 +153,7 @@ def plan_root_full(
     want_metrics = any(spec.keep_best is not None for spec in candidates)
 
     def scan_now(verify: Collection[str]) -> ScanResult:
-        return scan(
+        found = scan(
             root,
             now=now,
             settle_seconds=settle_seconds,
@@ -142,6 +162,7 @@ def plan_root_full(
             verify=verify,
             want_metrics=want_metrics,
         )
+        return with_abandoned(found, now=now, abandoned_after=settings.abandoned_after)
 
     result = scan_now(())
     specs = series_policies(config, root, result.series, policy_override)

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from daemon.clock import local_text, utc_iso, zone_for
 from daemon.commands._common import load_selected_config
-from daemon.config import Config, RootConfig, policy_for
+from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
 from daemon.disk.forecast import forecast_growth, observed_cadence
@@ -40,6 +40,26 @@ def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[Scan
     return plan_root(config, root, now=now)
 
 
+def _incomplete_saves(scan: ScanResult, abandoned_after: float) -> list[dict[str, Any]]:
+    """Given a root's scan and its `abandoned_after`, return each save in flight or cut off
+    with its size, and when it counts as abandoned (then the next prune moves it to the
+    trash, if no process holds it)."""
+    saves: list[dict[str, Any]] = []
+    for checkpoint in scan.checkpoints:
+        if checkpoint.complete or is_marked_corrupt(checkpoint):
+            continue  # a corrupt checkpoint is kept, never abandoned: listed as corrupt
+        at = checkpoint.mtime + abandoned_after
+        saves.append(
+            {
+                "name": checkpoint.name,
+                "bytes": checkpoint.size_bytes,
+                "abandoned": checkpoint.abandoned,
+                "abandoned_at": utc_iso(at, timespec="seconds") if checkpoint.mtime > 0 else None,
+            }
+        )
+    return saves
+
+
 def root_status(
     config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
 ) -> dict[str, Any]:
@@ -52,6 +72,7 @@ def root_status(
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
+    incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
     in_use = checkpoints_in_use(root, scan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
@@ -82,6 +103,7 @@ def root_status(
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
         **integrity_status(scan, root_plan),
+        "incomplete_saves": incomplete_saves,
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
         "forecast": growth.to_dict(),
@@ -239,6 +261,21 @@ def _integrity_rows(table: Table, root: dict[str, Any]) -> None:
         table.add_row("held", "; ".join(held))
 
 
+def _incomplete_text(saves: list[dict[str, Any]], zone: tzinfo) -> str:
+    """Given a root's incomplete saves, return one line each: name, size, and when it is (or
+    was) abandoned."""
+    lines = []
+    for save in saves:
+        if save["abandoned"]:
+            when = "abandoned: to the trash at the next prune unless a process holds it"
+        elif save["abandoned_at"]:
+            when = f"abandoned if still unwritten at {_moment(save['abandoned_at'], zone)}"
+        else:
+            when = "in flight"
+        lines.append(f"{save['name']} ({format_bytes(save['bytes'])}; {when})")
+    return "\n".join(lines) or "none"
+
+
 def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
     """Given the status document, print it as tables for people."""
     for root in document["roots"]:
@@ -261,7 +298,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             "bytes",
             f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
         )
-        table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        table.add_row("incomplete", _incomplete_text(root.get("incomplete_saves", []), zone))
         _integrity_rows(table, root)
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
         cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
