@@ -92,8 +92,12 @@ arguments = TrainingArguments(
 Trainer(model=model, args=arguments, train_dataset=Tokens(), callbacks=[Pace()]).train()
 """
 
-SIM_TRAINER = r"""
+# Well-formed files (tests/layouts_fixtures.py): ckptd keeps a checkpoint its check calls corrupt.
+SIM_TRAINER = (
+    f"import sys; sys.path.insert(0, {str(REPOSITORY)!r})\n"
+    + r"""
 import json, os, sys, time
+from tests.layouts_fixtures import well_formed_bytes
 root, saves, pace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 files = [("config.json", 600), ("model.safetensors", 256 * 1024), ("optimizer.pt", 512 * 1024),
          ("scheduler.pt", 1024), ("rng_state.pth", 14 * 1024), ("trainer_state.json", 0)]
@@ -107,13 +111,14 @@ for index in range(1, saves + 1):
     whole = True
     for name, size in files:
         content = (json.dumps({"global_step": step}).encode() if name == "trainer_state.json"
-                   else os.urandom(size))
+                   else well_formed_bytes(name, size, random=True))
         with open(os.path.join(folder, name), "wb") as handle:
             handle.write(content)
         whole = whole and os.path.isdir(folder)
     whole = whole and os.path.isfile(os.path.join(folder, "trainer_state.json"))
     print(json.dumps({"step": step, "time": time.time(), "whole": whole}), flush=True)
 """
+)
 
 
 @dataclass

@@ -25,10 +25,17 @@ import pytest
 
 from daemon.history.log import read_records
 from daemon.service.lifecycle import serve
-from tests.layouts_fixtures import age, hf_checkpoint
+from tests.layouts_fixtures import age, hf_checkpoint, well_formed_bytes
 
-FAST_TRAINER = r"""
+REPOSITORY = Path(__file__).resolve().parents[2]
+# The trainers write well-formed files (tests/layouts_fixtures.py): ckptd keeps corrupt ones.
+IMPORT_FIXTURES = f"import sys; sys.path.insert(0, {str(REPOSITORY)!r})\n"
+
+FAST_TRAINER = (
+    IMPORT_FIXTURES
+    + r"""
 import json, os, sys, time
+from tests.layouts_fixtures import well_formed_bytes
 root, count, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 vanished, saved = [], []
 for step in range(1, count + 1):
@@ -38,32 +45,37 @@ for step in range(1, count + 1):
     for name in ("model.safetensors", "optimizer.pt", "trainer_state.json"):
         with open(os.path.join(folder, name), "wb") as handle:
             handle.write(json.dumps({"global_step": step}).encode() if name[0] == "t" else
-                         os.urandom(4096))
+                         well_formed_bytes(name, 4096, random=True))
         if not os.path.isdir(folder):
             vanished.append(f"checkpoint-{step}/{name}")
     saved.append(step)
     time.sleep(max(0.0, every - (time.monotonic() - started)))
 print(json.dumps({"saved": saved, "vanished": vanished}), flush=True)
 """
+)
 
 # A trainer driven line by line: "open PATH" keeps a file open for writing, "close" closes it,
 # "write PATH" writes a whole file; each answers "ok" once done.
-STEPPED_TRAINER = r"""
-import sys
+STEPPED_TRAINER = (
+    IMPORT_FIXTURES
+    + r"""
+import os, sys
+from tests.layouts_fixtures import well_formed_bytes
 handle = None
 for line in sys.stdin:
     command, _, path = line.strip().partition(" ")
     if command == "open":
         handle = open(path, "ab")
-        handle.write(b"w" * 4096)
+        handle.write(well_formed_bytes(os.path.basename(path), 4096))
         handle.flush()
     elif command == "close":
         handle.close()
     elif command == "write":
-        with open(path, "w") as written:
-            written.write("{}")
+        with open(path, "wb") as written:
+            written.write(well_formed_bytes(os.path.basename(path), 64))
     print("ok", flush=True)
 """
+)
 
 
 class Trainer:
@@ -218,7 +230,7 @@ def test_a_settling_save_does_not_stop_older_ones_being_pruned_and_counts_once_s
     root = tmp_path / "run"
     root.mkdir()
     for step in range(1, 6):
-        (root / f"model_{step}.pt").write_bytes(b"w" * 64)
+        (root / f"model_{step}.pt").write_bytes(well_formed_bytes("model.pt", 64))
         age(root / f"model_{step}.pt")
     trainer = Trainer()
     try:

@@ -23,6 +23,7 @@ import pytest
 
 from daemon.service import reload as reload_module
 from daemon.service.lifecycle import serve
+from tests.layouts_fixtures import write_file
 
 CHECKPOINTS = 19
 FINAL_KEEP = 12
@@ -79,7 +80,7 @@ def make_checkpoints(root: Path) -> None:
     for step in range(1, CHECKPOINTS + 1):
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"w" * 64)
+        write_file(folder / "model.safetensors", 64)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in (*folder.iterdir(), folder):
             os.utime(path, (past, past))
