@@ -435,6 +435,10 @@ disk: {{interval: 1h}}
             if "READY=1" in message.split("\n"):
                 ready_while_copying = len(chunks) < 40
                 break
+        # READY=1 may come before the copy's first chunk (it must not wait for the copy): give
+        # the copy a moment to show it started before stopping.
+        while time.monotonic() < deadline and not chunks:
+            time.sleep(0.05)
     finally:
         stop.set()
         thread.join(15)
