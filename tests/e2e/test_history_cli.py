@@ -132,7 +132,11 @@ def test_trash_list_restore_purge(
     again = run(ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env)
     assert again.returncode == 2 and "no checkpoint named" in again.stderr
 
-    purged = run(ckptd_command, ["trash", "purge", "--root", str(root)], cli_env)
+    # Purging cannot be undone: without a terminal to ask on it needs -y, like prune.
+    unasked = run(ckptd_command, ["trash", "purge", "--root", str(root)], cli_env)
+    assert unasked.returncode == 2 and "-y" in unasked.stderr
+    assert [item.name for item in trash.list_trash(str(root))] == ["checkpoint-200"]
+    purged = run(ckptd_command, ["trash", "purge", "-y", "--root", str(root)], cli_env)
     assert purged.returncode == 0, purged.stderr
     assert "removed 1" in purged.stdout and "500 B" in purged.stdout
     assert trash.list_trash(str(root)) == []
