@@ -30,6 +30,7 @@ from typing import Any
 
 from daemon.clock import utc_iso
 from daemon.config import Config, RootConfig, load_config, settings_for
+from daemon.config.changes import config_changes
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
@@ -266,6 +267,7 @@ class Service:
         log.info(
             "config_reloaded",
             file=self.config_path,
+            changed=config_changes(old, config) or ["nothing (the same settings)"],
             roots=[root.path for root in config.roots],
             next=self.schedule.next_run_times(),
         )
@@ -510,8 +512,12 @@ class Service:
 
     def _snapshot(self, *, startup: bool) -> None:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
-        log.info("snapshot_job", startup=startup, report=str(report)[:300])
+        # hash_shared: hard-linked files get their checksum now, in the copy's worker thread,
+        # so the first `snapshot --verify` compares content instead of only recording it.
+        report = run_daily_snapshot(
+            self.config, now=now, history=self.history, stop=self.job_stop, hash_shared=True
+        )
+        log.info("snapshot_job", startup=startup, report=report)
         self.monitor.snapshot_taken(report)  # metrics
         self._write_state(last_snapshot={"time": _utc_iso(self.clock())})
 
@@ -521,7 +527,7 @@ class Service:
         )
         line = getattr(result, "status_line", None)
         self.disk_status = line if isinstance(line, str) else None
-        log.debug("disk_checked", result=str(result)[:300])
+        log.debug("disk_checked", result=result)
         self.monitor.disk_checked(result)  # metrics
         self._write_state(last_disk_check={"time": _utc_iso(self.clock())})
 
