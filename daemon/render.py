@@ -51,10 +51,10 @@ def make_console(*, stderr: bool = False) -> Console:
     Piped into `less`, `grep` or a file, long lines beat table cells wrapped at 80 columns; an
     exported $COLUMNS is a width asked for, and wins on a terminal and in a pipe alike.
     """
-    console = Console(highlight=False, stderr=stderr)
+    console = Console(highlight=False, emoji=False, stderr=stderr)
     if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
         return console
-    return Console(highlight=False, stderr=stderr, width=PIPED_WIDTH)
+    return Console(highlight=False, emoji=False, stderr=stderr, width=PIPED_WIDTH)
 
 
 def format_duration(seconds: float) -> str:
@@ -94,7 +94,7 @@ def describe_policy(spec: PolicySpec) -> str:
         if spec.tier3_interval is not None
         else "tier3_interval none (nothing kept past tier 2)"
     )
-    parts.append(f"cadence {spec.cadence}" if spec.cadence else "cadence read from tier 1")
+    parts.append(f"cadence {spec.cadence}" if spec.cadence else "cadence read from the newest saves")
     if spec.keep_best is not None:
         best = spec.keep_best
         parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
@@ -487,13 +487,10 @@ def print_plan(
     unfold: bool = False,
     now: float | None = None,
     protected: Sequence[Protected] = (),
-    policy: str | None = None,
     warnings: Sequence[str] = (),
 ) -> None:
-    """Given a console and a plan, print which policy applies (`policy`), the root with its
-    cadence, the warnings (the plan's and the caller's), the timeline and the totals."""
-    if policy is not None:
-        console.print(policy, markup=False)
+    """Given a console and a plan, print the root with its cadence, the warnings (the plan's
+    and the caller's), the timeline and the totals."""
     heading = Text(plan.root, style="bold")
     heading.append(f"  {cadence_text(plan, layout)}", style="")
     console.print(heading)

@@ -26,8 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 
+from rich.console import Console
+
 from daemon.cli import DEFAULT_CONFIG, build_parser
 from daemon.clock import machine_zone, zone_for
+from daemon.columns import wrap
 from daemon.config import (
     Config,
     PolicyConfig,
@@ -73,11 +76,30 @@ class Selection:
     missing: tuple[RootConfig, ...] = ()
     source: str | None = None
     history_path: str = ""
-    policies: Mapping[str, str] = field(default_factory=dict)
+    policies: Mapping[str, PolicyNote] = field(default_factory=dict)
 
     def policy_line(self, root: RootConfig) -> str:
-        """Given one of the selected roots, return its `policy: …` line."""
-        return self.policies.get(root.path, "")
+        """Given one of the selected roots, return its `policy: …` line with the settings."""
+        note = self.policies.get(root.path)
+        return f"{note.headline}; {note.settings}" if note is not None else ""
+
+    def print_policy(self, console: Console, root: RootConfig) -> None:
+        """Given a console and one of the selected roots, print which policy applies: the
+        `policy: …` headline, then its settings, indented."""
+        note = self.policies.get(root.path)
+        if note is None:
+            return
+        console.print(note.headline, markup=False)
+        console.print("\n".join(wrap(note.settings, console.width, indent="  ")), markup=False)
+
+
+@dataclass(frozen=True)
+class PolicyNote:
+    """Which policy applies to a root: where it comes from (`policy: balanced preset (no
+    config for this root)`), and its settings as numbers."""
+
+    headline: str
+    settings: str
 
 
 def _limits(config: Config, root: RootConfig) -> str:
@@ -88,9 +110,11 @@ def _limits(config: Config, root: RootConfig) -> str:
     )
 
 
-def policy_line(config: Config, root: RootConfig, source: str | None, *, configured: bool) -> str:
+def policy_note(
+    config: Config, root: RootConfig, source: str | None, *, configured: bool
+) -> PolicyNote:
     """Given the config, a root, the config file and whether the root is one of its roots,
-    return the line that says which policy applies and where it comes from."""
+    return which policy applies, where it comes from, and its settings."""
     if configured:
         if root.series:
             policies = "; ".join(
@@ -99,14 +123,16 @@ def policy_line(config: Config, root: RootConfig, source: str | None, *, configu
             )
         else:
             policies = describe_policy(policy_for(config, root))
-        return f"policy: {root.path} in {source}: {policies}; {_limits(config, root)}"
+        headline = f"policy: this root's in {source}"
+        return PolicyNote(headline, f"{policies}; {_limits(config, root)}")
     preset = config.defaults.policy
     plain_preset = preset == PolicyConfig(preset=preset.preset)
-    name = f"{preset.preset} preset" if plain_preset else describe_policy(preset.to_spec())
+    name = f"{preset.preset} preset" if plain_preset else "the config's defaults"
     where = "no config for this root"
     if source is not None:
         where += f"; the defaults of {source}"
-    return f"policy: {name} ({where}); {_limits(config, root)}"
+    spec = describe_policy(preset.to_spec())
+    return PolicyNote(f"policy: {name} ({where})", f"{spec}; {_limits(config, root)}")
 
 
 def _same_folder(first: str, second: str) -> bool:
@@ -129,14 +155,14 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
         if config_argument is None and not os.path.exists(path):
             config = default_config_for_root(root_path)
             root = config.roots[0]
-            line = policy_line(config, root, None, configured=False)
+            line = policy_note(config, root, None, configured=False)
             return Selection(
                 config, (root,), history_path=default_history_path(), policies={root.path: line}
             )
         config = load_config(path)
         configured = [root for root in config.roots if _same_folder(root.path, root_path)]
         root = configured[0] if configured else RootConfig(path=root_path)
-        line = policy_line(config, root, path, configured=bool(configured))
+        line = policy_note(config, root, path, configured=bool(configured))
         return Selection(
             config,
             (root,),
@@ -156,7 +182,7 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
         missing=tuple(root for root in config.roots if root not in present),
         source=path,
         history_path=config.history_path,
-        policies={root.path: policy_line(config, root, path, configured=True) for root in present},
+        policies={root.path: policy_note(config, root, path, configured=True) for root in present},
     )
 
 

@@ -50,14 +50,14 @@ def main(args: argparse.Namespace) -> int:
         scan, plan = plan_root(selection.config, root, now=now)
         protected = protected_entries(root, plan)
         warning = refusal_warning(selection.config, root, plan, now=now)
-        policy = selection.policy_line(root)
         if args.json:
-            document = plan_to_json(plan, protected=protected, policy=policy)
+            document = plan_to_json(plan, protected=protected, policy=selection.policy_line(root))
             document["warnings"] += [warning] if warning else []
             documents.append(document)
             continue
         if index:
             console.print()
+        selection.print_policy(console, root)
         print_plan(
             console,
             plan,
@@ -65,7 +65,6 @@ def main(args: argparse.Namespace) -> int:
             unfold=args.all,
             now=now,
             protected=protected,
-            policy=policy,
             warnings=[warning] if warning else [],
         )
     if args.json:

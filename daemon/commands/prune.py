@@ -200,7 +200,7 @@ def _prune_one(
     now = time.time()
     grace = _Grace(settings_for(config, root).trash_grace, zone_for(config))
     if show:
-        console.print(selection.policy_line(root), markup=False)
+        selection.print_policy(console, root)
 
     def confirm(preview: PruneReport) -> bool:
         if show:

@@ -36,12 +36,14 @@ from daemon.render import format_bytes, format_wait, make_console
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
 
+# At 80 columns the time of deletion and the state go on a line of their own under the name:
+# the name stays whole, `ckptd trash restore NAME` needs it.
 TRASH_FIELDS = (
     columns.Field("checkpoint"),
-    columns.Field("deleted"),
     columns.Field("removed"),
     columns.Field("size", right=True),
-    columns.Field("state"),
+    columns.Field("deleted", wraps=True, moves=True),
+    columns.Field("state", wraps=True, moves=True),
 )
 
 
@@ -82,36 +84,40 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
     elif not rows:
         console.print("the trash is empty")
     else:
-        _print_list(rows, console.width, zone, now)
+        _print_list(rows, console, zone, now)
     return warn_missing("trash", selected.missing)
 
 
-def _print_list(rows: list[dict[str, Any]], width: int, zone: tzinfo, now: float) -> None:
+def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now: float) -> None:
     """Given the trash items, print them per root, then the total. Names are never cut:
     `ckptd trash restore NAME` needs them whole."""
     values = [
         (
             row["name"],
-            local_text(row["deleted_at"], zone),
             _removal(row["expires_at"], now),
             format_bytes(row["bytes"]),
+            local_text(row["deleted_at"], zone),
             row["state"],
         )
         for row in rows
     ]
-    layout = columns.layout(TRASH_FIELDS, values, width)
+    layout = columns.layout(TRASH_FIELDS, values, console.width)
     root_seen = None
     for row, row_values in zip(rows, values, strict=True):
         if row["root"] != root_seen:
             root_seen = row["root"]
             count = sum(1 for other in rows if other["root"] == root_seen)
-            print(f"{root_seen}/.ckptd-trash: {count} checkpoint{'s' if count != 1 else ''}")
-            print("\n".join(columns.header(layout)))
-        print("\n".join(columns.rows(layout, row_values)))
+            console.print(
+                f"{root_seen}/.ckptd-trash: {count} checkpoint{'s' if count != 1 else ''}",
+                markup=False,
+            )
+            console.print("\n".join(columns.header(layout)), markup=False)
+        console.print("\n".join(columns.rows(layout, row_values)), markup=False)
     total = sum(row["bytes"] for row in rows)
-    print(
+    console.print(
         f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(total)} "
-        "(`ckptd trash purge` frees it now; `ckptd trash restore NAME` brings one back)"
+        "(`ckptd trash purge` frees it now; `ckptd trash restore NAME` brings one back)",
+        markup=False,
     )
 
 
