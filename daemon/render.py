@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -94,7 +94,9 @@ def describe_policy(spec: PolicySpec) -> str:
         if spec.tier3_interval is not None
         else "tier3_interval none (nothing kept past tier 2)"
     )
-    parts.append(f"cadence {spec.cadence}" if spec.cadence else "cadence read from the newest saves")
+    parts.append(
+        f"cadence {spec.cadence}" if spec.cadence else "cadence read from the newest saves"
+    )
     if spec.keep_best is not None:
         best = spec.keep_best
         parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
@@ -518,6 +520,7 @@ HISTORY_FIELDS = (
 # the common events, checkpoint names to step 99999, sizes to "999.9 MB to trash".
 EVENT_WIDTH = len("prune_refused")
 CHECKPOINT_WIDTH = len("checkpoint-10000")
+ROOT_WIDTH = len("/data/training/current_model")  # without a config to say
 FREED_WIDTH = len("3.6 GB to trash")
 
 
@@ -592,12 +595,18 @@ def history_layout(
     least = (
         time_width,
         EVENT_WIDTH,
-        max((len(root) for root in roots), default=0),
+        max((len(root) for root in roots), default=ROOT_WIDTH),
         CHECKPOINT_WIDTH,
         FREED_WIDTH,
         0,
     )
-    return columns.layout(HISTORY_FIELDS, rows, width, least=least)
+    layout = columns.layout(HISTORY_FIELDS, rows, width, least=least)
+    if layout.stacked:
+        return layout
+    # The reasons still to come take what is left of the line, not the first ones' width.
+    why = len(HISTORY_FIELDS) - 1
+    rest = max(layout.widths[why], width - columns.start_of(layout, why))
+    return replace(layout, widths=(*layout.widths[:why], rest))
 
 
 def history_lines(
