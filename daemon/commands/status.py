@@ -22,7 +22,7 @@ from daemon.commands._common import load_selected_config, warn_missing
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
-from daemon.disk.forecast import forecast_growth, observed_cadence
+from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
 from daemon.pruning import trash
 from daemon.render import format_bytes, format_duration, make_console
@@ -57,14 +57,36 @@ def root_status(
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
     in_use, trainer_notes = checkpoints_in_use(root, scan, now=now)
-    in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
-    # The forecast follows the root's busiest series (the one with the most checkpoints).
+    growth = _growth(config, root, scan, root_plan, free_bytes)
+    return {
+        "root": root.path,
+        "layout": scan.layout,
+        "checkpoints": len(scan.checkpoints),
+        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
+        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
+        "bytes": sum(c.size_bytes for c in scan.checkpoints),
+        "bytes_freeable": root_plan.bytes_freed,
+        "incomplete": incomplete,
+        "in_use": in_use,
+        "trainer": trainer_notes,
+        "trash": trash_status(config, root),
+        "cadence": dict(root_plan.cadences),
+        "forecast": growth.to_dict(),
+        "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def _growth(
+    config: Config, root: RootConfig, scan: ScanResult, root_plan: Plan, free_bytes: int | None
+) -> Forecast:
+    """Given a root's scan and plan, return its growth forecast; it follows the root's busiest
+    series (the one with the most checkpoints)."""
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
     saves_per_day, checkpoint_bytes = observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
-    growth = forecast_growth(
+    return forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
         checkpoint_bytes=checkpoint_bytes,
@@ -78,25 +100,16 @@ def root_status(
             default=None,
         ),
     )
+
+
+def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
+    """Given a root, return what waits in its trash: how many checkpoints, their bytes, and
+    the grace they wait."""
+    in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
     return {
-        "root": root.path,
-        "layout": scan.layout,
-        "checkpoints": len(scan.checkpoints),
-        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
-        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
-        "bytes": sum(c.size_bytes for c in scan.checkpoints),
-        "bytes_freeable": root_plan.bytes_freed,
-        "incomplete": incomplete,
-        "in_use": in_use,
-        "trainer": trainer_notes,
-        "trash": {
-            "checkpoints": len(in_trash),
-            "bytes": sum(item.bytes for item in in_trash),
-            "grace_seconds": settings_for(config, root).trash_grace,
-        },
-        "cadence": dict(root_plan.cadences),
-        "forecast": growth.to_dict(),
-        "warnings": [*scan.warnings, *root_plan.warnings],
+        "checkpoints": len(in_trash),
+        "bytes": sum(item.bytes for item in in_trash),
+        "grace_seconds": settings_for(config, root).trash_grace,
     }
 
 
