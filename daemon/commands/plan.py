@@ -28,9 +28,7 @@ def refusal_warning(config: Config, root: RootConfig, plan: Plan, *, now: float)
     trainer holding the newest checkpoint is a refusal that clears by itself."""
     settings = settings_for(config, root)
     safety = guard.SafetySettings(
-        min_keep=settings.min_keep,
-        max_delete_fraction=settings.max_delete_fraction,
-        settle_seconds=settings.settle_seconds,
+        min_keep=settings.min_keep, max_delete_fraction=settings.max_delete_fraction
     )
     try:
         guard.guard(plan, Facts(root_path=os.path.realpath(root.path), now=now), safety)

@@ -41,6 +41,26 @@ def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[Scan
     return plan_root(config, root, now=now)
 
 
+def _incomplete_saves(scan: ScanResult, abandoned_after: float) -> list[dict[str, Any]]:
+    """Given a root's scan and its `abandoned_after`, return each save in flight or cut off
+    with its size, and when it counts as abandoned (then the next prune moves it to the
+    trash, if no process holds it)."""
+    saves: list[dict[str, Any]] = []
+    for checkpoint in scan.checkpoints:
+        if checkpoint.complete:
+            continue
+        at = checkpoint.mtime + abandoned_after
+        saves.append(
+            {
+                "name": checkpoint.name,
+                "bytes": checkpoint.size_bytes,
+                "abandoned": checkpoint.abandoned,
+                "abandoned_at": utc_iso(at, timespec="seconds") if checkpoint.mtime > 0 else None,
+            }
+        )
+    return saves
+
+
 def root_status(
     config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
 ) -> dict[str, Any]:
@@ -56,6 +76,7 @@ def root_status(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
+    incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
     in_use, trainer_notes = checkpoints_in_use(root, scan, now=now)
     growth = _growth(config, root, scan, root_plan, free_bytes)
     return {
@@ -67,6 +88,7 @@ def root_status(
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
         "incomplete": incomplete,
+        "incomplete_saves": incomplete_saves,
         "in_use": in_use,
         "trainer": trainer_notes,
         "trash": trash_status(config, root),
@@ -246,6 +268,21 @@ def _details(record: Any) -> str:
     return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))
 
 
+def _incomplete_text(saves: list[dict[str, Any]], zone: tzinfo) -> str:
+    """Given a root's incomplete saves, return one line each: name, size, and when it is (or
+    was) abandoned."""
+    lines = []
+    for save in saves:
+        if save["abandoned"]:
+            when = "abandoned: to the trash at the next prune unless a process holds it"
+        elif save["abandoned_at"]:
+            when = f"abandoned if still unwritten at {_moment(save['abandoned_at'], zone)}"
+        else:
+            when = "in flight"
+        lines.append(f"{save['name']} ({format_bytes(save['bytes'])}; {when})")
+    return "\n".join(lines) or "none"
+
+
 def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
     """Given the status document, print it as tables for people."""
     for root in document["roots"]:
@@ -268,7 +305,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             "bytes",
             f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
         )
-        table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        table.add_row("incomplete", _incomplete_text(root.get("incomplete_saves", []), zone))
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
         for note in root["trainer"]:
             table.add_row("trainer", note)

@@ -177,8 +177,8 @@ def _job_for(
         safety=guard.SafetySettings(
             min_keep=settings.min_keep,
             max_delete_fraction=settings.max_delete_fraction,
-            settle_seconds=settings.settle_seconds,
             force=force,
+            abandoned_after=settings.abandoned_after,
         ),
         grace=settings.trash_grace,
         policy=dataclasses.asdict(spec),
