@@ -175,7 +175,7 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
     config = load_config(path)
     if not config.roots:
         raise UsageError(f"{path}: no roots configured")
-    present = tuple(root for root in config.roots if os.path.isdir(root.path))
+    present = tuple(root for root in config.roots if root_exists(root))
     return Selection(
         config,
         present,
@@ -184,6 +184,12 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
         history_path=config.history_path,
         policies={root.path: policy_note(config, root, path, configured=True) for root in present},
     )
+
+
+def root_exists(root: RootConfig) -> bool:
+    """Given a configured root, return whether it is there (an object-store URL is taken to be:
+    its listing says)."""
+    return "://" in root.path or os.path.isdir(root.path)
 
 
 def select_roots(

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.clock import local_text, utc_iso, zone_for
-from daemon.commands._common import load_selected_config, warn_missing
+from daemon.commands._common import load_selected_config, root_exists, warn_missing
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
@@ -374,6 +374,6 @@ def main(args: argparse.Namespace) -> int:
         print_status(make_console(), document, zone_for(config))
     missing = warn_missing(
         "status",
-        [root for root in config.roots if "://" not in root.path and not os.path.isdir(root.path)],
+        [root for root in config.roots if not root_exists(root)],
     )
     return 0 if all("error" not in root for root in document["roots"]) else missing or 1

@@ -1,6 +1,7 @@
 """`ckptd trash list|restore NAME|purge [--root ROOT] [--config FILE] [-y] [--json]`.
 
-`list` shows each root's trash (deleted when, removed when the grace ends, size) and the total;
+`list` shows each root's trash (deleted when, removed when the grace ends, size) and the total
+(`--json`: the times in UTC ISO 8601);
 `restore NAME` renames a checkpoint back into its root (refused if the name is taken there);
 `purge` removes everything in the trash now, regardless of the grace (the scheduled prune only
 removes what is past it). Unlike a prune it cannot be undone, so it asks `[y/N]` like `prune`
@@ -23,7 +24,7 @@ from typing import Any
 from rich.console import Console
 
 from daemon import columns
-from daemon.clock import local_text, zone_for
+from daemon.clock import local_text, utc_iso, zone_for
 from daemon.commands._common import Selection, select, warn_missing
 from daemon.config import RootConfig, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
@@ -80,7 +81,17 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
                 }
             )
     if args.json:
-        _print_json(rows)
+        # Times as every --json document writes them: UTC ISO 8601.
+        _print_json(
+            [
+                {
+                    **row,
+                    "deleted_at": utc_iso(row["deleted_at"]),
+                    "expires_at": utc_iso(row["expires_at"]),
+                }
+                for row in rows
+            ]
+        )
     elif not rows:
         console.print("the trash is empty")
     else:

@@ -98,6 +98,11 @@ def test_status_and_trash_list_show_what_waits_in_the_trash(
     assert listed.returncode == 0, listed.stderr
     assert f"total: 28 checkpoints, {waiting / 1000:.1f} KB" in listed.stdout
     assert re.search(r"^checkpoint-100\s+in 5h 59m|^checkpoint-100\s+in 6h", listed.stdout, re.M)
+    # --json writes times as every --json document does: UTC ISO 8601.
+    items = json.loads(run(ckptd_command, ["trash", "list", "--json"], cli_env).stdout)
+    utc = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
+    assert all(re.fullmatch(utc, item["deleted_at"]) for item in items)
+    assert all(re.fullmatch(utc, item["expires_at"]) for item in items)
 
 
 def test_trash_purge_asks_before_it_removes_for_good(
