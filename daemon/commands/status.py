@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -17,13 +18,14 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.clock import local_text, utc_iso, zone_for
-from daemon.commands._common import load_selected_config
+from daemon.commands._common import load_selected_config, root_exists, warn_missing
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
-from daemon.disk.forecast import forecast_growth, observed_cadence
+from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
-from daemon.render import format_bytes
+from daemon.pruning import trash
+from daemon.render import format_bytes, format_duration, make_console
 from daemon.safety.facts import gather_facts
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import next_snapshot_time
@@ -65,22 +67,48 @@ def root_status(
 ) -> dict[str, Any]:
     """Given a root, return its status: counts per tier, bytes, incomplete and in-use
     checkpoints, cadence and the growth forecast."""
+    if "://" not in root.path and not os.path.isdir(root.path):
+        return {"root": root.path, "error": "no such folder (a configured root)"}
     try:
         scan, root_plan = plan(config, root, now=now)
-    except Exception as error:  # a missing root is reported, the other roots still shown
+    except Exception as error:  # an unreadable root is reported, the other roots still shown
         return {"root": root.path, "error": str(error)}
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
-    in_use = checkpoints_in_use(root, scan, now=now)
-    # The forecast follows the root's busiest series (the one with the most checkpoints).
+    in_use, trainer_notes = checkpoints_in_use(root, scan, now=now)
+    growth = _growth(config, root, scan, root_plan, free_bytes)
+    return {
+        "root": root.path,
+        "layout": scan.layout,
+        "checkpoints": len(scan.checkpoints),
+        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
+        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
+        "bytes": sum(c.size_bytes for c in scan.checkpoints),
+        "bytes_freeable": root_plan.bytes_freed,
+        **integrity_status(scan, root_plan),
+        "incomplete_saves": incomplete_saves,
+        "in_use": in_use,
+        "trainer": trainer_notes,
+        "trash": trash_status(config, root),
+        "cadence": dict(root_plan.cadences),
+        "forecast": growth.to_dict(),
+        "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def _growth(
+    config: Config, root: RootConfig, scan: ScanResult, root_plan: Plan, free_bytes: int | None
+) -> Forecast:
+    """Given a root's scan and plan, return its growth forecast; it follows the root's busiest
+    series (the one with the most checkpoints)."""
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
     saves_per_day, checkpoint_bytes = observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
-    growth = forecast_growth(
+    return forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
         checkpoint_bytes=checkpoint_bytes,
@@ -94,20 +122,16 @@ def root_status(
             default=None,
         ),
     )
+
+
+def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
+    """Given a root, return what waits in its trash: how many checkpoints, their bytes, and
+    the grace they wait."""
+    in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
     return {
-        "root": root.path,
-        "layout": scan.layout,
-        "checkpoints": len(scan.checkpoints),
-        "tiers": {tier: tiers.get(tier, 0) for tier in ("1", "2", "3")},
-        "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
-        "bytes": sum(c.size_bytes for c in scan.checkpoints),
-        "bytes_freeable": root_plan.bytes_freed,
-        **integrity_status(scan, root_plan),
-        "incomplete_saves": incomplete_saves,
-        "in_use": in_use,
-        "cadence": dict(root_plan.cadences),
-        "forecast": growth.to_dict(),
-        "warnings": [*scan.warnings, *root_plan.warnings],
+        "checkpoints": len(in_trash),
+        "bytes": sum(item.bytes for item in in_trash),
+        "grace_seconds": settings_for(config, root).trash_grace,
     }
 
 
@@ -134,20 +158,24 @@ def integrity_status(scan: ScanResult, root_plan: Plan) -> dict[str, Any]:
     }
 
 
-def checkpoints_in_use(root: RootConfig, scan: ScanResult, *, now: float) -> list[str]:
+def checkpoints_in_use(
+    root: RootConfig, scan: ScanResult, *, now: float
+) -> tuple[list[str], list[str]]:
     """Given a root's scan, return the checkpoints a process holds now (open file, memory map
-    or cwd inside), as the safety layer sees them."""
+    or cwd inside), as the safety layer sees them, and what it says of finding the trainer (a
+    missing or stale `trainer.pid_file`)."""
     facts = gather_facts(
         root.path,
         now=now,
         trainer_pid_file=root.trainer.pid_file,
         trainer_cmdline=root.trainer.cmdline,
     )
-    return [
+    held = [
         checkpoint.name
         for checkpoint in scan.checkpoints
         if any(facts.holders.get(member) for member in checkpoint.members)
     ]
+    return held, [note for note in facts.notes if note.startswith("trainer")]
 
 
 def filesystem_status(config: Config) -> list[dict[str, Any]]:
@@ -224,6 +252,17 @@ def collect_status(
     }
 
 
+def _trash_text(in_trash: dict[str, Any]) -> str:
+    count = in_trash["checkpoints"]
+    if not count:
+        return "empty"
+    return (
+        f"{format_bytes(in_trash['bytes'])} in {count} checkpoint{'s' if count != 1 else ''}, "
+        f"freed as each one's {format_duration(in_trash['grace_seconds'])} grace ends "
+        "(`ckptd trash purge`: now)"
+    )
+
+
 def _days(value: float | None, growing: bool = False) -> str:
     if value is None:
         return "not within 100 years" if growing else "never"
@@ -249,7 +288,7 @@ def _moment(value: Any, zone: tzinfo) -> str:
 def _details(record: Any) -> str:
     if not isinstance(record, dict):
         return ""
-    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))[:60]
+    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))
 
 
 def _integrity_rows(table: Table, root: dict[str, Any]) -> None:
@@ -281,7 +320,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
     for root in document["roots"]:
         # One small table per root: a long path never squeezes the figures off the screen.
         table = Table(title=f"root {root['root']}", title_justify="left", show_header=False)
-        table.add_column("what")
+        table.add_column("what", no_wrap=True)
         table.add_column("value", overflow="fold")
         if "error" in root:
             table.add_row("error", root["error"])
@@ -301,6 +340,9 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
         table.add_row("incomplete", _incomplete_text(root.get("incomplete_saves", []), zone))
         _integrity_rows(table, root)
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
+        for note in root["trainer"]:
+            table.add_row("trainer", note)
+        table.add_row("trash", _trash_text(root["trash"]))
         cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
         table.add_row(
             "cadence",
@@ -336,7 +378,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
     running = f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"
     jobs = Table(title=f"jobs · daemon {running}", title_justify="left")
     for column in ("job", "last", "details", "next"):
-        jobs.add_column(column)
+        jobs.add_column(column, overflow="fold")
     upcoming = schedule["next"]
     now = document["time"]
     for job, key in (
@@ -362,5 +404,9 @@ def main(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print_status(Console(highlight=False, soft_wrap=False), document, zone_for(config))
-    return 0 if all("error" not in root for root in document["roots"]) else 1
+        print_status(make_console(), document, zone_for(config))
+    missing = warn_missing(
+        "status",
+        [root for root in config.roots if not root_exists(root)],
+    )
+    return 0 if all("error" not in root for root in document["roots"]) else missing or 1

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from daemon.config import Config, load_config
+from daemon.config.changes import config_changes
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.logs import configure_logging, get_logger
 from daemon.metrics import Monitor
@@ -198,6 +199,7 @@ class Service:
         log.info(
             "config_reloaded",
             file=self.config_path,
+            changed=config_changes(old, config) or ["nothing (the same settings)"],
             roots=[root.path for root in config.roots],
             next=self.schedule.next_run_times(),
         )

@@ -520,8 +520,12 @@ class Worker:
 
     def _snapshot(self, *, startup: bool) -> None:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
-        log.info("snapshot_job", startup=startup, report=str(report)[:300])
+        # hash_shared: hard-linked files get their checksum now, in the copy's worker thread,
+        # so the first `snapshot --verify` compares content instead of only recording it.
+        report = run_daily_snapshot(
+            self.config, now=now, history=self.history, stop=self.job_stop, hash_shared=True
+        )
+        log.info("snapshot_job", startup=startup, report=report)
         self.monitor.snapshot_taken(report)  # metrics
         self.write_state(last_snapshot={"time": utc_iso(self.clock())})
 
@@ -530,6 +534,6 @@ class Worker:
             self.config, now=self.clock(), history=self.history, prune=self.prune_with
         )
         self.disk_status = result.status_line
-        log.debug("disk_checked", result=str(result)[:300])
+        log.debug("disk_checked", result=result)
         self.monitor.disk_checked(result)  # metrics
         self.write_state(last_disk_check={"time": utc_iso(self.clock())})

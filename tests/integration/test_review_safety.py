@@ -66,7 +66,7 @@ def test_trash_commands_refuse_while_a_prune_holds_the_root(
     with root_lock(str(root)) as acquired:
         assert acquired
         before = _layout(root)
-        for action in (["purge"], ["restore", "ckpt-1"]):
+        for action in (["purge", "-y"], ["restore", "ckpt-1"]):
             done = subprocess.run(
                 [*ckptd_command, "trash", *action, "--root", str(root)],
                 env=cli_env,
