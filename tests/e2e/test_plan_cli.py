@@ -142,7 +142,7 @@ def test_plan_shows_ages_cadence_protected_files_and_a_tier3_that_keeps_nothing(
     names += [f"checkpoint_epoch_{e}.pt" for e in range(4)] + ["best.pt", "last.pt"]
     past = time.time() - 3 * 3600
     for name in names:
-        (root / name).write_bytes(b"x" * 5000)
+        write_file(root / name, 5000)
         os.utime(root / name, (past, past))
     config = tmp_path / "ckptd.yaml"
     config.write_text(
