@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from daemon.history.log import read_records
+from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 3 * 3600
 
@@ -19,7 +20,7 @@ def make_hf_root(root: Path, steps: range) -> None:
     for step in steps:
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"m" * 1000)
+        write_file(folder / "model.safetensors", 1000)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in (*folder.iterdir(), folder):
             os.utime(path, (OLD, OLD))

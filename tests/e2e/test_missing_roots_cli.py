@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.pruning import trash
+from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 3 * 3600
 
@@ -21,7 +22,7 @@ def make_hf_root(root: Path, steps: range) -> None:
     for step in steps:
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"m" * 1000)
+        write_file(folder / "model.safetensors", 1000)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in (*folder.iterdir(), folder):
             os.utime(path, (OLD, OLD))

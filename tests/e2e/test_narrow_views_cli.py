@@ -16,6 +16,7 @@ import pytest
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from tests.e2e.terminal import on_terminal, piped
+from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 2 * 3600
 
@@ -64,7 +65,7 @@ def hf_run_tracking(root: Path) -> None:
     for step in range(100, 6100, 100):
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        (folder / "model.safetensors").write_bytes(b"m" * 1000)
+        write_file(folder / "model.safetensors", 1000)
         state = {"global_step": step, "best_model_checkpoint": "/out/checkpoint-1300"}
         (folder / "trainer_state.json").write_text(json.dumps(state))
         for path in (*folder.iterdir(), folder):
