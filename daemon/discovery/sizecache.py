@@ -37,8 +37,11 @@ from typing import Any
 CACHE_FILE_NAME = "size-cache.json"
 _FORMAT_VERSION = 1
 
-Identity = tuple[tuple[str, int, bool], ...]
-"""A checkpoint's root entries as `(name, inode, is_dir)`, sorted by name."""
+Member = tuple[str, int, bool]
+"""One root entry of a checkpoint as `(name, inode, is_dir)`, as the directory listing says."""
+
+Identity = tuple[Member, ...]
+"""A checkpoint's root entries (`Member`s), sorted by name."""
 
 
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
@@ -119,16 +122,18 @@ class WalkResult:
 
 
 class CacheEntry:
-    """One cached checkpoint: its identity, its walk, and (in memory only) the Checkpoint value
-    last built from it with the key it was built under, so an unchanged checkpoint costs no new
-    object on a rescan."""
+    """One cached checkpoint: its identity, its walk, and (in memory only) what discovery last
+    made of it: its record of the scan (`found`) and the Checkpoint value built from it with the
+    key it was built under, so an unchanged checkpoint costs no new object on a rescan."""
 
-    __slots__ = ("built", "built_key", "identity", "walk")
+    __slots__ = ("built", "built_key", "found", "identity", "walk")
 
     def __init__(self, identity: Identity, walk: WalkResult) -> None:
         self.identity = identity
         self.walk = walk
-        self.built: object | None = None
+        # Discovery's own values (typed there): the scan record and the built Checkpoint.
+        self.found: Any = None
+        self.built: Any = None
         self.built_key: tuple[object, ...] | None = None
 
 
