@@ -69,8 +69,13 @@ def test_discovery_sees_what_the_framework_wrote(name: str, tmp_path: Path) -> N
     tree, result = _scan_tree(name, tmp_path)
     expect = tree["expect"]
     found = [
-        (checkpoint.name, checkpoint.step, checkpoint.complete, checkpoint.members,
-         checkpoint.incomplete_reason)
+        (
+            checkpoint.name,
+            checkpoint.step,
+            checkpoint.complete,
+            checkpoint.members,
+            checkpoint.incomplete_reason,
+        )
         for checkpoint in result.checkpoints
     ]
     problems: list[str] = []
@@ -80,7 +85,8 @@ def test_discovery_sees_what_the_framework_wrote(name: str, tmp_path: Path) -> N
     for wanted in expect["checkpoints"]:
         step, complete, members = wanted["step"], wanted["complete"], set(wanted["members"])
         candidates = [
-            index for index, (_, found_step, _, found_members, _) in enumerate(found)
+            index
+            for index, (_, found_step, _, found_members, _) in enumerate(found)
             if found_step == step and members <= set(found_members) and index not in claimed
         ]
         if not candidates:
@@ -93,26 +99,35 @@ def test_discovery_sees_what_the_framework_wrote(name: str, tmp_path: Path) -> N
         claimed.add(index)
         checkpoint_name, _, found_complete, found_members, reason = found[index]
         if complete and set(found_members) != members:
-            problems.append(f"{checkpoint_name}: entries {sorted(found_members)}, expected "
-                            f"{sorted(members)}")
+            problems.append(
+                f"{checkpoint_name}: entries {sorted(found_members)}, expected {sorted(members)}"
+            )
         if found_complete != complete:
             state = "complete" if found_complete else f"incomplete ({reason})"
-            problems.append(f"{checkpoint_name} (step {step}) reported {state}, expected "
-                            f"{'complete' if complete else 'incomplete'}")
-    incomplete_steps = {wanted["step"] for wanted in expect["checkpoints"]
-                        if not wanted["complete"]}
+            problems.append(
+                f"{checkpoint_name} (step {step}) reported {state}, expected "
+                f"{'complete' if complete else 'incomplete'}"
+            )
+    incomplete_steps = {
+        wanted["step"] for wanted in expect["checkpoints"] if not wanted["complete"]
+    }
     for index, (checkpoint_name, step, found_complete, _, reason) in enumerate(found):
         if index in claimed:
             continue
         if found_complete and step in incomplete_steps:
-            problems.append(f"{checkpoint_name}: the save in progress at step {step} counted "
-                            f"as complete")
+            problems.append(
+                f"{checkpoint_name}: the save in progress at step {step} counted as complete"
+            )
         elif found_complete:
-            problems.append(f"{checkpoint_name} (step {step}) counted as a complete checkpoint "
-                            f"but is none")
+            problems.append(
+                f"{checkpoint_name} (step {step}) counted as a complete checkpoint but is none"
+            )
         elif step not in incomplete_steps:
-            problems.append(f"{checkpoint_name} (step {step}) counted as a checkpoint "
-                            f"({reason}) but is none")
-    assert not problems, f"{name} ({tree['scenario']}, layout {result.layout}):\n  " + (
-        "\n  ".join(problems)
-    ) + f"\n  found: {[(n, s, c) for n, s, c, _, _ in found]}"
+            problems.append(
+                f"{checkpoint_name} (step {step}) counted as a checkpoint ({reason}) but is none"
+            )
+    assert not problems, (
+        f"{name} ({tree['scenario']}, layout {result.layout}):\n  "
+        + ("\n  ".join(problems))
+        + f"\n  found: {[(n, s, c) for n, s, c, _, _ in found]}"
+    )
