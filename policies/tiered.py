@@ -151,7 +151,8 @@ def _group_by_series(checkpoints: Sequence[Checkpoint]) -> dict[str, list[Checkp
 
 
 def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int]]:
-    """Given a series' checkpoints, return them ordered by (step, name) and their steps."""
+    """Given a series' checkpoints, return them ordered by (step, version, name) and their
+    steps."""
     steps = list(map(_step_of, group))
     if all(map(lt, steps, islice(steps, 1, None))):
         return group, steps  # discovery often hands them over in order already
@@ -159,9 +160,9 @@ def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int
     ordered = list(map(group.__getitem__, order))
     steps = list(map(steps.__getitem__, order))
     if len(set(steps)) != len(steps):
-        # Equal steps (two layouts, a re-save): order them by name so the plan never depends on
-        # the order the directory listing happened to return.
-        ordered.sort(key=lambda checkpoint: (checkpoint.step, checkpoint.name))
+        # Equal steps (two layouts, a re-save): order them by version (the later re-save last),
+        # then name, so the plan never depends on the order the directory listing returned.
+        ordered.sort(key=lambda checkpoint: (checkpoint.step, checkpoint.version, checkpoint.name))
         steps = list(map(_step_of, ordered))
     return ordered, steps
 
