@@ -3,16 +3,22 @@
 One module scans; it decides nothing. See DESIGN.md, "Checkpoint discovery", and
 `daemon/discovery/layouts.py` for the names of each layout. What this module adds:
 
-Complete when (besides "nothing written for `settle_seconds`", which applies to all):
-- hf: `trainer_state.json` inside (the Trainer writes it last);
-- orbax: no `.orbax-checkpoint-tmp` in the name, and `commit_success.txt` or
-  `_CHECKPOINT_METADATA` inside;
-- dcp: `.metadata` inside (a folder without any `*.distcp` is not a checkpoint at all);
+Complete when the layout's completion marker, written last, is there; settle time ("nothing
+written for `settle_seconds`") only where no such marker exists:
+- hf: `trainer_state.json` inside (the Trainer writes it last), readable where it was read,
+  and no `checkpoint-is-incomplete.txt` (transformers' JIT checkpoint removes it after all);
+- orbax: not a temporary name, and `commit_success.txt` or `_CHECKPOINT_METADATA` inside;
+- dcp: `.metadata` inside, or `__0.metadata` (use_collectives=False: one per rank); a folder
+  without any `*.distcp` is not a checkpoint at all;
 - deepspeed: `latest` names it or a later step; megatron: its iteration is at most the one in
   `latest_checkpointed_iteration.txt` (a tracker that does not hold a number, such as
   `release`, says nothing, and settle time alone decides);
 - tf: the `.index` file exists and the `checkpoint` file lists it or a later step;
 - pt, lightning, custom patterns: settle time only.
+Whatever the layout: never while a framework's temporary name says the save is in flight
+(`3.orbax-checkpoint-tmp/`, `ckpt-3_temp/`: a checkpoint of its own at its step), nor while
+NeMo's `<name>-unfinished` marker lies beside it, nor when something vanished or could not be
+read during the walk.
 
 Trackers protect what they name (`Checkpoint.tracked_by`):
 - DeepSpeed `latest`, Megatron `latest_checkpointed_iteration.txt`;
@@ -66,6 +72,7 @@ from __future__ import annotations
 
 import fnmatch
 import gc
+import heapq
 import json
 import os
 import re
@@ -75,7 +82,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
-from itertools import pairwise
+from itertools import islice, pairwise
 from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -85,7 +92,6 @@ from daemon.discovery.layouts import (
     DCP_CANDIDATE,
     DEEPSPEED_TRACKER,
     MEGATRON_TRACKER,
-    ORBAX_TMP_MARK,
     TF_TRACKER,
     NameMatch,
     Pattern,
@@ -96,7 +102,9 @@ from daemon.discovery.layouts import (
 )
 from daemon.discovery.sizecache import CacheEntry, Identity, Member, SizeCache, WalkResult
 from daemon.discovery.walker import (
+    DCP_RANK0_METADATA,
     DISTCP_MARKER,
+    HF_INCOMPLETE_MARKER,
     fingerprint_markers_of,
     scandir_of,
     walk_checkpoint,
@@ -113,10 +121,17 @@ _TRAINER_STATE_LIMIT = 256 << 20
 _SIDECAR_LIMIT = 1 << 20
 _KEEP_SUFFIX = ".keep"
 _METRICS_SUFFIX = ".metrics.json"
+# NeMo touches `<checkpoint without .ckpt/.nemo>-unfinished` beside a checkpoint before saving
+# it and removes it once the save is finalized (nemo/lightning/pytorch/callbacks/
+# model_checkpoint.py, UNFINISHED_CHECKPOINT_SUFFIX); its next start deletes what still has one.
+_UNFINISHED_SUFFIX = "-unfinished"
 _TRACKER_NAMES = frozenset({DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER})
 _STATE_MARKERS = frozenset({"trainer_state.json", "metrics.json"})
 # Layouts whose completeness is settled once a cached (final) walk exists: no tracker involved.
 _STATIC_LAYOUTS = frozenset({"hf", "orbax", "dcp", "pt", "lightning", "custom"})
+# Layouts with no completion marker written last: only settle time says a save is over.
+# (Megatron too when its tracker holds no number; see `_settles`.)
+_SETTLE_LAYOUTS = frozenset({"pt", "lightning", "custom"})
 
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
@@ -145,11 +160,13 @@ class ScanResult:
 
 @dataclass(frozen=True, slots=True)
 class _Scope:
-    """Given one scan: the root, how to reach it, its cache and the clock, for every phase."""
+    """Given one scan: the root, how to reach it, its cache (and a snapshot of the root's
+    cached entries, taken once) and the clock, for every phase."""
 
     fs: FileSystem
     root_path: str
     cache: SizeCache | None
+    cached: Mapping[str, CacheEntry]
     now_ns: int
     settle_ns: int
 
@@ -167,6 +184,7 @@ class _Listing:
     beside_pins: set[str] = field(default_factory=set)  # "<name>" of each "<name>.keep"
     beside_metrics: dict[str, tuple[str, int]] = field(default_factory=dict)
     tracker_files: set[str] = field(default_factory=set)
+    unfinished: set[str] = field(default_factory=set)  # "<stem>" of each "<stem>-unfinished"
 
 
 class _NameHit(NamedTuple):
@@ -240,6 +258,7 @@ class _Trackers:
     the tracker files give (for completeness)."""
 
     tracked: dict[str, list[str]] = field(default_factory=dict)
+    unfinished: set[str] = field(default_factory=set)  # NeMo's `-unfinished` marker stems
     deepspeed_step: int | None = None
     megatron_step: int | None = None
     tf_listed: set[str] | None = None
@@ -313,7 +332,8 @@ def _scan(
 ) -> ScanResult:
     """Given what `scan` was given, run the phases of the module docstring in order."""
     root_path = os.path.normpath(os.path.abspath(root.path))
-    scope = _Scope(fs, root_path, cache, int(now * 1e9), int(settle_seconds * 1e9))
+    cached = cache.entries(root_path) if cache is not None else {}
+    scope = _Scope(fs, root_path, cache, cached, int(now * 1e9), int(settle_seconds * 1e9))
     listing = _list_root(fs, root_path)
     patterns = _patterns_of(root)
     matching = _match_rows(scope, root, listing, patterns)
@@ -396,6 +416,8 @@ def _list_root(fs: FileSystem, root_path: str) -> _Listing:
                     listing.beside_metrics[name[: -len(_METRICS_SUFFIX)]] = (name, inode)
                 elif name in _TRACKER_NAMES:
                     listing.tracker_files.add(name)
+                elif name.endswith(_UNFINISHED_SUFFIX):
+                    listing.unfinished.add(name[: -len(_UNFINISHED_SUFFIX)])
                 else:
                     append((name, inode, False))
     except FileNotFoundError:
@@ -459,19 +481,9 @@ def _layout_of_pairs(
     scope: _Scope, pairs: list[tuple[NameMatch, Member]], tracker_files: set[str]
 ) -> str:
     """Given the rows patterns matched under `layout: auto`, return the layout they follow."""
-    counts: Counter[str] = Counter()
-    numbered: list[str] = []
-    for _, (name, _, is_dir) in pairs:
-        first, _ = first_layout(name, is_dir)
-        if first is not None:
-            counts[first] += 1
-            if first in _NUMBERED:
-                numbered.append(name)
-    detected = choose_layout(counts, tracker_files)
-    return _settle_numbered_layout(scope, detected, numbered) or "custom"
-
-
-_NUMBERED = frozenset({"orbax", DCP_CANDIDATE})
+    hits = [(_NameHit(row[2], *first_layout(row[0], row[2])), row) for _, row in pairs]
+    counts = Counter([hit.layout for hit, _ in hits if hit.layout is not None])
+    return _look_inside(scope, choose_layout(counts, tracker_files), hits) or "custom"
 
 
 def _match_auto(scope: _Scope, listing: _Listing, memo: dict[str, _NameHit]) -> _Matching:
@@ -489,8 +501,7 @@ def _match_auto(scope: _Scope, listing: _Listing, memo: dict[str, _NameHit]) -> 
             hits.append((hit, row))
             layouts.append(hit.layout)
     detected = choose_layout(Counter(layouts), listing.tracker_files)
-    numbered = [row[0] for hit, row in hits if hit.layout in _NUMBERED]
-    layout = _settle_numbered_layout(scope, detected, numbered) or "custom"
+    layout = _look_inside(scope, detected, hits) or "custom"
     pairs = [
         (hit.match, row) for hit, row in hits if hit.layout == layout and hit.match is not None
     ]
@@ -521,24 +532,79 @@ def _match_patterns(
     return None
 
 
-def _settle_numbered_layout(scope: _Scope, detected: str | None, numbered: list[str]) -> str | None:
-    """Given the name-based guess and the numbered folders, tell dcp from orbax by looking into
-    the highest-numbered few (a dcp checkpoint holds `*.distcp` files)."""
-    if detected not in (None, "orbax") or not numbered:
+_NUMBERED = frozenset({"orbax", DCP_CANDIDATE})
+_LOOK_INTO = 3  # folders looked into to tell a layout that names alone cannot
+
+
+def _look_inside(
+    scope: _Scope, detected: str | None, hits: list[tuple[_NameHit, Member]]
+) -> str | None:
+    """Given the layout the names suggest and the rows some layout claims, return the layout,
+    settled by looking into a few folders where names cannot tell: torch.distributed.checkpoint
+    folders (`*.distcp` inside, no trainer_state.json) are named like Orbax's (`step_100/`) or
+    like the Trainer's (`checkpoint-100/`)."""
+    if detected == "hf":
+        sample = [row for hit, row in islice(_claimed_by(hits, "hf"), _LOOK_INTO)]
+        kinds = [_folder_kind(scope, row) for row in sample]
+        return "dcp" if "dcp" in kinds and "hf" not in kinds else "hf"
+    if detected not in (None, "orbax"):
         return detected
-
-    def number(name: str) -> int:
-        digits = re.findall(r"\d+", name)
-        return int(digits[-1]) if digits else -1
-
-    for name in sorted(numbered, key=number, reverse=True)[:3]:
-        try:
-            with closing(scandir_of(scope.fs)(f"{scope.root_path}/{name}")) as entries:
-                if any(entry.name.endswith(".distcp") for entry in entries):
-                    return "dcp"
-        except OSError:
-            continue
+    numbered = [pair for pair in hits if pair[0].layout in _NUMBERED]
+    highest = heapq.nlargest(_LOOK_INTO, numbered, key=_step_of_hit)
+    if any(_folder_kind(scope, row) == "dcp" for _, row in highest):
+        return "dcp"
     return detected
+
+
+def _claimed_by(
+    hits: list[tuple[_NameHit, Member]], layout: str
+) -> Iterator[tuple[_NameHit, Member]]:
+    return (pair for pair in hits if pair[0].layout == layout)
+
+
+def _step_of_hit(pair: tuple[_NameHit, Member]) -> int:
+    match = pair[0].match
+    return match.step if match is not None else -1
+
+
+def _folder_kind(scope: _Scope, row: Member) -> str | None:
+    """Given a folder of the root, return "hf" (trainer_state.json inside), "dcp" (`*.distcp`,
+    no trainer_state.json), "orbax" (its commit markers) or None, from its cached walk when the
+    cache holds one for this very folder, else from one listing of it."""
+    name, _, is_dir = row
+    if not is_dir:
+        return None
+    entry = scope.cached.get(name)
+    if entry is not None and entry.identity == (row,):
+        markers: Collection[str] = entry.walk.markers
+    else:
+        markers = _top_markers(scope, name)
+    if "trainer_state.json" in markers:
+        return "hf"
+    if DISTCP_MARKER in markers:
+        return "dcp"
+    if "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers:
+        return "orbax"
+    return None
+
+
+def _top_markers(scope: _Scope, name: str) -> set[str]:
+    """Given a folder of the root, return the markers `_folder_kind` asks about found at its
+    top (empty when it cannot be listed)."""
+    found: set[str] = set()
+    try:
+        with closing(scandir_of(scope.fs)(f"{scope.root_path}/{name}")) as entries:
+            for entry in entries:
+                if entry.name.endswith(".distcp"):
+                    found.add(DISTCP_MARKER)
+                elif entry.name in _KIND_MARKERS:
+                    found.add(entry.name)
+    except OSError:
+        pass
+    return found
+
+
+_KIND_MARKERS = frozenset({"trainer_state.json", "commit_success.txt", "_CHECKPOINT_METADATA"})
 
 
 def _patterns_of(root: RootConfig) -> list[Pattern]:
@@ -586,19 +652,18 @@ def _walk_or_reuse(scope: _Scope, layout: str, candidates: _Candidates) -> _Walk
     listing proves it current, a fresh walk of the others (one that vanished meanwhile is
     left out)."""
     cache = scope.cache
-    cached = cache.entries(scope.root_path) if cache is not None else {}
     found: list[_Found] = []
     if candidates.single:
-        misses = _reuse_single(cached, candidates.pairs, found)
+        misses = _reuse_single(scope.cached, candidates.pairs, found)
     else:
-        misses = _reuse_grouped(cached, candidates.pairs, found)
+        misses = _reuse_grouped(scope.cached, candidates.pairs, found)
     hits = len(found)
     walks = walk_many(
         scope.fs, scope.root_path, [identity for _, identity in misses], layout == "dcp"
     )
     for (match, identity), walk in zip(misses, walks, strict=True):
         if walk is not None:  # None: vanished between listing and walk, not there any more
-            entry = _store_if_final(scope, layout, match.checkpoint, identity, walk)
+            entry = _store_if_final(scope, layout, match, identity, walk)
             found.append(_found(match, identity, walk, entry))
     if cache is not None:
         cache.hits += hits
@@ -651,12 +716,12 @@ def _reuse_grouped(
 
 
 def _store_if_final(
-    scope: _Scope, layout: str, name: str, identity: Identity, walk: WalkResult
+    scope: _Scope, layout: str, match: NameMatch, identity: Identity, walk: WalkResult
 ) -> CacheEntry | None:
     """Given a fresh walk, cache it when it is final and return its entry (else None)."""
-    if scope.cache is None or not _is_final(scope, walk, layout, name):
+    if scope.cache is None or not _is_final(scope, walk, layout, match):
         return None
-    return scope.cache.store(scope.root_path, name, identity, walk)
+    return scope.cache.store(scope.root_path, match.checkpoint, identity, walk)
 
 
 # --- phase 4: order, re-check --------------------------------------------------------------------
@@ -670,10 +735,10 @@ def _order(found: list[_Found], patterns: list[Pattern], layout: str) -> tuple[s
     series = _series_order(patterns, layout, found)
     if len(series) > 1:
         rank = {series_id: index for index, series_id in enumerate(series)}
-        found.sort(key=lambda record: (rank[record.series], record.step, record.name))
+        found.sort(key=lambda record: (rank[record.series], record.step, *_tie_break(record)))
     else:
         found.sort(key=_STEP)
-        _sort_equal_steps_by_name(found)
+        _sort_equal_steps(found)
     return series
 
 
@@ -711,9 +776,10 @@ def _order_epochs_first(found: list[_Found]) -> None:
             found[index] = replace(record, step=(record.match.epoch or 0) * stride + record.step)
 
 
-def _sort_equal_steps_by_name(found: list[_Found]) -> None:
-    """Given checkpoints sorted by step, order each run of equal steps by name (rare:
-    Lightning's `-v1` copies), in one pass: cheaper than a (step, name) key for 10,000."""
+def _sort_equal_steps(found: list[_Found]) -> None:
+    """Given checkpoints sorted by step, order each run of equal steps by version, then name
+    (rare: Lightning's `-v1` re-save of a step is the newer one, though its name sorts first),
+    in one pass: cheaper than a (step, version, name) key for 10,000 checkpoints."""
     index = 1
     count = len(found)
     while index < count:
@@ -723,10 +789,11 @@ def _sort_equal_steps_by_name(found: list[_Found]) -> None:
         start = index - 1
         while index < count and found[index].step == found[start].step:
             index += 1
-        found[start:index] = sorted(found[start:index], key=_NAME)
+        found[start:index] = sorted(found[start:index], key=_tie_break)
 
 
-_NAME = attrgetter("name")
+def _tie_break(record: _Found) -> tuple[int, str]:
+    return record.match.version, record.name
 
 
 def _recheck(
@@ -758,7 +825,7 @@ def _recheck(
         if fresh is None:  # vanished: reported from the old walk this once, no longer cached
             found[index] = replace(record, entry=None)
             continue
-        entry = _store_if_final(scope, layout, record.name, record.identity, fresh)
+        entry = _store_if_final(scope, layout, record.match, record.identity, fresh)
         found[index] = replace(record, walk=fresh, entry=entry)
     return walked
 
@@ -796,6 +863,7 @@ def _collect_trackers(
     """Given the ordered checkpoints, return what the root's trackers say; read (in place) the
     trainer_state.json and sidecars needed for it, and all of them with `want_metrics`."""
     trackers = _read_trackers(scope.fs, scope.root_path, layout, listing.tracker_files)
+    trackers.unfinished = listing.unfinished
     if layout == "hf":
         _track_best_models(scope, found, trackers)
     if want_metrics:
@@ -838,7 +906,11 @@ def _read_state(scope: _Scope, found: list[_Found], index: int) -> WalkResult:
     walk = _with_state(scope.fs, scope.root_path, record.identity, walk)
     entry = record.entry
     if entry is not None and scope.cache is not None:
-        entry = scope.cache.store(scope.root_path, record.name, record.identity, walk)
+        if walk.state_unreadable:  # a trainer_state.json cut off: not final after all
+            scope.cache.forget(scope.root_path, record.name)
+            entry = None
+        else:
+            entry = scope.cache.store(scope.root_path, record.name, record.identity, walk)
     found[index] = replace(record, walk=walk, entry=entry)
     return walk
 
@@ -994,13 +1066,13 @@ def _build(
     values; a cached checkpoint built last time under the same key is reused as it is."""
     tracked = trackers.tracked
     protect = _protect_matcher(protect_globs)
-    static = layout in _STATIC_LAYOUTS
+    static = layout in _STATIC_LAYOUTS and not trackers.unfinished
     checkpoints: list[Checkpoint] = []
     append = checkpoints.append
     for record in found:
         entry = record.entry
         name = record.name
-        # A final walk of a static layout: marker present and settled, for good.
+        # A final walk of a static layout: complete for good (no NeMo marker in the root).
         reason = None if entry is not None and static else _reason(scope, layout, record, trackers)
         tracked_by = tuple(tracked[name]) if name in tracked else ()
         pinned_by: tuple[str, ...] = (
@@ -1021,10 +1093,11 @@ def _build(
 
 
 def _reason(scope: _Scope, layout: str, record: _Found, trackers: _Trackers) -> str | None:
-    """Given a checkpoint, return why it is not complete (None: complete)."""
+    """Given a checkpoint, return why it is not complete (None: complete). Settle time counts
+    only where no completion marker is written last (`_settles`)."""
     walk = record.walk
     reason = _incomplete_reason(layout, record.match, walk, trackers)
-    if reason is None and not scope.settled(walk):
+    if reason is None and _settles(layout, trackers) and not scope.settled(walk):
         age_seconds = max(0, scope.now_ns - walk.mtime_ns) // 1_000_000_000
         reason = f"settling: last write {age_seconds} s ago"
     return reason
@@ -1058,10 +1131,18 @@ def _checkpoint(
         tracked_by=tracked_by,
         pinned_by=pinned_by,
         metrics=metrics,
+        version=match.version,
     )
 
 
 # --- completeness --------------------------------------------------------------------------------
+
+
+def _settles(layout: str, trackers: _Trackers) -> bool:
+    """Given the layout, return whether only settle time can tell its saves are over: a layout
+    whose completion marker is written last (trainer_state.json, .metadata, commit_success.txt,
+    the `latest`/`checkpoint`/Megatron tracker) is complete once the marker is there."""
+    return layout in _SETTLE_LAYOUTS or (layout == "megatron" and trackers.megatron_step is None)
 
 
 def _incomplete_reason(
@@ -1071,27 +1152,57 @@ def _incomplete_reason(
     call it complete (settle time aside), or None."""
     if walk.error is not None:
         return walk.error
+    if match.temporary:
+        return _TEMPORARY_REASONS.get(layout, "temporary name (save in progress or interrupted)")
+    if trackers.unfinished:
+        marker = _unfinished_marker(match.checkpoint, trackers.unfinished)
+        if marker is not None:
+            return f"NeMo marker {marker} beside it (save in progress or interrupted)"
     reason_of = _REASONS.get(layout)
-    return reason_of(match, walk.markers, trackers) if reason_of is not None else None
+    return reason_of(match, walk, trackers) if reason_of is not None else None
 
 
-def _hf_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
-    return None if "trainer_state.json" in markers else "no trainer_state.json"
+_TEMPORARY_REASONS: Mapping[str, str] = MappingProxyType(
+    {
+        "orbax": "orbax temporary folder (save in progress or interrupted)",
+        "tf": "TensorFlow temporary folder (save in progress or interrupted)",
+    }
+)
 
 
-def _orbax_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
-    if ORBAX_TMP_MARK in match.checkpoint:
-        return "orbax temporary folder (save in progress or interrupted)"
-    if "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers:
+def _unfinished_marker(name: str, stems: set[str]) -> str | None:
+    """Given a checkpoint's name and the stems of NeMo's `-unfinished` markers, return the
+    marker's name when one belongs to it (`X.ckpt`, `X.nemo`, `X-EMA.ckpt` and folder `X` share
+    `X-unfinished`: format_checkpoint_unfinished_marker_path), else None."""
+    stem = name.removesuffix(".nemo").removesuffix(".ckpt").removesuffix("-EMA")
+    return f"{stem}{_UNFINISHED_SUFFIX}" if stem in stems else None
+
+
+def _hf_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    markers = walk.markers
+    if HF_INCOMPLETE_MARKER in markers:
+        # transformers' JIT checkpoint removes it only after trainer_state.json is written.
+        return f"{HF_INCOMPLETE_MARKER} inside (save in progress or interrupted)"
+    if "trainer_state.json" not in markers:
+        return "no trainer_state.json"
+    if walk.state_unreadable:  # read for the newest ones: a plain open("w") still being written
+        return "trainer_state.json unreadable (being written, or cut off)"
+    return None
+
+
+def _orbax_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if "commit_success.txt" in walk.markers or "_CHECKPOINT_METADATA" in walk.markers:
         return None
     return "no commit_success.txt or _CHECKPOINT_METADATA"
 
 
-def _dcp_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
-    return None if ".metadata" in markers else "no .metadata"
+def _dcp_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if ".metadata" in walk.markers or DCP_RANK0_METADATA in walk.markers:
+        return None
+    return "no .metadata"
 
 
-def _deepspeed_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
+def _deepspeed_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
     if trackers.deepspeed_step is None:
         return f"no readable '{DEEPSPEED_TRACKER}' file"
     if match.step > trackers.deepspeed_step:
@@ -1099,14 +1210,14 @@ def _deepspeed_reason(match: NameMatch, markers: frozenset[str], trackers: _Trac
     return None
 
 
-def _megatron_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
+def _megatron_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
     if trackers.megatron_step is not None and match.step > trackers.megatron_step:
         return f"newer than {MEGATRON_TRACKER} ({trackers.megatron_step})"
     return None
 
 
-def _tf_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -> str | None:
-    if "index" not in markers:
+def _tf_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if "index" not in walk.markers:
         return f"no {match.checkpoint}.index"
     if trackers.tf_listed is None:
         return f"no readable '{TF_TRACKER}' file"
@@ -1117,34 +1228,30 @@ def _tf_reason(match: NameMatch, markers: frozenset[str], trackers: _Trackers) -
     return f"not listed in '{TF_TRACKER}'"
 
 
-_REASONS: Mapping[str, Callable[[NameMatch, frozenset[str], _Trackers], str | None]] = (
-    MappingProxyType(
-        {
-            "hf": _hf_reason,
-            "orbax": _orbax_reason,
-            "dcp": _dcp_reason,
-            "deepspeed": _deepspeed_reason,
-            "megatron": _megatron_reason,
-            "tf": _tf_reason,
-        }
-    )
+_REASONS: Mapping[str, Callable[[NameMatch, WalkResult, _Trackers], str | None]] = MappingProxyType(
+    {
+        "hf": _hf_reason,
+        "orbax": _orbax_reason,
+        "dcp": _dcp_reason,
+        "deepspeed": _deepspeed_reason,
+        "megatron": _megatron_reason,
+        "tf": _tf_reason,
+    }
 )
 
 
-def _is_final(scope: _Scope, walk: WalkResult, layout: str, name: str) -> bool:
-    """Given a walk, return whether it can never change while the checkpoint is untouched."""
-    if walk.error is not None or not scope.settled(walk):
+def _is_final(scope: _Scope, walk: WalkResult, layout: str, match: NameMatch) -> bool:
+    """Given a walk, return whether it can never change while the checkpoint is untouched:
+    settled, and complete by its layout's marker (trackers are read again on every scan)."""
+    if walk.error is not None or match.temporary or not scope.settled(walk):
         return False
-    markers = walk.markers
-    if layout == "hf":
-        return "trainer_state.json" in markers
-    if layout == "orbax":
-        return ORBAX_TMP_MARK not in name and (
-            "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers
-        )
-    if layout == "dcp":
-        return ".metadata" in markers
-    return True
+    reason_of = _FINAL_REASONS.get(layout)
+    return reason_of is None or reason_of(match, walk, _NO_TRACKERS) is None
+
+
+# Layouts whose marker decides completeness (and so whether a walk is final) without trackers.
+_FINAL_REASONS = {layout: _REASONS[layout] for layout in ("hf", "orbax", "dcp")}
+_NO_TRACKERS = _Trackers()
 
 
 # --- walking -------------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from types import MappingProxyType
 from typing import Any
 
 CACHE_FILE_NAME = "size-cache.json"
-_FORMAT_VERSION = 1
+# 2: walks note transformers' checkpoint-is-incomplete.txt and dcp's __0.metadata; a walk of
+# an older version could call a JIT save cut off mid-way complete, so it is walked again.
+_FORMAT_VERSION = 2
 
 Member = tuple[str, int, bool]
 """One root entry of a checkpoint as `(name, inode, is_dir)`, as the directory listing says."""
@@ -296,8 +298,15 @@ class SizeCache:
             self.load_error = f"{path}: {error}"
             return
         try:
-            if document.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"version {document.get('version')!r}")
+            version = document.get("version")
+            if (
+                isinstance(version, int)
+                and not isinstance(version, bool)
+                and version < _FORMAT_VERSION
+            ):
+                return  # an older daemon's cache: what it did not note costs one walk, no error
+            if version != _FORMAT_VERSION:
+                raise ValueError(f"version {version!r}")
             roots: dict[str, dict[str, CacheEntry]] = {}
             for item in document["entries"]:
                 identity: Identity = tuple(

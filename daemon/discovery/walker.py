@@ -37,12 +37,16 @@ except ImportError:  # not on every platform
     resource = None  # type: ignore[assignment]
 
 # Files whose presence at the top of a checkpoint folder discovery cares about.
+HF_INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' JIT save in progress
+DCP_RANK0_METADATA = "__0.metadata"  # dcp with use_collectives=False: one per rank, no .metadata
 MARKER_NAMES = frozenset(
     {
         "trainer_state.json",
+        HF_INCOMPLETE_MARKER,
         "commit_success.txt",
         "_CHECKPOINT_METADATA",
         ".metadata",
+        DCP_RANK0_METADATA,
         ".keep",
         "metrics.json",
     }
@@ -52,6 +56,7 @@ DISTCP_MARKER = "*.distcp"
 FINGERPRINT_MARKERS = (
     "trainer_state.json",
     ".metadata",
+    DCP_RANK0_METADATA,
     "_CHECKPOINT_METADATA",
     "commit_success.txt",
 )

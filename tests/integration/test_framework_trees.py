@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from daemon.config import RootConfig
-from daemon.discovery import scan
+from daemon.discovery.scan import scan
 from tests.fixtures.frameworks.materialize import load_tree, materialize, tree_names
 
 NAMES = tree_names()
