@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPOSITORY / "tests" / "integration"))
 
 import test_crash_safety as trial  # noqa: E402
 
-from daemon import trash  # noqa: E402
+from daemon.pruning import trash  # noqa: E402
 
 
 def main() -> int:

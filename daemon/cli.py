@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
 from daemon import __version__
 from daemon.errors import EXIT_FAILED, EXIT_USAGE, CkptdError, ConfigError
 
+# The config file when neither --config nor $CKPTD_CONFIG names one (daemon.commands._common).
 DEFAULT_CONFIG = "/etc/ckptd/config.yaml"
 
 EPILOG = """exit codes: 0 done; 1 failed; 2 usage or config error; 3 refused for safety.
@@ -137,11 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the temporary folder")
 
     return parser
-
-
-def resolve_config_path(explicit: str | None) -> str:
-    """Given the --config argument, return the config file path to use."""
-    return explicit or os.environ.get("CKPTD_CONFIG") or DEFAULT_CONFIG
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from daemon.commands.history import render_table, why_of
 from daemon.logs import configure_logging
+from daemon.render import history_table, why_of
 from daemon.service.lifecycle import serve
 from policies import plan
 from policies.model import Checkpoint, PolicySpec
@@ -229,7 +229,7 @@ def run_demo(seconds: float = 30.0, *, keep: bool = False, out: TextIO | None = 
 
     history = read_history(history_path)
     survivors = sorted(checkpoint.step for checkpoint in present_checkpoints(root))
-    console.print(render_table(history))
+    console.print(history_table(history))
     console.print(
         f"demo: wrote {progress.written} checkpoints, pruned {len(deletions(history))}, "
         f"kept {len(survivors)}: {survivors}"

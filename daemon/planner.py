@@ -48,7 +48,7 @@ def plan_root(
     cached (a stat or two each: a `.keep` dropped into an old folder must pin it) and the root
     is planned again if any was not. Scan warnings are the plan's warnings.
     """
-    settle_seconds = float(settings_for(config, root)["settle_seconds"])
+    settle_seconds = settings_for(config, root).settle_seconds
     if policy_override is not None:
         candidates = [policy_override]
     else:

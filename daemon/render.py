@@ -1,4 +1,5 @@
-"""How plans look to people (a folded timeline of the tiers) and to scripts (JSON).
+"""How plans look to people (a folded timeline of the tiers) and to scripts (JSON), and the
+history's table.
 
 The timeline reads top to bottom from oldest to newest, like `ls` of a checkpoint folder: tier 3,
 then tier 2, then tier 1 with the newest checkpoint at the bottom. Consecutive checkpoints with
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -225,3 +227,64 @@ def print_plan(console: Console, plan: Plan, *, layout: str = "", unfold: bool =
     if plan.decisions:
         console.print(timeline_table(plan, unfold=unfold))
     console.print(summary_line(plan))
+
+
+# --- the cleanup history ------------------------------------------------------------------------
+
+
+def _local_time(value: object) -> str:
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def why_of(record: dict[str, Any]) -> str:
+    """Given a history record, return the one line that says why it happened."""
+    for key in ("why", "reason", "reasons"):
+        value = record.get(key)
+        if isinstance(value, list) and value:
+            # The first reason is the checkpoint's own tier's; the rest repeat it for later
+            # tiers (all of them stay in the JSON).
+            return str(value[0])
+        if isinstance(value, str) and value:
+            return value
+    if record.get("event") == "prune_run":
+        mode = "dry run: " if record.get("dry_run") else ""
+        return (
+            f"{mode}{record.get('deleted', 0) or record.get('would_delete', 0)} deleted, "
+            f"{record.get('kept', 0)} kept, {record.get('vetoed', 0)} vetoed, "
+            f"{record.get('failed', 0)} failed in {record.get('seconds', 0)} s"
+        )
+    return ""
+
+
+def _history_row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    freed = record.get("bytes_freed")
+    in_trash = record.get("bytes_in_trash")
+    shown = format_bytes(freed) if isinstance(freed, int | float) else ""
+    if isinstance(in_trash, int | float) and in_trash and record.get("event") == "delete":
+        shown = f"{format_bytes(in_trash)} to trash"
+    return (
+        _local_time(record.get("time", "")),
+        str(record.get("event", "")),
+        str(record.get("root", "")),
+        str(record.get("checkpoint", "")),
+        shown,
+        why_of(record),
+    )
+
+
+def history_table(records: Iterable[dict[str, Any]]) -> Table:
+    """Given history records, return the rich table people read (oldest first, newest last)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    table.add_column("time", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("root", no_wrap=True)
+    table.add_column("checkpoint", no_wrap=True)
+    table.add_column("freed", justify="right", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    for record in records:
+        table.add_row(*_history_row(record))
+    return table

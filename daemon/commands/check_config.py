@@ -93,10 +93,10 @@ def _root_lines(config: Config, root: RootConfig) -> list[str]:
         lines.append("    trainer: found automatically (processes using files under the root)")
     settings = settings_for(config, root)
     lines.append(
-        f"    safety: settle {format_duration(settings['settle_seconds'])}, "
-        f"min_keep {settings['min_keep']}, "
-        f"max_delete_fraction {settings['max_delete_fraction']:g}, "
-        f"trash grace {format_duration(settings['trash_grace'])}"
+        f"    safety: settle {format_duration(settings.settle_seconds)}, "
+        f"min_keep {settings.min_keep}, "
+        f"max_delete_fraction {settings.max_delete_fraction:g}, "
+        f"trash grace {format_duration(settings.trash_grace)}"
     )
     return lines
 

@@ -21,10 +21,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from daemon.commands.plan import select_roots
-from daemon.config import Config
+from daemon.commands._common import history_path_for, select_roots
+from daemon.config import Config, RootConfig
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
-from daemon.history.log import HistoryLog, default_history_path
+from daemon.history.log import HistoryLog
 from daemon.pruning.pipeline import PruneReport, prune_root
 from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
 
@@ -32,48 +32,27 @@ from daemon.render import format_bytes, make_console, plan_to_json, timeline_tab
 PROGRESS_AT = 5
 
 
-def history_for(config: Config, root_argument: str | None, config_argument: str | None) -> str:
-    """Given the selected config and the arguments, return the history file to append to."""
-    if root_argument is not None and config_argument is None:
-        return default_history_path()
-    return config.history_path
-
-
-def _extra_list(report: PruneReport, key: str) -> list[Any]:
-    value = report.extra.get(key)
-    return list(value) if isinstance(value, list | tuple) else []
-
-
-def _extra_dict(report: PruneReport, key: str) -> dict[str, str]:
-    value = report.extra.get(key)
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def _extra_int(report: PruneReport, key: str) -> int:
-    value = report.extra.get(key)
-    return int(value) if isinstance(value, int | float) else 0
-
-
 def report_to_json(report: PruneReport) -> dict[str, Any]:
     """Given a prune report, return `plan --json`'s document plus what was done ("result")."""
     document = plan_to_json(report.plan)
-    veto_reasons = _extra_dict(report, "veto_reasons")
-    failures = _extra_dict(report, "failures")
+    applied = report.applied
+    veto_reasons = report.veto_reasons
+    failures = dict(applied.failed)
     document["result"] = {
         "dry_run": report.dry_run,
         "refused": report.refused,
-        "aborted": bool(report.extra.get("aborted", False)),
+        "aborted": report.aborted,
         "deleted": list(report.deleted),
         "vetoed": [{"name": name, "reason": veto_reasons.get(name, "")} for name in report.vetoed],
         "failed": [{"name": name, "error": failures.get(name, "")} for name in report.failed],
-        "partial": _extra_list(report, "partial"),
-        "trashed": _extra_list(report, "trashed"),
+        "partial": list(applied.partial),
+        "trashed": list(applied.trashed),
         "bytes_freed": report.bytes_freed,
-        "bytes_in_trash": _extra_int(report, "bytes_in_trash"),
-        "would_delete": _extra_list(report, "would_delete"),
-        "would_free": _extra_int(report, "would_free"),
+        "bytes_in_trash": applied.bytes_in_trash,
+        "would_delete": list(applied.would_delete),
+        "would_free": applied.would_free,
         "seconds": round(report.seconds, 3),
-        "notes": _extra_list(report, "notes"),
+        "notes": list(report.notes),
     }
     return document
 
@@ -81,7 +60,7 @@ def report_to_json(report: PruneReport) -> dict[str, Any]:
 def _show_plan(console: Console, report: PruneReport) -> None:
     plan = report.plan
     console.print(f"[bold]{plan.root}[/bold]: {len(plan.decisions)} checkpoints now")
-    for note in _extra_list(report, "notes"):
+    for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     if plan.decisions:
         console.print(timeline_table(plan))
@@ -106,15 +85,15 @@ def _summary(report: PruneReport) -> str:
     kept = len(report.plan.decisions) - len(report.deleted)
     if report.dry_run:
         return (
-            f"dry run, nothing changed: would delete {len(_extra_list(report, 'would_delete'))} "
-            f"and free {format_bytes(_extra_int(report, 'would_free'))}"
+            f"dry run, nothing changed: would delete {len(report.applied.would_delete)} "
+            f"and free {format_bytes(report.applied.would_free)}"
         )
     parts = [
         f"deleted {len(report.deleted)}",
         f"kept {kept}",
         f"freed {format_bytes(report.bytes_freed)}",
     ]
-    in_trash = _extra_int(report, "bytes_in_trash")
+    in_trash = report.applied.bytes_in_trash
     if in_trash:
         parts.append(f"{format_bytes(in_trash)} waiting in the trash")
     if report.vetoed:
@@ -133,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
             "pass -y to confirm (or --dry-run to see the plan)"
         )
     config, roots = select_roots(args.root, args.config)
-    history = HistoryLog(history_for(config, args.root, args.config))
+    history = HistoryLog(history_path_for(config, args.root, args.config))
     console = make_console()
     documents: list[dict[str, Any]] = []
     exit_code = EXIT_OK
@@ -163,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _prune_one(
     config: Config,
-    root: Any,
+    root: RootConfig,
     args: argparse.Namespace,
     history: HistoryLog,
     console: Console,
@@ -217,7 +196,7 @@ def _prune_one(
         confirmed_shown = bool(report.plan.deleted) and not report.dry_run
         if report.refused is not None or not confirmed_shown:
             _show_plan(console, report)
-        if report.extra.get("aborted"):
+        if report.aborted:
             console.print("nothing deleted")
         elif report.refused is None:
             console.print(_summary(report))

@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from daemon.cli import resolve_config_path
+from daemon.commands._common import config_path
 from daemon.service.lifecycle import serve
 
 
@@ -17,4 +17,4 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda _number, _frame: stop.set())
     signal.signal(signal.SIGINT, lambda _number, _frame: stop.set())
     signal.signal(signal.SIGHUP, lambda _number, _frame: reload.set())
-    return serve(resolve_config_path(args.config), stop=stop, reload=reload)
+    return serve(config_path(args.config), stop=stop, reload=reload)

@@ -12,7 +12,8 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
-from daemon.config import Config, load_config
+from daemon.commands._common import load_selected_config
+from daemon.config import Config
 from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
 from daemon.history.log import HistoryLog
 from daemon.render import format_bytes
@@ -28,9 +29,7 @@ from daemon.snapshots.daily import (
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `snapshot` arguments, take or verify a snapshot and return the exit code."""
-    from daemon.cli import resolve_config_path
-
-    config = load_config(resolve_config_path(args.config))
+    config = load_selected_config(args.config)
     if config.snapshots.dir is None:
         raise UsageError("snapshots.dir is not set in the config: nowhere to put snapshots")
     if args.verify is not None:

@@ -4,7 +4,6 @@ per filesystem use; the last and next prune, snapshot and disk check."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -17,10 +16,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from daemon.config import Config, RootConfig, load_config, policy_for
+from daemon.commands._common import load_selected_config
+from daemon.config import Config, RootConfig, policy_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
 from daemon.render import format_bytes
+from daemon.safety.facts import gather_facts
 from daemon.snapshots.daily import existing_snapshot_dates, next_snapshot_time, zone_for
 from daemon.state import read_state
 from policies.model import Plan
@@ -47,7 +48,7 @@ def root_status(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
-    in_use = checkpoints_in_use(root, scan, root_plan, now=now)
+    in_use = checkpoints_in_use(root, scan, now=now)
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
@@ -84,20 +85,9 @@ def root_status(
     }
 
 
-def checkpoints_in_use(
-    root: RootConfig, scan: ScanResult, root_plan: Plan, *, now: float
-) -> list[str]:
+def checkpoints_in_use(root: RootConfig, scan: ScanResult, *, now: float) -> list[str]:
     """Given a root's scan, return the checkpoints a process holds now (open file, memory map
     or cwd inside), as the safety layer sees them."""
-    try:
-        # The safety layer lands separately; imported by name so this works before it does.
-        gather_facts = importlib.import_module("daemon.safety.facts").gather_facts
-    except (ImportError, AttributeError):
-        return [
-            decision.checkpoint.name
-            for decision in root_plan.decisions
-            if any(reason.startswith("in-use") for reason in decision.reasons)
-        ]
     facts = gather_facts(
         root.path,
         now=now,
@@ -293,9 +283,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `status` arguments, print the status and return the exit code."""
-    from daemon.cli import resolve_config_path
-
-    config = load_config(resolve_config_path(args.config))
+    config = load_selected_config(args.config)
     document = collect_status(config, now=time.time())
     if args.json:
         json.dump(document, sys.stdout, indent=2, default=str)

@@ -10,7 +10,6 @@ record.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shlex
@@ -22,7 +21,21 @@ from typing import Any, Literal
 import psutil
 
 from daemon.config import Config, RootConfig
-from daemon.history.log import HistoryLog
+from daemon.history.events import (
+    Alert,
+    DiskCritical,
+    DiskPrune,
+    DiskRecovered,
+    DiskTrashEmptied,
+    DiskWarn,
+    EmergencyPrune,
+    EmptiedTrash,
+    EscalationStep,
+    Pruned,
+    StepFailed,
+    StepOutcome,
+)
+from daemon.history.log import History
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
 from policies.forecast import forecast as simulate
@@ -111,17 +124,6 @@ _warned_at: dict[str, float] = {}
 WARN_REPEAT_SECONDS = 3600.0
 
 
-def write_history(history: HistoryLog | None, event: str, **fields: Any) -> None:
-    """Given the history and a record, append it; a history that cannot be written (its own
-    disk full) is logged and must never stop the escalation that would free space."""
-    if history is None:
-        return
-    try:
-        history.write(event, **fields)
-    except OSError as error:
-        logging.getLogger("ckptd.disk").warning("history unwritable: %s (%s)", error, event)
-
-
 def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]], list[str]]:
     """Given roots, return them grouped by the device their filesystem is on, and the errors
     of roots that cannot be looked at."""
@@ -138,7 +140,7 @@ def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]
 
 
 def _empty_trash_of(
-    config: Config, root: RootConfig, *, now: float, history: HistoryLog | None
+    config: Config, root: RootConfig, *, now: float, history: History
 ) -> int | None:
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
     first); return the bytes freed when known."""
@@ -150,7 +152,7 @@ def check_disks(
     config: Config,
     *,
     now: float,
-    history: HistoryLog | None,
+    history: History,
     prune: Callable[..., PruneReport],
     empty_trash: Callable[..., int | None] | None = None,
     usage: Callable[[str], Usage] = measure,
@@ -183,7 +185,7 @@ def _check_filesystem(
     roots: Sequence[RootConfig],
     *,
     now: float,
-    history: HistoryLog | None,
+    history: History,
     prune: Callable[..., PruneReport],
     empty_trash: Callable[..., int | None],
     usage: Callable[[str], Usage],
@@ -197,76 +199,85 @@ def _check_filesystem(
     before = usage(anchor)
     level = level_of(before, config)
 
-    def record(event: str, **fields: Any) -> None:
-        write_history(history, event, mount=mount, **fields)
-
     if level == "warn" and now - _warned_at.get(mount, -math.inf) >= WARN_REPEAT_SECONDS:
         # Once on crossing, then hourly: the history stays readable with `tail -F`, and the
         # STATUS= line carries the warning in between.
         _warned_at[mount] = now
-        record(
-            "disk_warn",
-            roots=list(paths),
-            used_percent=before.percent,
-            free_bytes=before.free,
-            warn_percent=config.disk.warn_percent,
+        history.record(
+            DiskWarn(
+                mount=mount,
+                roots=paths,
+                used_percent=before.percent,
+                free_bytes=before.free,
+                warn_percent=config.disk.warn_percent,
+            )
         )
     elif level == "ok":
         _warned_at.pop(mount, None)
     if level != "critical":
         return FilesystemCheck(mount, device, paths, level, before, before)
 
-    record(
-        "disk_critical",
-        roots=list(paths),
-        used_percent=before.percent,
-        free_bytes=before.free,
-        critical_percent=config.disk.critical_percent,
-        min_free=config.disk.min_free,
+    history.record(
+        DiskCritical(
+            mount=mount,
+            roots=paths,
+            used_percent=before.percent,
+            free_bytes=before.free,
+            critical_percent=config.disk.critical_percent,
+            min_free=config.disk.min_free,
+        )
     )
     steps: list[str] = []
     current = before
 
-    def escalate(step: str, action: Callable[[RootConfig], dict[str, Any]]) -> bool:
+    def escalate(step: type[EscalationStep], action: Callable[[RootConfig], StepOutcome]) -> bool:
         """Run one step on every root of this filesystem; return whether that resolved it."""
         nonlocal current
-        results = []
+        results: list[tuple[str, StepOutcome]] = []
         for root in roots:
             try:
-                results.append({"root": root.path, **action(root)})
+                results.append((root.path, action(root)))
             except Exception as error:  # one root's failure must not stop the other roots
-                results.append({"root": root.path, "error": f"{type(error).__name__}: {error}"})
+                results.append((root.path, StepFailed(error=f"{type(error).__name__}: {error}")))
         current = usage(anchor)
-        steps.append(step)
-        for result in results:
-            record(step, **result, used_percent=current.percent, free_bytes=current.free)
+        steps.append(step.event)
+        for path, outcome in results:
+            history.record(
+                step(
+                    mount=mount,
+                    root=path,
+                    outcome=outcome,
+                    used_percent=current.percent,
+                    free_bytes=current.free,
+                )
+            )
         return level_of(current, config) != "critical"
 
-    def empty_step(root: RootConfig) -> dict[str, Any]:
-        return {"trash_bytes_freed": empty_trash(config, root, now=now, history=history)}
+    def empty_step(root: RootConfig) -> StepOutcome:
+        return EmptiedTrash(trash_bytes_freed=empty_trash(config, root, now=now, history=history))
 
-    def prune_step(override: PolicySpec | None) -> Callable[[RootConfig], dict[str, Any]]:
-        def run(root: RootConfig) -> dict[str, Any]:
+    def prune_step(override: PolicySpec | None) -> Callable[[RootConfig], StepOutcome]:
+        def run(root: RootConfig) -> StepOutcome:
             report = prune(
                 config, root, now=now, dry_run=False, history=history, policy_override=override
             )
             # What this prune moved into the trash frees nothing until the trash is emptied,
             # and under disk pressure no grace period applies.
             emptied = empty_trash(config, root, now=now, history=history)
-            return {
-                "deleted": len(report.deleted),
-                "bytes_freed": report.bytes_freed,
-                "trash_bytes_freed": emptied,
-                "refused": report.refused,
-                "vetoed": len(report.vetoed),
-            }
+            return Pruned(
+                deleted=len(report.deleted),
+                bytes_freed=report.bytes_freed,
+                trash_bytes_freed=emptied,
+                refused=report.refused,
+                vetoed=len(report.vetoed),
+            )
 
         return run
 
     resolved = (
-        escalate("disk_trash_emptied", empty_step)
-        or escalate("disk_prune", prune_step(None))
-        or escalate("emergency_prune", prune_step(config.disk.emergency.to_spec()))
+        escalate(DiskTrashEmptied, empty_step)
+        or escalate(DiskPrune, prune_step(None))
+        or escalate(EmergencyPrune, prune_step(config.disk.emergency.to_spec()))
     )
     alert_exit = None
     if "emergency_prune" in steps and config.disk.alert:
@@ -283,7 +294,9 @@ def _check_filesystem(
         )
         steps.append("alert")
     if resolved:
-        record("disk_recovered", used_percent=current.percent, free_bytes=current.free)
+        history.record(
+            DiskRecovered(mount=mount, used_percent=current.percent, free_bytes=current.free)
+        )
     return FilesystemCheck(mount, device, paths, level, before, current, tuple(steps), alert_exit)
 
 
@@ -295,7 +308,7 @@ def run_alert(
     usage: Usage,
     level: Level,
     config: Config,
-    history: HistoryLog | None,
+    history: History,
     timeout: float,
 ) -> int | None:
     """Given the `alert` command line and the figures, run it (no shell) with the figures in
@@ -328,7 +341,7 @@ def run_alert(
         fields.update(error=f"timed out after {timeout:g} s")
     except (OSError, ValueError) as error:
         fields.update(error=str(error))
-    write_history(history, "alert", **fields)
+    history.record(Alert(**fields))
     return code
 
 

@@ -6,6 +6,10 @@ places the whole line at the end of the file and two writers never interleave in
 Why it survives logrotate without `copytruncate`: before each write the path is stat'ed; when the
 file is gone or its inode changed (rotated away), the old descriptor is closed and the path is
 opened again, so new records land in the new file and none are lost in the rotated one.
+
+Every writer in ckptd calls `record(event)` with one of the typed events of
+`daemon.history.events`; code that may run without a history file gets `NULL_HISTORY`, which
+takes the same calls and writes nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import logging
 import os
 import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from daemon.history.events import HistoryEvent
 
 log = logging.getLogger("ckptd.history")
 
@@ -28,14 +34,33 @@ def utc_iso(epoch_seconds: float) -> str:
     return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds")
 
 
+class History(Protocol):
+    """Where history records go: a `HistoryLog`, or `NULL_HISTORY` for none."""
+
+    def record(self, event: HistoryEvent, *, time: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullHistory:
+    """Given records, write none of them: the history of a run that keeps none."""
+
+    def record(self, event: HistoryEvent, *, time: float | None = None) -> None:
+        """Given an event, do nothing."""
+
+    def close(self) -> None:
+        """Given nothing open, do nothing."""
+
+
+NULL_HISTORY = NullHistory()
+
+
 class HistoryLog:
     """Given a path, append history records to it.
 
-    `write(event, **fields)` appends one line `{"time": <UTC ISO>, "event": event, **fields}`;
-    events used across ckptd: "delete", "prune_run", "prune_refused", "veto", "trash_purge",
-    "snapshot", "snapshot_skipped", "snapshot_failed", "disk_warn", "disk_critical",
-    "emergency_prune", "alert". `time=` (seconds since the epoch) may be passed to use the
-    caller's clock; otherwise the wall clock is read. Thread-safe.
+    `record(event)` appends one line `{"time": <UTC ISO>, "event": <its name>, <its fields>}`
+    (daemon/history/events.py lists every event). `time=` (seconds since the epoch) may be
+    passed to use the caller's clock; otherwise the wall clock is read. Thread-safe.
     """
 
     def __init__(self, path: str) -> None:
@@ -69,8 +94,18 @@ class HistoryLog:
             self._descriptor = None
         return self._open()
 
+    def record(self, event: HistoryEvent, *, time: float | None = None) -> None:
+        """Given an event, append its record to the history."""
+        fields = event.fields()
+        if time is not None:
+            fields["time"] = time
+        self.write(event.event, **fields)
+
     def write(self, event: str, **fields: Any) -> None:
-        """Given an event name and its fields, append one whole JSON line to the history."""
+        """Given an event name and its fields, append one whole JSON line to the history.
+
+        The line writer under `record`; ckptd itself writes only through `record`.
+        """
         clock = fields.pop("time", None)
         record: dict[str, Any] = {
             "time": utc_iso(float(clock) if clock is not None else datetime.now(UTC).timestamp()),

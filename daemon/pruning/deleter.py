@@ -3,11 +3,12 @@
 Three phases, so that deleting costs about what `rm -rf` costs (bench/bench_delete.py):
 
 1. **Move.** One pass over the processes looks for holders of the checkpoints about to go
-   (`proc_facts.recheck`), then each unheld checkpoint is renamed into the trash (`daemon.pruning.trash`:
-   one atomic rename per entry; several entries are journalled and rolled back). Renames take
-   microseconds; if this phase runs longer than `RECHECK_SECONDS` the processes are looked at
-   again, so no checkpoint is renamed more than that long after its last check. Any holder
-   vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is honoured between renames.
+   (`safety.facts.recheck`), then each unheld checkpoint is renamed into the trash
+   (`daemon.pruning.trash`: one atomic rename per entry; several entries are journalled and
+   rolled back). Renames take microseconds; if this phase runs longer than `RECHECK_SECONDS`
+   the processes are looked at again, so no checkpoint is renamed more than that long after
+   its last check. Any holder vetoes its checkpoint (kept, `in-use:pid N (cmd)`). `stop` is
+   honoured between renames.
    After the renames one more look at the trash items catches a file opened between a check
    and its rename (after the rename nobody can open it by its old path): that checkpoint is
    renamed back, vetoed.
@@ -37,11 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
-from daemon.history.log import HistoryLog
+from daemon.history.events import Delete, Veto
+from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import trash
 from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
@@ -110,6 +113,63 @@ class ApplyResult:
     would_free: int = 0
 
 
+@dataclass(frozen=True)
+class _Deletion:
+    """Given one apply: the root, the time and everything each phase needs."""
+
+    root_path: str
+    now: float
+    fs: FileSystem
+    history: History
+    check: HoldersCheck
+    stop: threading.Event | None
+    trash_grace: float
+    policy: dict[str, object]
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+@dataclass
+class _Tally:
+    """What the phases did so far (each appends to it)."""
+
+    vetoed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    trashed: list[str] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    bytes_in_trash: int = 0
+
+    def result(self) -> ApplyResult:
+        return ApplyResult(
+            deleted=tuple(self.deleted),
+            trashed=tuple(self.trashed),
+            vetoed=tuple(self.vetoed),
+            failed=tuple(self.failed),
+            partial=tuple(self.partial),
+            skipped=tuple(self.skipped),
+            bytes_freed=self.bytes_freed,
+            bytes_in_trash=self.bytes_in_trash,
+        )
+
+
+class _Moved(NamedTuple):
+    """A checkpoint renamed into the trash, and its trash item."""
+
+    decision: Decision
+    item_path: str
+
+
+class _Removal(NamedTuple):
+    """A trash item removed: the bytes it held unshared just before, and the errors."""
+
+    measured: int
+    errors: list[str]
+
+
 def apply(
     plan: Plan,
     root_path: str,
@@ -117,7 +177,7 @@ def apply(
     dry_run: bool,
     now: float,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
     trash_grace: float = 0.0,
     stop: threading.Event | None = None,
     holders_check: HoldersCheck | None = proc_facts.recheck,
@@ -136,167 +196,182 @@ def apply(
             would_delete=tuple(d.checkpoint.name for d in deletions),
             would_free=sum(d.checkpoint.freeable_bytes for d in deletions),
         )
-    check = holders_check or _no_holders
-    vetoed: list[tuple[str, str]] = []
-    failed: list[tuple[str, str]] = []
-    skipped: list[str] = []
-    moved: list[tuple[Decision, str]] = []
+    run = _Deletion(
+        root_path=root_path,
+        now=now,
+        fs=fs,
+        history=history,
+        check=holders_check or _no_holders,
+        stop=stop,
+        trash_grace=trash_grace,
+        policy=dict(policy or {}),
+    )
+    tally = _Tally()
+    moved = _move(run, deletions, tally)
+    moved = _recheck_in_trash(run, moved, tally)
+    _make_durable(run, moved)
+    _remove(run, moved, tally, progress)
+    return tally.result()
 
-    # Phase 1: check, then move.
+
+def _move(run: _Deletion, deletions: tuple[Decision, ...], tally: _Tally) -> list[_Moved]:
+    """Phase 1: check for holders, then rename each unheld checkpoint into the trash."""
+    moved: list[_Moved] = []
     facts: proc_facts.Facts | None = None
     checked_at = 0.0
     for index, decision in enumerate(deletions):
         checkpoint = decision.checkpoint
-        if stop is not None and stop.is_set():
-            skipped.extend(d.checkpoint.name for d in deletions[index:])
+        if run.stopped():
+            tally.skipped.extend(d.checkpoint.name for d in deletions[index:])
             break
         if facts is None or time.monotonic() - checked_at > RECHECK_SECONDS:
             remaining = [m for d in deletions[index:] for m in d.checkpoint.members]
-            facts = check(root_path, remaining)
+            facts = run.check(run.root_path, remaining)
             checked_at = time.monotonic()
         holders = facts.holders_of(checkpoint)
         if holders:
-            vetoed.append(_veto(checkpoint, holders[0], root_path, history))
+            tally.vetoed.append(_veto(run, checkpoint, holders[0]))
             continue
         try:
             item_path = trash.move_to_trash(
-                root_path, checkpoint.name, checkpoint.members, now=now, fs=fs, durable=False
+                run.root_path,
+                checkpoint.name,
+                checkpoint.members,
+                now=run.now,
+                fs=run.fs,
+                durable=False,
             )
         except OSError as error:
             message = f"{error.strerror or error} ({error.filename or checkpoint.name})"
             log.warning("could not delete %s: %s", checkpoint.name, message)
-            failed.append((checkpoint.name, message))
+            tally.failed.append((checkpoint.name, message))
             continue
-        moved.append((decision, item_path))
+        moved.append(_Moved(decision, item_path))
+    return moved
 
-    # A process that opened a file between the check and the rename holds it inside the trash
-    # now (and no process can open it by its old path any more): one more look, at the trash
-    # items, closes that window. A held checkpoint goes back under its name, vetoed.
-    if moved:
-        trash_facts = check(trash.trash_path(root_path), [os.path.basename(p) for _, p in moved])
-        unheld: list[tuple[Decision, str]] = []
-        for decision, item_path in moved:
-            checkpoint = decision.checkpoint
-            holders = (
-                trash_facts.holders.get(os.path.basename(item_path), ()) + trash_facts.everywhere
-            )
-            if not holders:
-                unheld.append((decision, item_path))
-                continue
-            reason = f"in-use:{holders[0].describe()}"
-            try:
-                trash.undo_move(root_path, item_path, fs)
-            except (OSError, UsageError) as error:
-                # Its name was taken meanwhile: it stays restorable in the trash, not removed.
-                message = f"{reason}; left in {os.path.relpath(item_path, root_path)}: {error}"
-                log.warning("could not put back %s: %s", checkpoint.name, message)
-                failed.append((checkpoint.name, message))
-                continue
-            vetoed.append(_veto(checkpoint, holders[0], root_path, history))
-        moved = unheld
 
-    # Phase 2: the moves reach the disk before anything is removed.
-    if moved and not orders_metadata(root_path):
-        with contextlib.suppress(OSError):
-            fs.fsync_dir(root_path)
-            fs.fsync_dir(trash.trash_path(root_path))
-            for decision, item_path in moved:
-                if len(decision.checkpoint.members) > 1:
-                    fs.fsync_dir(item_path)
+def _recheck_in_trash(run: _Deletion, moved: list[_Moved], tally: _Tally) -> list[_Moved]:
+    """After the renames, look at the trash items once more; return the unheld ones.
 
-    # Phase 3: remove, two at a time (unlinking waits on the filesystem's journal, and two
-    # workers overlap those waits: about what `rm -rf` costs, including the checks above).
-    # Unless the grace keeps them, or `stop` asks to start nothing more (the next run's purge
-    # removes those; they are restorable meanwhile).
-    # Bytes freed are measured on the item right before it goes: the checkpoint's
-    # `freeable_bytes` may come from the size cache, from before a hard-link snapshot that now
-    # shares its files (only their link counts changed, which the cache cannot see).
-    def remove(item_path: str) -> tuple[int, list[str]] | None:
-        if stop is not None and stop.is_set():
+    A process that opened a file between the check and the rename holds it inside the trash
+    now (and no process can open it by its old path any more): this look closes that window.
+    A held checkpoint goes back under its name, vetoed.
+    """
+    if not moved:
+        return moved
+    names = [os.path.basename(item.item_path) for item in moved]
+    facts = run.check(trash.trash_path(run.root_path), names)
+    unheld: list[_Moved] = []
+    for item in moved:
+        checkpoint = item.decision.checkpoint
+        holders = facts.holders.get(os.path.basename(item.item_path), ()) + facts.everywhere
+        if not holders:
+            unheld.append(item)
+            continue
+        try:
+            trash.undo_move(run.root_path, item.item_path, run.fs)
+        except (OSError, UsageError) as error:
+            # Its name was taken meanwhile: it stays restorable in the trash, not removed.
+            where = os.path.relpath(item.item_path, run.root_path)
+            message = f"in-use:{holders[0].describe()}; left in {where}: {error}"
+            log.warning("could not put back %s: %s", checkpoint.name, message)
+            tally.failed.append((checkpoint.name, message))
+            continue
+        tally.vetoed.append(_veto(run, checkpoint, holders[0]))
+    return unheld
+
+
+def _make_durable(run: _Deletion, moved: list[_Moved]) -> None:
+    """Phase 2: the moves reach the disk before anything is removed (see the module's doc)."""
+    if not moved or orders_metadata(run.root_path):
+        return
+    with contextlib.suppress(OSError):
+        run.fs.fsync_dir(run.root_path)
+        run.fs.fsync_dir(trash.trash_path(run.root_path))
+        for item in moved:
+            if len(item.decision.checkpoint.members) > 1:
+                run.fs.fsync_dir(item.item_path)
+
+
+def _remove(run: _Deletion, moved: list[_Moved], tally: _Tally, progress: Progress | None) -> None:
+    """Phase 3: remove the trash items, two at a time, and record each deletion.
+
+    Unlinking waits on the filesystem's journal, and two workers overlap those waits: about
+    what `rm -rf` costs, including the checks above. Unless the grace keeps them, or `stop`
+    asks to start nothing more (the next run's purge removes those; they are restorable
+    meanwhile).
+    """
+
+    def remove(item_path: str) -> _Removal | None:
+        if run.stopped():
             return None
-        freeable = trash.measure_freeable(item_path, fs)
-        return freeable, trash.remove_item(item_path, fs)
+        # Measured on the item right before it goes: the checkpoint's `freeable_bytes` may
+        # come from the size cache, from before a hard-link snapshot that now shares its
+        # files (only their link counts changed, which the cache cannot see).
+        freeable = trash.measure_freeable(item_path, run.fs)
+        return _Removal(freeable, trash.remove_item(item_path, run.fs))
 
-    deleted: list[str] = []
-    trashed: list[str] = []
-    partial: list[str] = []
-    freed = 0
-    in_trash = 0
-    keep_all = trash_grace > 0 or not moved
+    keep_all = run.trash_grace > 0 or not moved
     with ThreadPoolExecutor(
         max_workers=1 if keep_all else REMOVAL_WORKERS, thread_name_prefix="ckptd-remove"
     ) as pool:
-        futures = [None if keep_all else pool.submit(remove, item) for _, item in moved]
-        for index, ((decision, item_path), future) in enumerate(zip(moved, futures, strict=True)):
-            checkpoint = decision.checkpoint
+        futures = [None if keep_all else pool.submit(remove, item.item_path) for item in moved]
+        for index, (item, future) in enumerate(zip(moved, futures, strict=True)):
             if progress is not None:
-                progress(index, len(moved), checkpoint.name)
-            outcome = None if future is None else future.result()
-            kept_in_trash = outcome is None
-            measured, removal_errors = outcome or (0, [])
-            bytes_freed = 0
-            if removal_errors:
-                partial.append(checkpoint.name)
-                failed.append(
-                    (
-                        checkpoint.name,
-                        "partly removed, remains in "
-                        f"{os.path.relpath(item_path, root_path)}: {removal_errors[0]}",
-                    )
-                )
-                log.warning("partly removed %s: %s", checkpoint.name, removal_errors[0])
-            elif kept_in_trash:
-                trashed.append(checkpoint.name)
-                in_trash += checkpoint.freeable_bytes
-            else:
-                bytes_freed = measured
-                freed += bytes_freed
-            if not removal_errors:
-                deleted.append(checkpoint.name)
-            if history is not None:
-                history.write(
-                    "delete",
-                    root=root_path,
-                    checkpoint=checkpoint.name,
-                    step=checkpoint.step,
-                    series=checkpoint.series,
-                    bytes_freed=bytes_freed,
-                    bytes_in_trash=checkpoint.freeable_bytes if kept_in_trash else 0,
-                    trash_grace=trash_grace,
-                    partial=bool(removal_errors),
-                    errors=removal_errors[:3],
-                    why=list(decision.reasons),
-                    tier=decision.tier,
-                    policy=dict(policy or {}),
-                )
+                progress(index, len(moved), item.decision.checkpoint.name)
+            _record(run, item, None if future is None else future.result(), tally)
     if progress is not None:
         progress(len(moved), len(moved), "")
-    return ApplyResult(
-        deleted=tuple(deleted),
-        trashed=tuple(trashed),
-        vetoed=tuple(vetoed),
-        failed=tuple(failed),
-        partial=tuple(partial),
-        skipped=tuple(skipped),
-        bytes_freed=freed,
-        bytes_in_trash=in_trash,
+
+
+def _record(run: _Deletion, item: _Moved, removal: _Removal | None, tally: _Tally) -> None:
+    """Given one trash item and its removal (None: kept in the trash), tally and record it."""
+    checkpoint = item.decision.checkpoint
+    errors = removal.errors if removal is not None else []
+    bytes_freed = 0
+    if errors:
+        where = os.path.relpath(item.item_path, run.root_path)
+        tally.partial.append(checkpoint.name)
+        tally.failed.append((checkpoint.name, f"partly removed, remains in {where}: {errors[0]}"))
+        log.warning("partly removed %s: %s", checkpoint.name, errors[0])
+    elif removal is None:
+        tally.trashed.append(checkpoint.name)
+        tally.bytes_in_trash += checkpoint.freeable_bytes
+    else:
+        bytes_freed = removal.measured
+        tally.bytes_freed += bytes_freed
+    if not errors:
+        tally.deleted.append(checkpoint.name)
+    run.history.record(
+        Delete(
+            root=run.root_path,
+            checkpoint=checkpoint.name,
+            step=checkpoint.step,
+            series=checkpoint.series,
+            bytes_freed=bytes_freed,
+            bytes_in_trash=checkpoint.freeable_bytes if removal is None else 0,
+            trash_grace=run.trash_grace,
+            partial=bool(errors),
+            errors=tuple(errors[:3]),
+            why=item.decision.reasons,
+            tier=item.decision.tier,
+            policy=run.policy,
+        )
     )
 
 
-def _veto(
-    checkpoint: Checkpoint, holder: proc_facts.Holder, root_path: str, history: HistoryLog | None
-) -> tuple[str, str]:
+def _veto(run: _Deletion, checkpoint: Checkpoint, holder: proc_facts.Holder) -> tuple[str, str]:
     """Given a checkpoint a process holds, log and record the veto; return (name, reason)."""
     reason = f"in-use:{holder.describe()}"
     log.info("veto %s: %s", checkpoint.name, reason)
-    if history is not None:
-        history.write(
-            "veto",
-            root=root_path,
+    run.history.record(
+        Veto(
+            root=run.root_path,
             checkpoint=checkpoint.name,
             step=checkpoint.step,
             reason=reason,
             pid=holder.pid,
             cmdline=holder.cmdline,
         )
+    )
     return checkpoint.name, reason

@@ -19,43 +19,165 @@ from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
-from daemon.history.log import HistoryLog
+from daemon.history.events import PruneRefused, PruneRun, Veto
+from daemon.history.log import NULL_HISTORY, History
 from daemon.planner import plan_root
 from daemon.pruning import deleter, trash
-from daemon.pruning.trash import LOCK_FILE, root_lock
+from daemon.pruning.deleter import ApplyResult
+from daemon.pruning.lock import LOCK_FILE, root_lock
+from daemon.pruning.trash import PurgeResult
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
 
-__all__ = ["LOCK_FILE", "PruneReport", "prune_root", "root_lock"]
+__all__ = ["LOCK_FILE", "PruneReport", "Refusal", "prune_root", "root_lock"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Given a root refused for this run: why, and whether that clears by itself (a save
+    finishing, the newest checkpoint settling) or needs a person (a limit, `--force`)."""
+
+    reason: str
+    transient: bool = True
 
 
 @dataclass(frozen=True)
 class PruneReport:
-    """Given one prune run of one root: what was planned, refused, deleted, vetoed, freed."""
+    """Given one prune run of one root: what was planned, refused, deleted, vetoed, freed.
+
+    Its parts: `refusal` (the whole root refused, exit 3), `aborted` (the person said no),
+    `guard_vetoes` (deletions the safety guard turned down, with their reasons), `applied`
+    (what the deleter did: deleted, vetoed at the last moment, failed, left in the trash; for
+    a dry run what it would do), `purge` (the trash finished first: crash repairs in its notes,
+    items past their grace removed), `notes` (what the process scan and the plan warned of).
+    """
 
     root: str
     plan: Plan  # after the safety guard: vetoed checkpoints are kept with their reason
     dry_run: bool
-    refused: str | None = None  # why the whole root was refused (exit 3), else None
-    # Whether that refusal clears by itself (a save finishing) or needs a person (a limit).
-    refusal_transient: bool = True
-    deleted: tuple[str, ...] = ()
-    vetoed: tuple[str, ...] = ()
-    failed: tuple[str, ...] = ()  # names whose deletion failed (exit 1)
-    errors: tuple[str, ...] = ()
-    bytes_freed: int = 0
+    refusal: Refusal | None = None
+    aborted: bool = False
+    guard_vetoes: tuple[tuple[str, str], ...] = ()  # (name, reason)
+    applied: ApplyResult = field(default_factory=ApplyResult)
+    purge: PurgeResult = field(default_factory=PurgeResult)
+    notes: tuple[str, ...] = ()
     seconds: float = 0.0
-    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def refused(self) -> str | None:
+        """Why the whole root was refused, else None."""
+        return self.refusal.reason if self.refusal is not None else None
+
+    @property
+    def refusal_transient(self) -> bool:
+        """Whether the refusal (if any) clears by itself; True when there is none."""
+        return self.refusal.transient if self.refusal is not None else True
+
+    @property
+    def deleted(self) -> tuple[str, ...]:
+        return self.applied.deleted
+
+    @property
+    def veto_reasons(self) -> dict[str, str]:
+        """Every vetoed checkpoint (the guard's first, then the last moment's) with its reason."""
+        reasons = dict(self.guard_vetoes)
+        reasons.update(self.applied.vetoed)
+        return reasons
+
+    @property
+    def vetoed(self) -> tuple[str, ...]:
+        return tuple(self.veto_reasons)
+
+    @property
+    def failed(self) -> tuple[str, ...]:
+        """The checkpoints whose deletion failed (exit 1)."""
+        return tuple(name for name, _ in self.applied.failed)
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """One `name: error` line per failed deletion."""
+        return tuple(f"{name}: {message}" for name, message in self.applied.failed)
+
+    @property
+    def bytes_freed(self) -> int:
+        """Bytes really freed: by the deletions and by the purge of the trash before them."""
+        return self.applied.bytes_freed + self.purge.bytes_freed
 
 
 # Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
 Confirm = Callable[[PruneReport], bool]
 
 
-def _policy_record(spec: PolicySpec) -> dict[str, object]:
-    record: dict[str, object] = dataclasses.asdict(spec)
-    return record
+@dataclass(frozen=True)
+class _Job:
+    """Given one prune of one root: its settings, resolved once, and where it records."""
+
+    config: Config
+    root: RootConfig
+    root_path: str
+    dry_run: bool
+    force: bool
+    policy_override: PolicySpec | None
+    history: History
+    fs: FileSystem
+    cache: SizeCache | None
+    safety: guard.SafetySettings
+    grace: float
+    policy: dict[str, object]
+
+    def look(self, now: float) -> tuple[Plan, proc_facts.Facts]:
+        """Given the time, return the root's plan and the process facts (one pass each)."""
+        _scan, plan = plan_root(
+            self.config,
+            self.root,
+            now=now,
+            fs=self.fs,
+            cache=self.cache,
+            policy_override=self.policy_override,
+        )
+        facts = proc_facts.gather_facts(
+            self.root_path,
+            now=now,
+            trainer_pid_file=self.root.trainer.pid_file,
+            trainer_cmdline=self.root.trainer.cmdline,
+        )
+        return plan, facts
+
+
+def _job_for(
+    config: Config,
+    root: RootConfig,
+    *,
+    dry_run: bool,
+    force: bool,
+    policy_override: PolicySpec | None,
+    history: History,
+    fs: FileSystem,
+    cache: SizeCache | None,
+) -> _Job:
+    """Given prune_root's arguments, return the job with the root's settings resolved."""
+    settings = settings_for(config, root)
+    spec = policy_override or policy_for(config, root)
+    return _Job(
+        config=config,
+        root=root,
+        root_path=os.path.realpath(root.path),
+        dry_run=dry_run,
+        force=force,
+        policy_override=policy_override,
+        history=history,
+        fs=fs,
+        cache=cache,
+        safety=guard.SafetySettings(
+            min_keep=settings.min_keep,
+            max_delete_fraction=settings.max_delete_fraction,
+            settle_seconds=settings.settle_seconds,
+            force=force,
+        ),
+        grace=settings.trash_grace,
+        policy=dataclasses.asdict(spec),
+    )
 
 
 def _same_content(before: Checkpoint, after: Checkpoint) -> bool:
@@ -85,195 +207,150 @@ def only_confirmed(fresh: Plan, confirmed: Plan) -> Plan:
     return dataclasses.replace(fresh, decisions=tuple(decisions))
 
 
-def _prune_unlocked(
-    config: Config,
-    root: RootConfig,
-    *,
-    now: float,
-    dry_run: bool,
-    force: bool = False,
-    policy_override: PolicySpec | None = None,
-    history: HistoryLog | None = None,
-    fs: FileSystem = LOCAL,
-    cache: SizeCache | None = None,
-    stop: threading.Event | None = None,
-    confirm: Confirm | None = None,
-    progress: deleter.Progress | None = None,
-) -> PruneReport:
-    """Given the config, a root and the time, prune it (the root lock held by the caller).
-
-    `stop` set means: finish the deletion in progress, start no other (SIGTERM). `confirm`
-    (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
-    with nothing deleted. `progress(done, total, name)` is told before each deletion.
-    """
-    started = time.monotonic()
-    root_path = os.path.realpath(root.path)
-    if not os.path.isdir(root_path):
-        raise UsageError(f"{root.path}: not a folder")
-    settings = settings_for(config, root)
-    grace = float(settings["trash_grace"])
-    spec = policy_override or policy_for(config, root)
-    policy = _policy_record(spec)
-
-    purged = trash.PurgeResult()
-    if not dry_run:
-        purged = trash.finish_leftovers(root_path, now=now, grace=grace, fs=fs, history=history)
-
-    _scan, plan = plan_root(
-        config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
-    )
-    facts = proc_facts.gather_facts(
-        root_path,
-        now=now,
-        trainer_pid_file=root.trainer.pid_file,
-        trainer_cmdline=root.trainer.cmdline,
-    )
-    safety_settings = guard.SafetySettings(
-        min_keep=int(settings["min_keep"]),
-        max_delete_fraction=float(settings["max_delete_fraction"]),
-        settle_seconds=float(settings["settle_seconds"]),
-        force=force,
-    )
-    extra: dict[str, object] = {
-        "recovered": list(purged.notes),
-        "purged": list(purged.removed),
-        "purge_bytes_freed": purged.bytes_freed,
-        "notes": list(facts.notes) + list(plan.warnings),
-    }
-
-    def refuse(refused: guard.RootRefused, refused_plan: Plan) -> PruneReport:
-        if history is not None:
-            history.write(
-                "prune_refused",
-                root=root_path,
-                reason=refused.reason,
-                pids=[holder.pid for holder in refused.holders],
-                cmdlines=[holder.cmdline for holder in refused.holders],
-                dry_run=dry_run,
-            )
-        return PruneReport(
-            root=root_path,
-            plan=refused_plan,
-            dry_run=dry_run,
-            refused=refused.reason,
-            refusal_transient=refused.transient,
-            bytes_freed=purged.bytes_freed,
-            seconds=time.monotonic() - started,
-            extra=extra,
+def _refuse(job: _Job, report: PruneReport, refused: guard.RootRefused) -> PruneReport:
+    """Given the guard's refusal of the whole root, record it; return the refused report."""
+    job.history.record(
+        PruneRefused(
+            root=job.root_path,
+            reason=refused.reason,
+            pids=tuple(holder.pid for holder in refused.holders),
+            cmdlines=tuple(holder.cmdline for holder in refused.holders),
+            dry_run=job.dry_run,
         )
+    )
+    return dataclasses.replace(report, refusal=Refusal(refused.reason, refused.transient))
 
-    def write_vetoes(decisions: tuple[Decision, ...], already: set[str]) -> None:
-        if history is None or dry_run:
-            return
-        for decision in decisions:
-            if decision.checkpoint.name in already:
-                continue
-            history.write(
-                "veto",
-                root=root_path,
+
+def _record_vetoes(job: _Job, vetoes: tuple[Decision, ...], already: set[str]) -> None:
+    """Given the guard's vetoes, record those not recorded yet (a dry run records none)."""
+    if job.dry_run:
+        return
+    for decision in vetoes:
+        if decision.checkpoint.name in already:
+            continue
+        job.history.record(
+            Veto(
+                root=job.root_path,
                 checkpoint=decision.checkpoint.name,
                 step=decision.checkpoint.step,
                 reason=", ".join(decision.reasons),
             )
+        )
 
+
+def _reasons(vetoes: tuple[Decision, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((d.checkpoint.name, ", ".join(d.reasons)) for d in vetoes)
+
+
+def _guarded(job: _Job, report: PruneReport, facts: proc_facts.Facts) -> PruneReport:
+    """Given the report of a fresh plan, let the guard veto or refuse; record its vetoes."""
     try:
-        guarded = guard.guard(plan, facts, safety_settings)
+        guarded = guard.guard(report.plan, facts, job.safety)
     except guard.RootRefused as refused:
-        return refuse(refused, plan)
+        return _refuse(job, report, refused)
+    vetoes = guard.vetoed(report.plan, guarded)
+    _record_vetoes(job, vetoes, set())
+    return dataclasses.replace(report, plan=guarded, guard_vetoes=_reasons(vetoes))
 
-    guard_vetoes = guard.vetoed(plan, guarded)
-    write_vetoes(guard_vetoes, set())
-    preview = PruneReport(
-        root=root_path,
-        plan=guarded,
-        dry_run=dry_run,
-        vetoed=tuple(d.checkpoint.name for d in guard_vetoes),
-        extra=extra,
+
+@dataclass(frozen=True)
+class _Answer:
+    """Given a confirmation asked for: the report to go on with, at the time of the answer."""
+
+    report: PruneReport
+    now: float
+    done: bool  # declined, or the fresh plan refused: `report` is final
+
+
+def _confirmed(job: _Job, preview: PruneReport, confirm: Confirm, now: float) -> _Answer:
+    """Given the guarded plan's report, ask; on yes, plan again at the time of the answer."""
+    asked_at = time.monotonic()
+    if not confirm(preview):
+        return _Answer(dataclasses.replace(preview, aborted=True), now, done=True)
+    # The answer may come minutes later: a new checkpoint, tracker or pin since, or a
+    # checkpoint replaced under its name, must count. Plan again at the time of the answer
+    # and delete only what both plans delete, unchanged (nothing the person was not shown).
+    now += time.monotonic() - asked_at
+    plan, facts = job.look(now)
+    try:
+        fresh = guard.guard(plan, facts, job.safety)
+    except guard.RootRefused as refused:
+        replanned = dataclasses.replace(preview, plan=plan, guard_vetoes=())
+        return _Answer(_refuse(job, replanned, refused), now, done=True)
+    guarded = only_confirmed(fresh, preview.plan)
+    vetoes = guard.vetoed(plan, guarded)
+    _record_vetoes(job, vetoes, {name for name, _ in preview.guard_vetoes})
+    report = dataclasses.replace(preview, plan=guarded, guard_vetoes=_reasons(vetoes))
+    return _Answer(report, now, done=False)
+
+
+def _record_run(job: _Job, report: PruneReport) -> None:
+    applied = report.applied
+    job.history.record(
+        PruneRun(
+            root=job.root_path,
+            dry_run=job.dry_run,
+            checkpoints=len(report.plan.decisions),
+            kept=len(report.plan.decisions) - len(applied.deleted),
+            deleted=len(applied.deleted),
+            would_delete=len(applied.would_delete),
+            vetoed=len(report.veto_reasons),
+            failed=len(applied.failed),
+            trashed=len(applied.trashed),
+            bytes_freed=report.bytes_freed,
+            bytes_in_trash=applied.bytes_in_trash,
+            seconds=round(report.seconds, 3),
+            force=job.force,
+            policy=job.policy,
+        )
     )
-    if confirm is not None and not dry_run and guarded.deleted:
-        asked_at = time.monotonic()
-        if not confirm(preview):
-            extra["aborted"] = True
-            return dataclasses.replace(preview, seconds=time.monotonic() - started)
-        # The answer may come minutes later: a new checkpoint, tracker or pin since, or a
-        # checkpoint replaced under its name, must count. Plan again at the time of the answer
-        # and delete only what both plans delete, unchanged (nothing the person was not shown).
-        now += time.monotonic() - asked_at
-        _scan, plan = plan_root(
-            config, root, now=now, fs=fs, cache=cache, policy_override=policy_override
-        )
-        facts = proc_facts.gather_facts(
-            root_path,
-            now=now,
-            trainer_pid_file=root.trainer.pid_file,
-            trainer_cmdline=root.trainer.cmdline,
-        )
-        try:
-            fresh = guard.guard(plan, facts, safety_settings)
-        except guard.RootRefused as refused:
-            return refuse(refused, plan)
-        guarded = only_confirmed(fresh, guarded)
-        already = {d.checkpoint.name for d in guard_vetoes}
-        guard_vetoes = guard.vetoed(plan, guarded)
-        write_vetoes(guard_vetoes, already)
 
-    result = deleter.apply(
-        guarded,
-        root_path,
-        dry_run=dry_run,
+
+def _prune_unlocked(
+    job: _Job,
+    *,
+    now: float,
+    stop: threading.Event | None,
+    confirm: Confirm | None,
+    progress: deleter.Progress | None,
+) -> PruneReport:
+    """Given the job and the time, prune the root (the root lock held by the caller)."""
+    started = time.monotonic()
+    purged = PurgeResult()
+    if not job.dry_run:
+        purged = trash.finish_leftovers(
+            job.root_path, now=now, grace=job.grace, fs=job.fs, history=job.history
+        )
+    plan, facts = job.look(now)
+    report = PruneReport(
+        root=job.root_path,
+        plan=plan,
+        dry_run=job.dry_run,
+        purge=purged,
+        notes=(*facts.notes, *plan.warnings),
+    )
+    report = _guarded(job, report, facts)
+    if report.refusal is None and confirm is not None and not job.dry_run and report.plan.deleted:
+        answer = _confirmed(job, report, confirm, now)
+        report, now = answer.report, answer.now
+        if answer.done:
+            return dataclasses.replace(report, seconds=time.monotonic() - started)
+    if report.refusal is not None:
+        return dataclasses.replace(report, seconds=time.monotonic() - started)
+    applied = deleter.apply(
+        report.plan,
+        job.root_path,
+        dry_run=job.dry_run,
         now=now,
-        fs=fs,
-        history=history,
-        trash_grace=grace,
+        fs=job.fs,
+        history=job.history,
+        trash_grace=job.grace,
         stop=stop,
         progress=progress,
-        policy=policy,
+        policy=job.policy,
     )
-    veto_reasons = {d.checkpoint.name: ", ".join(d.reasons) for d in guard_vetoes}
-    veto_reasons.update(dict(result.vetoed))
-    extra.update(
-        {
-            "veto_reasons": veto_reasons,
-            "failures": dict(result.failed),
-            "partial": list(result.partial),
-            "trashed": list(result.trashed),
-            "bytes_in_trash": result.bytes_in_trash,
-            "skipped": list(result.skipped),
-            "would_delete": list(result.would_delete),
-            "would_free": result.would_free,
-        }
-    )
-    seconds = time.monotonic() - started
-    report = PruneReport(
-        root=root_path,
-        plan=guarded,
-        dry_run=dry_run,
-        deleted=result.deleted,
-        vetoed=tuple(veto_reasons),
-        failed=tuple(name for name, _ in result.failed),
-        errors=tuple(f"{name}: {message}" for name, message in result.failed),
-        bytes_freed=result.bytes_freed + purged.bytes_freed,
-        seconds=seconds,
-        extra=extra,
-    )
-    if history is not None:
-        history.write(
-            "prune_run",
-            root=root_path,
-            dry_run=dry_run,
-            checkpoints=len(guarded.decisions),
-            kept=len(guarded.decisions) - len(result.deleted),
-            deleted=len(result.deleted),
-            would_delete=len(result.would_delete),
-            vetoed=len(veto_reasons),
-            failed=len(result.failed),
-            trashed=len(result.trashed),
-            bytes_freed=report.bytes_freed,
-            bytes_in_trash=result.bytes_in_trash,
-            seconds=round(seconds, 3),
-            force=force,
-            policy=policy,
-        )
+    report = dataclasses.replace(report, applied=applied, seconds=time.monotonic() - started)
+    _record_run(job, report)
     return report
 
 
@@ -285,7 +362,7 @@ def prune_root(
     dry_run: bool,
     force: bool = False,
     policy_override: PolicySpec | None = None,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
     fs: FileSystem = LOCAL,
     cache: SizeCache | None = None,
     stop: threading.Event | None = None,
@@ -302,31 +379,26 @@ def prune_root(
     root_path = os.path.realpath(root.path)
     if not os.path.isdir(root_path):
         raise UsageError(f"{root.path}: not a folder")
-
-    def run() -> PruneReport:
-        return _prune_unlocked(
-            config,
-            root,
-            now=now,
-            dry_run=dry_run,
-            force=force,
-            policy_override=policy_override,
-            history=history,
-            fs=fs,
-            cache=cache,
-            stop=stop,
-            confirm=confirm,
-            progress=progress,
-        )
-
+    job = _job_for(
+        config,
+        root,
+        dry_run=dry_run,
+        force=force,
+        policy_override=policy_override,
+        history=history,
+        fs=fs,
+        cache=cache,
+    )
     if dry_run:
-        return run()
+        return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
     with root_lock(root_path) as acquired:
         if acquired:
-            return run()
+            return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
-    if history is not None:
-        history.write("prune_refused", root=root_path, reason=reason, pids=[], cmdlines=[])
+    history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
-        root=root_path, plan=Plan(root=root_path, decisions=()), dry_run=False, refused=reason
+        root=root_path,
+        plan=Plan(root=root_path, decisions=()),
+        dry_run=False,
+        refusal=Refusal(reason),
     )

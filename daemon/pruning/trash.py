@@ -23,19 +23,19 @@ where the filesystem offers it, else with `os`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import stat as stat_module
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
-from daemon.history.log import HistoryLog
+from daemon.history.events import TrashPurge
+from daemon.history.log import NULL_HISTORY, History
+from daemon.pruning.lock import root_lock
 
 JOURNAL = ".ckptd-entry.json"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,34 +67,6 @@ class PurgeResult:
 
 def trash_path(root_path: str) -> str:
     return os.path.join(root_path, TRASH_DIRECTORY)
-
-
-@contextlib.contextmanager
-def root_lock(root_path: str) -> Iterator[bool]:
-    """Given a root, hold its prune lock while inside; yield False if another prune holds it.
-
-    An advisory `flock` on `<root>/.ckptd-trash/.lock`: the daemon, a `ckptd prune` typed by
-    hand and whatever else changes the trash (the disk check emptying it, `ckptd trash`) never
-    work on the same root at once — recovering a half-moved item while a prune is still moving
-    it would remove what the prune moves in next. Where the lock file cannot be made (a
-    read-only filesystem) nothing can be deleted either, so the run goes on without it.
-    """
-    folder = trash_path(root_path)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC)
-    except OSError:
-        yield True
-        return
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(descriptor)
 
 
 def parse_item_name(item: str) -> tuple[str, float] | None:
@@ -385,7 +357,7 @@ def purge(
     grace: float,
     everything: bool = False,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
 ) -> PurgeResult:
     """Given a root and the grace, remove trash items past it (all with `everything`)."""
     removed: list[str] = []
@@ -402,22 +374,20 @@ def purge(
             failed.append((item.name, "; ".join(errors[:3])))
         else:
             removed.append(item.name)
-        if history is not None:
-            history.write(
-                "trash_purge",
+        history.record(
+            TrashPurge(
                 root=root_path,
                 checkpoint=item.name,
                 bytes_freed=bytes_freed,
                 deleted_at=item.deleted_at,
                 partial=bool(errors),
-                errors=errors[:3],
+                errors=tuple(errors[:3]),
             )
+        )
     return PurgeResult(tuple(removed), freed, tuple(failed))
 
 
-def empty_trash(
-    root_path: str, *, fs: FileSystem = LOCAL, history: HistoryLog | None = None
-) -> int:
+def empty_trash(root_path: str, *, fs: FileSystem = LOCAL, history: History = NULL_HISTORY) -> int:
     """Given a root, remove everything in its trash regardless of grace; return bytes freed.
 
     The disk check calls this first under disk pressure (before pruning anything more).
@@ -477,7 +447,7 @@ def finish_leftovers(
     now: float,
     grace: float,
     fs: FileSystem = LOCAL,
-    history: HistoryLog | None = None,
+    history: History = NULL_HISTORY,
 ) -> PurgeResult:
     """Given a root, finish a trash a crash left behind: repair, then purge what is past grace.
 

@@ -33,6 +33,7 @@ from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.fsio import TRASH_DIRECTORY
+from daemon.history.log import NULL_HISTORY
 from daemon.logs import configure_logging, get_logger
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
@@ -374,9 +375,7 @@ class Service:
         if event.is_directory and os.path.dirname(landed) == event.root:
             self.watcher.watch_checkpoint(event.root, landed)
         if self.config.prune.on_new_checkpoint:
-            settle = (
-                float(settings_for(self.config, root)["settle_seconds"]) + SETTLE_MARGIN_SECONDS
-            )
+            settle = settings_for(self.config, root).settle_seconds + SETTLE_MARGIN_SECONDS
             now = time.monotonic()
             since = self.pending_since.setdefault(event.root, now)
             self.pending[event.root] = min(now + settle, since + MAX_DEFER_SETTLES * settle)
@@ -495,7 +494,7 @@ class Service:
         key = os.path.abspath(root.path)
         attempt = self.attempts.get(key, 0) + 1
         self.attempts[key] = attempt
-        settle = float(settings_for(self.config, root)["settle_seconds"])
+        settle = settings_for(self.config, root).settle_seconds
         delay = min(MAX_RETRY_SECONDS, max(settle, 0.5), 0.5 * 2 ** (attempt - 1))
         deadline = time.monotonic() + delay
         # A newer event's deadline stands if it is sooner.
@@ -549,7 +548,7 @@ class Service:
             return HistoryLog(config.history_path)
         except OSError as error:
             log.warning("history_unavailable", path=config.history_path, error=str(error))
-            return None
+            return NULL_HISTORY
 
     def _write_state(self, **keys: Any) -> None:
         try:

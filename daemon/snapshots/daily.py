@@ -35,9 +35,14 @@ import psutil
 
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
-from daemon.disk.pressure import write_history
 from daemon.fsio import LOCAL, TRASH_DIRECTORY
-from daemon.history.log import HistoryLog
+from daemon.history.events import (
+    SnapshotFailed,
+    SnapshotRemoved,
+    SnapshotSkipped,
+    SnapshotTaken,
+)
+from daemon.history.log import History
 from daemon.snapshots import copying
 from policies.model import Checkpoint, Plan
 
@@ -652,7 +657,7 @@ def run_daily_snapshot(
     config: Config,
     *,
     now: datetime,
-    history: HistoryLog | None,
+    history: History,
     stop: threading.Event | None = None,
     plan: PlanFunction | None = None,
     method: copying.Requested | None = None,
@@ -674,14 +679,11 @@ def run_daily_snapshot(
     settings = config.snapshots
     today = now.astimezone(zone_for(config)).date().isoformat()
 
-    def record(event: str, **fields: Any) -> None:
-        write_history(history, event, date=today, **fields)
-
     if not settings.enabled and not force:
         return SnapshotReport(date=today, status="disabled", reason="snapshots.enabled is false")
     if settings.dir is None:
         reason = "snapshots.dir is not set"
-        record("snapshot_skipped", reason=reason)
+        history.record(SnapshotSkipped(date=today, reason=reason))
         return SnapshotReport(date=today, status="skipped", reason=reason)
     directory = settings.dir
     final = os.path.join(directory, today)
@@ -701,7 +703,7 @@ def run_daily_snapshot(
             config, now=now.timestamp(), plan=plan or _default_plan, method=requested
         )
     except (SnapshotError, OSError) as error:
-        record("snapshot_failed", reason=str(error), method=requested)
+        history.record(SnapshotFailed(date=today, reason=str(error), method=requested))
         return SnapshotReport(
             date=today,
             status="failed",
@@ -711,17 +713,21 @@ def run_daily_snapshot(
         )
     if not snapshot_plan.items:
         reason = "no complete checkpoint to snapshot"
-        record("snapshot_skipped", reason=reason, errors=list(snapshot_plan.errors))
+        history.record(
+            SnapshotSkipped(date=today, reason=reason, errors=tuple(snapshot_plan.errors))
+        )
         return SnapshotReport(
             date=today, status="skipped", reason=reason, errors=snapshot_plan.errors
         )
     too_big = would_pass_critical(config, directory, snapshot_plan.bytes_to_write)
     if too_big is not None:
-        record(
-            "snapshot_skipped",
-            reason=too_big,
-            bytes_to_write=snapshot_plan.bytes_to_write,
-            checkpoints=list(snapshot_plan.checkpoints),
+        history.record(
+            SnapshotSkipped(
+                date=today,
+                reason=too_big,
+                bytes_to_write=snapshot_plan.bytes_to_write,
+                checkpoints=tuple(snapshot_plan.checkpoints),
+            )
         )
         return SnapshotReport(
             date=today,
@@ -752,7 +758,7 @@ def run_daily_snapshot(
         LOCAL.fsync_dir(directory)
     except _Stopped:
         _abandon(directory, temporary)
-        record("snapshot_failed", reason="stopped (shutting down)")
+        history.record(SnapshotFailed(date=today, reason="stopped (shutting down)"))
         return SnapshotReport(
             date=today,
             status="stopped",
@@ -763,11 +769,13 @@ def run_daily_snapshot(
     except Exception as error:  # a failed snapshot must never take the daemon down
         _abandon(directory, temporary)
         reason = _describe(error)
-        record(
-            "snapshot_failed",
-            reason=reason,
-            method=requested,
-            checkpoints=list(snapshot_plan.checkpoints),
+        history.record(
+            SnapshotFailed(
+                date=today,
+                reason=reason,
+                method=requested,
+                checkpoints=tuple(snapshot_plan.checkpoints),
+            )
         )
         return SnapshotReport(
             date=today,
@@ -779,24 +787,28 @@ def run_daily_snapshot(
             seconds=time_module.monotonic() - started,
         )
     seconds = time_module.monotonic() - started
-    record(
-        "snapshot",
-        path=final,
-        method=requested,
-        checkpoints=list(snapshot_plan.checkpoints),
-        files=sum(by_method.values()),
-        bytes=snapshot_plan.bytes_total,
-        bytes_written=written,
-        by_method=by_method,
-        seconds=round(seconds, 3),
+    history.record(
+        SnapshotTaken(
+            date=today,
+            path=final,
+            method=requested,
+            checkpoints=tuple(snapshot_plan.checkpoints),
+            files=sum(by_method.values()),
+            bytes=snapshot_plan.bytes_total,
+            bytes_written=written,
+            by_method=by_method,
+            seconds=round(seconds, 3),
+        )
     )
     removed: list[str] = []
     try:
         removed = remove_old_snapshots(directory, settings.keep)
     except OSError as error:
-        record("snapshot_failed", reason=f"removing old snapshots: {_describe(error)}")
+        history.record(
+            SnapshotFailed(date=today, reason=f"removing old snapshots: {_describe(error)}")
+        )
     for name in removed:
-        record("snapshot_removed", removed=name, keep=settings.keep)
+        history.record(SnapshotRemoved(date=today, removed=name, keep=settings.keep))
     return SnapshotReport(
         date=today,
         status="done",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, DefaultsConfig, DiskConfig, RootConfig, SnapshotsConfig
+from daemon.history.log import NULL_HISTORY
 from daemon.snapshots import copying, daily
 
 
@@ -176,7 +177,7 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
         disk=DiskConfig(critical_percent=100),
     )
     now = datetime.now(UTC) + timedelta(seconds=1)
-    report = daily.run_daily_snapshot(config, now=now, history=None, force=True)
+    report = daily.run_daily_snapshot(config, now=now, history=NULL_HISTORY, force=True)
     day = now.date().isoformat()
     assert report.status == "done", report
     assert report.by_method == {"reflink": 3}

@@ -14,7 +14,8 @@ import pytest
 
 from daemon.config import Config, DiskConfig, PolicyConfig, RootConfig
 from daemon.disk import pressure
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, HistoryLog
+from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.pipeline import PruneReport
 from policies.model import Plan, PolicySpec
 
@@ -33,7 +34,7 @@ class RecordingHistory(HistoryLog):
         """The disk check's own records (the trash module adds its `trash_purge` ones)."""
         return [record["event"] for record in self.records if record["event"] != "trash_purge"]
 
-    def record(self, event: str) -> dict[str, Any]:
+    def one(self, event: str) -> dict[str, Any]:
         (found,) = [record for record in self.records if record["event"] == event]
         return found
 
@@ -89,7 +90,10 @@ class RecordingPrune:
             os.rename(Path(root.path) / name, trash / name)
             shutil.rmtree(trash / name)
         return PruneReport(
-            root=root.path, plan=Plan(root.path, ()), dry_run=False, deleted=tuple(doomed)
+            root=root.path,
+            plan=Plan(root.path, ()),
+            dry_run=False,
+            applied=ApplyResult(deleted=tuple(doomed)),
         )
 
 
@@ -124,7 +128,7 @@ def test_above_warn_records_a_warning_and_a_status_line(tmpfs: Callable[[int], P
     )
     assert report.worst == "warn"
     assert history.events() == ["disk_warn"]
-    assert history.record("disk_warn")["mount"] == str(mount)
+    assert history.one("disk_warn")["mount"] == str(mount)
     assert report.status_line is not None and str(mount) in report.status_line
     assert prune.calls == []
 
@@ -197,7 +201,7 @@ def test_critical_escalates_trash_then_prune_then_emergency_then_alert(
     assert environment["CKPTD_LEVEL"] == "ok"
     assert int(environment["CKPTD_FREE_BYTES"]) == check.after.free
     assert float(environment["CKPTD_USED_PERCENT"]) == pytest.approx(check.after.percent, abs=0.1)
-    emergency = history.record("emergency_prune")
+    emergency = history.one("emergency_prune")
     assert emergency["deleted"] == 6 and emergency["used_percent"] < 60
     assert len(os.listdir(root)) == 5  # 4 checkpoints and the (empty) trash
 
@@ -255,7 +259,7 @@ def test_unresolved_pressure_alerts_and_a_broken_alert_is_recorded(
         "emergency_prune",
         "alert",
     ]
-    assert "error" in history.record("alert")
+    assert "error" in history.one("alert")
     assert report.filesystems[0].alert_exit is None
     assert report.worst == "critical"
 
@@ -268,7 +272,7 @@ def test_roots_are_grouped_by_filesystem(tmpfs: Callable[[int], Path], tmp_path:
     elsewhere = tmp_path / "c"
     elsewhere.mkdir()
     config = config_for([first, second, elsewhere, tmp_path / "missing"])
-    report = pressure.check_disks(config, now=1.0, history=None, prune=RecordingPrune(1, 1))
+    report = pressure.check_disks(config, now=1.0, history=NULL_HISTORY, prune=RecordingPrune(1, 1))
     roots = sorted(check.roots for check in report.filesystems)
     assert roots == sorted([(str(first), str(second)), (str(elsewhere),)])
     assert len(report.errors) == 1 and "missing" in report.errors[0]

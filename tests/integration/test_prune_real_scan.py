@@ -99,6 +99,6 @@ def test_a_reader_of_an_old_checkpoint_vetoes_only_that_one(tmp_path: Path) -> N
         reader.kill()
         reader.wait()
     assert "checkpoint-300" in report.vetoed
-    assert f"in-use:pid {reader.pid}" in str(report.extra["veto_reasons"])
+    assert f"in-use:pid {reader.pid}" in str(report.veto_reasons)
     assert (root / "checkpoint-300").exists()
     assert report.deleted and report.refused is None

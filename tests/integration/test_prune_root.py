@@ -106,7 +106,7 @@ def test_dry_run_changes_nothing_and_says_so(
     config = config_for(root)
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
     assert len(names(root)) == 10 and report.deleted == () and report.bytes_freed == 0
-    assert report.extra["would_free"] == 6 * len(FILE)
+    assert report.applied.would_free == 6 * len(FILE)
     (run,) = read_records(history.path)
     assert run["event"] == "prune_run" and run["dry_run"] is True and run["would_delete"] == 6
 
@@ -164,7 +164,7 @@ def test_declining_the_confirmation_deletes_nothing(
     report = pipeline.prune_root(
         config, config.roots[0], now=NOW, dry_run=False, history=history, confirm=decline
     )
-    assert seen == [6] and report.extra["aborted"] is True and report.deleted == ()
+    assert seen == [6] and report.aborted is True and report.deleted == ()
     assert len(names(root)) == 10
 
 
@@ -175,7 +175,7 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
     config = config_for(root, grace=3600)
     first = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert len(first.deleted) == 6 and first.bytes_freed == 0
-    assert first.extra["bytes_in_trash"] == 6 * len(FILE)
+    assert first.applied.bytes_in_trash == 6 * len(FILE)
     assert len(trash.list_trash(str(root))) == 6
     trash.restore(str(root), "checkpoint-100")  # a change of mind within the grace
     assert (root / "checkpoint-100" / "model.bin").read_bytes() == FILE
@@ -183,7 +183,7 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
     later = pipeline.prune_root(
         config, config.roots[0], now=NOW + 3601, dry_run=False, history=history
     )
-    assert later.extra["purged"] == [f"checkpoint-{s}" for s in range(200, 700, 100)]
+    assert list(later.purge.removed) == [f"checkpoint-{s}" for s in range(200, 700, 100)]
     assert later.bytes_freed == 5 * len(FILE)
     assert trash.list_trash(str(root)) == []
     purges = [r for r in read_records(history.path) if r["event"] == "trash_purge"]
@@ -199,7 +199,7 @@ def test_a_trash_left_by_a_crash_is_finished_at_the_start(
     (leftover / "half.bin").write_bytes(b"x" * 10)
     config = config_for(root)
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
-    assert report.extra["purged"] == ["checkpoint-50"]
+    assert list(report.purge.removed) == ["checkpoint-50"]
     assert not leftover.exists()
 
 

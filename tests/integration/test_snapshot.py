@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
-from daemon.history.log import HistoryLog
+from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.snapshots import daily
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
@@ -57,9 +57,7 @@ def make_config(roots: list[Path], snapshot_dir: Path, **snapshot_settings: obje
     )
 
 
-def run(
-    config: Config, history: HistoryLog | None = None, **options: object
-) -> daily.SnapshotReport:
+def run(config: Config, history: History = NULL_HISTORY, **options: object) -> daily.SnapshotReport:
     return daily.run_daily_snapshot(
         config,
         now=NOW,
@@ -122,10 +120,12 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
 
 def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", at="04:00")
-    early = daily.run_daily_snapshot(config, now=NOW, history=None)
+    early = daily.run_daily_snapshot(config, now=NOW, history=NULL_HISTORY)
     assert early.status == "not_due" and early.ok
     assert not (tmp_path / "snaps" / "2026-06-01").exists()
-    by_hand = daily.run_daily_snapshot(config, now=NOW, history=None, force=True, method="copy")
+    by_hand = daily.run_daily_snapshot(
+        config, now=NOW, history=NULL_HISTORY, force=True, method="copy"
+    )
     assert by_hand.status == "done"
 
 

@@ -13,6 +13,7 @@ from daemon.config import (
     Config,
     PolicyConfig,
     RootConfig,
+    RootSettings,
     SeriesConfig,
     StrictYamlLoader,
     load_config,
@@ -617,13 +618,13 @@ def test_the_most_specific_policy_and_setting_wins() -> None:
     first, second = config.roots
     assert policy_for(config, first) == PolicySpec(8, 20, 1000)
     assert policy_for(config, second, second.series[0]) == PolicySpec(50, 30, 500)
-    assert settings_for(config, first)["min_keep"] == 1
-    assert settings_for(config, second) == {
-        "settle_seconds": 60.0,
-        "min_keep": 4,
-        "max_delete_fraction": 0.9,
-        "trash_grace": 3600.0,
-    }
+    assert settings_for(config, first).min_keep == 1
+    assert settings_for(config, second) == RootSettings(
+        settle_seconds=60.0,
+        min_keep=4,
+        max_delete_fraction=0.9,
+        trash_grace=3600.0,
+    )
 
 
 def test_a_control_character_is_a_syntax_problem_with_its_place() -> None:

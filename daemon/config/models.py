@@ -1,0 +1,239 @@
+"""The pydantic models of every config key, and what they resolve to for one root.
+
+`settings_for` and `policy_for` turn a root plus the defaults into typed values: the most
+specific setting wins (series, then root, then `defaults`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+)
+
+from daemon.config.units import Duration, Size
+from policies.model import PRESETS, KeepBest, PolicySpec
+
+# --- models ------------------------------------------------------------------------------------
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must never silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeepBestConfig(StrictModel):
+    count: int = Field(default=1, ge=1)
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+
+
+class PolicyConfig(StrictModel):
+    """A preset, optionally with individual knobs overriding it."""
+
+    preset: Literal["balanced", "conservative", "aggressive"] = "balanced"
+    keep_last: int | None = Field(default=None, ge=1)
+    tier2_count: int | None = Field(default=None, ge=0)
+    # Explicit null keeps nothing past tier 2; absent takes the preset's interval.
+    tier3_interval: int | None = Field(default=None, gt=0)
+    cadence: int | None = Field(default=None, ge=1)
+    keep_best: KeepBestConfig | None = None
+
+    def to_spec(self) -> PolicySpec:
+        """Given this policy config, return the resolved PolicySpec."""
+        base = PRESETS[self.preset]
+        fields_set = self.model_fields_set
+        keep_best = (
+            KeepBest(self.keep_best.count, self.keep_best.metric, self.keep_best.mode)
+            if self.keep_best is not None
+            else None
+        )
+        return PolicySpec(
+            keep_last=self.keep_last if self.keep_last is not None else base.keep_last,
+            tier2_count=self.tier2_count if self.tier2_count is not None else base.tier2_count,
+            tier3_interval=(
+                self.tier3_interval if "tier3_interval" in fields_set else base.tier3_interval
+            ),
+            cadence=self.cadence,
+            keep_best=keep_best,
+        )
+
+
+class TrashConfig(StrictModel):
+    grace: Duration = 3600.0
+
+
+class TrainerConfig(StrictModel):
+    pid_file: str | None = None
+    cmdline: str | None = None
+
+    @field_validator("cmdline")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression: {error}") from None
+        return value
+
+
+Layout = Literal["auto", "hf", "pt", "lightning", "deepspeed", "megatron", "orbax", "dcp", "tf"]
+
+
+class SeriesConfig(StrictModel):
+    pattern: str
+    policy: PolicyConfig | None = None
+
+
+class RootConfig(StrictModel):
+    path: str
+    layout: Layout = "auto"
+    pattern: str | None = None
+    policy: PolicyConfig | None = None
+    protect: list[str] = Field(default_factory=list)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    watch: Literal["auto", "inotify", "poll"] = "auto"
+    series: list[SeriesConfig] = Field(default_factory=list)
+    # Per-root overrides of `defaults`; None inherits.
+    settle_seconds: Duration | None = None
+    min_keep: int | None = Field(default=None, ge=0)
+    max_delete_fraction: float | None = Field(default=None, gt=0, le=1)
+    trash: TrashConfig | None = None
+
+
+class DefaultsConfig(StrictModel):
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    settle_seconds: Duration = 60.0
+    min_keep: int = Field(default=3, ge=0)
+    max_delete_fraction: float = Field(default=0.9, gt=0, le=1)
+    trash: TrashConfig = Field(default_factory=TrashConfig)
+
+
+class PruneConfig(StrictModel):
+    schedule: str = "0 4 * * sun"
+    on_new_checkpoint: StrictBool = True
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        # Imported here: APScheduler is the scheduler's dependency, and `ckptd --help` stays fast.
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(value, timezone="UTC")
+        except ValueError as error:
+            raise ValueError(
+                f'{value!r} is not a cron schedule such as "0 4 * * sun": {error}'
+            ) from None
+        return value
+
+
+class SnapshotsConfig(StrictModel):
+    enabled: StrictBool = True
+    at: str = "03:00"
+    dir: str | None = None
+    scope: Literal["latest", "all"] = "latest"
+    keep: int = Field(default=7, ge=1)
+    method: Literal["auto", "reflink", "hardlink", "copy"] = "auto"
+    mutable: list[str] = Field(default_factory=lambda: ["last.pt", "best.pt", "last.ckpt"])
+
+    @field_validator("at")
+    @classmethod
+    def _clock_time(cls, value: str) -> str:
+        match = re.fullmatch(r"(\d{1,2}):(\d{2})", value)
+        if not match or int(match.group(1)) > 23 or int(match.group(2)) > 59:
+            raise ValueError(f'{value!r} is not a time of day such as "03:00"')
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+
+class DiskConfig(StrictModel):
+    interval: Duration = Field(default=300.0, gt=0)
+    warn_percent: float = Field(default=85, gt=0, le=100)
+    critical_percent: float = Field(default=95, gt=0, le=100)
+    min_free: Size | None = None
+    emergency: PolicyConfig = Field(default_factory=lambda: PolicyConfig(preset="aggressive"))
+    alert: str | None = None
+
+
+class LogConfig(StrictModel):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class Config(StrictModel):
+    timezone: str | None = None
+    state_dir: str = "/var/lib/ckptd"
+    history_file: str | None = None  # default: <state_dir>/history.jsonl
+    log: LogConfig = Field(default_factory=LogConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    roots: list[RootConfig] = Field(default_factory=list)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    snapshots: SnapshotsConfig = Field(default_factory=SnapshotsConfig)
+    disk: DiskConfig = Field(default_factory=DiskConfig)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown timezone {value!r}") from None
+        return value
+
+    @property
+    def history_path(self) -> str:
+        return self.history_file or f"{self.state_dir.rstrip('/')}/history.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class RootSettings:
+    """One root's effective safety and trash settings (the root's own, else `defaults`)."""
+
+    settle_seconds: float
+    min_keep: int
+    max_delete_fraction: float
+    trash_grace: float
+
+
+def settings_for(config: Config, root: RootConfig) -> RootSettings:
+    """Given the config and one of its roots, return that root's effective settings."""
+    defaults = config.defaults
+    return RootSettings(
+        settle_seconds=_first(root.settle_seconds, defaults.settle_seconds),
+        min_keep=_first(root.min_keep, defaults.min_keep),
+        max_delete_fraction=_first(root.max_delete_fraction, defaults.max_delete_fraction),
+        trash_grace=(root.trash or defaults.trash).grace,
+    )
+
+
+_T = TypeVar("_T")
+
+
+def _first(own: _T | None, default: _T) -> _T:
+    """Given a root's own setting and the default, return the one that applies."""
+    return default if own is None else own
+
+
+def policy_for(config: Config, root: RootConfig, series: SeriesConfig | None = None) -> PolicySpec:
+    """Given a root (and one of its series), return the policy that applies: most specific wins."""
+    if series is not None and series.policy is not None:
+        return series.policy.to_spec()
+    if root.policy is not None:
+        return root.policy.to_spec()
+    return config.defaults.policy.to_spec()
+
+
+def default_config_for_root(path: str) -> Config:
+    """Given a bare ROOT on the command line, return a config with the built-in defaults."""
+    return Config(roots=[RootConfig(path=path)])
