@@ -44,14 +44,20 @@ def make_console(*, stderr: bool = False) -> Console:
     return Console(highlight=False, stderr=stderr, width=200)
 
 
-def format_bytes(count: int | float) -> str:
-    """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`)."""
+def format_bytes(count: int | float, *, significant: int | None = None) -> str:
+    """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`,
+    up to TB): one decimal in tables (`3.6 GB`, `614.0 GB`, `2.5 TB`), or with `significant`,
+    at most that many significant digits and no trailing zeros, as a config writes a size
+    (`50 GB`, `2.147 GB`)."""
     value = float(count)
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(value) < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            break
         value /= 1000
-    return f"{value:.1f} PB"  # pragma: no cover - the loop returns at TB
+    if significant is not None:
+        return f"{value:.{significant}g} {unit}"
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:

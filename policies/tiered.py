@@ -31,18 +31,17 @@ per-checkpoint strings: reasons are shared tuples, one per rule and one per thin
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from itertools import compress, islice, pairwise, repeat
 from operator import attrgetter, lt, ne
 from typing import Any
 
+from policies.collector import collector_paused
 from policies.model import PRESETS, Checkpoint, Decision, Plan, PolicySpec
 
 _step_of = attrgetter("step")
@@ -74,7 +73,7 @@ def plan(
     decisions: list[Decision] = []
     cadences: dict[str, int] = {}
     warnings: list[str] = []
-    with _collector_paused():
+    with collector_paused():
         by_series = _group_by_series(checkpoints)
         for series in sorted(by_series):
             spec = specs.get(series) or specs.get("default") or PRESETS["balanced"]
@@ -106,21 +105,6 @@ def bucket_upper(step: int, spacing: int) -> int:
 
 
 # --- internals ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    # A plan allocates one Decision per checkpoint and nothing cyclic; at a million checkpoints
-    # the cyclic collector's generation scans cost more than the planning itself (measured 3x).
-    # The daemon plans on its one worker thread; a concurrent plan elsewhere could only re-enable
-    # the collector early, which costs time, never correctness.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _check_spec(series: str, spec: PolicySpec) -> None:

@@ -13,19 +13,28 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 from daemon.commands._common import history_path
-from daemon.history.log import read_records
+from daemon.history.log import parse_records
 from daemon.render import history_table, make_console
 
 FOLLOW_POLL_SECONDS = 0.25
 
 
-def follow_lines(path: str, stop_after: float | None = None) -> Iterator[str]:
-    """Given a path, yield lines appended to it from its current end on, across rotations."""
+def follow_lines(
+    path: str, stop_after: float | None = None, *, handle: TextIO | None = None
+) -> Iterator[str]:
+    """Given a path, yield lines appended to it from its current end on, across rotations.
+
+    Given the `handle` the shown records were read from, follow on from where it stands: a
+    record appended between reading them and following would otherwise be lost.
+    """
     started = time.monotonic()
-    handle = None
     identity: tuple[int, int] | None = None
+    if handle is not None:
+        status = os.fstat(handle.fileno())
+        identity = (status.st_dev, status.st_ino)
     buffered = ""
     try:
         while stop_after is None or time.monotonic() - started < stop_after:
@@ -75,7 +84,13 @@ def main(args: argparse.Namespace) -> int:
     """Given parsed `history` arguments, print the history and return the exit code."""
     path = history_path(args.config)
     count = max(0, args.n)
-    records = read_records(path)
+    try:
+        handle: TextIO | None = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+    except FileNotFoundError:
+        handle = None
+    records = parse_records(handle) if handle is not None else []
+    if not args.follow and handle is not None:
+        handle.close()
     recent = records[-count:] if count else []
     if args.json:
         for record in recent:
@@ -91,7 +106,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     console = make_console()
     try:
-        for line in follow_lines(path):
+        for line in follow_lines(path, handle=handle):
             if args.json:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()

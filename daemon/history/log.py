@@ -18,20 +18,17 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from daemon.clock import utc_iso
 from daemon.history.events import HistoryEvent
 
 log = logging.getLogger("ckptd.history")
 
 # Record fields that are always present; `write` refuses to let callers overwrite them.
 RESERVED_FIELDS = ("time", "event")
-
-
-def utc_iso(epoch_seconds: float) -> str:
-    """Given seconds since the epoch, return the UTC ISO 8601 time with a `Z`-free `+00:00`."""
-    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds")
 
 
 class History(Protocol):
@@ -142,18 +139,23 @@ class HistoryLog:
 
 def read_records(path: str) -> list[dict[str, Any]]:
     """Given a history file, return its records in order (unparseable lines skipped)."""
-    records: list[dict[str, Any]] = []
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(value, dict):
-                    records.append(value)
+            return parse_records(handle)
     except FileNotFoundError:
-        pass
+        return []
+
+
+def parse_records(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """Given the lines of a history file, return its records in order (unparseable skipped)."""
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            records.append(value)
     return records
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.clock import utc_iso
 from daemon.config import Config, RootConfig, load_config, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
@@ -91,7 +92,7 @@ class _SignOfLife(threading.Event):
 
 
 def _utc_iso(epoch_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
+    return utc_iso(epoch_seconds, timespec="seconds")  # the state file's times: whole seconds
 
 
 def _file_digest(path: str) -> str | None:

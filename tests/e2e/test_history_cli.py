@@ -79,19 +79,21 @@ def test_history_follow_survives_rotation(
     cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
     path = tmp_path / "state" / "ckptd" / "history.jsonl"
     history = HistoryLog(str(path))
-    history.write("prune_run", deleted=0)
+    history.write("delete", checkpoint="ready")
     follower = subprocess.Popen(
-        [*ckptd_command, "history", "--follow", "--json", "-n", "0"],
+        [*ckptd_command, "history", "--follow", "--json", "-n", "1"],
         stdout=subprocess.PIPE,
         text=True,
         env=cli_env,
     )
     try:
-        time.sleep(1.0)  # let it reach the end of the file
+        assert follower.stdout is not None
+        # The last record printed means the follower has the file open and sits at its end (a
+        # fixed sleep raced a slow start on a loaded machine: it missed both records, hung).
+        assert json.loads(follower.stdout.readline())["checkpoint"] == "ready"
         history.write("delete", checkpoint="before-rotation")
         os.rename(path, str(path) + ".1")  # logrotate, no copytruncate
         history.write("delete", checkpoint="after-rotation")
-        assert follower.stdout is not None
         seen = [json.loads(follower.stdout.readline())["checkpoint"] for _ in range(2)]
     finally:
         follower.terminate()

@@ -50,6 +50,14 @@ def test_format_bytes_uses_powers_of_1000() -> None:
     assert format_bytes(3_600_000_000) == "3.6 GB"
     assert format_bytes(614_000_000_000) == "614.0 GB"
     assert format_bytes(2_500_000_000_000) == "2.5 TB"
+    assert format_bytes(3_146_400_000_000) == "3.1 TB"  # past 1,000 GB: TB
+
+
+def test_format_bytes_as_a_config_writes_a_size() -> None:
+    assert format_bytes(50 * 1000**3, significant=4) == "50 GB"
+    assert format_bytes(2 * 1024**3, significant=4) == "2.147 GB"  # 2GiB
+    assert format_bytes(1_500_000_000_000, significant=4) == "1.5 TB"
+    assert format_bytes(512, significant=4) == "512 B"
 
 
 def test_runs_of_the_same_decision_fold_into_one_line() -> None:
