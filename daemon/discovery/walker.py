@@ -266,7 +266,8 @@ def walk_checkpoint(
         folders: list[str] = []
         if not _walk_top(scandir, path, member, tally, folders, want_distcp):
             present -= 1  # the whole folder went away after the lstat
-        _walk_below(scandir, root_path, folders, tally)
+        if folders:
+            _walk_below(scandir, root_path, folders, tally)
         marker = next((m for m in FINGERPRINT_MARKERS if m in tally.marker_stats), None)
         if marker is not None:
             fingerprint += tally.marker_stats[marker]
