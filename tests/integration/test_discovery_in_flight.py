@@ -188,7 +188,8 @@ def test_dcp_saves_in_checkpoint_folders_are_detected_as_dcp_and_pruned(tmp_path
     # "incomplete: no trainer_state.json" forever: the root was never pruned.
     for step in range(100, 1100, 100):
         dcp_checkpoint(tmp_path, f"checkpoint-{step}")
-    dcp_checkpoint(tmp_path, "checkpoint-1100", complete=False)  # `.metadata.tmp` only
+    # In flight: `.metadata.tmp`, not yet renamed (recent, so no abandoned save either).
+    dcp_checkpoint(tmp_path, "checkpoint-1100", complete=False, age_seconds=None)
     result = run_scan(tmp_path)
     assert result.layout == "dcp"
     assert [c.step for c in result.checkpoints if c.complete] == list(range(100, 1100, 100))
@@ -312,12 +313,13 @@ def test_a_save_in_flight_held_by_the_trainer_makes_the_root_wait(
         for number in (1, 2, 3):
             tf_checkpoint(tmp_path, number)
         tf_tracker(tmp_path, [1, 2, 3])
-        held = tf_temp_folder(tmp_path, 4) / "part-00000-of-00001.data-00000-of-00001"
+        held = tf_temp_folder(tmp_path, 4, age_seconds=None)
+        held = held / "part-00000-of-00001.data-00000-of-00001"
     else:
         for step in (1, 2, 3):
             orbax_checkpoint(tmp_path, step)
-        held = orbax_tmp(tmp_path, 4) / "default" / "d" / "0f3c5b2a9e"
-    settings = SafetySettings(min_keep=1, max_delete_fraction=1.0, settle_seconds=60)
+        held = orbax_tmp(tmp_path, 4, age_seconds=None) / "default" / "d" / "0f3c5b2a9e"
+    settings = SafetySettings(min_keep=1, max_delete_fraction=1.0)
     # Nobody holds it: the older checkpoints go (the save in flight and the newest stay).
     unheld = proc_facts.gather_facts(str(tmp_path), now=time.time())
     assert {
