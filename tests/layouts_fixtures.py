@@ -123,6 +123,57 @@ def tf_index_bytes(shards: int, size: int = 300) -> bytes:
         start -= start + len(table) - size
 
 
+def dcp_metadata_bytes(distcp_sizes: Mapping[str, int], size: int = 900) -> bytes:
+    """Given the `.distcp` files of a DCP save and their sizes, return a `.metadata` of exactly
+    `size` bytes (when it fits): a pickle of `Metadata` whose `storage_data` names each file's
+    whole range, as `torch.distributed.checkpoint` writes it, built opcode by opcode (no torch)."""
+    module = "torch.distributed.checkpoint.metadata"
+    items = b"".join(
+        _pickled_object(module, "MetadataIndex", [("fqn", _pickled_text(f"w{index}"))])
+        + _pickled_object(
+            "torch.distributed.checkpoint.filesystem",
+            "_StorageInfo",
+            [
+                ("relative_path", _pickled_text(name)),
+                ("offset", b"J" + struct.pack("<i", 0)),
+                ("length", b"J" + struct.pack("<i", length)),
+            ],
+        )
+        for index, (name, length) in enumerate(sorted(distcp_sizes.items()))
+    )
+
+    def document(padding: int) -> bytes:
+        fields = [
+            ("state_dict_metadata", b"}"),
+            ("storage_data", b"}(" + items + b"u"),
+            ("planner_data", _pickled_text("x" * padding)),
+        ]
+        return b"\x80\x02" + _pickled_object(module, "Metadata", fields) + b"."
+
+    return document(max(0, size - len(document(0))))
+
+
+def _pickled_text(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _pickled_object(module: str, name: str, fields: list[tuple[str, bytes]]) -> bytes:
+    """A pickled instance: the class, NEWOBJ without arguments, BUILD with a dict of fields."""
+    state = b"}(" + b"".join(_pickled_text(key) + value for key, value in fields) + b"u"
+    return f"c{module}\n{name}\n".encode() + b")\x81" + state + b"b"
+
+
+def ocdbt_manifest_bytes(size: int = 120) -> bytes:
+    """Given a size (>= 16), return an OCDBT manifest of that size: its magic, its length, and
+    the CRC-32C of everything before the last 4 bytes at the end."""
+    from daemon.integrity.crc import crc32c
+
+    body = struct.pack(">I", 0x0CDB3A2A) + struct.pack("<Q", size)
+    body = body.ljust(size - 4, b"\0")
+    return body + struct.pack("<I", crc32c(body))
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -486,7 +537,7 @@ def orbax_checkpoint(
     (`_CHECKPOINT_METADATA`, `commit_success.txt`, or None for none)."""
     folder = root / f"{prefix}{step}"
     write_json(folder / "default" / "_METADATA", {"tree_metadata": {}})
-    write_file(folder / "default" / "manifest.ocdbt", 120)
+    (folder / "default" / "manifest.ocdbt").write_bytes(ocdbt_manifest_bytes(120))
     write_file(folder / "default" / "d" / "0f3c5b2a9e", size)
     if marker is not None:
         write_json(folder / marker, {"init_timestamp_nsecs": time.time_ns()})
@@ -534,8 +585,10 @@ def dcp_checkpoint(
     for rank in range(ranks):
         write_file(folder / f"__{rank}_0.distcp", size)
     metadata = [".metadata"] if collectives else [f"__{rank}.metadata" for rank in range(ranks)]
+    ranges = {f"__{rank}_0.distcp": size for rank in range(ranks)}
     for file_name in metadata:
-        write_file(folder / (file_name if complete else f"{file_name}.tmp"), 900)
+        path = folder / (file_name if complete else f"{file_name}.tmp")
+        path.write_bytes(dcp_metadata_bytes(ranges, 900))
     return _finish(folder, age_seconds)
 
 

@@ -27,6 +27,7 @@ from daemon.verification import (
     newest_sound,
 )
 from policies.model import Checkpoint
+from tests import layouts_fixtures as fixtures
 from tests.layouts_fixtures import age, hf_checkpoint
 
 REAL_CHECKPOINT = (
@@ -197,9 +198,30 @@ def test_well_formed_fixtures_pass_the_checks(tmp_path: Path) -> None:
     """The fixtures every helper's tests use must not look corrupt (tests/layouts_fixtures)."""
     hf_checkpoint(tmp_path, 100, sharded=True)
     hf_checkpoint(tmp_path, 200)
-    for name in ("checkpoint-100", "checkpoint-200"):
-        result = check_checkpoint(str(tmp_path), name, "hf", deep=True)
-        assert result.status == "ok", result.problems
+    fixtures.dcp_checkpoint(tmp_path, "step_1")
+    fixtures.dcp_checkpoint(tmp_path, "step_2", collectives=False)
+    fixtures.orbax_checkpoint(tmp_path, 3)
+    fixtures.deepspeed_checkpoint(tmp_path, 4)
+    fixtures.megatron_checkpoint(tmp_path, 5)
+    fixtures.tf_checkpoint(tmp_path, 6, shards=2)
+    fixtures.lightning_checkpoint(tmp_path, 0, 7, as_folder=True)
+    fixtures.pt_file(tmp_path, "model_8.pt", 100)
+    made = [
+        ("checkpoint-100", "hf"),
+        ("checkpoint-200", "hf"),
+        ("step_1", "dcp"),
+        ("step_2", "dcp"),
+        ("3", "orbax"),
+        ("global_step4", "deepspeed"),
+        ("iter_0000005", "megatron"),
+        ("ckpt-6", "tf"),
+        ("epoch=0-step=7.ckpt", "lightning"),
+        ("model_8.pt", "pt"),
+    ]
+    for name, layout in made:
+        for deep in (False, True):
+            result = check_checkpoint(str(tmp_path), name, layout, deep=deep)
+            assert result.status == "ok", (name, deep, result.problems, result.skipped)
 
 
 def test_an_empty_zip_named_pt_is_judged_not_crashed_on(tmp_path: Path) -> None:
