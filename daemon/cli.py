@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = command("check-config", "validate a config file; exit 2 with every problem")
     check.add_argument("file", metavar="FILE")
 
+    forget = command(
+        "forget-root", "accept that a root's folder was re-created (its identity changed)"
+    )
+    forget.add_argument("path", metavar="PATH", help="the root, as configured")
+    _add_config(forget)
+
     demo = command("demo", "a simulated trainer and the daemon, live, in a temporary folder")
     demo.add_argument("--seconds", type=float, default=30.0, help="how long (default 30)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary folder")

@@ -21,6 +21,7 @@ from daemon.config import Config, RootConfig, policy_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
 from daemon.render import format_bytes
+from daemon.rootdir import IdentityStore, root_key
 from daemon.safety.facts import gather_facts
 from daemon.snapshots.daily import existing_snapshot_dates, next_snapshot_time, zone_for
 from daemon.state import read_state
@@ -82,7 +83,15 @@ def root_status(
         "cadence": dict(root_plan.cadences),
         "forecast": forecast.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
+        "refused": refusal_of(config, root),
     }
+
+
+def refusal_of(config: Config, root: RootConfig) -> str | None:
+    """Given a root, return why ckptd refuses it until a person acts (its identity changed,
+    its trash is not ckptd's), as last reported in `<state_dir>/roots.json`; else None."""
+    store = IdentityStore.in_state_dir(config.state_dir)
+    return store.refusals().get(root_key(root.path)) if store is not None else None
 
 
 def checkpoints_in_use(root: RootConfig, scan: ScanResult, *, now: float) -> list[str]:
@@ -217,6 +226,8 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             continue
         forecast = root["forecast"]
         tiers = root["tiers"]
+        if root.get("refused"):
+            table.add_row("REFUSED", root["refused"])
         table.add_row(
             "checkpoints",
             f"{root['checkpoints']} ({root['layout']}): tier 1 {tiers['1']}, tier 2 {tiers['2']}, "

@@ -29,6 +29,7 @@ from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from daemon.pruning.lock import root_lock
 from daemon.render import format_bytes, make_console
+from daemon.rootdir import IdentityStore, RootDir, open_root
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
@@ -52,6 +53,12 @@ def _select(args: argparse.Namespace) -> _Selection:
     return _Selection(config, roots, config.history_path)
 
 
+def _open(selected: _Selection, root: RootConfig) -> RootDir:
+    """Given a root of the selection, open it, checked against the identity recorded for it
+    (RootChanged, exit 3, when another folder is at its path)."""
+    return open_root(root.path, store=IdentityStore.in_state_dir(selected.config.state_dir))
+
+
 def _local(epoch: float) -> str:
     return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
@@ -64,10 +71,18 @@ def _print_json(document: object) -> None:
 def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> int:
     """`trash list`: every item in the selected roots' trash, oldest deletion first."""
     rows: list[dict[str, Any]] = []
+    refused = False
     for root in selected.roots:
-        root_path = os.path.realpath(root.path)
         grace = settings_for(selected.config, root).trash_grace
-        for item in trash.list_trash(root_path):
+        try:
+            with _open(selected, root) as root_dir:
+                items = trash.list_trash(root_dir)
+                root_path = root_dir.path
+        except SafetyRefusal as refusal:
+            print(f"ckptd trash: refused for safety: {root.path}: {refusal}", file=sys.stderr)
+            refused = True
+            continue
+        for item in items:
             rows.append(
                 {
                     "root": root_path,
@@ -79,12 +94,13 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
                     "state": item.state,
                 }
             )
+    status = EXIT_REFUSED if refused else EXIT_OK
     if args.json:
         _print_json(rows)
-        return EXIT_OK
+        return status
     if not rows:
         console.print("the trash is empty")
-        return EXIT_OK
+        return status
     table = Table(box=None, pad_edge=False, header_style="bold")
     table.add_column("root", overflow="fold")
     table.add_column("checkpoint", no_wrap=True)
@@ -102,22 +118,22 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
             row["state"],
         )
     console.print(table)
-    return EXIT_OK
+    return status
 
 
-def _root_holding(name: str, roots: list[RootConfig]) -> str:
+def _root_holding(name: str, selected: _Selection) -> RootConfig:
     """Given a checkpoint name, return the one root whose trash holds it (else UsageError)."""
-    candidates = [
-        os.path.realpath(root.path)
-        for root in roots
-        if any(name in (item.name, item.item) for item in trash.list_trash(root.path))
-    ]
+    candidates = []
+    for root in selected.roots:
+        with _open(selected, root) as root_dir:
+            if any(name in (item.name, item.item) for item in trash.list_trash(root_dir)):
+                candidates.append(root)
     if not candidates:
         raise UsageError(f"no checkpoint named {name!r} in the trash")
     if len(candidates) > 1:
         raise UsageError(
-            f"{name!r} is in the trash of several roots ({', '.join(candidates)}); "
-            "choose one with --root"
+            f"{name!r} is in the trash of several roots "
+            f"({', '.join(root.path for root in candidates)}); choose one with --root"
         )
     return candidates[0]
 
@@ -126,22 +142,25 @@ def _restore(args: argparse.Namespace, selected: _Selection, console: Console) -
     """`trash restore NAME`: rename it back into its root, pinned, and record that."""
     if not args.name:
         raise UsageError("trash restore needs the NAME of a checkpoint (see `ckptd trash list`)")
-    root_path = _root_holding(args.name, selected.roots)
-    with root_lock(root_path) as acquired:
-        if not acquired:
-            raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
-        restored = trash.restore(root_path, args.name)
+    with _open(selected, _root_holding(args.name, selected)) as root_dir:
+        root_path = root_dir.path
+        with root_lock(root_dir) as acquired:
+            if not acquired:
+                raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
+            restored = trash.restore_pinned(root_dir, args.name)
+    name = restored.item.name
     with HistoryLog(selected.history_path) as history:
-        history.record(TrashRestore(root=root_path, checkpoint=restored.name))
-    pin = trash.pin_path(root_path, restored.name)
+        history.record(TrashRestore(root=root_path, checkpoint=name))
     if args.json:
-        json.dump({"root": root_path, "restored": restored.name, "pin": pin}, sys.stdout)
+        json.dump({"root": root_path, "restored": name, "pin": restored.pin}, sys.stdout)
         sys.stdout.write("\n")
-    else:
+    elif restored.pin is not None:
         console.print(
-            f"restored {restored.name} into {root_path}, pinned by {pin} "
+            f"restored {name} into {root_path}, pinned by {restored.pin} "
             "(delete it to let the policy decide again)"
         )
+    else:
+        console.print(f"restored {name} into {root_path}, {restored.problem}")
     return EXIT_OK
 
 
@@ -152,16 +171,14 @@ def _purge(args: argparse.Namespace, selected: _Selection, console: Console) -> 
     busy = False
     with HistoryLog(selected.history_path) as history:
         for root in selected.roots:
-            root_path = os.path.realpath(root.path)
-            with root_lock(root_path) as acquired:
-                if not acquired:
-                    print(f"ckptd trash: refusing to purge {root_path}: {BUSY}", file=sys.stderr)
-                    busy = True
-                    continue
-                trash.recover(root_path)
-                results[root_path] = trash.purge(
-                    root_path, now=now, grace=0.0, everything=True, history=history
-                )
+            try:
+                root_path, result = _purge_root(selected, root, now, history)
+            except SafetyRefusal as refusal:
+                where = os.path.realpath(root.path)
+                print(f"ckptd trash: refusing to purge {where}: {refusal}", file=sys.stderr)
+                busy = True
+                continue
+            results[root_path] = result
     if args.json:
         _print_json({root_path: _purge_to_json(result) for root_path, result in results.items()})
     else:
@@ -169,6 +186,20 @@ def _purge(args: argparse.Namespace, selected: _Selection, console: Console) -> 
     if busy:
         return EXIT_REFUSED
     return EXIT_FAILED if any(result.failed for result in results.values()) else EXIT_OK
+
+
+def _purge_root(
+    selected: _Selection, root: RootConfig, now: float, history: HistoryLog
+) -> tuple[str, trash.PurgeResult]:
+    """Given a root, recover and purge its trash under its lock; return its path and what was
+    purged. Raises SafetyRefusal when another prune holds it, or the root or its trash is
+    refused."""
+    with _open(selected, root) as root_dir, root_lock(root_dir) as acquired:
+        if not acquired:
+            raise SafetyRefusal(BUSY)
+        trash.recover(root_dir)
+        purged = trash.purge(root_dir, now=now, grace=0.0, everything=True, history=history)
+        return root_dir.path, purged
 
 
 def _purge_to_json(result: trash.PurgeResult) -> dict[str, Any]:

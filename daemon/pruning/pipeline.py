@@ -9,7 +9,6 @@ to `deleter.apply` and write one `prune_run` record.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.sizecache import SizeCache
-from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import NULL_HISTORY, History
@@ -423,15 +421,12 @@ def prune_root(
     daemon/rootdir.py), and its trash ckptd's own; otherwise the root is refused (not
     transient: a person must look), recorded in the history once.
     """
-    root_path = os.path.realpath(root.path)
-    if not os.path.isdir(root_path):
-        raise UsageError(f"{root.path}: not a folder")
     store = identities if identities is not None else IdentityStore.in_state_dir(config.state_dir)
     key = root_key(root.path)
     try:
-        root_dir = open_root(root.path, store=store)
+        root_dir = open_root(root.path, store=store)  # UsageError when it is not a folder
     except RootChanged as changed:
-        return _refused_early(root_path, str(changed), history, store, key)
+        return _refused_early(key, str(changed), history, store, key)
     with root_dir:
         job = _job_for(
             config,
@@ -458,10 +453,10 @@ def prune_root(
         except TrashRefused as refused:
             return _refused_early(job.root_path, str(refused), history, store, key)
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
-    history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
+    history.record(PruneRefused(root=job.root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
-        root=root_path,
-        plan=Plan(root=root_path, decisions=()),
+        root=job.root_path,
+        plan=Plan(root=job.root_path, decisions=()),
         dry_run=False,
         refusal=Refusal(reason),
     )

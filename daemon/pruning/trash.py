@@ -57,6 +57,7 @@ __all__ = [
     "JOURNAL",
     "TRASH_DIRECTORY",
     "PurgeResult",
+    "Restored",
     "Trash",
     "TrashItem",
     "TrashRefused",
@@ -70,6 +71,7 @@ __all__ = [
     "purge",
     "recover",
     "restore",
+    "restore_pinned",
     "trash_path",
     "undo_move",
 ]
@@ -237,6 +239,25 @@ def _parse_entry(data: bytes, removing: bool) -> _Entry | None:
 
 def _is_entry_file(name: str) -> bool:
     return name.startswith(".ckptd-entry")
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """The pin of a restored checkpoint: its path (None: none), the file made in the root (to
+    remove if the restore fails), or why there is none."""
+
+    path: str | None
+    made: At | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Given a restore: the item put back, its pin file (None: none made), and why not."""
+
+    item: TrashItem
+    pin: str | None
+    problem: str | None = None
 
 
 class _OpenItem:
@@ -629,7 +650,7 @@ class Trash:
 
     # --- putting back ----------------------------------------------------------------------
 
-    def put_back(self, item: TrashItem, *, pin: bool) -> None:
+    def put_back(self, item: TrashItem, *, pin: bool) -> _Pin:
         """Given a listed item, rename its members back into the root (never replacing), then
         remove the item; with `pin`, pin the checkpoint first (see `restore`).
 
@@ -642,13 +663,13 @@ class Trash:
                     f"cannot restore {item.name}: {', '.join(taken)} already exists in "
                     f"{self.root.path}"
                 )
-            made_pin = self._pin(item, opened_item) if pin else None
+            made_pin = self._pin(item, opened_item) if pin else _Pin(None)
             try:
                 self._rename_back(opened_item)
             except OSError as error:
-                if made_pin is not None:
+                if made_pin.made is not None:
                     with contextlib.suppress(OSError):
-                        self.fs.unlink_at(made_pin)
+                        self.fs.unlink_at(made_pin.made)
                 if isinstance(error, FileExistsError):
                     raise UsageError(
                         f"cannot restore {item.name}: {error.filename} appeared in the root"
@@ -657,6 +678,7 @@ class Trash:
             self.fs.fsync_fd(self.root.fd)
             if opened_item.owned:
                 self._discard(item.item, opened_item.container)
+        return made_pin
 
     def _rename_back(self, opened_item: _OpenItem) -> None:
         """Rename every member back, the completion marker last; undo all on a failure."""
@@ -673,23 +695,31 @@ class Trash:
                     self.fs.rename_at(target_at, source_at)
             raise
 
-    def _pin(self, item: TrashItem, opened_item: _OpenItem) -> At | None:
+    def _pin(self, item: TrashItem, opened_item: _OpenItem) -> _Pin:
         """Given an item about to go back, pin it where discovery reads pins — `.keep` inside
         a folder, `<name>.keep` beside anything else — before it reappears (so no prune sees
-        it unpinned), created with O_EXCL|O_NOFOLLOW (never through a link raced in). Return
-        the pin made in the root (to remove if the restore fails), None when made inside."""
+        it unpinned), created with O_EXCL|O_NOFOLLOW (never through a link raced in)."""
         if len(opened_item.inside) == 1:
             source = opened_item.container.at(opened_item.inside[0][0])
             if stat_module.S_ISDIR(self.fs.lstat_at(source).st_mode):
                 with self._folder(source) as folder, contextlib.suppress(FileExistsError):
                     self.fs.write_new_at(folder.at(".keep"), PIN_TEXT, durable=False)
-                return None
+                return _Pin(os.path.join(self.root.path, item.name, ".keep"))
         beside = self.root.at(f"{item.name}.keep")
         try:
             self.fs.write_new_at(beside, PIN_TEXT, durable=False)
         except FileExistsError:
-            return None  # something is there already (a pin of the owner's, or a link)
-        return beside
+            return _Pin(beside.path)  # something is there already (her pin, or a link)
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            return _Pin(
+                None,
+                problem=f"not pinned: {item.name}.keep would pass the filesystem's name limit; "
+                "add a `protect:` glob matching it to the root's config, or the next prune "
+                "deletes it again",
+            )
+        return _Pin(beside.path, made=beside)
 
     # --- crash recovery and purging --------------------------------------------------------
 
@@ -824,19 +854,27 @@ def _find(trash: Trash, name: str) -> TrashItem:
 
 
 def restore(root: str | RootDir, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
-    """Given a checkpoint name (or an item name), rename it back into the root; return the item.
+    """Given a checkpoint name (or an item name), rename it back into the root, pinned; return
+    the item (see `restore_pinned`)."""
+    return restore_pinned(root, name, fs=fs).item
+
+
+def restore_pinned(root: str | RootDir, name: str, *, fs: FileSystem = LOCAL) -> Restored:
+    """Given a checkpoint name (or an item name), rename it back into the root; return it with
+    its pin.
 
     Refuses (UsageError) when no such item exists or a member's name is taken in the root.
     The restored checkpoint is pinned (`.keep` inside a folder, `<name>.keep` beside anything
     else, as discovery reads pins) before it reappears: the policy that deleted it has not
-    changed, and without the pin the next prune would delete it again.
+    changed, and without the pin the next prune would delete it again. A name too long for a
+    `<name>.keep` beside it is restored unpinned, and `problem` says so.
     """
     with open_trash(root, fs=fs) as trash:
         if trash is None:
             raise UsageError(f"no checkpoint named {name!r} in the trash of {root}")
         item = _find(trash, name)
-        trash.put_back(item, pin=True)
-        return item
+        pin = trash.put_back(item, pin=True)
+        return Restored(item, pin.path, pin.problem)
 
 
 def undo_move(root: str | RootDir, item_path: str, fs: FileSystem = LOCAL) -> None:

@@ -198,7 +198,12 @@ def _held_paths(pid: int, prefix: bytes) -> tuple[list[tuple[str, str]], bool]:
         # address perms offset dev inode pathname — the path is the sixth field and may hold spaces.
         parts = line.split(None, 5)
         if len(parts) == 6 and parts[5].startswith(b"/"):
-            held.append(("mmap", parts[5].decode(errors="replace")))
+            # Decoded as every other path is (surrogateescape): a name that is not UTF-8 must
+            # match the name the root listing gave. The kernel writes a newline in a name as
+            # `\012`; both readings are kept, so neither spelling hides a holder.
+            held.append(("mmap", os.fsdecode(parts[5])))
+            if b"\\012" in parts[5]:
+                held.append(("mmap", os.fsdecode(parts[5].replace(b"\\012", b"\n"))))
     return held, not denied
 
 
@@ -312,7 +317,7 @@ def _scan_processes(
     except OSError:
         root_status = None
     init_command = _cmdline(1)
-    prefix = (root_path.rstrip("/") + "/").encode()
+    prefix = os.fsencode(root_path.rstrip("/") + "/")
     by_entry: dict[str, list[Holder]] = {}
     unseen: list[int] = []
 

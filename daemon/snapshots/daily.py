@@ -49,6 +49,10 @@ from policies.model import Checkpoint, Plan
 MANIFEST = "MANIFEST.json"
 DATE_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 TEMPORARY_NAME = re.compile(r"^\.tmp-(\d{4}-\d{2}-\d{2})-(\d+)$")
+# The temporary folders this process is writing right now. A `.tmp-DATE-PID` carrying this
+# process's PID but not in here is a leftover of an earlier process that had the same PID —
+# always the case for ckptd as PID 1 of a container restarted after a kill.
+_WRITING: set[str] = set()
 
 Status = Literal["done", "exists", "not_due", "skipped", "failed", "stopped", "disabled"]
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
@@ -629,11 +633,10 @@ def clean_leftovers(directory: str) -> list[str]:
         return removed
     for entry in entries:
         match = TEMPORARY_NAME.match(entry.name)
-        if (
-            match
-            and int(match.group(2)) != os.getpid()
-            and not psutil.pid_exists(int(match.group(2)))
-        ):
+        if match is None or os.path.join(directory, entry.name) in _WRITING:
+            continue
+        owner = int(match.group(2))
+        if owner == os.getpid() or not psutil.pid_exists(owner):
             remove_snapshot(directory, entry.name)
             removed.append(entry.name)
     trash = os.path.join(directory, TRASH_DIRECTORY)
@@ -739,6 +742,7 @@ def run_daily_snapshot(
         )
 
     temporary = os.path.join(directory, f".tmp-{today}-{os.getpid()}")
+    _WRITING.add(temporary)
     try:
         _manifest, by_method, written = execute_snapshot_plan(
             snapshot_plan,
@@ -786,6 +790,8 @@ def run_daily_snapshot(
             bytes_total=snapshot_plan.bytes_total,
             seconds=time_module.monotonic() - started,
         )
+    finally:
+        _WRITING.discard(temporary)
     seconds = time_module.monotonic() - started
     history.record(
         SnapshotTaken(
