@@ -248,12 +248,23 @@ def rename_noreplace(source: At, destination: At) -> None:
 
 @dataclass
 class _Frame:
-    """One folder being emptied by `remove_tree_at`: its descriptor, path and what is left."""
+    """One folder being emptied by `remove_tree_at`: its descriptor (-1 while closed to bound
+    the descriptors a deep tree holds), path, identity and what is left."""
 
     fd: int
     path: str
     name: str  # its name in the folder of the frame below
     pending: list[tuple[str, bool]] = field(default_factory=list)  # (name, is a folder)
+    identity: tuple[int, int] = (0, 0)  # (st_dev, st_ino), noted when its descriptor closes
+
+
+# The most folder descriptors one removal keeps open: deeper, the ancestors' are closed and
+# opened again through ".." (checked to be the same folder) on the way back up.
+MAX_OPEN_FOLDERS = 64
+
+
+class _TreeChanged(Exception):
+    """A folder's ".." is not the folder it was: the tree moved under the removal."""
 
 
 def _entries(descriptor: int) -> list[tuple[str, bool]]:
@@ -305,11 +316,38 @@ def _open_child(frame: _Frame, name: str, path: str, on_error: OnError | None) -
 def _close_frame(frames: list[_Frame], on_error: OnError | None) -> None:
     """Given the stack of folders being emptied, close the top one and remove it."""
     frame = frames.pop()
+    parent = frames[-1]
+    if parent.fd < 0:
+        _reopen(parent, frame)
     os.close(frame.fd)
     try:
-        os.rmdir(frame.name, dir_fd=frames[-1].fd)
+        os.rmdir(frame.name, dir_fd=parent.fd)
     except OSError as error:
         _report(on_error, frame.path, error)
+
+
+def _reopen(parent: _Frame, child: _Frame) -> None:
+    """Given a frame whose descriptor was closed, open it again as its child's "..": it must
+    be the same folder (it is, unless someone holding a descriptor inside moved it)."""
+    descriptor = os.open("..", DIRECTORY_FLAGS, dir_fd=child.fd)
+    status = os.fstat(descriptor)
+    if (status.st_dev, status.st_ino) != parent.identity:
+        os.close(descriptor)
+        raise _TreeChanged(parent.path)
+    parent.fd = descriptor
+
+
+def _push(frames: list[_Frame], child: _Frame) -> None:
+    """Given the stack and a folder just opened, push it, closing the descriptor of the
+    ancestor MAX_OPEN_FOLDERS up (never the caller's folder at the bottom)."""
+    frames.append(child)
+    if len(frames) > MAX_OPEN_FOLDERS + 1:
+        ancestor = frames[-MAX_OPEN_FOLDERS - 1]
+        if ancestor.fd >= 0:
+            status = os.fstat(ancestor.fd)
+            ancestor.identity = (status.st_dev, status.st_ino)
+            os.close(ancestor.fd)
+            ancestor.fd = -1
 
 
 def remove_tree_at(at: At, on_error: OnError | None = None) -> None:
@@ -339,10 +377,14 @@ def remove_tree_at(at: At, on_error: OnError | None = None) -> None:
                 continue
             child = _open_child(frame, name, path, on_error)
             if child is not None:
-                frames.append(child)
+                _push(frames, child)
+    except _TreeChanged as changed:
+        moved = OSError(errno.EBUSY, "moved during its removal; left alone", str(changed))
+        _report(on_error, str(changed), moved)
     finally:
         for frame in frames[1:]:
-            os.close(frame.fd)
+            if frame.fd >= 0:
+                os.close(frame.fd)
 
 
 @dataclass
@@ -372,32 +414,60 @@ def measure_names(parent: int, names: Iterable[str]) -> Usage:
     what it holds, not its length) of every file below once; an inode with links outside these
     trees counts nothing (a snapshot shares it: "frees 0 B" is the honest answer then).
     Folders are not counted, as discovery does not count them. `logical` sums the regular
-    files' sizes the same way.
+    files' sizes the same way. Depth first, as many descriptors open as `remove_tree_at`.
     """
     seen: dict[tuple[int, int], _Inode] = {}
-    pending: list[int] = []
+    bottom = _Frame(parent, "", "")
     for name in names:
         try:
             status = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except OSError:
             continue
-        if not stat_module.S_ISDIR(status.st_mode):
+        if stat_module.S_ISDIR(status.st_mode):
+            bottom.pending.append((name, True))
+        else:
             _note_inode(seen, status)
-            continue
-        top = _open_quietly(name, parent)
-        if top is not None:
-            pending.append(top)
-    while pending:
-        descriptor = pending.pop()
-        try:
-            with os.scandir(descriptor) as entries:
-                for entry in entries:
-                    _measure_entry(entry, descriptor, seen, pending)
-        except OSError:
-            pass
-        finally:
-            os.close(descriptor)
+    frames = [bottom]
+    try:
+        while frames:
+            frame = frames[-1]
+            if frame.pending:
+                child = _open_quietly(frame.pending.pop()[0], frame.fd)
+                if child is not None:
+                    _push(frames, _Frame(child, "", "", _measure_folder(child, seen)))
+            elif len(frames) == 1:
+                break
+            else:
+                done = frames.pop()
+                if frames[-1].fd < 0:
+                    _reopen(frames[-1], done)
+                os.close(done.fd)
+    except (_TreeChanged, OSError):
+        pass  # a tree moving under the measure: count what was seen (never more)
+    finally:
+        for frame in frames[1:]:
+            if frame.fd >= 0:
+                os.close(frame.fd)
     return _sum_inodes(seen)
+
+
+def _measure_folder(descriptor: int, seen: dict[tuple[int, int], _Inode]) -> list[tuple[str, bool]]:
+    """Given an open folder being measured, note its files' inodes; return its sub-folders."""
+    folders: list[tuple[str, bool]] = []
+    try:
+        with os.scandir(descriptor) as entries:
+            for entry in entries:
+                try:
+                    status = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat_module.S_ISDIR(status.st_mode):
+                    folders.append((entry.name, True))
+                else:
+                    _note_inode(seen, status)
+    except OSError:
+        pass
+    return folders
 
 
 def _note_inode(seen: dict[tuple[int, int], _Inode], status: os.stat_result) -> None:
@@ -406,22 +476,6 @@ def _note_inode(seen: dict[tuple[int, int], _Inode], status: os.stat_result) -> 
         seen[key].links_here += 1
     else:
         seen[key] = _Inode(1, status)
-
-
-def _measure_entry(
-    entry: os.DirEntry[str], parent: int, seen: dict[tuple[int, int], _Inode], pending: list[int]
-) -> None:
-    """Given one entry of a folder being measured, note its inode, or queue a sub-folder."""
-    try:
-        status = entry.stat(follow_symlinks=False)
-    except OSError:
-        return
-    if stat_module.S_ISDIR(status.st_mode):
-        child = _open_quietly(entry.name, parent)
-        if child is not None:
-            pending.append(child)
-        return
-    _note_inode(seen, status)
 
 
 def _sum_inodes(seen: dict[tuple[int, int], _Inode]) -> Usage:

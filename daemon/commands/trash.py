@@ -1,6 +1,7 @@
 """`ckptd trash list|restore NAME|purge [--root ROOT] [--config FILE] [--json]`.
 
-`list` shows each root's trash (deleted when, removed when the grace ends, size); `restore NAME`
+`list` shows each root's trash (deleted when, removed when the grace ends, size, and what
+removing it frees: its allocated bytes, less than the size for sparse files); `restore NAME`
 renames a checkpoint back into its root (refused if the name is taken there); `purge` removes
 everything in the trash now, regardless of the grace (the scheduled prune only removes what is
 past it). Roots: `--root`, else every root of the config.
@@ -91,6 +92,7 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
                     "deleted_at": item.deleted_at,
                     "expires_at": item.expires_at(grace),
                     "bytes": item.bytes,
+                    "bytes_logical": item.bytes_logical,
                     "state": item.state,
                 }
             )
@@ -107,6 +109,7 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
     table.add_column("deleted", no_wrap=True)
     table.add_column("removed after", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("frees", justify="right", no_wrap=True)
     table.add_column("state", no_wrap=True)
     for row in rows:
         table.add_row(
@@ -114,6 +117,7 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
             row["name"],
             _local(row["deleted_at"]),
             _local(row["expires_at"]),
+            format_bytes(row["bytes_logical"]),
             format_bytes(row["bytes"]),
             row["state"],
         )
@@ -206,6 +210,7 @@ def _purge_to_json(result: trash.PurgeResult) -> dict[str, Any]:
     return {
         "removed": list(result.removed),
         "bytes_freed": result.bytes_freed,
+        "bytes_logical": result.bytes_logical,
         "failed": [{"name": name, "error": error} for name, error in result.failed],
     }
 
@@ -214,7 +219,8 @@ def _print_purges(console: Console, results: dict[str, trash.PurgeResult]) -> No
     for root_path, result in results.items():
         console.print(
             f"{root_path}: removed {len(result.removed)} from the trash, "
-            f"freed {format_bytes(result.bytes_freed)}"
+            f"freed {format_bytes(result.bytes_freed)} "
+            f"({format_bytes(result.bytes_logical)} logical)"
             + (f", {len(result.failed)} failed" if result.failed else "")
         )
         for name, error in result.failed:
