@@ -55,6 +55,27 @@ def regular_series(count: int, every: int, series: str = "default") -> list[Chec
     ]
 
 
+def restarted_run(count: int, every: int = 100) -> list[Checkpoint]:
+    """Given a count, return a run saving every `every` steps a minute apart (real mtimes), 1,000
+    of whose saves come from a restart halfway through: the write order is walked and the
+    abandoned half planned as a branch (issue 9)."""
+    old = count - 1000
+    checkpoints = [
+        Checkpoint(name=f"checkpoint-{i * every}", step=i * every, mtime=1e9 + i * 60.0)
+        for i in range(1, old + 1)
+    ]
+    resumed = old // 2 * every
+    checkpoints += [
+        Checkpoint(
+            name=f"restarted-{resumed + i * every}",
+            step=resumed + i * every,
+            mtime=1e9 + (old + i) * 60.0,
+        )
+        for i in range(1, 1001)
+    ]
+    return checkpoints
+
+
 def mixed_root(count: int) -> list[Checkpoint]:
     """Given a count, return a realistic mix: four series, a few pins, trackers, metrics and
     incomplete checkpoints, in directory-listing (random) order."""
@@ -92,6 +113,9 @@ def build_cases(count: int) -> list[Case]:
             "4 series, shuffled, pins/trackers/incomplete/best",
             mixed_root(count),
             {f"series-{n}": with_best for n in range(4)},
+        ),
+        Case(
+            "every 100, real mtimes, restarted halfway (a branch)", restarted_run(count), balanced
         ),
     ]
 
@@ -156,7 +180,7 @@ def main() -> int:
     console = Console(highlight=False, width=max(140, shutil.get_terminal_size().columns))
 
     cases = timed(
-        f"built {args.count:,} checkpoints for each of 4 cases",
+        f"built {args.count:,} checkpoints for each of 5 cases",
         lambda: build_cases(args.count),
         console,
     )

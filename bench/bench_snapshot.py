@@ -38,6 +38,7 @@ from rich.table import Table
 
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig, parse_size
 from daemon.discovery.scan import ScanResult
+from daemon.history.log import NULL_HISTORY
 from daemon.snapshots.daily import run_daily_snapshot
 from policies.model import Checkpoint, Decision, Plan
 
@@ -132,7 +133,7 @@ def main() -> int:
                 report = run_daily_snapshot(
                     config,
                     now=datetime.now(UTC),
-                    history=None,
+                    history=NULL_HISTORY,
                     plan=one_checkpoint,
                     hash_shared=hash_shared,
                     hash_copies=hash_copies,

@@ -4,7 +4,8 @@ history's table.
 The timeline reads top to bottom from oldest to newest, like `ls` of a checkpoint folder: tier 3,
 then tier 2, then tier 1 with the newest checkpoint at the bottom. Consecutive checkpoints with
 the same decision for the same kind of reason fold into one line, so 170 checkpoints fit on a
-screen while every distinct reason stays visible.
+screen while every distinct reason stays visible. Branches a restart abandoned come first, each
+under its own heading (`branch:abandoned-after-2000`) with its own tiers, then the live run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ TIER_TITLES = {
     None: "incomplete · still being written or settling",
 }
 
+BRANCH_NOTE = "abandoned by a restart · its own tiers"
+LIVE_TITLE = "live run · the saves being written now"
+
 # A run shorter than this is shown line by line: folding 2 lines into 1 hides more than it saves.
 FOLD_AT = 3
 # A tier that still needs more rows than this is summarised: one row per kind of decision.
@@ -44,14 +48,20 @@ def make_console(*, stderr: bool = False) -> Console:
     return Console(highlight=False, stderr=stderr, width=200)
 
 
-def format_bytes(count: int | float) -> str:
-    """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`)."""
+def format_bytes(count: int | float, *, significant: int | None = None) -> str:
+    """Given a byte count, return it as people read disk sizes (powers of 1000, like `df -H`,
+    up to TB): one decimal in tables (`3.6 GB`, `614.0 GB`, `2.5 TB`), or with `significant`,
+    at most that many significant digits and no trailing zeros, as a config writes a size
+    (`50 GB`, `2.147 GB`)."""
     value = float(count)
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(value) < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            break
         value /= 1000
-    return f"{value:.1f} PB"  # pragma: no cover - the loop returns at TB
+    if significant is not None:
+        return f"{value:.{significant}g} {unit}"
+    return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def plan_to_json(plan: Plan) -> dict[str, Any]:
@@ -79,7 +89,8 @@ def plan_to_json(plan: Plan) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Run:
-    """Consecutive decisions of one series and tier with the same action and kind of reason."""
+    """Consecutive decisions of one series, branch and tier with the same action and kind of
+    reason."""
 
     decisions: tuple[Decision, ...]
 
@@ -105,7 +116,13 @@ def fold(decisions: Iterable[Decision]) -> list[Run]:
     runs: list[list[Decision]] = []
     previous_key: tuple[object, ...] | None = None
     for decision in decisions:
-        key = (decision.checkpoint.series, decision.tier, decision.keep, _reason_kind(decision))
+        key = (
+            decision.checkpoint.series,
+            decision.branch,
+            decision.tier,
+            decision.keep,
+            _reason_kind(decision),
+        )
         if runs and key == previous_key:
             runs[-1].append(decision)
         else:
@@ -115,22 +132,39 @@ def fold(decisions: Iterable[Decision]) -> list[Run]:
 
 
 def _timeline_order(plan: Plan) -> list[Decision]:
-    # Oldest first, newest at the bottom; incomplete ones (being written now) last of all.
-    return sorted(
-        plan.decisions,
-        key=lambda d: (d.checkpoint.series, d.tier is None, d.checkpoint.step, d.checkpoint.name),
-    )
+    # Per series: abandoned branches first (the one reaching lowest first), then the live run;
+    # each oldest first, its newest at the bottom; incomplete ones (being written now) last.
+    lowest: dict[tuple[str, str], int] = {}
+    for decision in plan.decisions:
+        if decision.branch is not None:
+            key = (decision.checkpoint.series, decision.branch)
+            lowest[key] = min(lowest.get(key, decision.checkpoint.step), decision.checkpoint.step)
+
+    def order(d: Decision) -> tuple[object, ...]:
+        series = d.checkpoint.series
+        group = (1, 0, "") if d.branch is None else (0, lowest[(series, d.branch)], d.branch)
+        return (series, group, d.tier is None, d.checkpoint.step, d.checkpoint.name)
+
+    return sorted(plan.decisions, key=order)
+
+
+def _shown_reasons(decision: Decision) -> tuple[str, ...]:
+    # Under a branch's heading its reason on every row would only repeat the heading.
+    if decision.branch is None:
+        return decision.reasons
+    return tuple(reason for reason in decision.reasons if reason != f"branch:{decision.branch}")
 
 
 def _run_reasons(run: Run) -> str:
+    reasons = _shown_reasons(run.first)
     if len(run.decisions) == 1:
         # A deletion's first reason is its own tier's; the rest repeat it for later tiers.
-        return ", ".join(run.first.reasons if run.first.keep else run.first.reasons[:1])
+        return ", ".join(reasons if run.first.keep else reasons[:1])
     if run.first.keep:
         steps = [str(d.checkpoint.step) for d in run.decisions]
         shown = ", ".join(steps) if len(steps) <= 4 else f"{steps[0]}, {steps[1]} … {steps[-1]}"
-        return f"{', '.join(run.first.reasons)} ({shown})"
-    kinds = ", ".join(_reason_kind(run.first))
+        return f"{', '.join(reasons)} ({shown})"
+    kinds = ", ".join(reason.split(":", 1)[0] for reason in reasons)
     return f"{kinds}: not the newest of their buckets"
 
 
@@ -144,14 +178,20 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
     table.add_column("size", justify="right")
     table.add_column("reasons")
     series_seen: str | None = None
+    branch_seen: object = object()
     tier_seen: object = object()
     multi_series = len({d.checkpoint.series for d in plan.decisions}) > 1
+    branched = {d.checkpoint.series for d in plan.decisions if d.branch is not None}
     for decisions in _split_runs(_timeline_order(plan), unfold):
         head = decisions.first
         if multi_series and head.checkpoint.series != series_seen:
             series_seen = head.checkpoint.series
-            tier_seen = object()
+            branch_seen = tier_seen = object()
             table.add_row("", Text(f"series {series_seen}", style="bold magenta"), "", "", "", "")
+        if head.checkpoint.series in branched and head.branch != branch_seen:
+            branch_seen = head.branch
+            tier_seen = object()
+            table.add_row("", _branch_heading(head.branch), "", "", "", "")
         if head.tier != tier_seen:
             tier_seen = head.tier
             title = TIER_TITLES.get(head.tier, f"tier {head.tier}")
@@ -166,6 +206,12 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
             count = str(len(decisions.decisions))
         table.add_row(action, names, steps, count, format_bytes(size), _run_reasons(decisions))
     return table
+
+
+def _branch_heading(branch: str | None) -> Text:
+    if branch is None:
+        return Text(LIVE_TITLE, style="bold green")
+    return Text(f"branch:{branch} · {BRANCH_NOTE}", style="bold yellow")
 
 
 def _split_runs(decisions: Sequence[Decision], unfold: bool) -> list[Run]:
@@ -186,8 +232,9 @@ def _split_runs(decisions: Sequence[Decision], unfold: bool) -> list[Run]:
 def _by_tier(decisions: Sequence[Decision]) -> list[list[Decision]]:
     groups: list[list[Decision]] = []
     for decision in decisions:
-        key = (decision.checkpoint.series, decision.tier)
-        if groups and (groups[-1][0].checkpoint.series, groups[-1][0].tier) == key:
+        key = (decision.checkpoint.series, decision.branch, decision.tier)
+        last = groups[-1][0] if groups else None
+        if last is not None and (last.checkpoint.series, last.branch, last.tier) == key:
             groups[-1].append(decision)
         else:
             groups.append([decision])

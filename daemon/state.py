@@ -44,6 +44,8 @@ def update_state(state_dir: str, **updates: Any) -> dict[str, Any]:
         try:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(state, handle, indent=1, sort_keys=True, default=str)
+                # mkstemp makes it 0600: `ckptd check` and `status` run as other users read it.
+                os.fchmod(handle.fileno(), 0o644)
             os.replace(temporary, state_path(state_dir))
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

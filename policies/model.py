@@ -46,6 +46,10 @@ class Checkpoint:
     # Pins: ".keep" or "protect:<glob>".
     pinned_by: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=lambda: EMPTY_METRICS)
+    # An incomplete save nobody will finish (held by no process, quiet for `abandoned_after`):
+    # the daemon decides that from facts and the clock; the policy plans it for deletion
+    # (`abandoned-save`) unless pinned or tracked. Meaningless on a complete checkpoint.
+    abandoned: bool = False
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -92,13 +96,16 @@ class Decision:
 
     `tier` is 1, 2 or 3 for complete checkpoints of a series, None for incomplete ones.
     For a kept checkpoint `reasons` lists every rule that keeps it; for a deleted one, why no
-    rule kept it.
+    rule kept it. `branch` names the abandoned branch a restart left the checkpoint in
+    (`abandoned-after-2000`; its reasons then include `branch:abandoned-after-2000` and its
+    tier is its tier within that branch), None for the live run.
     """
 
     checkpoint: Checkpoint
     keep: bool
     reasons: tuple[str, ...]
     tier: int | None = None
+    branch: str | None = None
 
     @property
     def action(self) -> Literal["keep", "delete"]:

@@ -17,7 +17,16 @@ Per series, ordered by step (never mtime), over its complete checkpoints only:
   the whole series, tier 1 included. A checkpoint in tier t is kept if it represents its bucket
   for tier t or any later tier (`tier2:every-200`, `tier3:every-1000`).
 - `keep_best`, pins and trackers keep a checkpoint whatever the tiers say, and incomplete
-  checkpoints are kept (`incomplete:<why>`) and take no part in tiers, cadence or buckets.
+  checkpoints are kept (`incomplete:<why>`) and take no part in tiers, cadence or buckets;
+  one the daemon flagged `abandoned` (a crashed save) is deleted (`abandoned-save`) unless
+  pinned or tracked.
+- **Restarts** (policies/lineage.py): mtimes order nothing, but they tell runs apart. When a
+  trainer restarted from an older step, the saves it abandoned above that step form a branch
+  (`branch:abandoned-after-2000`) planned by these rules as a run of its own; the live run
+  (the shared history plus the new saves) is planned alone, so its newest save is its `newest`.
+  The branch point and the restart's first two saves are kept (`restart:...`); the most
+  recently written complete checkpoint is the live run's `newest`. When the write order agrees
+  with the step order (up to 2 s of jitter) none of this changes anything.
 
 Why results do not depend on how often pruning runs: tier 1 is never thinned, so the cadence and
 the tier-2 boundary of "survivors + new saves" equal those of "everything + new saves"; each
@@ -31,32 +40,34 @@ per-checkpoint strings: reasons are shared tuples, one per rule and one per thin
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import fields
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from itertools import compress, islice, pairwise, repeat
 from operator import attrgetter, lt, ne
 from typing import Any
 
+from policies.collector import collector_paused
+from policies.lineage import Branch, Lineage, trace
 from policies.model import PRESETS, Checkpoint, Decision, Plan, PolicySpec
 
 _step_of = attrgetter("step")
 _complete_of = attrgetter("complete")
 _pinned_by_of = attrgetter("pinned_by")
 _tracked_by_of = attrgetter("tracked_by")
+_mtime_of = attrgetter("mtime")
 # The fast path fills exactly these slots; a field added to Decision later disables it.
-_DECISION_FIELDS = ("checkpoint", "keep", "reasons", "tier")
+_DECISION_FIELDS = ("checkpoint", "keep", "reasons", "tier", "branch")
 _FAST_DECISIONS = tuple(field.name for field in fields(Decision)) == _DECISION_FIELDS
 _DECISION_SETTERS: tuple[Callable[[Decision, Any], None], ...] = tuple(
     vars(Decision)[name].__set__ for name in _DECISION_FIELDS
 )
 _REASONS_TIER1 = ("tier1",)
 _REASONS_NEWEST = ("tier1", "newest")
+_REASONS_ABANDONED = ("abandoned-save",)
 
 
 def plan(
@@ -74,17 +85,18 @@ def plan(
     decisions: list[Decision] = []
     cadences: dict[str, int] = {}
     warnings: list[str] = []
-    with _collector_paused():
+    with collector_paused():
         by_series = _group_by_series(checkpoints)
         for series in sorted(by_series):
             spec = specs.get(series) or specs.get("default") or PRESETS["balanced"]
             _check_spec(series, spec)
-            series_decisions, cadence, warning = _plan_series(series, by_series[series], spec)
+            series_decisions, cadence, series_warnings = _plan_series(
+                series, by_series[series], spec
+            )
             decisions.extend(series_decisions)
             if cadence is not None:
                 cadences[series] = cadence
-            if warning:
-                warnings.append(warning)
+            warnings.extend(series_warnings)
         return Plan(
             root=root, decisions=tuple(decisions), cadences=cadences, warnings=tuple(warnings)
         )
@@ -106,21 +118,6 @@ def bucket_upper(step: int, spacing: int) -> int:
 
 
 # --- internals ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    # A plan allocates one Decision per checkpoint and nothing cyclic; at a million checkpoints
-    # the cyclic collector's generation scans cost more than the planning itself (measured 3x).
-    # The daemon plans on its one worker thread; a concurrent plan elsewhere could only re-enable
-    # the collector early, which costs time, never correctness.
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _check_spec(series: str, spec: PolicySpec) -> None:
@@ -150,26 +147,41 @@ def _group_by_series(checkpoints: Sequence[Checkpoint]) -> dict[str, list[Checkp
     return groups
 
 
-def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int]]:
-    """Given a series' checkpoints, return them ordered by (step, name) and their steps."""
+def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int], bool]:
+    """Given a series' checkpoints, return them ordered by (step, name), their steps, and
+    whether two of them share a step."""
     steps = list(map(_step_of, group))
     if all(map(lt, steps, islice(steps, 1, None))):
-        return group, steps  # discovery often hands them over in order already
+        return group, steps, False  # discovery often hands them over in order already
     order = sorted(range(len(steps)), key=steps.__getitem__)
     ordered = list(map(group.__getitem__, order))
     steps = list(map(steps.__getitem__, order))
-    if len(set(steps)) != len(steps):
+    repeated = len(set(steps)) != len(steps)
+    if repeated:
         # Equal steps (two layouts, a re-save): order them by name so the plan never depends on
         # the order the directory listing happened to return.
         ordered.sort(key=lambda checkpoint: (checkpoint.step, checkpoint.name))
         steps = list(map(_step_of, ordered))
-    return ordered, steps
+    return ordered, steps, repeated
+
+
+@dataclass(slots=True)
+class _Columns:
+    """A series' (or one branch's) decisions as columns, in step order."""
+
+    keeps: list[bool]
+    reasons: list[tuple[str, ...]]
+    tiers: list[int | None]
+    cadence: int | None
+    warnings: list[str]
+    # The branch of each checkpoint; None when the series is one run.
+    branches: list[str | None] | None = None
 
 
 def _plan_series(
     series: str, group: list[Checkpoint], spec: PolicySpec
-) -> tuple[list[Decision], int | None, str | None]:
-    ordered, steps = _sorted_by_step(group)
+) -> tuple[list[Decision], int | None, list[str]]:
+    ordered, steps, repeated = _sorted_by_step(group)
     complete_flags = list(map(_complete_of, ordered))
     if False in complete_flags:
         complete = list(compress(ordered, complete_flags))
@@ -177,9 +189,30 @@ def _plan_series(
         steps = list(compress(steps, complete_flags))
     else:
         complete, incomplete = ordered, []
+    lineage = trace(steps, list(map(_mtime_of, complete)), repeated=repeated)
+    if lineage is None or not lineage.branches:
+        columns = _plan_group(series, complete, steps, spec)
+    else:
+        columns = _plan_branched(series, complete, steps, spec, lineage)
+
+    decisions = _decisions(complete, columns)
+    if incomplete:
+        # Interleave back into step order: complete_flags says, per position, which list is next.
+        sources = (iter(list(map(_incomplete_decision, incomplete))), iter(decisions))
+        decisions = list(map(next, map(sources.__getitem__, complete_flags)))
+    return decisions, columns.cadence, columns.warnings
+
+
+def _plan_group(
+    name: str, complete: list[Checkpoint], steps: list[int], spec: PolicySpec, cadence_from: int = 0
+) -> _Columns:
+    """Given one run's complete checkpoints in step order, return its tiered decisions.
+
+    `cadence_from` is the index from which tier 1's gaps give the cadence (a restarted run's
+    branch point: the shared history below it was thinned by earlier plans)."""
     count = len(steps)
     tier1_start = max(0, count - spec.keep_last)
-    cadence, warning = _cadence(series, steps, tier1_start, spec)
+    cadence, warning = _cadence(name, steps, tier1_start, spec, cadence_from)
 
     keeps: list[bool] = []
     reasons: list[tuple[str, ...]] = []
@@ -198,42 +231,105 @@ def _plan_series(
         tiers.extend([2] * (tier1_start - tier2_start))
         tiers.extend([1] * (count - tier1_start))
         _apply_overrides(complete, spec, keeps, reasons)
-
-    decisions = _decisions(complete, keeps, reasons, tiers)
-    if incomplete:
-        # Interleave back into step order: complete_flags says, per position, which list is next.
-        sources = (
-            iter([Decision(c, True, _incomplete_reasons(c), None) for c in incomplete]),
-            iter(decisions),
-        )
-        decisions = list(map(next, map(sources.__getitem__, complete_flags)))
-    return decisions, (cadence if count else None), warning
+    return _Columns(keeps, reasons, tiers, cadence if count else None, [warning] if warning else [])
 
 
-def _decisions(
-    checkpoints: list[Checkpoint],
-    keeps: list[bool],
-    reasons: list[tuple[str, ...]],
-    tiers: list[int | None],
-) -> list[Decision]:
-    """Given the columns of a series' decisions, return the Decisions."""
+def _plan_branched(
+    series: str, complete: list[Checkpoint], steps: list[int], spec: PolicySpec, lineage: Lineage
+) -> _Columns:
+    """Given a series split by restarts, return its decisions: the live run and each abandoned
+    branch planned as runs of their own under the same policy, plus the restarts' witnesses."""
+    count = len(steps)
+    columns = _Columns([False] * count, [()] * count, [None] * count, None, [], [None] * count)
+    live = _plan_part(series, complete, steps, spec, lineage.live, lineage.cadence_from)
+    _scatter(columns, lineage.live, live, None)
+    columns.cadence, columns.warnings = live.cadence, live.warnings
+    for branch in lineage.branches:
+        part = _plan_part(f"{series} ({branch.label})", complete, steps, spec, branch.members)
+        _scatter(columns, branch.members, part, branch)
+        columns.warnings.extend(part.warnings)
+    for position, witnessed in lineage.witnesses.items():
+        _keep_also(columns, position, witnessed)
+    return columns
+
+
+def _plan_part(
+    name: str,
+    complete: list[Checkpoint],
+    steps: list[int],
+    spec: PolicySpec,
+    members: Sequence[int],
+    cadence_from: int = 0,
+) -> _Columns:
+    part = list(map(complete.__getitem__, members))
+    return _plan_group(name, part, list(map(steps.__getitem__, members)), spec, cadence_from)
+
+
+def _scatter(
+    columns: _Columns, members: Sequence[int], part: _Columns, branch: Branch | None
+) -> None:
+    """Write a part's decisions into the series' columns; in a branch, its reason replaces
+    `newest` (the branch's highest step is no run's newest checkpoint)."""
+    assert columns.branches is not None
+    reasons = part.reasons
+    if branch is not None:
+        tag = (branch.reason,)
+        marked: dict[tuple[str, ...], tuple[str, ...]] = {}
+        for why in set(reasons):
+            marked[why] = tuple(reason for reason in why if reason != "newest") + tag
+        reasons = list(map(marked.__getitem__, reasons))
+    label = branch.label if branch is not None else None
+    for index, position in enumerate(members):
+        columns.keeps[position] = part.keeps[index]
+        columns.reasons[position] = reasons[index]
+        columns.tiers[position] = part.tiers[index]
+        columns.branches[position] = label
+
+
+def _keep_also(columns: _Columns, position: int, added: tuple[str, ...]) -> None:
+    """Keep the checkpoint at `position` for the `added` reasons too, whatever the tiers say."""
+    assert columns.branches is not None
+    label = columns.branches[position]
+    tag = (f"branch:{label}",) if label is not None else ()
+    if columns.keeps[position]:
+        current = tuple(reason for reason in columns.reasons[position] if reason not in tag)
+        columns.reasons[position] = current + tuple(r for r in added if r not in current) + tag
+        return
+    columns.keeps[position] = True
+    # The tier rules' explanations would contradict a kept checkpoint; its branch still holds.
+    columns.reasons[position] = added + tag
+
+
+def _decisions(checkpoints: list[Checkpoint], columns: _Columns) -> list[Decision]:
+    """Given a series' checkpoints and the columns of their decisions, return the Decisions."""
+    branches: Iterable[str | None] = (
+        columns.branches if columns.branches is not None else repeat(None, len(checkpoints))
+    )
     if not _FAST_DECISIONS:
-        return list(map(Decision, checkpoints, keeps, reasons, tiers))
+        return list(
+            map(Decision, checkpoints, columns.keeps, columns.reasons, columns.tiers, branches)
+        )
     # A frozen dataclass's __init__ sets each field through object.__setattr__; filling the slots
     # column by column through their descriptors builds the same objects in 60% of the time.
     decisions = list(map(object.__new__, repeat(Decision, len(checkpoints))))
-    columns: tuple[list[Any], ...] = (checkpoints, keeps, reasons, tiers)
-    for setter, column in zip(_DECISION_SETTERS, columns, strict=True):
+    columns_in_order: tuple[Iterable[Any], ...] = (
+        checkpoints,
+        columns.keeps,
+        columns.reasons,
+        columns.tiers,
+        branches,
+    )
+    for setter, column in zip(_DECISION_SETTERS, columns_in_order, strict=True):
         deque(map(setter, decisions, column), maxlen=0)
     return decisions
 
 
 def _cadence(
-    series: str, steps: list[int], tier1_start: int, spec: PolicySpec
+    series: str, steps: list[int], tier1_start: int, spec: PolicySpec, cadence_from: int = 0
 ) -> tuple[int, str | None]:
     if spec.cadence is not None:
         return spec.cadence, None
-    from_tier1 = most_common_gap(steps[tier1_start:])
+    from_tier1 = most_common_gap(steps[max(tier1_start, cadence_from) :])
     if from_tier1 is not None:
         return from_tier1, None
     cadence = most_common_gap(steps) or 1
@@ -370,6 +466,15 @@ def _protections(checkpoint: Checkpoint) -> list[str]:
     return [f"pinned:{pin}" for pin in checkpoint.pinned_by] + [
         f"tracked:{tracker}" for tracker in checkpoint.tracked_by
     ]
+
+
+def _incomplete_decision(checkpoint: Checkpoint) -> Decision:
+    """An incomplete checkpoint is kept, unless the daemon found it abandoned (a crashed save
+    nobody will finish) and nothing protects it: then it goes, so a resume starts from the newest
+    complete checkpoint."""
+    if checkpoint.abandoned and not checkpoint.pinned_by and not checkpoint.tracked_by:
+        return Decision(checkpoint, False, _REASONS_ABANDONED, None)
+    return Decision(checkpoint, True, _incomplete_reasons(checkpoint), None)
 
 
 def _incomplete_reasons(checkpoint: Checkpoint) -> tuple[str, ...]:

@@ -5,9 +5,10 @@ No command imports another; each takes these from here.
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from daemon.cli import DEFAULT_CONFIG
+from daemon.cli import DEFAULT_CONFIG, build_parser
 from daemon.config import Config, RootConfig, default_config_for_root, load_config
 from daemon.errors import UsageError
 from daemon.history.log import default_history_path
@@ -16,6 +17,11 @@ from daemon.history.log import default_history_path
 def config_path(explicit: str | None) -> str:
     """Given the --config argument, return the config file path to use."""
     return explicit or os.environ.get("CKPTD_CONFIG") or DEFAULT_CONFIG
+
+
+def cli_parser() -> argparse.ArgumentParser:
+    """Given nothing, return the CLI's parser (completion and the man page are made from it)."""
+    return build_parser()
 
 
 def load_selected_config(explicit: str | None) -> Config:

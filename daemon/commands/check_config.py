@@ -10,6 +10,7 @@ import argparse
 import sys
 from datetime import datetime
 
+from daemon.clock import local_text, zone_for
 from daemon.config import (
     Config,
     PolicyConfig,
@@ -19,6 +20,7 @@ from daemon.config import (
     settings_for,
 )
 from daemon.errors import EXIT_OK, EXIT_USAGE, ConfigError
+from daemon.render import format_bytes
 from policies.model import PolicySpec
 
 
@@ -28,16 +30,6 @@ def format_duration(seconds: float) -> str:
         if seconds >= factor and seconds % factor == 0:
             return f"{int(seconds // factor)}{unit}"
     return f"{seconds:g}s"
-
-
-def format_size(size: int) -> str:
-    """Given bytes, return them in powers of 1000 (`50 GB`), as the config writes them."""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.4g} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def describe_policy(spec: PolicySpec) -> str:
@@ -60,11 +52,12 @@ def _preset_note(policy: PolicyConfig | None) -> str:
 
 
 def _next_prune(config: Config, now: datetime) -> str:
-    from apscheduler.triggers.cron import CronTrigger
+    """Given a valid config and the time, return when the daemon's next weekly prune runs."""
+    from daemon.service.scheduler import prune_trigger
 
-    trigger = CronTrigger.from_crontab(config.prune.schedule, timezone=config.timezone)
-    upcoming = trigger.get_next_fire_time(None, now.astimezone(trigger.timezone))
-    return upcoming.strftime("%Y-%m-%d %H:%M %Z") if upcoming is not None else "never"
+    zone = zone_for(config)
+    upcoming = prune_trigger(config, zone).get_next_fire_time(None, now.astimezone(zone))
+    return local_text(upcoming, zone) if upcoming is not None else "never"
 
 
 def _root_lines(config: Config, root: RootConfig) -> list[str]:
@@ -125,7 +118,11 @@ def summary_lines(config: Config, now: datetime) -> list[str]:
     else:
         lines.append("snapshots: off")
     disk = config.disk
-    min_free = f", min free {format_size(disk.min_free)}" if disk.min_free is not None else ""
+    min_free = (
+        f", min free {format_bytes(disk.min_free, significant=4)}"
+        if disk.min_free is not None
+        else ""
+    )
     lines.append(
         f"disk: every {format_duration(disk.interval)}, warn {disk.warn_percent:g}%, "
         f"critical {disk.critical_percent:g}%{min_free}; "

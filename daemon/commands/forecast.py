@@ -21,8 +21,6 @@ from daemon.render import format_bytes, make_console
 from policies.forecast import Forecast, forecast
 from policies.model import PRESETS, PolicySpec
 
-GB = 1000**3
-
 
 def policy_from_arguments(args: argparse.Namespace) -> tuple[str, list[str], PolicySpec]:
     """Given the parsed policy options, return the preset's name, the knobs given on the command
@@ -110,31 +108,22 @@ def forecast_to_json(result: Forecast, preset: str, overridden: list[str]) -> di
     }
 
 
-def format_gigabytes(count: int) -> str:
-    """Given bytes, return them in GB as the user's own space tables do (small sizes as is)."""
-    if count < GB:
-        return format_bytes(count)
-    return f"{count / GB:,.1f} GB"
-
-
 def print_forecast(console: Console, result: Forecast, preset: str, overridden: list[str]) -> None:
     """Given a forecast, print it for people: a table without / with / saved, and the tiers."""
     spec = result.spec
     console.print(
         f"After {result.steps:,} steps, saving every {result.every:,} steps, "
-        f"{format_gigabytes(result.size_bytes)} per checkpoint:",
+        f"{format_bytes(result.size_bytes)} per checkpoint:",
         soft_wrap=True,
     )
     table = Table(title=None, show_edge=False, pad_edge=False)
     table.add_column("")
     table.add_column("checkpoints", justify="right")
     table.add_column("size", justify="right")
-    table.add_row(
-        "without policy", f"{result.saves:,}", format_gigabytes(result.bytes_without_policy)
-    )
-    table.add_row("with policy", f"{result.kept:,}", format_gigabytes(result.bytes_with_policy))
+    table.add_row("without policy", f"{result.saves:,}", format_bytes(result.bytes_without_policy))
+    table.add_row("with policy", f"{result.kept:,}", format_bytes(result.bytes_with_policy))
     share = f" ({result.deleted / result.saves:.1%})" if result.saves else ""
-    table.add_row("saved", f"{result.deleted:,}{share}", format_gigabytes(result.bytes_saved))
+    table.add_row("saved", f"{result.deleted:,}{share}", format_bytes(result.bytes_saved))
     console.print(table)
     tier1, tier2, tier3 = result.kept_by_tier
     tier3_rule = (

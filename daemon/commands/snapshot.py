@@ -12,19 +12,14 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
+from daemon.clock import zone_for
 from daemon.commands._common import load_selected_config
 from daemon.config import Config
 from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
 from daemon.history.log import HistoryLog
 from daemon.render import format_bytes
-from daemon.snapshots.daily import (
-    SnapshotReport,
-    VerifyResult,
-    resolve_snapshot,
-    run_daily_snapshot,
-    verify_snapshot,
-    zone_for,
-)
+from daemon.snapshots.daily import SnapshotReport, run_daily_snapshot
+from daemon.snapshots.verify import VerifyResult, resolve_snapshot, verify_snapshot
 
 
 def main(args: argparse.Namespace) -> int:

@@ -16,14 +16,18 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from daemon.clock import local_text, utc_iso, zone_for
 from daemon.commands._common import load_selected_config
 from daemon.config import Config, RootConfig, policy_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
+from daemon.disk.forecast import forecast_growth, observed_cadence
+from daemon.disk.mounts import mount_point
 from daemon.render import format_bytes
 from daemon.rootdir import IdentityStore, root_key
 from daemon.safety.facts import gather_facts
-from daemon.snapshots.daily import existing_snapshot_dates, next_snapshot_time, zone_for
+from daemon.snapshots.execute import existing_snapshot_dates
+from daemon.snapshots.schedule import next_snapshot_time
 from daemon.state import read_state
 from policies.model import Plan
 
@@ -53,10 +57,10 @@ def root_status(
     # The forecast follows the root's busiest series (the one with the most checkpoints).
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
-    saves_per_day, checkpoint_bytes = pressure.observed_cadence(
+    saves_per_day, checkpoint_bytes = observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
-    forecast = pressure.forecast_growth(
+    growth = forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
         checkpoint_bytes=checkpoint_bytes,
@@ -81,7 +85,7 @@ def root_status(
         "incomplete": incomplete,
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
-        "forecast": forecast.to_dict(),
+        "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
         "refused": refusal_of(config, root),
     }
@@ -118,7 +122,7 @@ def filesystem_status(config: Config) -> list[dict[str, Any]]:
         usage = pressure.measure(roots[0].path)
         result.append(
             {
-                "mount": pressure.mount_point(roots[0].path),
+                "mount": mount_point(roots[0].path),
                 "roots": [root.path for root in roots],
                 "total_bytes": usage.total,
                 "used_bytes": usage.used,
@@ -145,10 +149,9 @@ def schedule_status(config: Config, *, now: float) -> dict[str, Any]:
     upcoming = dict(state.get("next") or {}) if running else {}
     if config.snapshots.enabled and "snapshot" not in upcoming:
         moment = datetime.fromtimestamp(now, UTC)
-        upcoming["snapshot"] = (
-            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates)
-            .astimezone(UTC)
-            .isoformat()
+        upcoming["snapshot"] = utc_iso(
+            next_snapshot_time(moment, config.snapshots.at, zone_for(config), snapshot_dates),
+            timespec="auto",
         )
     return {
         "daemon_running": running,
@@ -169,7 +172,7 @@ def collect_status(
         root: filesystem["free_bytes"] for filesystem in filesystems for root in filesystem["roots"]
     }
     return {
-        "time": datetime.fromtimestamp(now, UTC).isoformat(),
+        "time": utc_iso(now, timespec="auto"),
         "roots": [
             root_status(
                 config,
@@ -204,7 +207,7 @@ def _moment(value: Any, zone: tzinfo) -> str:
         return str(text)
     if moment.tzinfo is None:
         return str(text)
-    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+    return local_text(moment, zone)
 
 
 def _details(record: Any) -> str:

@@ -165,6 +165,54 @@ class DiskConfig(StrictModel):
     alert: str | None = None
 
 
+_LISTEN = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>\d{1,5})$"
+)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Given `metrics.listen` ("127.0.0.1:9337", "[::1]:9337", "localhost:9337"), return the
+    host and port to bind; raise ValueError for anything else."""
+    match = _LISTEN.match(value)
+    port = int(match.group("port")) if match else 0
+    if not match or not 1 <= port <= 65535:
+        raise ValueError(
+            f"{value!r} is not HOST:PORT such as 127.0.0.1:9337 or [::1]:9337 (port 1-65535)"
+        )
+    return match.group("v6") or match.group("host"), port
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus metrics: an HTTP endpoint and/or a file for node_exporter; both off by default."""
+
+    listen: str | None = None
+    textfile: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+    @field_validator("textfile")
+    @classmethod
+    def _prom_file(cls, value: str | None) -> str | None:
+        # node_exporter's textfile collector reads only *.prom files, and a relative path would
+        # depend on the daemon's working folder.
+        if value is not None and (not value.startswith("/") or not value.endswith(".prom")):
+            raise ValueError(f"{value!r}: give an absolute path ending in .prom")
+        return value
+
+
+class CheckConfig(StrictModel):
+    """The thresholds of `ckptd check` (the Nagios-style health check)."""
+
+    max_prune_age: Duration = Field(default=8 * 86400.0, gt=0)
+    max_refused_age: Duration = Field(default=3600.0, gt=0)
+    snapshot_grace: Duration = Field(default=2 * 3600.0, ge=0)
+
+
 class LogConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -180,6 +228,8 @@ class Config(StrictModel):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     snapshots: SnapshotsConfig = Field(default_factory=SnapshotsConfig)
     disk: DiskConfig = Field(default_factory=DiskConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
 
     @field_validator("timezone")
     @classmethod

@@ -54,15 +54,13 @@ once (a memo in the cache); the walk itself is `daemon/discovery/walker.py`.
 from __future__ import annotations
 
 import fnmatch
-import gc
 import json
 import os
 import re
 import stat as stat_module
-import threading
 from collections import Counter
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from operator import itemgetter
@@ -93,6 +91,7 @@ from daemon.discovery.walker import (
 )
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
+from policies.collector import collector_paused
 from policies.model import Checkpoint
 
 # Newest checkpoints per series whose fingerprint is re-checked on every scan: a resumed trainer
@@ -149,33 +148,6 @@ class _Trackers:
 _STATIC_LAYOUTS = frozenset({"hf", "orbax", "dcp", "pt", "lightning", "custom"})
 
 
-_collector_lock = threading.Lock()
-_collector_pauses = 0
-_collector_was_enabled = False
-
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    # A rescan at 10,000 checkpoints allocates ~50,000 short-lived tuples and nothing cyclic.
-    # With the collector on, those that outlive a young collection get promoted and every few
-    # scans trigger a full collection of the whole heap (the size cache included): measured
-    # 15 ms rescans with spikes to 38 ms. Paused, they die young and are never counted.
-    # Counted so overlapping scans in several threads resume it only when the last one ends.
-    global _collector_pauses, _collector_was_enabled
-    with _collector_lock:
-        if _collector_pauses == 0:
-            _collector_was_enabled = gc.isenabled()
-            gc.disable()
-        _collector_pauses += 1
-    try:
-        yield
-    finally:
-        with _collector_lock:
-            _collector_pauses -= 1
-            if _collector_pauses == 0 and _collector_was_enabled:
-                gc.enable()
-
-
 def scan(
     root: RootConfig,
     *,
@@ -196,7 +168,7 @@ def scan(
     read (its best_model_checkpoint is a tracker). Raises UsageError when the root does not
     exist, is not a folder or cannot be listed.
     """
-    with _collector_paused():
+    with collector_paused():
         return _scan(root, now, settle_seconds, fs, cache, verify, want_metrics)
 
 

@@ -1,5 +1,5 @@
-"""Disk checks: how full each root's filesystem is, the escalation when it is too full, and
-the forecast of when it will be.
+"""Disk checks: how full each root's filesystem is, and the escalation when it is too full
+(the forecast of when it will be is `daemon.disk.forecast`, the mount table `daemon.disk.mounts`).
 
 Escalation for a filesystem above `critical_percent` (or under `min_free`), each step only if the
 one before did not bring it back below: empty the trash, prune now, prune with the `emergency`
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import psutil
 
 from daemon.config import Config, RootConfig
+from daemon.disk.mounts import mount_point
 from daemon.history.events import (
     Alert,
     DiskCritical,
@@ -39,11 +40,9 @@ from daemon.history.log import History
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
 from daemon.rootdir import IdentityStore, open_root
-from policies.forecast import forecast as simulate
-from policies.model import Checkpoint, PolicySpec
+from policies.model import PolicySpec
 
 Level = Literal["ok", "warn", "critical"]
-SECONDS_PER_DAY = 86400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,17 +59,6 @@ def measure(path: str) -> Usage:
     """Given a path, return the usage of the filesystem it is on."""
     usage = psutil.disk_usage(path)
     return Usage(usage.total, usage.used, usage.free, float(usage.percent))
-
-
-def mount_point(path: str) -> str:
-    """Given a path, return the mount point of its filesystem (the topmost folder on it)."""
-    path = os.path.realpath(path)
-    device = os.stat(path).st_dev
-    while True:
-        parent = os.path.dirname(path)
-        if parent == path or os.stat(parent).st_dev != device:
-            return path
-        path = parent
 
 
 def level_of(usage: Usage, config: Config) -> Level:
@@ -365,149 +353,3 @@ def status_line(checks: Sequence[FilesystemCheck], config: Config) -> str | None
                 f"{check.after.percent:.0f}% ({done})"
             )
     return "; ".join(parts) or None
-
-
-# --- forecast --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Forecast:
-    """Given a root's observed saving: growth per day and days until its filesystem is full,
-    without pruning and with the policy (None: never, at this rate)."""
-
-    saves_per_day: float
-    checkpoint_bytes: int
-    bytes_per_day_without: float
-    bytes_per_day_with: float
-    days_until_full_without: float | None
-    days_until_full_with: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            name: (None if isinstance(value, float) and math.isinf(value) else value)
-            for name, value in asdict(self).items()
-        }
-
-
-def observed_cadence(checkpoints: Sequence[Checkpoint], *, window: int = 20) -> tuple[float, int]:
-    """Given a series' checkpoints, return (saves per day, typical checkpoint bytes) observed
-    over its newest `window` complete ones (by step, mtimes for the time between them)."""
-    complete = sorted((c for c in checkpoints if c.complete), key=lambda c: c.step)[-window:]
-    if not complete:
-        return 0.0, 0
-    sizes = sorted(c.size_bytes for c in complete)
-    typical = sizes[len(sizes) // 2]
-    if len(complete) < 2:
-        return 0.0, typical
-    span = complete[-1].mtime - complete[0].mtime
-    if span <= 0:
-        return 0.0, typical
-    return (len(complete) - 1) * SECONDS_PER_DAY / span, typical
-
-
-def forecast_growth(
-    *,
-    free_bytes: int,
-    saves_per_day: float,
-    checkpoint_bytes: int,
-    cadence_steps: int | None,
-    spec: PolicySpec,
-    kept_now: int,
-    newest_step: int | None = None,
-) -> Forecast:
-    """Given free space, the saving rate and size, the cadence, the policy and how many
-    checkpoints the policy keeps now, return the growth forecast.
-
-    Without pruning every save stays. With the policy and `newest_step` known, the policy's own
-    simulation (`policies.forecast`: the real plan of the series saved so far and of the series
-    d days on) says how many checkpoints it keeps then; the days until full are the first d at
-    which the growth of that count fills the free space (bisection, horizon 100 years). Without
-    `newest_step`, the steady-state arithmetic: tiers 1 and 2 hold `keep_last + tier2_count / 2`
-    once full, so only tier 3 grows, one checkpoint per `tier3_interval` steps; until tiers 1
-    and 2 are full every save stays, and that fill-up comes out of the free space first.
-    """
-    if newest_step is not None and cadence_steps and saves_per_day > 0 and checkpoint_bytes > 0:
-        try:
-            return _simulated_forecast(
-                free_bytes=free_bytes,
-                saves_per_day=saves_per_day,
-                checkpoint_bytes=checkpoint_bytes,
-                cadence_steps=cadence_steps,
-                spec=spec,
-                newest_step=newest_step,
-            )
-        except ValueError:
-            pass  # a series the simulation refuses: the arithmetic below still answers
-    without = saves_per_day * checkpoint_bytes
-    if cadence_steps and spec.tier3_interval:
-        with_policy = (
-            saves_per_day * checkpoint_bytes * min(1.0, cadence_steps / spec.tier3_interval)
-        )
-    else:
-        with_policy = 0.0
-    steady_count = spec.keep_last + spec.tier2_count // 2
-    fill_up = max(0, steady_count - kept_now) * checkpoint_bytes
-
-    def days(rate: float, room: float) -> float | None:
-        return None if rate <= 0 else max(0.0, room) / rate
-
-    if without <= 0:
-        days_with = None
-    elif fill_up >= free_bytes:
-        days_with = days(without, free_bytes)
-    else:
-        fill_days = fill_up / without
-        rest = days(with_policy, free_bytes - fill_up)
-        days_with = None if rest is None else fill_days + rest
-    return Forecast(
-        saves_per_day=saves_per_day,
-        checkpoint_bytes=checkpoint_bytes,
-        bytes_per_day_without=without,
-        bytes_per_day_with=with_policy,
-        days_until_full_without=days(without, free_bytes),
-        days_until_full_with=days_with,
-    )
-
-
-HORIZON_DAYS = 36500.0
-
-
-def _simulated_forecast(
-    *,
-    free_bytes: int,
-    saves_per_day: float,
-    checkpoint_bytes: int,
-    cadence_steps: int,
-    spec: PolicySpec,
-    newest_step: int,
-) -> Forecast:
-    """Given the observed saving and the policy, return the forecast from the policy's own
-    simulation of what it keeps after a number of steps (see `forecast_growth`)."""
-    steps_per_day = saves_per_day * cadence_steps
-
-    def kept_after(days: float) -> int:
-        steps = newest_step + int(days * steps_per_day)
-        return simulate(steps, cadence_steps, checkpoint_bytes, spec).kept
-
-    kept_now = kept_after(0.0)
-
-    def grown(days: float) -> int:
-        return (kept_after(days) - kept_now) * checkpoint_bytes
-
-    with_policy = grown(365.0) / 365.0
-    days_with: float | None = None
-    if grown(HORIZON_DAYS) >= free_bytes:
-        low, high = 0.0, HORIZON_DAYS
-        while high - low > max(0.01, 0.002 * high):
-            middle = (low + high) / 2
-            low, high = (low, middle) if grown(middle) >= free_bytes else (middle, high)
-        days_with = high
-    without = saves_per_day * checkpoint_bytes
-    return Forecast(
-        saves_per_day=saves_per_day,
-        checkpoint_bytes=checkpoint_bytes,
-        bytes_per_day_without=without,
-        bytes_per_day_with=with_policy,
-        days_until_full_without=free_bytes / without,
-        days_until_full_with=days_with,
-    )

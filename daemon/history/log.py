@@ -27,17 +27,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from daemon.clock import utc_iso
 from daemon.history.events import HistoryEvent
 
 log = logging.getLogger("ckptd.history")
 
 # Record fields that are always present; `write` refuses to let callers overwrite them.
 RESERVED_FIELDS = ("time", "event")
-
-
-def utc_iso(epoch_seconds: float) -> str:
-    """Given seconds since the epoch, return the UTC ISO 8601 time with a `Z`-free `+00:00`."""
-    return datetime.fromtimestamp(epoch_seconds, tz=UTC).isoformat(timespec="milliseconds")
 
 
 class History(Protocol):

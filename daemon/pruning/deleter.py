@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from daemon.disk.mounts import filesystem_type
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem, Usage
 from daemon.history.events import Delete, Veto
@@ -64,24 +65,6 @@ REMOVAL_WORKERS = 2
 # Filesystems whose journal commits metadata operations in the order they were made: a
 # rename can never be lost while a later unlink below it survives a power cut.
 ORDERED_METADATA = frozenset({"ext3", "ext4", "xfs", "btrfs", "zfs", "tmpfs", "ramfs"})
-
-
-def filesystem_type(path: str) -> str:
-    """Given a path, return the type of the filesystem it is on (from /proc/self/mountinfo)."""
-    real = os.path.realpath(path)
-    best, best_type = "", ""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                fields = line.split()
-                separator = fields.index("-")
-                mount_point = fields[4].replace("\\040", " ")
-                inside = real == mount_point or real.startswith(mount_point.rstrip("/") + "/")
-                if inside and len(mount_point) >= len(best):
-                    best, best_type = mount_point, fields[separator + 1]
-    except (OSError, ValueError, IndexError):
-        return ""
-    return best_type
 
 
 def orders_metadata(path: str) -> bool:

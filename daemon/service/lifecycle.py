@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.clock import utc_iso
 from daemon.config import Config, RootConfig, load_config, settings_for
 from daemon.discovery.sizecache import SizeCache
 from daemon.disk.pressure import check_disks
@@ -35,6 +36,7 @@ from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigEr
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY
 from daemon.logs import configure_logging, get_logger
+from daemon.metrics import Monitor
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
 from daemon.service.watcher import Watcher, WatchEvent
@@ -91,7 +93,7 @@ class _SignOfLife(threading.Event):
 
 
 def _utc_iso(epoch_seconds: float) -> str:
-    return dt.datetime.fromtimestamp(epoch_seconds, dt.UTC).isoformat(timespec="seconds")
+    return utc_iso(epoch_seconds, timespec="seconds")  # the state file's times: whole seconds
 
 
 def _file_digest(path: str) -> str | None:
@@ -147,11 +149,14 @@ class Service:
         self.last_prune: dict[str, Any] | None = None
         self.disk_status: str | None = None
         self.started = clock()
+        # metrics: Prometheus figures and what `ckptd check` reads (daemon/metrics.py).
+        self.monitor = Monitor(config, clock=clock)
 
     # --- main thread ----------------------------------------------------------------------------
 
     def run(self) -> int:
         """Given a started service, serve until `stop`; return the exit code."""
+        self.monitor.start()  # metrics: before the worker's first prune
         self.worker.start()
         self.watcher.set_roots(self._root_watches(self.config), self.config_path)
         self.schedule.start(self.config)
@@ -248,6 +253,7 @@ class Service:
         self.config_problem = None
         old = self.config
         self.config = config
+        self.monitor.apply(config)  # metrics: metrics.listen may have changed
         if config.log != old.log:
             configure_logging(config.log.level, config.log.format)
         if config.history_path != old.history_path:
@@ -275,6 +281,7 @@ class Service:
         self.work.put(None)
         self.worker.join(self.stop_timeout)
         self.watcher.stop()
+        self.monitor.close()  # metrics
         if not self.worker.is_alive():
             self._save_cache()
         self.schedule.shutdown(wait=True)
@@ -442,6 +449,7 @@ class Service:
         keywords.setdefault("cache", self.cache)
         keywords.setdefault("stop", self.job_stop)
         report = prune_root(config, root, **keywords)
+        self.monitor.pruned(report)  # metrics: every real prune (the disk check's too)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
             self._save_cache()
         return report
@@ -504,6 +512,7 @@ class Service:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         report = run_daily_snapshot(self.config, now=now, history=self.history, stop=self.job_stop)
         log.info("snapshot_job", startup=startup, report=str(report)[:300])
+        self.monitor.snapshot_taken(report)  # metrics
         self._write_state(last_snapshot={"time": _utc_iso(self.clock())})
 
     def _disk(self) -> None:
@@ -513,6 +522,7 @@ class Service:
         line = getattr(result, "status_line", None)
         self.disk_status = line if isinstance(line, str) else None
         log.debug("disk_checked", result=str(result)[:300])
+        self.monitor.disk_checked(result)  # metrics
         self._write_state(last_disk_check={"time": _utc_iso(self.clock())})
 
     # --- helpers ------------------------------------------------------------------------------

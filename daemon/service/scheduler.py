@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Callable
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -27,6 +25,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from daemon.clock import utc_iso, zone_for
 from daemon.config import Config
 from daemon.logs import get_logger
 
@@ -36,27 +35,6 @@ FILES_EXECUTOR = "files"
 # A job missed by up to 6 hours (machine asleep, daemon restarted) still runs, once.
 MISFIRE_GRACE_SECONDS = 6 * 3600
 JOB_NAMES = ("prune", "snapshot", "disk")
-
-
-def resolve_timezone(name: str | None) -> dt.tzinfo:
-    """Given config.timezone (or None), return that zone, else the machine's, else UTC."""
-    if name:
-        return ZoneInfo(name)
-    try:
-        import tzlocal  # APScheduler 3's own dependency
-
-        zone: dt.tzinfo = tzlocal.get_localzone()
-        return zone
-    except Exception:
-        pass
-    try:
-        target = os.path.realpath("/etc/localtime")
-        marker = "/zoneinfo/"
-        if marker in target:
-            return ZoneInfo(target.split(marker, 1)[1])
-    except (OSError, ZoneInfoNotFoundError, ValueError):
-        pass
-    return dt.UTC
 
 
 class WallClockTrigger(BaseTrigger):  # type: ignore[misc]
@@ -126,7 +104,7 @@ def disk_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
 
 def build_triggers(config: Config) -> dict[str, BaseTrigger]:
     """Given a config, return job name -> trigger; raise ValueError on a bad schedule."""
-    timezone = resolve_timezone(config.timezone)
+    timezone = zone_for(config)
     triggers = {"prune": prune_trigger(config, timezone), "disk": disk_trigger(config, timezone)}
     if config.snapshots.enabled:
         triggers["snapshot"] = snapshot_trigger(config, timezone)
@@ -159,7 +137,7 @@ class Schedule:
 
     def start(self, config: Config) -> None:
         """Given the config, create the jobs and start the scheduler thread."""
-        self.scheduler = self._new_scheduler(resolve_timezone(config.timezone))
+        self.scheduler = self._new_scheduler(zone_for(config))
         self.apply(build_triggers(config))
         self.scheduler.start()
 
@@ -191,7 +169,7 @@ class Schedule:
         for job in self.scheduler.get_jobs():
             next_run = getattr(job, "next_run_time", None)
             if next_run is not None:
-                times[job.id] = next_run.astimezone(dt.UTC).isoformat()
+                times[job.id] = utc_iso(next_run, timespec="auto")
         return times
 
     def shutdown(self, *, wait: bool = False) -> None:
@@ -222,6 +200,5 @@ __all__ = [
     "build_triggers",
     "disk_trigger",
     "prune_trigger",
-    "resolve_timezone",
     "snapshot_trigger",
 ]

@@ -10,7 +10,7 @@ Choices (watchdog 7):
   completion marker one level down (`trainer_state.json`) is an event too; the service drops
   those watches once the root has been pruned.
 - inotify on local filesystems; polling where inotify sees nothing of other clients' writes
-  (NFS, Lustre, CIFS, FUSE, ...), judged from the mount type (`psutil.disk_partitions`, the
+  (NFS, Lustre, CIFS, FUSE, ...), judged from the mount type (`daemon.disk.mounts`, the
   longest mount point containing the root); a root's `watch: inotify|poll` overrides.
 - A root's parent is watched too: watchdog's inotify emitter stops for good when its folder is
   deleted (IN_DELETE_SELF), so a root deleted and made again is found through the parent, and
@@ -30,7 +30,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import psutil
 from watchdog.events import (
     DirCreatedEvent,
     DirDeletedEvent,
@@ -46,35 +45,14 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from daemon.disk.mounts import filesystem_type as mount_type
+from daemon.disk.mounts import is_network_filesystem
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.logs import get_logger
 
 log = get_logger(__name__)
 
 POLL_INTERVAL_SECONDS = 2.0
-# Mount types where inotify does not see writes made by other machines or by a FUSE server.
-NETWORK_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "lustre",
-        "cifs",
-        "smb",
-        "smb2",
-        "smb3",
-        "smbfs",
-        "9p",
-        "ceph",
-        "glusterfs",
-        "gpfs",
-        "beegfs",
-        "afs",
-        "ncpfs",
-        "davfs",
-        "virtiofs",
-    }
-)
-
 EventKind = Literal["created", "modified", "deleted", "moved", "config"]
 
 _INOTIFY_FILTER: list[type[FileSystemEvent]] = [
@@ -98,30 +76,6 @@ class WatchEvent:
     kind: EventKind
     dest_path: str = ""
     is_directory: bool = False
-
-
-def is_network_filesystem(fstype: str) -> bool:
-    """Given a mount's filesystem type, return whether inotify would miss remote writes."""
-    fstype = fstype.lower()
-    return fstype in NETWORK_FILESYSTEMS or fstype.startswith(("fuse", "nfs"))
-
-
-def mount_type(path: str) -> str:
-    """Given a path (it need not exist yet), return the type of the mount that holds it."""
-    probe = os.path.realpath(path)
-    while not os.path.exists(probe) and probe != os.path.dirname(probe):
-        probe = os.path.dirname(probe)
-    best, best_type = "", ""
-    try:
-        partitions = psutil.disk_partitions(all=True)
-    except OSError:
-        return ""
-    for partition in partitions:
-        mountpoint = partition.mountpoint.rstrip("/") or "/"
-        inside = probe == mountpoint or probe.startswith(mountpoint.rstrip("/") + "/")
-        if inside and len(mountpoint) >= len(best):
-            best, best_type = mountpoint, partition.fstype
-    return best_type
 
 
 def choose_mode(path: str, setting: str) -> Literal["inotify", "poll"]:

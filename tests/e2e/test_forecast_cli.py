@@ -51,7 +51,7 @@ def test_json_gives_the_users_tables_exactly(
     }
 
 
-def test_the_table_for_people_shows_counts_and_gigabytes(
+def test_the_table_for_people_shows_counts_and_sizes_past_1000_gb_in_tb(
     ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
     result = run(ckptd_command, cli_env, "--steps", "100000", "--every", "100", "--size", "3.6GB")
@@ -59,9 +59,9 @@ def test_the_table_for_people_shows_counts_and_gigabytes(
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     row = {line.split("│")[0].strip(): line for line in lines if "│" in line}
-    assert "1,000" in row["without policy"] and "3,600.0 GB" in row["without policy"]
+    assert "1,000" in row["without policy"] and "3.6 TB" in row["without policy"]
     assert "126" in row["with policy"] and "453.6 GB" in row["with policy"]
-    assert "874 (87.4%)" in row["saved"] and "3,146.4 GB" in row["saved"]
+    assert "874 (87.4%)" in row["saved"] and "3.1 TB" in row["saved"]
     assert "balanced preset" in result.stdout
     assert "96 in tier 3" in result.stdout
 

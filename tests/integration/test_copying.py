@@ -14,7 +14,7 @@ import pytest
 
 from daemon.config import Config, DefaultsConfig, DiskConfig, RootConfig, SnapshotsConfig
 from daemon.history.log import NULL_HISTORY
-from daemon.snapshots import copying, daily
+from daemon.snapshots import copying, daily, verify
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -188,7 +188,7 @@ def test_snapshot_in_auto_mode_on_xfs_reflinks_everything(xfs: Path) -> None:
     assert (target / "last.pt").stat().st_ino != (checkpoint / "last.pt").stat().st_ino
     manifest = json.loads((xfs / "snapshots" / day / "MANIFEST.json").read_text())
     assert {record["method"] for record in manifest["files"]} == {"reflink"}
-    assert daily.verify_snapshot(str(target.parent.parent)).ok
+    assert verify.verify_snapshot(str(target.parent.parent)).ok
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 16) * 3, (1 << 16) * 3 + 17])

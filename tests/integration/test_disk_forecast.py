@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.disk.pressure import forecast_growth, observed_cadence
+from daemon.disk.forecast import forecast_growth, observed_cadence
 from policies.model import PRESETS, Checkpoint, PolicySpec
 
 GB = 10**9

@@ -6,15 +6,17 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
-from daemon.snapshots import daily
+from daemon.snapshots import daily, verify
+from daemon.snapshots.plan import FileItem
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
 
@@ -129,6 +131,54 @@ def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_pat
     assert by_hand.status == "done"
 
 
+@pytest.fixture
+def machine_in_berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local zone is Europe/Berlin (as `TZ` sets it for libc and tzlocal)."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+# 03:00 in Berlin in summer (CEST) and in winter (CET): whichever the season of the test run,
+# a zone fixed at today's offset gets one of them an hour wrong.
+BERLIN_03_00 = ["2026-07-15T03:00:00+02:00", "2026-10-26T03:00:00+01:00"]
+
+
+@pytest.mark.parametrize("three", BERLIN_03_00)
+def test_with_the_machines_zone_the_snapshot_runs_at_03_00_local_in_summer_and_winter(
+    root: Path, tmp_path: Path, machine_in_berlin: None, three: str
+) -> None:
+    config = make_config([root], tmp_path / "snaps").model_copy(update={"timezone": None})
+    at = datetime.fromisoformat(three)
+    day = three[:10]
+    early = daily.run_daily_snapshot(config, now=at - timedelta(minutes=1), history=NULL_HISTORY)
+    assert early.status == "not_due" and early.date == day
+    on_time = daily.run_daily_snapshot(config, now=at, history=NULL_HISTORY, method="copy")
+    assert on_time.status == "done" and on_time.date == day
+    assert (tmp_path / "snaps" / day / "run-a" / "checkpoint-300").is_dir()
+
+
+@pytest.mark.parametrize("three", BERLIN_03_00)
+def test_status_shows_the_next_snapshot_at_03_00_local_in_summer_and_winter(
+    root: Path, tmp_path: Path, machine_in_berlin: None, three: str
+) -> None:
+    from daemon.commands.status import schedule_status
+
+    config = make_config([root], tmp_path / "snaps").model_copy(
+        update={"timezone": None, "state_dir": str(tmp_path / "state")}
+    )
+    at = datetime.fromisoformat(three)
+    noon_before = at - timedelta(hours=15)
+    (tmp_path / "snaps" / noon_before.date().isoformat()).mkdir(parents=True)  # taken already
+    upcoming = schedule_status(config, now=noon_before.timestamp())["next"]["snapshot"]
+    assert datetime.fromisoformat(upcoming) == at
+    assert upcoming == at.astimezone(UTC).isoformat()
+
+
 def test_scope_all_takes_every_kept_complete_checkpoint(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps", scope="all")
     assert run(config, method="copy").status == "done"
@@ -222,7 +272,7 @@ def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_
     config = make_config([root], tmp_path / "snaps")
     placed: list[str] = []
 
-    def prune_source_midway(item: daily.FileItem) -> None:
+    def prune_source_midway(item: FileItem) -> None:
         if item.kind == "file":
             placed.append(item.relative)
         if len(placed) == 2 and (root / "checkpoint-300").exists():
@@ -243,8 +293,8 @@ def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_
 def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Path) -> None:
     config = make_config([root], tmp_path / "snaps")
     assert run(config, method="copy").status == "done"
-    path = daily.resolve_snapshot(str(tmp_path / "snaps"), "latest")
-    clean = daily.verify_snapshot(path)
+    path = verify.resolve_snapshot(str(tmp_path / "snaps"), "latest")
+    clean = verify.verify_snapshot(path)
     assert clean.ok and clean.checked == 4
     checkpoint = Path(path) / "run-a" / "checkpoint-300"
     (checkpoint / "trainer_state.json").unlink()
@@ -254,7 +304,7 @@ def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Pa
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = daily.verify_snapshot(path)
+    result = verify.verify_snapshot(path)
     assert not result.ok
     assert result.missing == ("run-a/checkpoint-300/trainer_state.json",)
     assert result.extra == ("run-a/checkpoint-300/stray.bin",)
@@ -269,12 +319,12 @@ def test_verify_seals_linked_files_then_catches_a_rewrite(root: Path, tmp_path: 
     report = run(config, method="hardlink")
     assert report.status == "done"
     assert report.by_method == {"hardlink": 3, "copy": 1}
-    path = daily.resolve_snapshot(str(tmp_path / "snaps"), "2026-06-01")
-    first = daily.verify_snapshot(path)
+    path = verify.resolve_snapshot(str(tmp_path / "snaps"), "2026-06-01")
+    first = verify.verify_snapshot(path)
     assert first.ok and first.sealed == 3
     manifest = json.loads((Path(path) / "MANIFEST.json").read_text())
     assert all(record["sha256"] for record in manifest["files"])
-    second = daily.verify_snapshot(path)
+    second = verify.verify_snapshot(path)
     assert second.ok and second.sealed == 0
     # Flipping a byte of the shared inode (bit rot, or someone writing into the checkpoint).
     shard = root / "checkpoint-300" / "shard-1.safetensors"
@@ -283,7 +333,7 @@ def test_verify_seals_linked_files_then_catches_a_rewrite(root: Path, tmp_path: 
         byte = handle.read(1)
         handle.seek(10)
         handle.write(bytes([byte[0] ^ 1]))
-    third = daily.verify_snapshot(path)
+    third = verify.verify_snapshot(path)
     assert [line.split(":")[0] for line in third.checksum] == [
         "run-a/checkpoint-300/shard-1.safetensors"
     ]
@@ -319,7 +369,7 @@ def test_disk_full_in_the_middle_of_a_copy_abandons_the_snapshot(
     config = make_config([root], mount / "snaps")
     filler = mount / "another-writer.bin"
 
-    def someone_else_fills_the_disk(item: daily.FileItem) -> None:
+    def someone_else_fills_the_disk(item: FileItem) -> None:
         # After the first shard is in, another writer takes all but 1 MB: the next shard
         # (5 MB) runs into ENOSPC in the middle of its copy.
         if item.relative.endswith("shard-1.safetensors") and not filler.exists():
@@ -346,7 +396,7 @@ def test_stop_mid_snapshot_abandons_it(root: Path, tmp_path: Path) -> None:
     stop = threading.Event()
     history = RecordingHistory()
 
-    def shutdown_requested(item: daily.FileItem) -> None:
+    def shutdown_requested(item: FileItem) -> None:
         if item.kind == "file":
             stop.set()  # SIGTERM arrives while the first file is being placed
 
@@ -374,7 +424,7 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
     assert report.status == "done"
     link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
     assert link.is_symlink() and os.readlink(link) == str(outside)
-    assert daily.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
+    assert verify.verify_snapshot(str(tmp_path / "snaps" / "2026-06-01")).ok
 
 
 def test_a_missing_root_does_not_cost_the_others_their_snapshot(root: Path, tmp_path: Path) -> None:

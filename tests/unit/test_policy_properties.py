@@ -10,13 +10,13 @@ may thin further; plan() warns about exactly that case, and these properties ass
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from policies import PRESETS, Checkpoint, KeepBest, PolicySpec, plan
+from policies import PRESETS, Checkpoint, KeepBest, Plan, PolicySpec, plan
 from policies.tiered import bucket_upper
 
 PROPERTY_SETTINGS = settings(
@@ -165,3 +165,152 @@ def test_every_preset_and_awkward_cadence_prunes_alike_however_often(
 
     assert names(survivors(on_disk, spec)) == names(once)
     assert len(once) < len(series)  # it did thin something
+
+
+# --- restarts (issue 9): the live run's saves form its tiers, abandoned branches their own -----
+
+
+@dataclass
+class Restart:
+    """A trainer resumed from the `pick`-th surviving checkpoint (by step, modulo their count),
+    saving `saves` times at the run's cadence under new names (`r<run>-<step>`).
+
+    At the same cadence: had the restarted run saved at another one, one prune at the end could
+    not tell which checkpoint it resumed from (pruning along the way may have removed saves
+    between the true branch point and its first save); test_policy_restarts.py covers that.
+    """
+
+    pick: int
+    saves: int
+
+
+@dataclass
+class RestartedRun:
+    spec: PolicySpec
+    start: int
+    every: int
+    old_saves: int
+    restarts: list[Restart]
+    every_k: int
+    marks: list[int]
+
+
+@st.composite
+def restarted_runs(draw: st.DrawFn) -> RestartedRun:
+    every = draw(cadences)
+    restarts = draw(
+        st.lists(
+            st.builds(Restart, pick=st.integers(0, 10_000), saves=st.integers(1, 60)),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    return RestartedRun(
+        spec=draw(specs()),
+        start=draw(starts),
+        every=every,
+        old_saves=draw(st.integers(1, 150)),
+        restarts=restarts,
+        every_k=draw(st.integers(1, 25)),
+        marks=draw(st.lists(st.integers(0, 40), min_size=1, max_size=30)),
+    )
+
+
+class Trainer:
+    """Saves one checkpoint a minute (the mtime is the write order) and prunes by the plan.
+
+    With `overwrite`, a save is named by its step alone (`checkpoint-<step>`, the Hugging Face
+    Trainer's way) and replaces a checkpoint of that name; otherwise each run has its names.
+    """
+
+    def __init__(self, spec: PolicySpec, marks: list[int], *, overwrite: bool) -> None:
+        self.spec = spec
+        self.marks = marks
+        self.overwrite = overwrite
+        self.clock = 1_000_000.0
+        self.on_disk: list[Checkpoint] = []
+        self.written: list[Checkpoint] = []
+
+    def save(self, run: int, step: int) -> Checkpoint:
+        self.clock += 60.0
+        mark = self.marks[len(self.written) % len(self.marks)]
+        checkpoint = Checkpoint(
+            name=f"checkpoint-{step}" if self.overwrite else f"r{run}-{step}",
+            step=step,
+            mtime=self.clock,
+            metrics={"eval_loss": mark / 40} if mark % 3 == 0 else {},
+            pinned_by=(".keep",) if mark == 1 else (),
+        )
+        self.on_disk = [*overwritten(self.on_disk, [checkpoint]), checkpoint]
+        self.written.append(checkpoint)
+        return checkpoint
+
+    def plan(self) -> Plan:
+        return plan(self.on_disk, {"default": self.spec})
+
+    def prune(self) -> Plan:
+        result = self.plan()
+        self.on_disk = [d.checkpoint for d in result.decisions if d.keep]
+        return result
+
+
+def overwritten(before: list[Checkpoint], saves: list[Checkpoint]) -> list[Checkpoint]:
+    """Given checkpoints and later saves, return the checkpoints no save replaced (by name)."""
+    replaced = {checkpoint.name for checkpoint in saves}
+    return [checkpoint for checkpoint in before if checkpoint.name not in replaced]
+
+
+def prune_through_restarts(case: RestartedRun, *, overwrite: bool) -> None:
+    """From the checkpoints on disk when a trainer restarts, pruning after every k-th save of
+    the restarted run ends with what one prune at its end leaves; the newest write always
+    survives as the live run's newest; re-planning deletes nothing more, branches and all.
+
+    The trainer resumes from a checkpoint of the live run. Resuming from one of an abandoned
+    branch is outside these properties: its saves join the live run above a gap, and with a
+    tiny tier 1 that gap can pass for the cadence (test_policy_restarts.py shows what it keeps).
+    """
+    trainer = Trainer(case.spec, case.marks, overwrite=overwrite)
+    for index in range(case.old_saves):
+        trainer.save(0, case.start + index * case.every)
+        if (index + 1) % case.every_k == 0:
+            trainer.prune()
+    final = trainer.prune()
+
+    saved = 0
+    for run, restart in enumerate(case.restarts, start=1):
+        trainer.clock += 600.0  # the restart itself
+        at_restart = list(trainer.on_disk)
+        candidates = [d.checkpoint for d in final.kept if d.branch is None]
+        resumed = candidates[restart.pick % len(candidates)]
+        for index in range(1, restart.saves + 1):
+            newest = trainer.save(run, resumed.step + index * case.every)
+            saved += 1
+            if saved % case.every_k == 0:
+                result = trainer.prune()
+                assert newest in trainer.on_disk
+                decision = next(d for d in result.decisions if d.checkpoint is newest)
+                assert decision.branch is None
+                assert "newest" in decision.reasons
+        final = trainer.prune()
+        saves = trainer.written[-restart.saves :]
+        once = plan([*overwritten(at_restart, saves), *saves], {"default": case.spec})
+        assert names([d.checkpoint for d in once.decisions if d.keep]) == names(trainer.on_disk)
+
+    assert trainer.written[-1] in trainer.on_disk
+    for decision in final.decisions:
+        if decision.branch is not None:
+            assert decision.reasons[-1] == f"branch:{decision.branch}"
+    assume(not final.warnings)
+    assert plan(trainer.on_disk, {"default": case.spec}).deleted == ()
+
+
+@PROPERTY_SETTINGS
+@given(case=restarted_runs())
+def test_restarts_keep_the_newest_write_and_prune_alike_however_often(case: RestartedRun) -> None:
+    prune_through_restarts(case, overwrite=False)
+
+
+@PROPERTY_SETTINGS
+@given(case=restarted_runs())
+def test_restarts_that_overwrite_by_name_prune_alike_however_often(case: RestartedRun) -> None:
+    prune_through_restarts(case, overwrite=True)

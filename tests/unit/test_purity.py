@@ -1,7 +1,8 @@
-"""`policies/` is pure: no I/O, no clock, nothing from `daemon` (DESIGN.md, Layout).
+"""`policies/` is pure: no I/O, no clock, nothing from `daemon` (DESIGN.md, Layout). So is the
+snapshot schedule (`daemon/snapshots/schedule.py`): dates and zones are values it is given.
 
 Checked twice: statically (every module's imports and calls, parsed with `ast`) and at run time
-(plan and forecast under an `open`, `os.stat`, `os.scandir` and clock that raise).
+(plan, forecast and the schedule under an `open`, `os.stat`, `os.scandir` and clock that raise).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import policies
+from daemon.snapshots import schedule
 from policies import PRESETS, Checkpoint, KeepBest, PolicySpec, plan
 from policies.forecast import forecast
 
@@ -35,13 +37,21 @@ FORBIDDEN_MODULES = {
     "sys",
 }
 FORBIDDEN_CALLS = {"open", "__import__", "eval", "exec", "input", "print"}
+# Methods that read the clock: `datetime.now()`, `date.today()`, `datetime.utcnow()`.
+FORBIDDEN_METHODS = {"now", "today", "utcnow"}
+# The schedule works on dates (`datetime` is its subject); the zone is given to it, never read
+# (`zoneinfo` reads the zone database, `tzlocal` the machine's settings).
+SCHEDULE_FORBIDDEN_MODULES = (FORBIDDEN_MODULES - {"datetime"}) | {"zoneinfo", "tzlocal", "psutil"}
+SCHEDULE_MODULE = Path(schedule.__file__).resolve()
 
 
 def policy_modules() -> list[Path]:
     return sorted(POLICIES_DIR.rglob("*.py"))
 
 
-def impurities(source: str, filename: str) -> list[str]:
+def impurities(
+    source: str, filename: str, forbidden_modules: set[str] = FORBIDDEN_MODULES
+) -> list[str]:
     """Given a module's source, return each forbidden import or call as `file:line what`."""
     found = []
     for node in ast.walk(ast.parse(source, filename)):
@@ -53,10 +63,17 @@ def impurities(source: str, filename: str) -> list[str]:
             if node.func.id in FORBIDDEN_CALLS:
                 found.append(f"{filename}:{node.lineno} calls {node.func.id}()")
             continue
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in FORBIDDEN_METHODS:
+                found.append(f"{filename}:{node.lineno} calls .{node.func.attr}()")
+            elif node.func.attr == "astimezone" and not (node.args or node.keywords):
+                # Without a zone it converts to the machine's: a read of its settings.
+                found.append(f"{filename}:{node.lineno} calls .astimezone() without a zone")
+            continue
         else:
             continue
         for module in modules:
-            if module.split(".")[0] in FORBIDDEN_MODULES:
+            if module.split(".")[0] in forbidden_modules:
                 found.append(f"{filename}:{node.lineno} imports {module}")
     return found
 
@@ -71,6 +88,11 @@ def test_no_module_imports_io_clock_or_daemon_nor_calls_open(path: Path) -> None
     assert impurities(path.read_text(), path.name) == []
 
 
+def test_the_snapshot_schedule_imports_no_io_clock_or_zone_database() -> None:
+    source = SCHEDULE_MODULE.read_text()
+    assert impurities(source, SCHEDULE_MODULE.name, SCHEDULE_FORBIDDEN_MODULES) == []
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
@@ -80,10 +102,33 @@ def test_no_module_imports_io_clock_or_daemon_nor_calls_open(path: Path) -> None
         ("from daemon.config import parse_size", ["m.py:1 imports daemon.config"]),
         ("def f():\n    return open('x')", ["m.py:2 calls open()"]),
         ("from . import model\nimport math", []),
+        (
+            "from datetime import datetime\nx = datetime.now()",
+            ["m.py:1 imports datetime", "m.py:2 calls .now()"],
+        ),
+        ("x = date.today()", ["m.py:1 calls .today()"]),
+        ("x = day.isoformat()", []),
+        ("x = moment.astimezone()", ["m.py:1 calls .astimezone() without a zone"]),
+        ("x = moment.astimezone(zone)", []),
     ],
 )
 def test_the_static_check_catches_what_it_should(source: str, expected: list[str]) -> None:
     assert impurities(source, "m.py") == expected
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from zoneinfo import ZoneInfo", ["m.py:1 imports zoneinfo"]),
+        ("import tzlocal", ["m.py:1 imports tzlocal"]),
+        ("from daemon.clock import zone_for", ["m.py:1 imports daemon.clock"]),
+        ("from datetime import date, tzinfo", []),
+    ],
+)
+def test_the_schedules_static_check_allows_dates_but_not_zone_lookups(
+    source: str, expected: list[str]
+) -> None:
+    assert impurities(source, "m.py", SCHEDULE_FORBIDDEN_MODULES) == expected
 
 
 @pytest.fixture
@@ -138,3 +183,20 @@ def test_plan_and_forecast_run_without_io_or_clock(no_io_no_clock: list[str]) ->
     with pytest.raises(AssertionError, match=r"builtins\.open"):
         open(os.devnull)  # noqa: SIM115
     assert no_io_no_clock == ["builtins.open"]
+
+
+def test_the_snapshot_schedule_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
+    from datetime import UTC, date, datetime, timedelta, timezone
+
+    # A zone given as a value (no zone database read): CET with no DST rules is enough here.
+    zone = timezone(timedelta(hours=1), "CET")
+    now = datetime(2026, 6, 1, 2, 30, tzinfo=UTC)
+    taken = schedule.snapshot_dates(["2026-05-30", "2026-05-31", ".tmp-2026-06-01-42", "x"])
+
+    assert schedule.snapshot_due(now, "03:00", zone, taken) == date(2026, 6, 1)
+    assert schedule.next_snapshot_time(now, "04:00", zone, taken) == datetime(
+        2026, 6, 1, 3, 0, tzinfo=UTC
+    )
+    assert schedule.dates_to_remove(taken, 1) == [date(2026, 5, 30)]
+    assert schedule.temporary_owner(schedule.temporary_name("2026-06-01", 42)) == 42
+    assert no_io_no_clock == []

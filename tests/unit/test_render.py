@@ -7,7 +7,15 @@ import json
 
 from rich.console import Console
 
-from daemon.render import fold, format_bytes, plan_to_json, print_plan, timeline_table
+from daemon.render import (
+    _timeline_order,
+    fold,
+    format_bytes,
+    plan_to_json,
+    print_plan,
+    timeline_table,
+)
+from policies import PRESETS, plan
 from policies.model import Checkpoint, Decision, Plan
 
 
@@ -50,6 +58,14 @@ def test_format_bytes_uses_powers_of_1000() -> None:
     assert format_bytes(3_600_000_000) == "3.6 GB"
     assert format_bytes(614_000_000_000) == "614.0 GB"
     assert format_bytes(2_500_000_000_000) == "2.5 TB"
+    assert format_bytes(3_146_400_000_000) == "3.1 TB"  # past 1,000 GB: TB
+
+
+def test_format_bytes_as_a_config_writes_a_size() -> None:
+    assert format_bytes(50 * 1000**3, significant=4) == "50 GB"
+    assert format_bytes(2 * 1024**3, significant=4) == "2.147 GB"  # 2GiB
+    assert format_bytes(1_500_000_000_000, significant=4) == "1.5 TB"
+    assert format_bytes(512, significant=4) == "512 B"
 
 
 def test_runs_of_the_same_decision_fold_into_one_line() -> None:
@@ -108,3 +124,56 @@ def test_a_long_alternating_tier_is_summarised_one_row_per_kind() -> None:
     assert "tier2:every-200 (200, 400 … 4000)" in text
     unfolded = timeline_table(plan, unfold=True)
     assert unfolded.row_count == 41
+
+
+def _restarted_plan() -> Plan:
+    """40 saves at 100 … 4000 written in order, then a restart from 2000 saving 2100 … 2500
+    (new names), and a save in flight."""
+    checkpoints = [
+        Checkpoint(name=f"checkpoint-{step}", step=step, mtime=step * 0.6, size_bytes=1000)
+        for step in range(100, 4001, 100)
+    ]
+    checkpoints += [
+        Checkpoint(name=f"run2-{step}", step=step, mtime=3000 + step * 0.6, size_bytes=1000)
+        for step in range(2100, 2501, 100)
+    ]
+    checkpoints.append(Checkpoint(name="run2-2600", step=2600, complete=False))
+    return plan(checkpoints, {"default": PRESETS["balanced"]}, root="/data/run")
+
+
+def test_an_abandoned_branch_has_its_own_heading_before_the_live_run() -> None:
+    result = _restarted_plan()
+    text = _render(result)
+    lines = text.splitlines()
+
+    def line_of(fragment: str) -> int:
+        return next(i for i, line in enumerate(lines) if fragment in line)
+
+    branch_heading = line_of("branch:abandoned-after-2000 ·")
+    live_heading = line_of("live run ·")
+    # The branch's own rows (its newest, 4000, in its tier 1) sit under its heading; the live
+    # run follows with its newest save last before the one in flight.
+    assert branch_heading < line_of("checkpoint-2100 … checkpoint-4000") < live_heading
+    assert live_heading < line_of("run2-2500") < line_of("run2-2600")
+    assert "tier1, newest" in lines[line_of("run2-2500")]
+    assert "restart:first-save" in lines[line_of("run2-2100")]
+    # The heading names the branch once; its rows do not repeat it.
+    assert text.count("branch:abandoned-after-2000") == 1
+    # Each group has its own tier headings.
+    assert text.count("tier 1 · newest, all kept") == 2
+
+
+def test_a_branch_never_folds_into_the_live_run_and_json_keeps_its_reason() -> None:
+    result = _restarted_plan()
+
+    runs = fold(_timeline_order(result))
+    assert all(len({d.branch for d in run.decisions}) == 1 for run in runs)
+    assert timeline_table(result, unfold=True).row_count == len(result.decisions) + 6
+    document = plan_to_json(result)
+    branch_rows = [
+        c
+        for c in document["checkpoints"]
+        if c["name"].startswith("checkpoint-") and c["step"] > 2000
+    ]
+    assert len(branch_rows) == 20
+    assert all(c["reasons"][-1] == "branch:abandoned-after-2000" for c in branch_rows)

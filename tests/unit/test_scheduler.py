@@ -10,12 +10,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from daemon.clock import resolve_zone
 from daemon.config import Config, DiskConfig, PruneConfig, SnapshotsConfig
 from daemon.service.scheduler import (
     Schedule,
     build_triggers,
     prune_trigger,
-    resolve_timezone,
     snapshot_trigger,
 )
 
@@ -132,8 +132,8 @@ def test_disk_interval_and_bad_cron() -> None:
 
 
 def test_timezone_resolution() -> None:
-    assert resolve_timezone("Europe/Berlin") == BERLIN
-    assert resolve_timezone(None) is not None
+    assert resolve_zone("Europe/Berlin") == BERLIN
+    assert resolve_zone(None) is not None
 
 
 def test_schedule_runs_jobs_one_at_a_time_and_survives_errors() -> None:

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon.snapshots.daily import next_snapshot_time, scheduled_instant, snapshot_due
+from daemon.snapshots.schedule import next_snapshot_time, scheduled_instant, snapshot_due
 
 BERLIN = ZoneInfo("Europe/Berlin")
 SPRING = date(2026, 3, 29)  # 02:00 CET -> 03:00 CEST: 02:00-02:59 does not exist
@@ -23,7 +23,7 @@ def test_an_ordinary_day_is_due_from_the_scheduled_minute_on() -> None:
     assert snapshot_due(utc(2026, 6, 1, 0, 59), "03:00", BERLIN, []) is None  # 02:59 CEST
     assert snapshot_due(utc(2026, 6, 1, 1, 0), "03:00", BERLIN, []) == day
     assert snapshot_due(utc(2026, 6, 1, 21, 0), "03:00", BERLIN, []) == day  # missed: start-up
-    assert snapshot_due(utc(2026, 6, 1, 21, 0), "03:00", "Europe/Berlin", [day]) is None
+    assert snapshot_due(utc(2026, 6, 1, 21, 0), "03:00", BERLIN, [day]) is None
 
 
 def test_the_date_is_the_local_one_not_utc() -> None:
