@@ -45,7 +45,7 @@ from types import MappingProxyType
 
 import psutil
 
-from daemon.fsio import TRASH_DIRECTORY
+from daemon.fsio import TRASH_DIRECTORY, read_regular
 from policies.model import Checkpoint
 
 PF_KTHREAD = 0x00200000
@@ -258,8 +258,8 @@ def find_trainers(
     """
     if pid_file is not None:
         try:
-            with open(pid_file, encoding="utf-8") as handle:
-                pid = int(handle.read().split()[0])
+            # It may lie in the root, where its owner can make it a FIFO or a symlink.
+            pid = int(read_regular(pid_file, 4096).split()[0])
         except (OSError, ValueError, IndexError):
             return frozenset()
         create_time = _create_time(pid)

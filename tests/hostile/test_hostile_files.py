@@ -32,6 +32,7 @@ from daemon.config import (
 from daemon.fsio import LOCAL, READ_LIMIT, NotRegularFile, read_regular
 from daemon.history.log import NULL_HISTORY, HistoryLog, read_records
 from daemon.pruning import deleter, pipeline, trash
+from daemon.safety import facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
 from tests.layouts_fixtures import age_all, deepspeed_run, hf_run, lightning_checkpoint
@@ -76,6 +77,21 @@ def test_files_ckptd_reads_are_regular_files_read_up_to_a_cap(tmp_path: Path) ->
     assert time.monotonic() - started < 5
     assert len(LOCAL.read_bytes(str(tmp_path / "big.json"))) == READ_LIMIT
     assert LOCAL.read_bytes(str(outside), 10) == b'{"best_mod'
+
+
+def test_a_trainer_pid_file_that_is_a_fifo_does_not_hang_the_process_pass(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "trainer.pid")  # the pid file may lie in the root, hers
+    started = time.monotonic()
+    assert (
+        facts.find_trainers([], pid_file=str(tmp_path / "trainer.pid"), cmdline_pattern=None)
+        == frozenset()
+    )
+    (tmp_path / "real.pid").symlink_to(f"/proc/{os.getpid()}/stat")
+    assert (
+        facts.find_trainers([], pid_file=str(tmp_path / "real.pid"), cmdline_pattern=None)
+        == frozenset()
+    )
+    assert time.monotonic() - started < 5
 
 
 def _config_file(tmp_path: Path, root: Path, layout: str) -> Path:
