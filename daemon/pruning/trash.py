@@ -1,29 +1,30 @@
 """The trash: where a checkpoint goes, atomically, before it is removed.
 
 Layout: `<root>/.ckptd-trash/` is ckptd's own folder (mode 0700, never a symlink:
-daemon/pruning/trashdir.py) and holds one *trash item* per deleted checkpoint, a folder
-`<deleted at, epoch seconds>-<n>/` of ckptd's (mode 0700) holding:
+daemon/pruning/trashdir.py) holding one *trash item* per deleted checkpoint:
 
-- `.ckptd-entry.json`, the item's entry: the checkpoint's name, its root entries (`members`),
-  when it was deleted, and what each member was when moved (kind, owner, inode);
-- the members themselves, under their own names. A checkpoint of **one** root entry (every
-  folder layout, single files) moves in a single `rename(2)`: before it the checkpoint is intact
-  under its name, after it absent from the root. Its entry is written first, without an fsync
-  (a crash leaves an item whose one member names it). The item's name never holds the
-  checkpoint's, so a 255-byte checkpoint name still fits.
+- a checkpoint of **one** root entry (every folder layout, single files) is that entry itself,
+  renamed to `<deleted at, epoch seconds>-<n>.<its name>`: a single `rename(2)`, so before it
+  the checkpoint is intact under its name and after it absent from the root; nothing is
+  allocated, so it works on a full filesystem too. When that name would pass the filesystem's
+  limit (255 bytes: names of 245 bytes and more), the entry goes into an item folder instead:
+- an **item folder** `<seconds>-<n>/` of ckptd's (mode 0700) holds the members under their own
+  names and `.ckptd-entry.json`: the checkpoint's name, its root entries (`members`), when it
+  was deleted and what each member was when moved (kind, owner, inode). A checkpoint of
+  **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`) always moves into
+  one. Several renames cannot be atomic, so the entry is a journal, written and fsynced
+  *before* the first rename, and the completion marker (`.index`) moves first (a half-moved
+  checkpoint never looks complete to discovery). On recovery an item whose journal names
+  members still in the root is **rolled back** (its members renamed back): the checkpoint is
+  whole again and the next prune decides afresh. Removal renames the journal to
+  `.ckptd-entry.removing.json` first (an item being removed is never rolled back), takes the
+  members, then the entry.
 
-A checkpoint of **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`) moves
-in several renames, which cannot be atomic: its entry is a journal, written and fsynced *before*
-the first rename, and the completion marker (`.index`) moves first (a half-moved checkpoint
-never looks complete to discovery). On recovery an item whose journal names members still in
-the root is **rolled back** (its members renamed back): the checkpoint is whole again and the
-next prune decides afresh. Removal renames the journal to `.ckptd-entry.removing.json` first
-(an item being removed is never rolled back), takes the members, then the entry.
-
-Every path is hostile (README, "Safety"): every operation is relative to the root's and the
-trash's open descriptors (`daemon.fsio.At`), renames never replace (`RENAME_NOREPLACE`), and
-before each removal, restore or roll-back the item is checked again: the same inode as listed,
-a folder of ckptd's, each member of the kind, owner and inode recorded when it moved.
+Every path is hostile (README, "Against a hostile root owner"): every operation is relative to
+the root's and the trash's open descriptors (`daemon.fsio.At`), renames never replace
+(`RENAME_NOREPLACE`), and before each removal, restore or roll-back the item is checked again:
+the same inode as listed, each member of the kind, owner and inode recorded when it moved
+(an entry itself: as listed), an item folder ckptd's own.
 
 Items of the previous layout, `<name>@<seconds>[-n]` (the entry itself, or a folder holding a
 multi-entry checkpoint and its journal), are still listed, restored, rolled back and purged —
@@ -293,6 +294,10 @@ class Trash:
         self.dir = directory
         self.fs = fs
         self._next: dict[int, int] = {}
+        try:
+            self.name_max = os.fpathconf(directory.fd, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            self.name_max = 255
 
     def real_path(self) -> str:
         """Given the open trash, return the path it is at now (from /proc; it may have been
@@ -312,7 +317,9 @@ class Trash:
             described = self.describe(name)
             if described is not None:
                 found.append(described)
-        return sorted(found, key=lambda entry: (entry.deleted_at, _sequence(entry.item)))
+        return sorted(
+            found, key=lambda entry: (entry.deleted_at, _sequence(entry.item), entry.item)
+        )
 
     def _layout(self, item: str, status: os.stat_result) -> str | None:
         """Given an entry of the trash and its status, return its layout; None: not an item."""
@@ -350,14 +357,19 @@ class Trash:
         new = ITEM_NAME.fullmatch(item) or BARE_NAME.fullmatch(item)
         if new is not None:
             base = _replace(base, deleted_at=float(new.group(1)))
+        # An item that is the checkpoint's entry itself is checked before any change against
+        # what it was when listed (a folder item's members against its entry file).
+        listed = ((item, MemberIdentity.of(status)),)
         if layout == "bare":
-            return _replace(base, name=new.group(3) if new else item)
+            return _replace(base, name=new.group(3) if new else item, identities=listed)
         if layout == "item":
             return self._describe_folder(base)
         legacy = parse_item_name(item)
         assert legacy is not None
         base = _replace(base, name=legacy[0], deleted_at=legacy[1], members=(legacy[0],))
-        return self._describe_folder(base) if layout == "legacy-folder" else base
+        if layout == "legacy-folder":
+            return self._describe_folder(base)
+        return _replace(base, identities=listed)
 
     def _has_entry_file(self, at: At) -> bool:
         try:
@@ -497,12 +509,11 @@ class Trash:
         ordered = sorted(members, key=lambda member: (not member.endswith(".index"), member))
         if not ordered or not all(map(_plain_name, ordered)):
             raise UsageError(f"{name}: not entries of the root: {ordered!r}")
-        try:
-            item = self._new_item(now)
-        except OSError as error:
-            if error.errno not in _NO_SPACE or len(ordered) != 1:
-                raise
-            return self._move_bare(ordered[0], now=now, durable=durable)
+        if len(ordered) == 1:
+            bare = self._move_bare(ordered[0], now=now, durable=durable)
+            if bare is not None:
+                return bare
+        item = self._new_item(now)
         with self._folder(self.dir.at(item)) as folder:
             try:
                 self._move_into(folder, name, ordered, now)
@@ -558,15 +569,19 @@ class Trash:
                     self.fs.rename_at(folder.at(member), self.root.at(member))
             raise
 
-    def _move_bare(self, member: str, *, now: float, durable: bool) -> str:
-        """Given a checkpoint of one entry and no space for an item folder, rename the entry
-        itself into the trash as `<seconds>-<n>.<name>` (no allocation needed); return that."""
+    def _move_bare(self, member: str, *, now: float, durable: bool) -> str | None:
+        """Given a checkpoint of one entry, rename it into the trash as `<seconds>-<n>.<name>`
+        in one rename (nothing allocated: it works on a full filesystem too); return that
+        name, or None when it would pass the filesystem's name limit (the caller makes an item
+        folder instead)."""
         identity = MemberIdentity.of(self.fs.lstat_at(self.root.at(member)))
         seconds = int(now)
         number = self._next.get(seconds, 0)
         while True:
             item = f"{seconds}-{number}.{member}"
             number += 1
+            if len(os.fsencode(item)) > self.name_max:
+                return None
             try:
                 self.fs.rename_at(self.root.at(member), self.dir.at(item))
             except FileExistsError:
@@ -793,7 +808,8 @@ class Trash:
 
 
 def _sequence(item: str) -> int:
-    match = ITEM_NAME.fullmatch(item)
+    """Given an item's name, return its number among the items of the same second."""
+    match = ITEM_NAME.fullmatch(item) or BARE_NAME.fullmatch(item)
     return int(match.group(2)) if match else -1
 
 

@@ -155,8 +155,8 @@ def test_a_restored_checkpoint_is_pinned_before_it_reappears(arena: Arena) -> No
     # She plants a .keep symlink in the trashed folder through a descriptor she kept open (the
     # only way in: the trash is 0700). The pin is not written through it, and not truncated.
     keep = arena.root / ".ckptd-trash"
-    (item,) = [p for p in keep.iterdir() if p.name != ".lock"]
-    os.symlink(arena.outside / "victim.txt", item / "checkpoint-100" / ".keep")
+    (item,) = [p for p in keep.iterdir() if p.name != ".lock"]  # the folder itself, renamed
+    os.symlink(arena.outside / "victim.txt", item / ".keep")
     before = fingerprint(arena.outside)
     trash.restore(str(arena.root), "checkpoint-100")
     assert fingerprint(arena.outside) == before
