@@ -474,16 +474,21 @@ class Trash:
             )
 
     def _discard(self, item: str, container: Dir | None = None) -> None:
-        """Given an item folder whose members are gone, remove its entry files and itself."""
+        """Given an item folder whose members are gone, remove its entry files and itself.
+
+        Raises OSError (and removes nothing) while a member is still inside: its entry is what
+        says where that member belongs (a move interrupted midway is rolled back from it)."""
         at = self.dir.at(item)
         if container is None:
             with self._folder(at) as folder:
                 self._discard(item, folder)
             return
-        for name in self.fs.list_dir(container):
-            if _is_entry_file(name):
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.unlink_at(container.at(name))
+        names = self.fs.list_dir(container)
+        if any(not _is_entry_file(name) for name in names):
+            raise OSError(errno.ENOTEMPTY, "members still inside", at.path)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.unlink_at(container.at(name))
         self.fs.rmdir_at(at)
 
     # --- moving in -------------------------------------------------------------------------

@@ -201,3 +201,32 @@ def test_a_full_filesystem_still_moves_one_entry_checkpoints_into_the_trash(
     assert (tmp_path / "checkpoint-100" / "w.bin").read_bytes() == b"w" * 4096
     with pytest.raises(UsageError, match="no checkpoint named"):
         trash.restore(str(tmp_path), "checkpoint-100")
+
+
+class Killed(BaseException):
+    """Stands for a kill -9 in the middle of a move: no clean-up of ours runs after it."""
+
+
+class KilledAtSecondRename(LocalFileSystem):
+    renames = 0
+
+    def rename_at(self, source: At, destination: At) -> None:
+        KilledAtSecondRename.renames += 1
+        if KilledAtSecondRename.renames == 2:
+            raise Killed
+        super().rename_at(source, destination)
+
+
+def test_a_move_cut_short_midway_is_rolled_back_from_its_journal(tmp_path: Path) -> None:
+    members = ["ckpt-5.index", "ckpt-5.data-00000-of-00002", "ckpt-5.data-00001-of-00002"]
+    for name in members:
+        (tmp_path / name).write_text(name)
+    with pytest.raises(Killed):
+        trash.move_to_trash(str(tmp_path), "ckpt-5", members, now=NOW, fs=KilledAtSecondRename())
+    assert not (tmp_path / "ckpt-5.index").exists()  # moved first: never complete half-moved
+    (item,) = trash.list_trash(str(tmp_path))
+    assert (item.name, item.layout, item.state) == ("ckpt-5", "item", "moving")
+    assert trash.purge(str(tmp_path), now=NOW + 10**6, grace=0).removed == ()
+    assert trash.recover(str(tmp_path)) == ["rolled back the interrupted deletion of ckpt-5"]
+    assert all((tmp_path / name).read_text() == name for name in members)
+    assert trash.list_trash(str(tmp_path)) == []
