@@ -230,3 +230,29 @@ def test_a_move_cut_short_midway_is_rolled_back_from_its_journal(tmp_path: Path)
     assert trash.recover(str(tmp_path)) == ["rolled back the interrupted deletion of ckpt-5"]
     assert all((tmp_path / name).read_text() == name for name in members)
     assert trash.list_trash(str(tmp_path)) == []
+
+
+def test_the_metrics_of_a_prune_refused_for_a_foreign_trash_are_still_kept(
+    tmp_path: Path,
+) -> None:
+    from daemon.config import load_config
+    from daemon.metrics import Monitor
+    from daemon.pruning.pipeline import prune_root
+
+    root, state, elsewhere = tmp_path / "run", tmp_path / "state", tmp_path / "elsewhere"
+    for folder in (root / "checkpoint-100", state, elsewhere):
+        folder.mkdir(parents=True)
+    (root / ".ckptd-trash").symlink_to(elsewhere)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"state_dir: {state}\nsnapshots: {{enabled: false}}\n"
+        f"roots:\n  - path: {root}\n    layout: hf\n"
+    )
+    config = load_config(str(config_file))
+    monitor = Monitor(config, clock=time.time)
+    monitor.start()
+    report = prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    assert report.refused is not None and "symlink" in report.refused
+    monitor.pruned(report)  # the trash it refuses is not measured, the refusal is counted
+    assert f'ckptd_root_refused{{root="{root}"}} 1.0'.encode() in monitor.metrics.text()
+    assert list(elsewhere.iterdir()) == []
