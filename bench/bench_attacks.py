@@ -7,6 +7,8 @@ hers, her trash item swapped during a purge, the trash swapped during crash reco
 symlink raced into a restore, the root swapped for a symlink to another user's run, and
 checkpoints swapped for symlinks while a prune moves and removes them. After every trial the
 checksums of a sentinel tree outside the root are compared. Goal: 0 outside changes.
+`refused` counts ckptd's runs in the trials that refused (or failed on a path vanishing under
+them, which the daemon logs and retries): the attacker stopped them, and nothing changed.
 
     sudo PYTHONPATH=. .venv/bin/python bench/bench_attacks.py [--seconds 600] [--only root-swap]
 
