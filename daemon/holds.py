@@ -266,11 +266,17 @@ def _exists(root_fd: int, name: str) -> bool:
 
 
 @contextmanager
-def _root(root: str | os.PathLike[str]) -> Iterator[int]:
+def _root(root: int | str | os.PathLike[str]) -> Iterator[int]:
+    """Given a root's path, or a descriptor of the root already open (the prune's, whose
+    identity it checked: used through a duplicate, never closed here), yield a descriptor."""
     try:
-        descriptor = os.open(os.fspath(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if isinstance(root, int):
+            descriptor = os.dup(root)
+        else:
+            descriptor = os.open(os.fspath(root), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as failure:
-        raise HoldError(f"{os.fspath(root)}: {failure.strerror}") from None
+        shown = f"descriptor {root}" if isinstance(root, int) else os.fspath(root)
+        raise HoldError(f"{shown}: {failure.strerror}") from None
     try:
         yield descriptor
     finally:
@@ -620,7 +626,7 @@ def _maybe_time(value: Any) -> datetime | None:
 
 
 def expire_holds(
-    root: str | os.PathLike[str], *, now: datetime | float, tz: tzinfo | None = None
+    root: int | str | os.PathLike[str], *, now: datetime | float, tz: tzinfo | None = None
 ) -> ExpireResult:
     """Given a root and the time now, remove every expired hold (safe against its holder
     renewing it meanwhile) and the folders left empty; return what was removed, for the

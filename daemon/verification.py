@@ -488,11 +488,12 @@ def _mount_of(root: str) -> str:
 
 
 def expire_and_record(
-    root: str, *, now: float, tz: tzinfo | None, history: History
+    root: str, *, now: float, tz: tzinfo | None, history: History, opened: int | None = None
 ) -> tuple[HoldExpired, ...]:
-    """Given a root and the time, remove its expired holds and record each (`hold_expired`);
-    return the records."""
-    expired = expire_holds(root, now=now, tz=tz)
+    """Given a root (its path for the records; `opened`, the prune's descriptor of it, when
+    there is one: nothing is then opened by path) and the time, remove its expired holds and
+    record each (`hold_expired`); return the records."""
+    expired = expire_holds(root if opened is None else opened, now=now, tz=tz)
     events = tuple(HoldExpired(root=root, **hold.to_record()) for hold in expired.removed)
     for event in events:
         history.record(event)

@@ -439,3 +439,28 @@ def test_the_daemon_runs_the_users_test_daily_and_records_it(
     assert record["checkpoint"] == "checkpoint-200" and record["verdict"] == "verified"
     assert record["last_lines"] == [f"tested {root / 'checkpoint-200'}"]
     assert (state / "user-tests.json").exists()
+
+
+def test_expired_holds_go_through_the_prunes_open_root_descriptor(tmp_path: Path) -> None:
+    """The prune opens its root once (and checks it is the root it knows); expiring holds uses
+    that descriptor, not the path, and leaves it open."""
+    from daemon.verification import expire_and_record
+
+    root = tmp_path / "run"
+    real_run(root, [100])
+    hold = root / ".ckptd-holds" / "checkpoint-100" / "eval.json"
+    hold.parent.mkdir(parents=True)
+    hold.write_text('{"until": "2000-01-01T00:00:00+00:00"}')
+    descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        moved = tmp_path / "moved"
+        root.rename(moved)  # the path no longer leads there: only the descriptor does
+        with HistoryLog(str(tmp_path / "history.jsonl")) as history:
+            (event,) = expire_and_record(
+                str(root), now=time.time(), tz=None, history=history, opened=descriptor
+            )
+        assert event.holder == "eval" and event.root == str(root)
+        assert not (moved / ".ckptd-holds" / "checkpoint-100" / "eval.json").exists()
+        os.fstat(descriptor)  # still open
+    finally:
+        os.close(descriptor)
