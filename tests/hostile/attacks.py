@@ -31,6 +31,7 @@ from daemon.config import Config, DefaultsConfig, PolicyConfig, RootConfig, Tras
 from daemon.errors import CkptdError
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import pipeline, trash
+from tests.layouts_fixtures import well_formed
 
 ATTACKER_PYTHON = "/usr/bin/python3"
 STALE = 3600.0
@@ -244,7 +245,11 @@ def make_hf_checkpoint(root: Path, step: int) -> Path:
     """Given a folder, write a small complete, settled Hugging Face checkpoint into it."""
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.safetensors").write_bytes(bytes([step % 251]) * 2048)
+    # Well-formed (ckptd keeps a checkpoint its integrity check calls corrupt), its data a
+    # byte of its own so that no two checkpoints hold the same bytes.
+    head, _ = well_formed("model.safetensors", 2048)
+    assert head is not None
+    (folder / "model.safetensors").write_bytes(head + bytes([step % 251]) * (2048 - len(head)))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     moment = time.time() - STALE
     for path in (*folder.iterdir(), folder):
