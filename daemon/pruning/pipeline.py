@@ -28,7 +28,7 @@ from daemon.pruning.lock import LOCK_FILE, root_lock
 from daemon.pruning.trash import PurgeResult
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
-from policies.model import Checkpoint, Decision, Plan, PolicySpec
+from policies.model import Checkpoint, Decision, Plan, PolicySpec, policy_record
 
 __all__ = ["LOCK_FILE", "PruneReport", "Refusal", "prune_root", "root_lock"]
 
@@ -176,7 +176,7 @@ def _job_for(
             force=force,
         ),
         grace=settings.trash_grace,
-        policy=dataclasses.asdict(spec),
+        policy=policy_record(spec),
     )
 
 
