@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from daemon import slimming
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
@@ -61,8 +62,9 @@ def plan_root(
     )
     specs = series_policies(config, root, result.series, policy_override)
     plan = tiered.plan(result.checkpoints, specs, root=result.root)
-    if cache is not None and plan.deleted:
-        to_delete = [decision.checkpoint.name for decision in plan.deleted]
+    if cache is not None and (plan.deleted or plan.slimmed):
+        # Slims too: a checkpoint slimmed since it was cached must not be slimmed again.
+        to_delete = [d.checkpoint.name for d in plan.decisions if not d.keep or d.slim]
         verified = scan(
             root,
             now=now,
@@ -76,6 +78,8 @@ def plan_root(
             # Something changed inside a checkpoint since it was cached: plan what is there now.
             result = verified
             plan = tiered.plan(result.checkpoints, specs, root=result.root)
+    # Which files each slim moves out is found on disk, not by the policy.
+    plan = slimming.resolve(plan, specs)
     if result.warnings:
         plan = replace(plan, warnings=(*result.warnings, *plan.warnings))
     return result, plan

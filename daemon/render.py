@@ -64,23 +64,33 @@ def format_bytes(count: int | float, *, significant: int | None = None) -> str:
     return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
 
 
+def _checkpoint_json(plan: Plan, decision: Decision) -> dict[str, Any]:
+    """Given a plan and one decision, return its entry in `plan --json`: a slim also lists the
+    files it moves out (paths inside the checkpoint) and frees their bytes."""
+    checkpoint = decision.checkpoint
+    target = plan.slim_targets.get(checkpoint.name) if decision.slim else None
+    freed = checkpoint.freeable_bytes if not decision.keep else 0
+    entry: dict[str, Any] = {
+        "name": checkpoint.name,
+        "series": checkpoint.series,
+        "step": checkpoint.step,
+        "tier": decision.tier,
+        "bytes": checkpoint.size_bytes,
+        "bytes_freed": target.bytes_freed if target is not None else freed,
+        "action": decision.action,
+        "reasons": list(decision.reasons),
+        "slimmed": checkpoint.slimmed,
+    }
+    if target is not None:
+        entry["files"] = list(target.paths)
+    return entry
+
+
 def plan_to_json(plan: Plan) -> dict[str, Any]:
     """Given a plan, return the `plan --json` document of DESIGN.md's CLI contract."""
     return {
         "root": plan.root,
-        "checkpoints": [
-            {
-                "name": decision.checkpoint.name,
-                "series": decision.checkpoint.series,
-                "step": decision.checkpoint.step,
-                "tier": decision.tier,
-                "bytes": decision.checkpoint.size_bytes,
-                "bytes_freed": 0 if decision.keep else decision.checkpoint.freeable_bytes,
-                "action": decision.action,
-                "reasons": list(decision.reasons),
-            }
-            for decision in plan.decisions
-        ],
+        "checkpoints": [_checkpoint_json(plan, decision) for decision in plan.decisions],
         "cadences": dict(plan.cadences),
         "warnings": list(plan.warnings),
         "summary": plan.summary(),
@@ -120,7 +130,8 @@ def fold(decisions: Iterable[Decision]) -> list[Run]:
             decision.checkpoint.series,
             decision.branch,
             decision.tier,
-            decision.keep,
+            decision.action,
+            decision.checkpoint.slimmed,
             _reason_kind(decision),
         )
         if runs and key == previous_key:
@@ -196,7 +207,7 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
             tier_seen = head.tier
             title = TIER_TITLES.get(head.tier, f"tier {head.tier}")
             table.add_row("", Text(title, style="bold cyan"), "", "", "", "")
-        action = Text("KEEP", style="bold green") if head.keep else Text("delete", style="red")
+        action = _ACTIONS[head.action]
         size = sum(d.checkpoint.size_bytes for d in decisions.decisions)
         if len(decisions.decisions) == 1:
             names, steps, count = head.checkpoint.name, str(head.checkpoint.step), ""
@@ -204,8 +215,31 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
             names = f"{head.checkpoint.name} … {decisions.last.checkpoint.name}"
             steps = f"{head.checkpoint.step}…{decisions.last.checkpoint.step}"
             count = str(len(decisions.decisions))
-        table.add_row(action, names, steps, count, format_bytes(size), _run_reasons(decisions))
+        reasons = _run_reasons(decisions) + _slim_note(plan, decisions)
+        table.add_row(action, names, steps, count, format_bytes(size), reasons)
     return table
+
+
+_ACTIONS = {
+    "keep": Text("KEEP", style="bold green"),
+    "slim": Text("SLIM", style="bold yellow"),
+    "delete": Text("delete", style="red"),
+}
+
+
+def _slim_note(plan: Plan, run: Run) -> str:
+    """Given a run of the timeline, return what its slims free, or that it is slimmed."""
+    if run.first.slim:
+        targets = plan.slim_targets
+        freed = sum(
+            targets[d.checkpoint.name].bytes_freed
+            for d in run.decisions
+            if d.checkpoint.name in targets
+        )
+        return f" · frees {format_bytes(freed)}"
+    if run.first.keep and run.first.checkpoint.slimmed:
+        return " · slimmed (weights only)"
+    return ""
 
 
 def _branch_heading(branch: str | None) -> Text:
@@ -244,9 +278,10 @@ def _by_tier(decisions: Sequence[Decision]) -> list[list[Decision]]:
 def _summarise(decisions: Sequence[Decision]) -> list[Run]:
     # A long tier alternates keep/delete (tier 2 keeps every other save): one row per kind of
     # decision says more at a glance than a hundred alternating rows; `--all` shows them all.
-    groups: dict[tuple[bool, tuple[str, ...]], list[Decision]] = {}
+    groups: dict[tuple[str, bool, tuple[str, ...]], list[Decision]] = {}
     for decision in decisions:
-        groups.setdefault((decision.keep, _reason_kind(decision)), []).append(decision)
+        key = (decision.action, decision.checkpoint.slimmed, _reason_kind(decision))
+        groups.setdefault(key, []).append(decision)
     return [Run(tuple(group)) for group in groups.values()]
 
 
@@ -254,9 +289,14 @@ def summary_line(plan: Plan) -> str:
     """Given a plan, return its one-line totals."""
     summary = plan.summary()
     kept_bytes = sum(d.checkpoint.size_bytes for d in plan.decisions if d.keep)
+    slims = (
+        f"slim {summary['slim']} (frees {format_bytes(summary['bytes_slimmed'])}), "
+        if "slim" in summary
+        else ""
+    )
     return (
         f"{summary['total']} checkpoints: keep {summary['keep']} ({format_bytes(kept_bytes)}), "
-        f"delete {summary['delete']} (frees {format_bytes(summary['bytes_freed'])})"
+        f"{slims}delete {summary['delete']} (frees {format_bytes(summary['bytes_freed'])})"
     )
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 from policies.model import Decision, SlimSpec
 
 BEST_PREFIX = "best:"
+SLIM_REASON_PREFIX = "slim:after-"
 # Reasons (exact, or a prefix before ":") that a slim must never override; the daemon adds the
 # last two after planning (holds, and the resume point kept while newer ones are corrupt).
 _NEVER = ("newest", "tracked", "pinned", "incomplete", "held", "last-good")
@@ -31,7 +32,7 @@ _NEVER = ("newest", "tracked", "pinned", "incomplete", "held", "last-good")
 
 def reason_for(spec: SlimSpec) -> str:
     """Given a slim spec, return the reason a slimmed checkpoint carries (`slim:after-tier1`)."""
-    return f"slim:after-{spec.after}"
+    return f"{SLIM_REASON_PREFIX}{spec.after}"
 
 
 def slim_blockers(decision: Decision) -> tuple[str, ...]:
@@ -69,3 +70,12 @@ def _slims(decision: Decision, spec: SlimSpec, first_tier: int) -> bool:
     return not (
         spec.keep_best_full and any(reason.startswith(BEST_PREFIX) for reason in decision.reasons)
     )
+
+
+def unslim(decision: Decision, why: str) -> Decision:
+    """Given a slim decision something forbids, return it kept whole, its slim reason replaced
+    by `why` (`not-slimmable:<why>`, the guard's `slim-vetoed:in-use:pid 42 (...)`)."""
+    if not decision.slim:
+        return decision
+    reasons = tuple(r for r in decision.reasons if not r.startswith(SLIM_REASON_PREFIX))
+    return replace(decision, slim=False, reasons=(*reasons, why))

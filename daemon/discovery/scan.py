@@ -100,6 +100,8 @@ RECHECK_NEWEST = 2
 _TRAINER_STATE_LIMIT = 256 << 20
 _SIDECAR_LIMIT = 1 << 20
 _KEEP_SUFFIX = ".keep"
+# Written into a checkpoint folder after its resume state was moved out (daemon/slimming.py).
+SLIM_MARKER = ".ckptd-slim.json"
 _METRICS_SUFFIX = ".metrics.json"
 _S_IFMT = 0o170000
 _S_IFDIR = 0o040000
@@ -397,6 +399,7 @@ def _scan(
             tracked_by=tracked_by,
             pinned_by=pinned_by,
             metrics=metrics,
+            slimmed=SLIM_MARKER in walk.markers,
         )
         if entry is not None:
             entry.built = checkpoint

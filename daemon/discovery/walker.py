@@ -45,6 +45,7 @@ MARKER_NAMES = frozenset(
         ".metadata",
         ".keep",
         "metrics.json",
+        ".ckptd-slim.json",  # a slimmed checkpoint (daemon/slimming.py)
     }
 )
 DISTCP_MARKER = "*.distcp"

@@ -14,6 +14,7 @@ from daemon.errors import SafetyRefusal
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.safety.facts import Facts, Holder
 from policies.model import Checkpoint, Decision, Plan
+from policies.slim import slim_blockers, unslim
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,39 @@ def _kept(decision: Decision, *reasons: str) -> Decision:
     return replace(decision, keep=True, reasons=merged)
 
 
+def _forbidden(checkpoint: Checkpoint, newest_complete: set[str], facts: Facts) -> list[str]:
+    """Given a checkpoint about to be deleted or slimmed, return the invariants that forbid
+    it: the newest complete one, incomplete, tracked, pinned, not in the root, held."""
+    reasons: list[str] = []
+    if checkpoint.name in newest_complete:
+        reasons.append("newest")
+    if not checkpoint.complete:
+        reasons.append("incomplete")
+    if checkpoint.tracked_by:
+        reasons.append("tracked")
+    if checkpoint.pinned_by:
+        reasons.append("pinned")
+    bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
+    if bad or not _is_direct_entry(checkpoint.name):
+        reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
+    for holder in facts.holders_of(checkpoint):
+        reasons.append(f"in-use:{holder.describe()}")
+    return reasons
+
+
+def _slim_guarded(decision: Decision, newest_complete: set[str], facts: Facts) -> Decision:
+    """Given a kept decision, return it with its slim turned down when an invariant forbids
+    it: what forbids a deletion, plus the protections added after the policy (holds,
+    `last-good`). A slim moves the resume state out, and a resume needs exactly that."""
+    if not decision.slim:
+        return decision
+    reasons = _forbidden(decision.checkpoint, newest_complete, facts)
+    reasons += [kind for kind in slim_blockers(decision) if kind not in reasons]
+    if not reasons:
+        return decision
+    return unslim(decision, "slim-vetoed:" + ", ".join(reasons))
+
+
 def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused | None:
     """Given a plan and the facts, return why the whole root must be left alone, or None.
 
@@ -133,10 +167,10 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
 
     Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
     pinned, held by a process or not a plain entry directly inside the root become keeps with
-    the reason; then, per series, the newest deletions are kept back until `min_keep`
-    survive. Raises `RootRefused` when the trainer holds or is still writing the newest
-    checkpoint, or when the run would delete more than `max_delete_fraction` of the root
-    without `force`.
+    the reason, and slims of such checkpoints (or of held or `last-good` ones) keeps whole;
+    then, per series, the newest deletions are kept back until `min_keep` survive. Raises
+    `RootRefused` when the trainer holds or is still writing the newest checkpoint, or when
+    the run would delete more than `max_delete_fraction` of the root without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:
@@ -145,23 +179,9 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     guarded: list[Decision] = []
     for decision in plan.decisions:
         if decision.keep:
-            guarded.append(decision)
+            guarded.append(_slim_guarded(decision, newest_complete, facts))
             continue
-        checkpoint = decision.checkpoint
-        reasons: list[str] = []
-        if checkpoint.name in newest_complete:
-            reasons.append("newest")
-        if not checkpoint.complete:
-            reasons.append("incomplete")
-        if checkpoint.tracked_by:
-            reasons.append("tracked")
-        if checkpoint.pinned_by:
-            reasons.append("pinned")
-        bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
-        if bad or not _is_direct_entry(checkpoint.name):
-            reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
-        for holder in facts.holders_of(checkpoint):
-            reasons.append(f"in-use:{holder.describe()}")
+        reasons = _forbidden(decision.checkpoint, newest_complete, facts)
         guarded.append(_kept(decision, *reasons) if reasons else decision)
 
     # min_keep, per series: the policy may thin a series to nothing (a keep_last: 1 rotation
@@ -196,10 +216,13 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
 
 
 def vetoed(before: Plan, after: Plan) -> tuple[Decision, ...]:
-    """Given the policy's plan and the guarded one, return the deletions the guard turned down."""
-    planned_deletions = {decision.checkpoint.name for decision in before.deleted}
+    """Given the policy's plan and the guarded one, return the deletions and the slims the
+    guard turned down."""
+    planned = {decision.checkpoint.name for decision in before.deleted}
+    planned_slims = {decision.checkpoint.name for decision in before.slimmed}
     return tuple(
         decision
         for decision in after.decisions
-        if decision.keep and decision.checkpoint.name in planned_deletions
+        if (decision.keep and decision.checkpoint.name in planned)
+        or (not decision.slim and decision.checkpoint.name in planned_slims)
     )
