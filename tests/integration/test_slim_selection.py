@@ -254,8 +254,8 @@ def hf_root(root: Path, steps: range) -> None:
             os.utime(path, (stamp, stamp))
 
 
-def slim_config(root: Path, **slim: object) -> tuple[Config, RootConfig]:
-    policy = PolicyConfig(keep_last=3, tier2_count=4, slim=SlimConfig(after="tier1", **slim))
+def slim_config(root: Path) -> tuple[Config, RootConfig]:
+    policy = PolicyConfig(keep_last=3, tier2_count=4, slim=SlimConfig(after="tier1"))
     root_config = RootConfig(path=str(root), policy=policy)
     return Config(roots=[root_config], state_dir=str(root.parent / "state")), root_config
 
