@@ -40,6 +40,8 @@ import stat as stat_module
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from daemon.config import RootConfig
+from daemon.discovery.scan import scan
 from policies.model import Checkpoint, Decision, Plan, PolicySpec, SlimTarget
 from policies.slim import unslim
 
@@ -501,3 +503,45 @@ def _target(
         ),
         None,
     )
+
+
+# --- the share slimming frees, measured ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredFraction:
+    """Given a root measured: the share of a checkpoint its resume state is (None: unknown,
+    and why), and which checkpoint says so."""
+
+    fraction: float | None
+    problem: str | None = None
+    source: str = ""
+
+
+def measure_slim_fraction(
+    root_path: str, *, now: float, settle_seconds: float = 60.0
+) -> MeasuredFraction:
+    """Given a root, return the share of a checkpoint slimming moves out, from its own files:
+    the newest slimmed checkpoint's record (what left, against what stayed), else the newest
+    complete checkpoint's resume state by the layout's names (file sizes, not allocation: a
+    sparse or half-copied file says nothing of the next one)."""
+    root = RootConfig(path=os.path.realpath(root_path))
+    result = scan(root, now=now, settle_seconds=settle_seconds)
+    complete = sorted((c for c in result.checkpoints if c.complete), key=lambda c: c.step)
+    if not complete:
+        return MeasuredFraction(None, f"no complete checkpoint in {result.root}")
+    for checkpoint in reversed(complete):
+        record = read_record(result.root, checkpoint.name) if checkpoint.slimmed else None
+        if record is not None and record.bytes_logical + checkpoint.size_bytes > 0:
+            whole = record.bytes_logical + checkpoint.size_bytes
+            return MeasuredFraction(
+                record.bytes_logical / whole, source=f"{checkpoint.name} (slimmed)"
+            )
+    newest = complete[-1]
+    selection = resume_state(result.root, newest)
+    if not selection.paths or newest.size_bytes <= 0:
+        layout_problem = NOT_SLIMMABLE.get(newest.layout, NOT_SLIMMABLE["custom"])
+        return MeasuredFraction(None, f"{newest.name}: {selection.problem or layout_problem}")
+    with open_checkpoint(result.root, newest.name) as folder:
+        logical = sum(entry.bytes_logical for entry in measure(folder, selection.paths))
+    return MeasuredFraction(logical / newest.size_bytes, source=newest.name)

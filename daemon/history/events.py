@@ -7,7 +7,7 @@ written, with the same names and value formats the writers used before these cla
 of the record when it is None (those records have always come in more than one shape); any
 other None is written as `null`.
 
-Written by `daemon.pruning`: `delete`, `veto`, `prune_refused`, `prune_run`, `trash_purge`;
+Written by `daemon.pruning`: `delete`, `slim`, `veto`, `prune_refused`, `prune_run`, `trash_purge`;
 by `ckptd trash restore`: `trash_restore`; by `daemon.snapshots.daily`: `snapshot`,
 `snapshot_removed`, `snapshot_skipped`, `snapshot_failed`; by `daemon.disk.pressure`:
 `disk_warn`, `disk_critical`, `disk_trash_emptied`, `disk_prune`, `emergency_prune`,
@@ -64,6 +64,29 @@ class Delete(HistoryEvent):
     checkpoint: str
     step: int
     series: str
+    bytes_freed: int
+    bytes_in_trash: int
+    trash_grace: float
+    partial: bool
+    errors: tuple[str, ...]
+    why: tuple[str, ...]
+    tier: int | None
+    policy: Mapping[str, object]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Slim(HistoryEvent):
+    """A checkpoint slimmed (issue 11): its resume state (`files`, paths inside it) moved into
+    the trash as one item, its weights kept. `bytes_freed` are allocated bytes really freed
+    (0 while the trash's grace keeps them: then `bytes_in_trash`); `partial` with `errors`
+    when the item could not be removed whole (its remains stay in the trash)."""
+
+    event: ClassVar[str] = "slim"
+    root: str
+    checkpoint: str
+    step: int
+    series: str
+    files: tuple[str, ...]
     bytes_freed: int
     bytes_in_trash: int
     trash_grace: float
@@ -342,6 +365,7 @@ EVENTS: dict[str, type[HistoryEvent]] = {
     kind.event: kind
     for kind in (
         Delete,
+        Slim,
         Veto,
         PruneRefused,
         PruneRun,

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies import PRESETS, Checkpoint, KeepBest, Plan, PolicySpec, SlimSpec, plan
+from policies.forecast import forecast
 from policies.model import policy_record
 from policies.slim import slim_blockers
 from tests.unit.test_policy_properties import PROPERTY_SETTINGS, regular_series, specs
@@ -182,3 +183,31 @@ def test_a_slim_spec_never_slims_tier_1_nor_anything_protected(
             assert decision.keep and decision.tier in (2, 3)
             assert not (checkpoint.pinned_by or checkpoint.tracked_by)
             assert "newest" not in decision.reasons
+
+
+# --- the forecast ---------------------------------------------------------------------------
+
+GB = 1000**3
+
+
+@pytest.mark.parametrize(
+    ("steps", "kept", "slimmed", "with_slim_gb"),
+    [(17_000, 43, 23, 99.6), (100_000, 126, 106, 199.2)],
+)
+def test_forecast_with_slim_counts_slimmed_checkpoints_at_their_weights(
+    steps: int, kept: int, slimmed: int, with_slim_gb: float
+) -> None:
+    spec = replace(BALANCED, slim=SlimSpec("tier1"))
+    result = forecast(steps, 100, int(3.6 * GB), spec, slim_fraction=2 / 3)
+    assert (result.kept, result.slimmed) == (kept, slimmed)
+    assert result.bytes_with_policy == kept * 3.6 * GB
+    assert result.bytes_with_slim / GB == pytest.approx(with_slim_gb)
+
+
+def test_forecast_without_a_slim_rule_slims_nothing() -> None:
+    result = forecast(100_000, 100, int(3.6 * GB), BALANCED, slim_fraction=2 / 3)
+    assert result.slimmed == 0 and result.bytes_with_slim == result.bytes_with_policy
+    after_tier2 = forecast(100_000, 100, GB, replace(BALANCED, slim=SlimSpec("tier2")), 0.5)
+    assert after_tier2.slimmed == after_tier2.kept_by_tier[2] == 96
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        forecast(100, 10, GB, BALANCED, slim_fraction=1.5)
