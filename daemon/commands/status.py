@@ -25,6 +25,7 @@ from daemon.disk.forecast import forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
 from daemon.render import format_bytes
 from daemon.safety.facts import gather_facts
+from daemon.slimming import read_record
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import next_snapshot_time
 from daemon.state import read_state
@@ -59,6 +60,7 @@ def root_status(
     saves_per_day, checkpoint_bytes = observed_cadence(
         [c for c in scan.checkpoints if c.series == main_series]
     )
+    slimmed = slimmed_status(scan, root_plan)
     growth = forecast_growth(
         free_bytes=free_bytes or 0,
         saves_per_day=saves_per_day,
@@ -72,6 +74,7 @@ def root_status(
             (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
             default=None,
         ),
+        slim_fraction=slimmed["fraction"],
     )
     return {
         "root": root.path,
@@ -81,11 +84,37 @@ def root_status(
         "to_delete": sum(1 for d in root_plan.decisions if not d.keep),
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
+        "slimmed": slimmed["slimmed"],
+        "bytes_slimmed": slimmed["bytes_slimmed"],
+        "to_slim": len(root_plan.slimmed),
+        "bytes_slimmable": root_plan.bytes_slimmed,
         "incomplete": incomplete,
         "in_use": in_use,
         "cadence": dict(root_plan.cadences),
         "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
+    }
+
+
+def slimmed_status(scan: ScanResult, plan: Plan) -> dict[str, Any]:
+    """Given a root's scan and plan, return how many checkpoints are slimmed, the bytes their
+    slims freed (from each `.ckptd-slim.json`), and the share of a checkpoint a slim frees
+    (what the plan's slims would move out, else what past slims did; 0: unknown)."""
+    records = [
+        record
+        for checkpoint in scan.checkpoints
+        if checkpoint.slimmed and (record := read_record(scan.root, checkpoint.name)) is not None
+    ]
+    sizes = {checkpoint.name: checkpoint.size_bytes for checkpoint in scan.checkpoints}
+    moving = sum(target.bytes_logical for target in plan.slim_targets.values())
+    whole = sum(sizes.get(name, 0) for name in plan.slim_targets)
+    if not whole:
+        moving = sum(record.bytes_logical for record in records)
+        whole = moving + sum(sizes.get(record.checkpoint, 0) for record in records)
+    return {
+        "slimmed": sum(1 for checkpoint in scan.checkpoints if checkpoint.slimmed),
+        "bytes_slimmed": sum(record.bytes_freed for record in records),
+        "fraction": moving / whole if whole else 0.0,
     }
 
 
@@ -229,6 +258,13 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             "bytes",
             f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
         )
+        if root["slimmed"] or root["to_slim"]:
+            table.add_row(
+                "slimmed",
+                f"{root['slimmed']} (weights only, freed {format_bytes(root['bytes_slimmed'])}); "
+                f"{root['to_slim']} more the policy would slim "
+                f"({format_bytes(root['bytes_slimmable'])})",
+            )
         table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
         cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
