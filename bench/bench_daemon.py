@@ -179,7 +179,9 @@ def main() -> int:
                 f"completion -> prune end (worst of {SAMPLES})",
                 f"{worst:.2f} s",
                 f"<= {target_latency:.1f} s",
-                f"settle {SETTLE:g} s + {worst - SETTLE:.2f} s; rm -rf one ckpt {rm_seconds:.3f} s",
+                # An hf checkpoint is complete once trainer_state.json is there (issue 9): the
+                # prune does not wait for settle_seconds.
+                f"settle_seconds {SETTLE:g} s not waited; rm -rf one ckpt {rm_seconds:.3f} s",
                 worst <= target_latency,
             ),
             ("exit code after SIGTERM", str(exit_code), "0", "", exit_code == 0),

@@ -26,6 +26,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str]] = {
     "delete": ("bench_delete.py", [], ["--checkpoints", "10"], "rm -rf"),
     "crash": ("bench_crash.py", ["--trials", "200"], ["--trials", "20"], "invariant check"),
     "snapshot": ("bench_snapshot.py", [], ["--size", "200MB"], "cp -al, cp -r"),
+    "fast-trainer": (
+        "bench_fast_trainer.py",
+        [],
+        ["--hf-steps", "20", "--sim-saves", "20"],
+        "peak <= survivors + 2 (HF Trainer, simulated)",
+    ),
     "daemon": (
         "bench_daemon.py",
         [],

@@ -179,6 +179,9 @@ def _add_root_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     )
     trash.add_argument("name", nargs="?", metavar="NAME", help="the checkpoint to restore")
     trash.add_argument("--root", metavar="ROOT", default=None, help="only this root")
+    trash.add_argument(
+        "-y", "--yes", action="store_true", help="purge without asking (it cannot be undone)"
+    )
     _add_json(trash)
     _add_quiet(trash)
 
@@ -275,8 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_request:
         return int(exit_request.code or 0) if exit_request.code != 2 else EXIT_USAGE
     quiet = bool(getattr(args, "quiet", False))
-    if quiet and args.command == "prune" and not (args.yes or args.dry_run):
-        print("ckptd prune: --quiet needs -y (no question can be asked quietly)", file=sys.stderr)
+    asks = (args.command == "prune" and not args.dry_run) or (
+        args.command == "trash" and args.action == "purge"
+    )
+    if quiet and asks and not args.yes:
+        print(
+            f"ckptd {args.command}: --quiet needs -y (no question can be asked quietly)",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     if not quiet:
         return _run(args)

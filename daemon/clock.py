@@ -5,9 +5,10 @@ The zone is always a real zone with its daylight-saving rules (a `ZoneInfo`), ne
 offset the machine has today: `datetime.now().astimezone().tzinfo` is +01:00 in Berlin in
 January, and a snapshot time computed with it for July would be an hour off.
 
-Three ways a moment is written, each in one function:
+Two ways a moment is written, each in one function:
 - `utc_iso`: records and files read by programs (the history, the state file, `--json`);
-- `local_text`: what people read (`ckptd status`, `ckptd check-config`), in the config's zone.
+- `local_text`: what people read (`ckptd status`, `history`, `trash list`, `check-config`, the
+  log on a terminal), in the config's zone (else the machine's), always with the zone's name.
 """
 
 from __future__ import annotations
@@ -73,7 +74,13 @@ def utc_iso(moment: float | datetime, *, timespec: TimeSpec = "milliseconds") ->
     return datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec=timespec)
 
 
-def local_text(moment: datetime, zone: tzinfo) -> str:
-    """Given an aware moment and a zone, return it as people read it there:
-    `2026-07-15 03:00 CEST`."""
-    return moment.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
+def local_text(moment: float | datetime, zone: tzinfo, *, seconds: bool = False) -> str:
+    """Given an aware moment (or seconds since the epoch) and a zone, return it as people read
+    it there: `2026-07-15 03:00 CEST`, with `seconds` `2026-07-15 03:00:07 CEST`."""
+    if not isinstance(moment, datetime):
+        moment = datetime.fromtimestamp(moment, tz=UTC)
+    elif moment.tzinfo is None:
+        raise ValueError("a naive datetime has no place in time: give an aware one")
+    return moment.astimezone(zone).strftime(
+        "%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z"
+    )

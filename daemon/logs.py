@@ -1,9 +1,15 @@
 """Logging: structlog for ckptd's own events, the same processors for stdlib loggers.
 
 On a terminal, `key=value` lines for people; otherwise (journald, a pipe) one JSON object per
-line. Timestamps are UTC ISO 8601. APScheduler and watchdog log through the standard library;
+line. APScheduler and watchdog log through the standard library;
 `structlog.stdlib.ProcessorFormatter` renders their records with the same processors, so every
 line of the daemon has one format.
+
+Times follow ckptd's one convention (daemon.clock): UTC ISO 8601 with `+00:00` and milliseconds
+in JSON, as in the history and the state file; local time with the zone named
+(`2026-12-05 14:03:11 CET`) on a terminal. Values are never Python reprs: a report or result
+(a dataclass, or anything with `to_dict()`) is logged as its fields, and on a terminal lists,
+mappings, booleans and None are written as JSON (`["/data/run"]`, `true`, `null`).
 
 When the stream is connected to the journal (`JOURNAL_STREAM` names its device and inode, as
 systemd documents), each line starts with the sd-daemon priority prefix (`<3>` for an error):
@@ -13,12 +19,19 @@ ckptd's warnings and errors. Without it every line would be stored at the unit's
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
+import time
+from collections.abc import Mapping
+from datetime import tzinfo
 from typing import Any, TextIO
 
 import structlog
+
+from daemon.clock import local_text, machine_zone, utc_iso
 
 _handler: logging.Handler | None = None
 
@@ -72,6 +85,69 @@ class _JournalPriorityFormatter(structlog.stdlib.ProcessorFormatter):
         return "\n".join(prefix + line for line in super().format(record).split("\n"))
 
 
+def plain(value: Any) -> Any:
+    """Given a value to log, return it as plain data: a dataclass (or an object with
+    `to_dict()`) as its fields, tuples and sets as lists, mappings as dicts; anything else
+    JSON cannot hold as its text."""
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, type):
+        return plain(to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            field.name: plain(getattr(value, field.name)) for field in dataclasses.fields(value)
+        }
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def _plain_values(_logger: Any, _method: str, event_dict: Any) -> Any:
+    for key, value in event_dict.items():
+        if key not in ("exc_info", "_record", "_from_structlog"):
+            event_dict[key] = plain(value)
+    return event_dict
+
+
+def _text_of(value: Any) -> str:
+    """Given a plain value that is not a string or a number, return how a terminal shows it:
+    a list of simple values comma-separated (`roots=/data/a,/data/b`), anything else JSON."""
+    simple = isinstance(value, list) and all(
+        isinstance(item, str | int | float) and not isinstance(item, bool) for item in value
+    )
+    if simple and not any("," in str(item) for item in value):
+        return ",".join(str(item) for item in value)
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+def _as_text(_logger: Any, _method: str, event_dict: Any) -> Any:
+    # The console renderer writes repr() of what is not a string: write plain text instead.
+    for key, value in event_dict.items():
+        if key in ("exc_info", "_record", "_from_structlog", "event"):
+            continue
+        if not isinstance(value, str) and not (
+            isinstance(value, int | float) and not isinstance(value, bool)
+        ):
+            event_dict[key] = _text_of(value)
+    return event_dict
+
+
+def _utc_timestamp(_logger: Any, _method: str, event_dict: Any) -> Any:
+    event_dict["timestamp"] = utc_iso(time.time())
+    return event_dict
+
+
+def _local_timestamper(zone: tzinfo) -> Any:
+    def stamp(_logger: Any, _method: str, event_dict: Any) -> Any:
+        event_dict["timestamp"] = local_text(time.time(), zone, seconds=True)
+        return event_dict
+
+    return stamp
+
+
 def _use_console(format_name: str, stream: TextIO) -> bool:
     if format_name == "console":
         return True
@@ -90,18 +166,24 @@ def configure_logging(
     """
     global _handler
     stream = sys.stderr if stream is None else stream
+    console = _use_console(format, stream)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _local_timestamper(machine_zone()) if console else _utc_timestamp,
+        _plain_values,
     ]
     renderer: Any
-    if _use_console(format, stream):
+    if console:
         colors = stream.isatty() and "NO_COLOR" not in os.environ
         renderer = structlog.dev.ConsoleRenderer(colors=colors)
-        final: list[Any] = [structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer]
+        final: list[Any] = [
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _as_text,
+            renderer,
+        ]
     else:
         final = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,

@@ -10,7 +10,7 @@ from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
 from daemon.fsio import LOCAL, FileSystem
 from policies import tiered
-from policies.model import Plan, PolicySpec
+from policies.model import Checkpoint, Plan, PolicySpec
 
 
 def series_policies(
@@ -33,6 +33,23 @@ def series_policies(
     return specs
 
 
+def with_abandoned(result: ScanResult, *, now: float, abandoned_after: float) -> ScanResult:
+    """Given a scan, the time and the root's `abandoned_after`, return it with every incomplete
+    checkpoint nothing wrote in for that long flagged `abandoned` (a crashed save: the policy
+    plans it for deletion). Whether a process still holds it is the safety guard's to check."""
+    if not any(_quiet_for(c, now, abandoned_after) for c in result.checkpoints):
+        return result
+    checkpoints = tuple(
+        replace(c, abandoned=True) if _quiet_for(c, now, abandoned_after) else c
+        for c in result.checkpoints
+    )
+    return replace(result, checkpoints=checkpoints)
+
+
+def _quiet_for(checkpoint: Checkpoint, now: float, seconds: float) -> bool:
+    return not checkpoint.complete and 0 < checkpoint.mtime <= now - seconds
+
+
 def plan_root(
     config: Config,
     root: RootConfig,
@@ -47,9 +64,11 @@ def plan_root(
     `policy_override` replaces every series' policy (the disk check's emergency policy).
     With a cache, every checkpoint the plan would delete is proven unchanged since it was
     cached (a stat or two each: a `.keep` dropped into an old folder must pin it) and the root
-    is planned again if any was not. Scan warnings are the plan's warnings.
+    is planned again if any was not. Scan warnings are the plan's warnings. An incomplete
+    checkpoint quiet for `abandoned_after` is flagged abandoned (`with_abandoned`).
     """
-    settle_seconds = settings_for(config, root).settle_seconds
+    settings = settings_for(config, root)
+    settle_seconds = settings.settle_seconds
     if policy_override is not None:
         candidates = [policy_override]
     else:
@@ -60,6 +79,7 @@ def plan_root(
     result = scan(
         root, now=now, settle_seconds=settle_seconds, fs=fs, cache=cache, want_metrics=want_metrics
     )
+    result = with_abandoned(result, now=now, abandoned_after=settings.abandoned_after)
     specs = series_policies(config, root, result.series, policy_override)
     plan = tiered.plan(result.checkpoints, specs, root=result.root)
     if cache is not None and (plan.deleted or plan.slimmed):
@@ -74,6 +94,7 @@ def plan_root(
             verify=to_delete,
             want_metrics=want_metrics,
         )
+        verified = with_abandoned(verified, now=now, abandoned_after=settings.abandoned_after)
         if verified.checkpoints != result.checkpoints:
             # Something changed inside a checkpoint since it was cached: plan what is there now.
             result = verified

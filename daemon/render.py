@@ -10,16 +10,19 @@ under its own heading (`branch:abandoned-after-2000`) with its own tiers, then t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, tzinfo
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from policies.model import Decision, Plan
+from daemon import columns
+from daemon.clock import local_text, machine_zone
+from policies.model import Decision, Plan, PolicySpec
 
 TIER_TITLES = {
     1: "tier 1 · newest, all kept",
@@ -37,15 +40,67 @@ FOLD_AT = 3
 TIER_ROWS_MAX = 12
 
 
-def make_console(*, stderr: bool = False) -> Console:
-    """Given where to print, return a console: the terminal's width on a terminal, wide otherwise.
+# The width of a view piped into `less`, `grep` or a file when $COLUMNS does not say otherwise.
+PIPED_WIDTH = 200
 
-    Piped into `less`, `grep` or a file, long lines beat table cells wrapped at 80 columns.
+
+def make_console(*, stderr: bool = False) -> Console:
+    """Given where to print, return a console: the terminal's width on a terminal (or $COLUMNS),
+    wide otherwise.
+
+    Piped into `less`, `grep` or a file, long lines beat table cells wrapped at 80 columns; an
+    exported $COLUMNS is a width asked for, and wins on a terminal and in a pipe alike.
     """
-    console = Console(highlight=False, stderr=stderr)
-    if console.is_terminal:
+    console = Console(highlight=False, emoji=False, stderr=stderr)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
         return console
-    return Console(highlight=False, stderr=stderr, width=200)
+    return Console(highlight=False, emoji=False, stderr=stderr, width=PIPED_WIDTH)
+
+
+def format_duration(seconds: float) -> str:
+    """Given seconds, return the shortest exact form such as `90s`, `5m`, `1h` or `2d`."""
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_age(seconds: float) -> str:
+    """Given an age in seconds, return it as a reader compares ages: `40s`, `12m`, `5h`, `3d`."""
+    seconds = max(0.0, seconds)
+    for unit, factor, up_to in (("s", 1, 90), ("m", 60, 90 * 60), ("h", 3600, 48 * 3600)):
+        if seconds < up_to:
+            return f"{seconds / factor:.0f}{unit}"
+    return f"{seconds / 86400:.0f}d"
+
+
+def format_wait(seconds: float) -> str:
+    """Given a time still to wait, return it as `5h 12m`, `40m` or `3d 2h` (at least `1m`)."""
+    minutes = max(1, round(seconds / 60))
+    days, minutes = divmod(minutes, 24 * 60)
+    hours, minutes = divmod(minutes, 60)
+    if days:
+        return f"{days}d {hours}h" if hours else f"{days}d"
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    return f"{minutes}m"
+
+
+def describe_policy(spec: PolicySpec) -> str:
+    """Given a resolved policy, return its knobs as numbers in one line."""
+    parts = [f"keep_last {spec.keep_last}", f"tier2_count {spec.tier2_count}"]
+    parts.append(
+        f"tier3_interval {spec.tier3_interval}"
+        if spec.tier3_interval is not None
+        else "tier3_interval none (nothing kept past tier 2)"
+    )
+    parts.append(
+        f"cadence {spec.cadence}" if spec.cadence else "cadence read from the newest saves"
+    )
+    if spec.keep_best is not None:
+        best = spec.keep_best
+        parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
+    return ", ".join(parts)
 
 
 def format_bytes(count: int | float, *, significant: int | None = None) -> str:
@@ -62,6 +117,28 @@ def format_bytes(count: int | float, *, significant: int | None = None) -> str:
     if significant is not None:
         return f"{value:.{significant}g} {unit}"
     return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def plan_to_json(
+    plan: Plan, *, protected: Sequence[Protected] = (), policy: str | None = None
+) -> dict[str, Any]:
+    """Given a plan (and the protected entries beside it, and the line saying which policy
+    applies), return the `plan --json` document of DESIGN.md's CLI contract."""
+    document: dict[str, Any] = {
+        "root": plan.root,
+        "checkpoints": [_checkpoint_json(plan, decision) for decision in plan.decisions],
+        "cadences": dict(plan.cadences),
+        "warnings": list(plan.warnings),
+        "summary": plan.summary(),
+    }
+    if protected:
+        document["protected"] = [
+            {"name": entry.name, "bytes": entry.bytes, "reasons": list(entry.reasons)}
+            for entry in protected
+        ]
+    if policy is not None:
+        document["policy"] = policy
+    return document
 
 
 def _checkpoint_json(plan: Plan, decision: Decision) -> dict[str, Any]:
@@ -86,17 +163,6 @@ def _checkpoint_json(plan: Plan, decision: Decision) -> dict[str, Any]:
     return entry
 
 
-def plan_to_json(plan: Plan) -> dict[str, Any]:
-    """Given a plan, return the `plan --json` document of DESIGN.md's CLI contract."""
-    return {
-        "root": plan.root,
-        "checkpoints": [_checkpoint_json(plan, decision) for decision in plan.decisions],
-        "cadences": dict(plan.cadences),
-        "warnings": list(plan.warnings),
-        "summary": plan.summary(),
-    }
-
-
 @dataclass(frozen=True)
 class Run:
     """Consecutive decisions of one series, branch and tier with the same action and kind of
@@ -113,12 +179,24 @@ class Run:
         return self.decisions[-1]
 
 
+# The deletion reason of a series with `tier3_interval: null` (policies.tiered).
+KEEPS_NOTHING = "keeps nothing"
+PROTECTED_TITLE = "protected · not checkpoints, never deleted"
+
+
+def _deletion_kind(reason: str) -> str:
+    # "tier3: not the newest in (…]" and "tier3: keeps nothing (tier3_interval: none)" are two
+    # different stories: a thinned bucket, or a tier that keeps nothing at all.
+    prefix = reason.split(":", 1)[0]
+    return f"{prefix} {KEEPS_NOTHING}" if KEEPS_NOTHING in reason else prefix
+
+
 def _reason_kind(decision: Decision) -> tuple[str, ...]:
     # Deletion reasons name the checkpoint that represents the bucket, so they differ on every
     # line; their prefix ("tier3", "tier2") is what a reader compares.
     if decision.keep:
         return decision.reasons
-    return tuple(reason.split(":", 1)[0] for reason in decision.reasons)
+    return tuple(_deletion_kind(reason) for reason in decision.reasons)
 
 
 def fold(decisions: Iterable[Decision]) -> list[Run]:
@@ -175,19 +253,82 @@ def _run_reasons(run: Run) -> str:
         steps = [str(d.checkpoint.step) for d in run.decisions]
         shown = ", ".join(steps) if len(steps) <= 4 else f"{steps[0]}, {steps[1]} … {steps[-1]}"
         return f"{', '.join(reasons)} ({shown})"
-    kinds = ", ".join(reason.split(":", 1)[0] for reason in reasons)
-    return f"{kinds}: not the newest of their buckets"
+    kinds = [_deletion_kind(reason) for reason in reasons]
+    thinned = [kind for kind in kinds if not kind.endswith(KEEPS_NOTHING)]
+    parts = [f"{', '.join(thinned)}: not the newest of their buckets"] if thinned else []
+    if len(thinned) < len(kinds):
+        parts.append("tier3: keeps nothing past tier 2 (tier3_interval: none)")
+    return "; ".join(parts)
 
 
-def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
-    """Given a plan, return the rich table of its timeline (folded unless `unfold`)."""
-    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    table.add_column("action")
-    table.add_column("checkpoint")
-    table.add_column("step", justify="right")
-    table.add_column("count", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("reasons")
+@dataclass(frozen=True)
+class Protected:
+    """A root entry that is no checkpoint but is never deleted: a `protect:` glob names it."""
+
+    name: str
+    bytes: int
+    mtime: float
+    reasons: tuple[str, ...]
+
+
+def _run_age(run: Run, now: float | None) -> str:
+    if now is None:
+        return ""
+    ages = [
+        format_age(now - d.checkpoint.mtime) if d.checkpoint.mtime > 0 else "?"
+        for d in (run.first, run.last)
+    ]
+    return ages[0] if len(run.decisions) == 1 or ages[0] == ages[1] else f"{ages[0]}…{ages[1]}"
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of the timeline: a heading (`title`, in `style`) or a row's `values`."""
+
+    title: str = ""
+    style: str = ""
+    values: tuple[str, ...] = ()
+    action: str = "keep"  # "keep", "slim" or "delete": the first value's style
+
+
+def _timeline_fields(with_age: bool) -> tuple[columns.Field, ...]:
+    # A range of names breaks only at the space of "a … b", never inside a name; the reasons
+    # go on a line of their own under the row when the terminal is narrow.
+    return (
+        columns.Field("action"),
+        columns.Field("checkpoint", wraps=True, breaks_words=False),
+        columns.Field("step", right=True),
+        columns.Field("count", right=True),
+        *([columns.Field("age", right=True)] if with_age else []),
+        columns.Field("size", right=True),
+        columns.Field("reasons", wraps=True, moves=True),
+    )
+
+
+def _timeline_rows(
+    plan: Plan, unfold: bool, now: float | None, protected: Sequence[Protected]
+) -> list[_Row]:
+    """Given a plan, return its headings and rows in reading order."""
+    rows: list[_Row] = []
+
+    def row(action: str, name: str, step: str, count: str, age: str, size: str, why: str) -> None:
+        values = (
+            ACTION_WORDS[action],
+            name,
+            step,
+            count,
+            *([age] if now is not None else []),
+            size,
+            why,
+        )
+        rows.append(_Row(values=values, action=action))
+
+    if protected:
+        rows.append(_Row(PROTECTED_TITLE, "bold cyan"))
+        for entry in protected:
+            age = format_age(now - entry.mtime) if now is not None and entry.mtime > 0 else ""
+            reasons = ", ".join(entry.reasons)
+            row("keep", entry.name, "", "", age, format_bytes(entry.bytes), reasons)
     series_seen: str | None = None
     branch_seen: object = object()
     tier_seen: object = object()
@@ -198,33 +339,29 @@ def timeline_table(plan: Plan, *, unfold: bool = False) -> Table:
         if multi_series and head.checkpoint.series != series_seen:
             series_seen = head.checkpoint.series
             branch_seen = tier_seen = object()
-            table.add_row("", Text(f"series {series_seen}", style="bold magenta"), "", "", "", "")
+            rows.append(_Row(f"series {series_seen}", "bold magenta"))
         if head.checkpoint.series in branched and head.branch != branch_seen:
             branch_seen = head.branch
             tier_seen = object()
-            table.add_row("", _branch_heading(head.branch), "", "", "", "")
+            rows.append(_branch_heading(head.branch))
         if head.tier != tier_seen:
             tier_seen = head.tier
-            title = TIER_TITLES.get(head.tier, f"tier {head.tier}")
-            table.add_row("", Text(title, style="bold cyan"), "", "", "", "")
-        action = _ACTIONS[head.action]
-        size = sum(d.checkpoint.size_bytes for d in decisions.decisions)
+            rows.append(_Row(TIER_TITLES.get(head.tier, f"tier {head.tier}"), "bold cyan"))
+        size = format_bytes(sum(d.checkpoint.size_bytes for d in decisions.decisions))
         if len(decisions.decisions) == 1:
             names, steps, count = head.checkpoint.name, str(head.checkpoint.step), ""
         else:
             names = f"{head.checkpoint.name} … {decisions.last.checkpoint.name}"
             steps = f"{head.checkpoint.step}…{decisions.last.checkpoint.step}"
             count = str(len(decisions.decisions))
-        reasons = _run_reasons(decisions) + _slim_note(plan, decisions)
-        table.add_row(action, names, steps, count, format_bytes(size), reasons)
-    return table
+        age = _run_age(decisions, now)
+        why = _run_reasons(decisions) + _slim_note(plan, decisions)
+        row(head.action, names, steps, count, age, size, why)
+    return rows
 
 
-_ACTIONS = {
-    "keep": Text("KEEP", style="bold green"),
-    "slim": Text("SLIM", style="bold yellow"),
-    "delete": Text("delete", style="red"),
-}
+ACTION_WORDS = {"keep": "KEEP", "slim": "SLIM", "delete": "delete"}
+ACTION_STYLES = {"keep": "bold green", "slim": "bold yellow", "delete": "red"}
 
 
 def _slim_note(plan: Plan, run: Run) -> str:
@@ -242,10 +379,60 @@ def _slim_note(plan: Plan, run: Run) -> str:
     return ""
 
 
-def _branch_heading(branch: str | None) -> Text:
+def timeline_table(
+    plan: Plan,
+    *,
+    unfold: bool = False,
+    now: float | None = None,
+    protected: Sequence[Protected] = (),
+) -> Table:
+    """Given a plan, return its timeline as a rich table (folded unless `unfold`; with `now`,
+    an age column; `protected` entries first, under their own heading)."""
+    fields = _timeline_fields(now is not None)
+    table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for field in fields:
+        table.add_column(field.header, justify="right" if field.right else "left", overflow="fold")
+    for entry in _timeline_rows(plan, unfold, now, protected):
+        if entry.values:
+            action = Text(entry.values[0], style=ACTION_STYLES[entry.action])
+            table.add_row(action, *entry.values[1:])
+        else:
+            table.add_row("", Text(entry.title, style=entry.style), *[""] * (len(fields) - 2))
+    return table
+
+
+def timeline_lines(
+    plan: Plan,
+    width: int,
+    *,
+    unfold: bool = False,
+    now: float | None = None,
+    protected: Sequence[Protected] = (),
+) -> list[Text]:
+    """Given a plan and the width, return the timeline's lines (folded unless `unfold`): one
+    line per row where it fits; at 80 columns each row's reasons on a line of their own.
+    Nothing is ever cut."""
+    fields = _timeline_fields(now is not None)
+    entries = _timeline_rows(plan, unfold, now, protected)
+    layout = columns.layout(fields, [e.values for e in entries if e.values], width, indent=8)
+    heading_at = " " * columns.start_of(layout, 1)
+    lines = [Text(line, style="bold") for line in columns.header(layout)]
+    for entry in entries:
+        if not entry.values:
+            lines.append(Text(heading_at) + Text(entry.title, style=entry.style))
+            continue
+        for number, line in enumerate(columns.rows(layout, entry.values)):
+            text = Text(line)
+            if number == 0:
+                text.stylize(ACTION_STYLES[entry.action], 0, len(entry.values[0]))
+            lines.append(text)
+    return lines
+
+
+def _branch_heading(branch: str | None) -> _Row:
     if branch is None:
-        return Text(LIVE_TITLE, style="bold green")
-    return Text(f"branch:{branch} · {BRANCH_NOTE}", style="bold yellow")
+        return _Row(LIVE_TITLE, "bold green")
+    return _Row(f"branch:{branch} · {BRANCH_NOTE}", "bold yellow")
 
 
 def _split_runs(decisions: Sequence[Decision], unfold: bool) -> list[Run]:
@@ -300,31 +487,87 @@ def summary_line(plan: Plan) -> str:
     )
 
 
-def print_plan(console: Console, plan: Plan, *, layout: str = "", unfold: bool = False) -> None:
-    """Given a console and a plan, print its heading, timeline, warnings and totals."""
-    cadences = ", ".join(f"{series}: every {steps}" for series, steps in plan.cadences.items())
-    heading = f"[bold]{plan.root}[/bold]"
-    if layout:
-        heading += f"  layout {layout}"
-    if cadences:
-        heading += f"  cadence {cadences}"
+def _unit(count: int, unit: str) -> str:
+    return f"every {unit}" if count == 1 else f"every {count} {unit}s"
+
+
+def cadence_text(plan: Plan, layout: str = "") -> str:
+    """Given a plan and its root's layout, return `cadence: every 100 steps (hf layout)`; with
+    several series, each series' cadence by name. A series ordered by epoch counts epochs."""
+    by_epoch = {
+        series
+        for series in plan.cadences
+        if all(
+            d.checkpoint.epoch is not None and d.checkpoint.epoch == d.checkpoint.step
+            for d in plan.decisions
+            if d.checkpoint.series == series
+        )
+    }
+    cadences = [
+        (series, _unit(steps, "epoch" if series in by_epoch else "step"))
+        for series, steps in plan.cadences.items()
+    ]
+    where = f" ({layout} layout)" if layout else ""
+    if not cadences:
+        return f"cadence: none yet{where}"
+    if len(cadences) == 1:
+        return f"cadence: {cadences[0][1]}{where}"
+    return "cadence: " + ", ".join(f"{series} {every}" for series, every in cadences) + where
+
+
+def print_plan(
+    console: Console,
+    plan: Plan,
+    *,
+    layout: str = "",
+    unfold: bool = False,
+    now: float | None = None,
+    protected: Sequence[Protected] = (),
+    warnings: Sequence[str] = (),
+) -> None:
+    """Given a console and a plan, print the root with its cadence, the warnings (the plan's
+    and the caller's), the timeline and the totals."""
+    heading = Text(plan.root, style="bold")
+    heading.append(f"  {cadence_text(plan, layout)}", style="")
     console.print(heading)
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    if plan.decisions:
-        console.print(timeline_table(plan, unfold=unfold))
-    console.print(summary_line(plan))
+    for warning in (*plan.warnings, *warnings):
+        console.print(Text("warning: ", style="yellow") + Text(warning))
+    if plan.decisions or protected:
+        for line in timeline_lines(
+            plan, console.width, unfold=unfold, now=now, protected=protected
+        ):
+            console.print(line, overflow="fold")
+    console.print(summary_line(plan), markup=False)
 
 
 # --- the cleanup history ------------------------------------------------------------------------
 
+HISTORY_FIELDS = (
+    columns.Field("time"),
+    columns.Field("event"),
+    columns.Field("root", wraps=True, moves=True),
+    columns.Field("checkpoint"),
+    columns.Field("freed", right=True),
+    columns.Field("why", wraps=True, moves=True),
+)
+# Room for what `history --follow` prints later, so that its rows line up with the first ones:
+# the common events, checkpoint names to step 99999, sizes to "999.9 MB to trash".
+EVENT_WIDTH = len("prune_refused")
+CHECKPOINT_WIDTH = len("checkpoint-10000")
+ROOT_WIDTH = len("/data/training/current_model")  # without a config to say
+FREED_WIDTH = len("3.6 GB to trash")
 
-def _local_time(value: object) -> str:
+
+def history_time(value: object, zone: tzinfo | None = None) -> str:
+    """Given a record's UTC ISO time, return it in the zone (else the machine's), with the zone
+    named: `2026-12-05 14:03:11 CET`."""
     try:
         moment = datetime.fromisoformat(str(value))
     except ValueError:
         return str(value)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    if moment.tzinfo is None:
+        return str(value)
+    return local_text(moment, zone or machine_zone(), seconds=True)
 
 
 def why_of(record: dict[str, Any]) -> str:
@@ -339,22 +582,25 @@ def why_of(record: dict[str, Any]) -> str:
             return value
     if record.get("event") == "prune_run":
         mode = "dry run: " if record.get("dry_run") else ""
+        quiet = record.get("quiet_runs")
+        before = f" ({quiet} run(s) before it had nothing to do)" if quiet else ""
         return (
             f"{mode}{record.get('deleted', 0) or record.get('would_delete', 0)} deleted, "
             f"{record.get('kept', 0)} kept, {record.get('vetoed', 0)} vetoed, "
-            f"{record.get('failed', 0)} failed in {record.get('seconds', 0)} s"
+            f"{record.get('failed', 0)} failed in {record.get('seconds', 0)} s{before}"
         )
     return ""
 
 
-def _history_row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+def history_row(record: dict[str, Any], zone: tzinfo | None = None) -> tuple[str, ...]:
+    """Given a history record, return its values in HISTORY_FIELDS order."""
     freed = record.get("bytes_freed")
     in_trash = record.get("bytes_in_trash")
     shown = format_bytes(freed) if isinstance(freed, int | float) else ""
     if isinstance(in_trash, int | float) and in_trash and record.get("event") == "delete":
         shown = f"{format_bytes(in_trash)} to trash"
     return (
-        _local_time(record.get("time", "")),
+        history_time(record.get("time", ""), zone),
         str(record.get("event", "")),
         str(record.get("root", "")),
         str(record.get("checkpoint", "")),
@@ -363,15 +609,56 @@ def _history_row(record: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
     )
 
 
-def history_table(records: Iterable[dict[str, Any]]) -> Table:
-    """Given history records, return the rich table people read (oldest first, newest last)."""
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("time", no_wrap=True)
-    table.add_column("event", no_wrap=True)
-    table.add_column("root", no_wrap=True)
-    table.add_column("checkpoint", no_wrap=True)
-    table.add_column("freed", justify="right", no_wrap=True)
-    table.add_column("why", overflow="fold")
+def history_layout(
+    records: Iterable[dict[str, Any]],
+    width: int,
+    *,
+    zone: tzinfo | None = None,
+    roots: Iterable[str] = (),
+    follow: bool = False,
+) -> columns.Layout:
+    """Given the records shown first, the width and the configured roots, return the layout
+    every row uses; with `follow`, with room for the rows `--follow` prints later, so that
+    they line up with the first ones."""
+    zone = zone or machine_zone()
+    rows = [history_row(record, zone) for record in records]
+    if not follow:
+        return columns.layout(HISTORY_FIELDS, rows, width)
+    # One more than today's: summer and winter names of a zone differ (CET, CEST).
+    time_width = len(local_text(datetime.now(zone), zone, seconds=True)) + 1
+    least = (
+        time_width,
+        EVENT_WIDTH,
+        max((len(root) for root in roots), default=ROOT_WIDTH),
+        CHECKPOINT_WIDTH,
+        FREED_WIDTH,
+        0,
+    )
+    layout = columns.layout(HISTORY_FIELDS, rows, width, least=least)
+    if layout.stacked:
+        return layout
+    # The reasons still to come take what is left of the line, not the first ones' width.
+    why = len(HISTORY_FIELDS) - 1
+    rest = max(layout.widths[why], width - columns.start_of(layout, why))
+    return replace(layout, widths=(*layout.widths[:why], rest))
+
+
+def history_lines(
+    records: Iterable[dict[str, Any]], layout: columns.Layout, zone: tzinfo | None = None
+) -> list[str]:
+    """Given records and the layout, return their lines (oldest first, newest last)."""
+    zone = zone or machine_zone()
+    lines: list[str] = []
     for record in records:
-        table.add_row(*_history_row(record))
-    return table
+        lines += columns.rows(layout, history_row(record, zone))
+    return lines
+
+
+def history_table(
+    records: Iterable[dict[str, Any]], *, width: int = PIPED_WIDTH, zone: tzinfo | None = None
+) -> Text:
+    """Given history records, return the table people read (header, then oldest first)."""
+    shown = list(records)
+    zone = zone or machine_zone()
+    layout = history_layout(shown, width, zone=zone)
+    return Text("\n".join([*columns.header(layout), *history_lines(shown, layout, zone)]))

@@ -48,6 +48,9 @@ class Checkpoint:
     # Pins: ".keep" or "protect:<glob>".
     pinned_by: tuple[str, ...] = ()
     metrics: Mapping[str, float] = field(default_factory=lambda: EMPTY_METRICS)
+    # Orders saves of one step: a later re-save has a higher version (Lightning names a second
+    # run's save of a step `...-v1.ckpt`, whose name sorts before the first run's).
+    version: int = 0
     # An incomplete save nobody will finish (held by no process, quiet for `abandoned_after`):
     # the daemon decides that from facts and the clock; the policy plans it for deletion
     # (`abandoned-save`) unless pinned or tracked. Meaningless on a complete checkpoint.

@@ -155,8 +155,8 @@ def _group_by_series(checkpoints: Sequence[Checkpoint]) -> dict[str, list[Checkp
 
 
 def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int], bool]:
-    """Given a series' checkpoints, return them ordered by (step, name), their steps, and
-    whether two of them share a step."""
+    """Given a series' checkpoints, return them ordered by (step, version, name), their steps,
+    and whether two of them share a step."""
     steps = list(map(_step_of, group))
     if all(map(lt, steps, islice(steps, 1, None))):
         return group, steps, False  # discovery often hands them over in order already
@@ -165,9 +165,9 @@ def _sorted_by_step(group: list[Checkpoint]) -> tuple[list[Checkpoint], list[int
     steps = list(map(steps.__getitem__, order))
     repeated = len(set(steps)) != len(steps)
     if repeated:
-        # Equal steps (two layouts, a re-save): order them by name so the plan never depends on
-        # the order the directory listing happened to return.
-        ordered.sort(key=lambda checkpoint: (checkpoint.step, checkpoint.name))
+        # Equal steps (two layouts, a re-save): order them by version (the later re-save last),
+        # then name, so the plan never depends on the order the directory listing returned.
+        ordered.sort(key=lambda checkpoint: (checkpoint.step, checkpoint.version, checkpoint.name))
         steps = list(map(_step_of, ordered))
     return ordered, steps, repeated
 

@@ -71,6 +71,13 @@ GOLDEN: dict[str, str] = {
         '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
         '"cadence":null,"keep_best":null}}'
     ),
+    "prune_run_after_quiet_runs": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"prune_run","root":"/data/run",'
+        '"dry_run":false,"checkpoints":11,"kept":10,"deleted":1,"would_delete":0,"vetoed":0,'
+        '"failed":0,"trashed":0,"bytes_freed":2000,"bytes_in_trash":0,"seconds":0.004,'
+        '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
+        '"cadence":null,"keep_best":null},"quiet_runs":3}'
+    ),
     "trash_purge": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"trash_purge","root":"/data/run",'
         '"checkpoint":"checkpoint-200","bytes_freed":2000,"deleted_at":1800000000.0,'

@@ -86,14 +86,21 @@ def hf_checkpoint(
     eval_loss: float | None = None,
     best_model_checkpoint: str | None = None,
     best_metric: float | None = None,
+    jit_incomplete: bool = False,
     age_seconds: float | None = SETTLED,
 ) -> Path:
     """Given a root and a step, write `checkpoint-<step>/` as `transformers.Trainer` does:
     config.json, model.safetensors (or two shards + index when `sharded`), optimizer.pt,
     scheduler.pt, rng_state.pth, then trainer_state.json last (left out when not `complete`:
-    an interrupted save). `eval_loss` adds an evaluation record to the log history."""
+    an interrupted save). `eval_loss` adds an evaluation record to the log history.
+    `jit_incomplete`: a JIT checkpoint (transformers' trainer_jit_checkpoint.py) writes
+    `checkpoint-is-incomplete.txt` first and removes it after the whole save; it stays."""
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True, exist_ok=True)
+    if jit_incomplete:
+        (folder / "checkpoint-is-incomplete.txt").write_text(
+            f"Checkpoint started at step {step} and in progress..."
+        )
     write_json(folder / "config.json", {"model_type": "llama", "hidden_size": 64})
     if sharded:
         half = model_bytes // 2
@@ -302,11 +309,26 @@ def orbax_checkpoint(
     return _finish(folder, age_seconds)
 
 
-def orbax_tmp(root: Path, step: int, *, age_seconds: float | None = SETTLED) -> Path:
-    """Given a root and a step, leave `<step>.orbax-checkpoint-tmp-<timestamp>/`, an Orbax save
-    in progress or interrupted."""
-    folder = root / f"{step}.orbax-checkpoint-tmp-{int(time.time())}"
+def orbax_tmp(
+    root: Path,
+    step: int,
+    *,
+    prefix: str = "",
+    timestamp: bool = False,
+    committed: bool = False,
+    age_seconds: float | None = SETTLED,
+) -> Path:
+    """Given a root and a step, leave an Orbax save in progress or interrupted:
+    `<prefix><step>.orbax-checkpoint-tmp/` as orbax-checkpoint 0.12 names it (`-<timestamp>`
+    after it with `timestamp`, as older versions did), with `_CHECKPOINT_METADATA` (written
+    when the folder is created) and, when `committed`, `commit_success.txt` (written just
+    before the final rename)."""
+    suffix = f"-{int(time.time())}" if timestamp else ""
+    folder = root / f"{prefix}{step}.orbax-checkpoint-tmp{suffix}"
+    write_json(folder / "_CHECKPOINT_METADATA", {"init_timestamp_nsecs": time.time_ns()})
     write_file(folder / "default" / "d" / "0f3c5b2a9e", 2048)
+    if committed:
+        (folder / "commit_success.txt").write_text(f"Checkpoint commit was successful to {step}")
     return _finish(folder, age_seconds)
 
 
@@ -317,15 +339,19 @@ def dcp_checkpoint(
     ranks: int = 2,
     size: int = 4096,
     complete: bool = True,
+    collectives: bool = True,
     age_seconds: float | None = SETTLED,
 ) -> Path:
     """Given a root and a folder name (`step_1000`), write a torch.distributed.checkpoint save:
-    `__<rank>_0.distcp` per rank, then `.metadata` last (left out when not `complete`)."""
+    `__<rank>_0.distcp` per rank, then `.metadata` last (`.metadata.tmp`, not yet renamed,
+    when not `complete`). With `collectives=False` every rank writes its own
+    `__<rank>.metadata` instead (`_FileSystemWriter.finish`)."""
     folder = root / name
     for rank in range(ranks):
         write_file(folder / f"__{rank}_0.distcp", size)
-    if complete:
-        write_file(folder / ".metadata", 900)
+    metadata = [".metadata"] if collectives else [f"__{rank}.metadata" for rank in range(ranks)]
+    for file_name in metadata:
+        write_file(folder / (file_name if complete else f"{file_name}.tmp"), 900)
     return _finish(folder, age_seconds)
 
 
@@ -355,6 +381,18 @@ def tf_checkpoint(
     return files
 
 
+def tf_temp_folder(
+    root: Path, number: int, *, prefix: str = "ckpt", age_seconds: float | None = SETTLED
+) -> Path:
+    """Given a root and a save number, leave `<prefix>-<n>_temp/` as TensorFlow writes a save
+    before merging it into `<prefix>-<n>.index` + `.data-*` (`sharded_suffix = "_temp/part"`,
+    functional_saver.py): a save in flight, or cut off."""
+    folder = root / f"{prefix}-{number}_temp"
+    write_file(folder / "part-00000-of-00001.data-00000-of-00001", 4096)
+    write_file(folder / "part-00000-of-00001.index", 300)
+    return _finish(folder, age_seconds)
+
+
 def tf_tracker(root: Path, numbers: Iterable[int], *, prefix: str = "ckpt") -> Path:
     """Given a root and the save numbers TF keeps, write its `checkpoint` file: the last one as
     `model_checkpoint_path`, all of them as `all_model_checkpoint_paths`."""
@@ -363,6 +401,39 @@ def tf_tracker(root: Path, numbers: Iterable[int], *, prefix: str = "ckpt") -> P
     lines += [f'all_model_checkpoint_paths: "{name}"' for name in listed]
     (root / "checkpoint").write_text("\n".join(lines) + "\n")
     return root / "checkpoint"
+
+
+# --- NeMo 2 ---------------------------------------------------------------------------------------
+
+
+def nemo_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    epoch: int = 0,
+    val_loss: float = 2.0,
+    unfinished: bool = False,
+    last: bool = False,
+    age_seconds: float | None = SETTLED,
+) -> Path:
+    """Given a root and a step, write a NeMo 2 checkpoint folder as its ModelCheckpoint names it
+    (`default--val_loss=2.0000-epoch=0-step=9/`, `weights/` in torch_dist format and
+    `context/`). `unfinished` leaves NeMo's `<name>-unfinished` marker file beside it (touched
+    before the save, removed when it is finalized); `last` adds the `<name>-last/` copy."""
+    name = f"default--val_loss={val_loss:.4f}-epoch={epoch}-step={step}"
+    folders = [root / name] + ([root / f"{name}-last"] if last else [])
+    for folder in folders:
+        write_file(folder / "weights" / "__0_0.distcp", 4096)
+        write_file(folder / "weights" / "common.pt", 1319)
+        write_file(folder / "weights" / ".metadata", 1126)
+        write_json(folder / "weights" / "metadata.json", {"sharded_backend": "torch_dist"})
+        write_json(folder / "context" / "io.json", {"root": {"type": "ref"}})
+        write_file(folder / "context" / "model.yaml", 200)
+    if unfinished:
+        (root / f"{name}-unfinished").touch()
+    for path in [*folders, *([root / f"{name}-unfinished"] if unfinished else [])]:
+        _finish(path, age_seconds)
+    return root / name
 
 
 # --- many -----------------------------------------------------------------------------------------

@@ -2,11 +2,19 @@
 
 Prints `FILE: ok` and a short summary (roots, layouts, policies as numbers, schedules) on stdout
 and any warnings on stderr, exit 0; or every problem, one line each, on stderr, exit 2.
+
+The summary also notes, on `note:` lines, what is valid but not there yet on this machine: a
+root that does not exist yet, a trainer pid file that names no running process (the trainer is
+then found automatically), an `alert` command that does not exist or is not executable. They
+do not fail the check: a config is often written before the first run starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import shutil
 import sys
 from datetime import datetime
 
@@ -20,31 +28,24 @@ from daemon.config import (
     settings_for,
 )
 from daemon.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from daemon.render import format_bytes
-from policies.model import PolicySpec
+from daemon.render import describe_policy, format_bytes, format_duration
+from daemon.safety.facts import pid_file_problem
 
 
-def format_duration(seconds: float) -> str:
-    """Given seconds, return the shortest exact form such as `90s`, `5m`, `1h` or `2d`."""
-    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= factor and seconds % factor == 0:
-            return f"{int(seconds // factor)}{unit}"
-    return f"{seconds:g}s"
-
-
-def describe_policy(spec: PolicySpec) -> str:
-    """Given a resolved policy, return its knobs as numbers in one line."""
-    parts = [f"keep_last {spec.keep_last}", f"tier2_count {spec.tier2_count}"]
-    parts.append(
-        f"tier3_interval {spec.tier3_interval}"
-        if spec.tier3_interval is not None
-        else "tier3_interval none (nothing kept past tier 2)"
-    )
-    parts.append(f"cadence {spec.cadence}" if spec.cadence else "cadence read from tier 1")
-    if spec.keep_best is not None:
-        best = spec.keep_best
-        parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
-    return ", ".join(parts)
+def alert_problem(command: str) -> str | None:
+    """Given the `disk.alert` command line (run without a shell), return why it cannot run
+    (its program does not exist, is not executable), else None."""
+    try:
+        program = shlex.split(command)[0]
+    except (ValueError, IndexError):
+        return "is not a command line"
+    if "/" not in program:
+        return None if shutil.which(program) else f"{program} is not on the PATH"
+    if not os.path.exists(program):
+        return f"{program} does not exist"
+    if os.path.isdir(program) or not os.access(program, os.X_OK):
+        return f"{program} is not executable"
+    return None
 
 
 def _preset_note(policy: PolicyConfig | None) -> str:
@@ -62,6 +63,11 @@ def _next_prune(config: Config, now: datetime) -> str:
 
 def _root_lines(config: Config, root: RootConfig) -> list[str]:
     lines = [f"  {root.path}  (layout {root.layout}, watch {root.watch})"]
+    if "://" not in root.path and not os.path.isdir(root.path):
+        lines.append(
+            "    note: does not exist yet: the daemon waits for it; plan, prune, status and "
+            "trash skip it with a warning (exit 1)"
+        )
     if root.series:
         for series in root.series:
             spec = policy_for(config, root, series)
@@ -82,6 +88,13 @@ def _root_lines(config: Config, root: RootConfig) -> list[str]:
         found = [f"pid file {trainer.pid_file}"] if trainer.pid_file else []
         found += [f"cmdline /{trainer.cmdline}/"] if trainer.cmdline else []
         lines.append("    trainer: " + ", ".join(found))
+        problem = pid_file_problem(trainer.pid_file) if trainer.pid_file else None
+        if problem is not None:
+            instead = "by its cmdline" if trainer.cmdline else "automatically"
+            lines.append(
+                f"    note: the pid file {problem}: until it names a running process the "
+                f"trainer is found {instead}"
+            )
     else:
         lines.append("    trainer: found automatically (processes using files under the root)")
     settings = settings_for(config, root)
@@ -128,6 +141,9 @@ def summary_lines(config: Config, now: datetime) -> list[str]:
         f"critical {disk.critical_percent:g}%{min_free}; "
         f"alert: {disk.alert or 'none'}"
     )
+    problem = alert_problem(disk.alert) if disk.alert else None
+    if problem is not None:
+        lines.append(f"  note: the alert command cannot run: {problem}")
     lines.append(
         f"  emergency policy: {describe_policy(disk.emergency.to_spec())}"
         f"{_preset_note(disk.emergency)}"

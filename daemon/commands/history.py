@@ -1,8 +1,10 @@
 """`ckptd history [--config FILE] [-n N] [--follow] [--json]`: the cleanup history.
 
-A table for people (newest last, times in local time), the raw JSON lines for scripts, and
-`--follow` like `tail -F`: it keeps reading across logrotate (a new file at the path is picked up
-from its start; a truncated file is read again from its start).
+A table for people (newest last, times in the config's zone, named), the raw JSON lines for
+scripts, and `--follow` like `tail -F`: it keeps reading across logrotate (a new file at the path
+is picked up from its start; a truncated file is read again from its start), its rows lined up
+with the header. The table never cuts a value: at 80 columns each record's root and reason go on
+a line of their own under it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from daemon.commands._common import history_path
+from daemon import columns
+from daemon.commands._common import history_source
 from daemon.history.log import parse_records
-from daemon.render import history_table, make_console
+from daemon.render import history_layout, history_lines, make_console
 
 FOLLOW_POLL_SECONDS = 0.25
 
@@ -82,7 +85,8 @@ def follow_lines(
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `history` arguments, print the history and return the exit code."""
-    path = history_path(args.config)
+    source = history_source(args.config)
+    path = source.path
     count = max(0, args.n)
     try:
         handle: TextIO | None = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
@@ -92,19 +96,22 @@ def main(args: argparse.Namespace) -> int:
     if not args.follow and handle is not None:
         handle.close()
     recent = records[-count:] if count else []
+    console = make_console()
+    # One layout for the records shown and those --follow prints later: they line up.
+    layout = history_layout(
+        recent, console.width, zone=source.zone, roots=source.roots, follow=args.follow
+    )
     if args.json:
         for record in recent:
             sys.stdout.write(json.dumps(record) + "\n")
+    elif not records and not args.follow:
+        print(f"no history yet in {path}")
     else:
-        console = make_console()
-        if not records and not args.follow:
-            console.print(f"no history yet in {path}")
-        else:
-            console.print(history_table(recent))
+        for line in [*columns.header(layout), *history_lines(recent, layout, source.zone)]:
+            print(line)
     sys.stdout.flush()
     if not args.follow:
         return 0
-    console = make_console()
     try:
         for line in follow_lines(path, handle=handle):
             if args.json:
@@ -116,9 +123,8 @@ def main(args: argparse.Namespace) -> int:
             except json.JSONDecodeError:
                 continue
             if isinstance(record, dict):
-                table = history_table([record])
-                table.show_header = False
-                console.print(table)
+                for text in history_lines([record], layout, source.zone):
+                    print(text, flush=True)
     except KeyboardInterrupt:
         return 0
     return 0

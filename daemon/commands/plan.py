@@ -1,34 +1,73 @@
-"""`ckptd plan [ROOT] [--config FILE] [--json]`: what would be kept and deleted, and why."""
+"""`ckptd plan [ROOT] [--config FILE] [--json] [--all]`: what would be kept and deleted, and why.
+
+Per root: which policy applies and where it comes from, the cadence, the warnings (among them a
+prune that `max_delete_fraction` would refuse), the timeline with each checkpoint's age, the
+entries a `protect:` glob keeps beside the checkpoints, and the totals.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
-from daemon.commands._common import select_roots
+from daemon.commands._common import protected_entries, select, warn_missing
+from daemon.config import Config, RootConfig, settings_for
 from daemon.planner import plan_root
 from daemon.render import make_console, plan_to_json, print_plan
+from daemon.safety import guard
+from daemon.safety.facts import Facts
+from policies.model import Plan
+
+
+def refusal_warning(config: Config, root: RootConfig, plan: Plan, *, now: float) -> str | None:
+    """Given a root and its plan, return why `ckptd prune` would refuse it for a limit only a
+    person can lift (`max_delete_fraction`), else None. Processes are not looked at: the
+    trainer holding the newest checkpoint is a refusal that clears by itself."""
+    settings = settings_for(config, root)
+    safety = guard.SafetySettings(
+        min_keep=settings.min_keep, max_delete_fraction=settings.max_delete_fraction
+    )
+    try:
+        guard.guard(plan, Facts(root_path=os.path.realpath(root.path), now=now), safety)
+    except guard.RootRefused as refused:
+        if not refused.transient:
+            return f"ckptd prune would refuse this root: {refused.reason}"
+    return None
 
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `plan` arguments, print the plan of each root and return the exit code."""
-    config, roots = select_roots(args.root, args.config)
+    selection = select(args.root, args.config)
     now = time.time()
     documents = []
     console = make_console()
-    for index, root in enumerate(roots):
-        scan, plan = plan_root(config, root, now=now)
+    for index, root in enumerate(selection.roots):
+        scan, plan = plan_root(selection.config, root, now=now)
+        protected = protected_entries(root, plan)
+        warning = refusal_warning(selection.config, root, plan, now=now)
         if args.json:
-            documents.append(plan_to_json(plan))
+            document = plan_to_json(plan, protected=protected, policy=selection.policy_line(root))
+            document["warnings"] += [warning] if warning else []
+            documents.append(document)
             continue
         if index:
             console.print()
-        print_plan(console, plan, layout=scan.layout, unfold=args.all)
+        selection.print_policy(console, root)
+        print_plan(
+            console,
+            plan,
+            layout=scan.layout,
+            unfold=args.all,
+            now=now,
+            protected=protected,
+            warnings=[warning] if warning else [],
+        )
     if args.json:
         # One root: the documented object; several: a list of them.
         output = documents[0] if len(documents) == 1 else documents
         json.dump(output, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    return 0
+    return warn_missing("plan", selection.missing)

@@ -5,9 +5,10 @@ Shows the current count and the guarded plan, asks `[y/N]` (or takes `-y`), dele
 a cron job that forgot `-y` must not hang or, worse, delete unasked. Exit codes: 0 done, 1 some
 deletion failed, 2 usage or config error, 3 refused for safety.
 
-History goes to the config's `history_file` (default `<state_dir>/history.jsonl`); with a bare
-ROOT and no config file, to `$XDG_STATE_HOME/ckptd/history.jsonl` (else
-`~/.local/state/ckptd/history.jsonl`), so a person can prune by hand without root.
+Which config, policy and history file apply is `daemon.commands._common`'s: the first line of
+each root says which policy applies. Deleted checkpoints wait out the trash grace: the question
+and the summary both say when their space comes back, and that `ckptd trash purge` frees it now.
+A configured root that does not exist is a warning; the other roots are pruned (exit 1).
 """
 
 from __future__ import annotations
@@ -16,17 +17,26 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
+from datetime import tzinfo
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from daemon.commands._common import history_path_for, select_roots
-from daemon.config import Config, RootConfig
+from daemon.clock import local_text, zone_for
+from daemon.commands._common import Selection, protected_entries, select, warn_missing
+from daemon.config import RootConfig, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, UsageError
 from daemon.history.log import HistoryLog
 from daemon.pruning.pipeline import PruneReport, prune_root
-from daemon.render import format_bytes, make_console, plan_to_json, timeline_table
+from daemon.render import (
+    format_bytes,
+    format_duration,
+    make_console,
+    plan_to_json,
+    timeline_lines,
+)
 
 # Deleting fewer than this finishes before a progress bar would be worth drawing.
 PROGRESS_AT = 5
@@ -57,13 +67,15 @@ def report_to_json(report: PruneReport) -> dict[str, Any]:
     return document
 
 
-def _show_plan(console: Console, report: PruneReport) -> None:
+def _show_plan(console: Console, report: PruneReport, root: RootConfig, now: float) -> None:
     plan = report.plan
     console.print(f"[bold]{plan.root}[/bold]: {len(plan.decisions)} checkpoints now")
     for note in report.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    if plan.decisions:
-        console.print(timeline_table(plan))
+    protected = protected_entries(root, plan)
+    if plan.decisions or protected:
+        for line in timeline_lines(plan, console.width, now=now, protected=protected):
+            console.print(line, overflow="fold")
     deleting = plan.deleted
     console.print(
         f"keep {len(plan.kept)}, delete {len(deleting)}, "
@@ -81,7 +93,32 @@ def _ask(console: Console, question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _summary(report: PruneReport) -> str:
+@dataclass(frozen=True)
+class _Grace:
+    """Given a root: how long deleted checkpoints wait in its trash, and the zone to say when."""
+
+    seconds: float
+    zone: tzinfo
+
+    def until(self, start: float) -> str:
+        """Given when the deletion happens, return when the grace ends, as people read it."""
+        return local_text(start + self.seconds, self.zone)
+
+    def question(self, count: int, freeing: int, start: float) -> str:
+        """Given what is about to go, return the `[y/N]` question, saying when the space
+        comes back."""
+        question = f"delete {count} checkpoints?"
+        if self.seconds <= 0:
+            return question
+        return (
+            f"{question} They wait {format_duration(self.seconds)} in the trash "
+            "(`ckptd trash restore NAME` brings one back): their "
+            f"{format_bytes(freeing)} are freed when the grace ends, at {self.until(start)}, "
+            "or at once with `ckptd trash purge`."
+        )
+
+
+def _summary(report: PruneReport, grace: _Grace, now: float) -> str:
     kept = len(report.plan.decisions) - len(report.deleted)
     if report.dry_run:
         return (
@@ -93,14 +130,19 @@ def _summary(report: PruneReport) -> str:
         f"kept {kept}",
         f"freed {format_bytes(report.bytes_freed)}",
     ]
-    in_trash = report.applied.bytes_in_trash
-    if in_trash:
-        parts.append(f"{format_bytes(in_trash)} waiting in the trash")
     if report.vetoed:
         parts.append(f"vetoed {len(report.vetoed)}")
     if report.failed:
         parts.append(f"failed {len(report.failed)}")
-    return ", ".join(parts) + f" in {report.seconds:.1f} s"
+    line = ", ".join(parts) + f" in {report.seconds:.1f} s"
+    in_trash = report.applied.bytes_in_trash
+    if in_trash:
+        line += (
+            f"\n{format_bytes(in_trash)} wait in the trash: freed when the "
+            f"{format_duration(grace.seconds)} grace ends, at {grace.until(now)}, "
+            "or at once with `ckptd trash purge`"
+        )
+    return line
 
 
 def main(args: argparse.Namespace) -> int:
@@ -111,16 +153,18 @@ def main(args: argparse.Namespace) -> int:
             "not deleting without confirmation: no terminal to ask on; "
             "pass -y to confirm (or --dry-run to see the plan)"
         )
-    config, roots = select_roots(args.root, args.config)
-    history = HistoryLog(history_path_for(config, args.root, args.config))
+    selection = select(args.root, args.config)
+    history = HistoryLog(selection.history_path)
     console = make_console()
     documents: list[dict[str, Any]] = []
     exit_code = EXIT_OK
     try:
-        for root in roots:
-            report = _prune_one(config, root, args, history, console, interactive)
+        for root in selection.roots:
+            report = _prune_one(selection, root, args, history, console, interactive)
             if args.json:
-                documents.append(report_to_json(report))
+                document = report_to_json(report)
+                document["policy"] = selection.policy_line(root)
+                documents.append(document)
             if report.refused is not None:
                 # Plain print: a message for logs and scripts must not be wrapped or styled.
                 print(
@@ -137,27 +181,34 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(documents[0] if len(documents) == 1 else documents, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    return exit_code
+    missing = warn_missing("prune", selection.missing)
+    return exit_code or missing
 
 
 def _prune_one(
-    config: Config,
+    selection: Selection,
     root: RootConfig,
     args: argparse.Namespace,
     history: HistoryLog,
     console: Console,
     interactive: bool,
 ) -> PruneReport:
+    config = selection.config
     show = not args.json
     progress_bar: Progress | None = None
     task_id: Any = None
+    now = time.time()
+    grace = _Grace(settings_for(config, root).trash_grace, zone_for(config))
+    if show:
+        selection.print_policy(console, root)
 
     def confirm(preview: PruneReport) -> bool:
         if show:
-            _show_plan(console, preview)
+            _show_plan(console, preview, root, now)
         if args.yes:
             return True
-        return _ask(console, f"delete {len(preview.plan.deleted)} checkpoints?")
+        deleting = preview.plan.deleted
+        return _ask(console, grace.question(len(deleting), preview.plan.bytes_freed, time.time()))
 
     def progress(done: int, total: int, name: str) -> None:
         nonlocal progress_bar, task_id
@@ -181,7 +232,7 @@ def _prune_one(
         report = prune_root(
             config,
             root,
-            now=time.time(),
+            now=now,
             dry_run=args.dry_run,
             force=args.force,
             history=history,
@@ -195,9 +246,9 @@ def _prune_one(
         # The confirmation step showed the plan already unless there was nothing to confirm.
         confirmed_shown = bool(report.plan.deleted) and not report.dry_run
         if report.refused is not None or not confirmed_shown:
-            _show_plan(console, report)
+            _show_plan(console, report, root, now)
         if report.aborted:
             console.print("nothing deleted")
         elif report.refused is None:
-            console.print(_summary(report))
+            console.print(_summary(report, grace, time.time()), markup=False)
     return report

@@ -1,5 +1,12 @@
 """`ckptd snapshot [--config FILE] [--verify [DATE]] [--json]`: take today's snapshot now, or
-check one against its MANIFEST.json."""
+check one against its MANIFEST.json.
+
+`--verify` says OK only for content it compared: a file whose checksum this verify recorded
+(a hard-linked file of a snapshot taken without its checksums) has nothing to compare with yet,
+and the output says "recorded N checksums; nothing to compare yet". Snapshots taken here or by
+the daemon record every checksum while they are taken. On a terminal a progress bar follows
+the hashing; DATE is YYYY-MM-DD (`--verify yesterday` is "not a date", exit 2).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,21 @@ import json
 import signal
 import sys
 import threading
+import time
 from datetime import datetime
 from types import FrameType
 from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from daemon.clock import zone_for
 from daemon.commands._common import load_selected_config
@@ -19,7 +38,10 @@ from daemon.errors import EXIT_FAILED, EXIT_OK, UsageError
 from daemon.history.log import HistoryLog
 from daemon.render import format_bytes
 from daemon.snapshots.daily import SnapshotReport, run_daily_snapshot
-from daemon.snapshots.verify import VerifyResult, resolve_snapshot, verify_snapshot
+from daemon.snapshots.verify import NotADate, VerifyResult, resolve_snapshot, verify_snapshot
+
+# Hashing that takes longer than this gets a progress bar (on a terminal).
+HASH_BAR_AFTER = 0.5
 
 
 def main(args: argparse.Namespace) -> int:
@@ -42,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
             history=HistoryLog(config.history_path),
             stop=stop,
             progress=sys.stderr.isatty() and not args.json,
+            # Hard-linked files too: a later --verify then compares every file's content.
+            hash_shared=True,
             force=True,
         )
     finally:
@@ -77,21 +101,60 @@ def _verify(config: Config, which: str, *, as_json: bool) -> int:
     assert config.snapshots.dir is not None
     try:
         path = resolve_snapshot(config.snapshots.dir, which)
+    except NotADate as error:
+        raise UsageError(str(error)) from None
     except FileNotFoundError as error:
         raise UsageError(f"{error.filename}: {error.strerror}") from None
+    bar = _HashBar(enabled=sys.stderr.isatty() and not as_json)
     try:
-        result = verify_snapshot(path)
+        result = verify_snapshot(path, progress=bar.update)
     except (OSError, ValueError, KeyError) as error:
         print(f"ckptd snapshot: {path}/MANIFEST.json unreadable: {error}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        bar.close()
     if as_json:
         _print_json(result.to_dict())
     else:
-        print(_describe_verify(result))
+        print(describe_verify(result))
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
-def _describe_verify(result: VerifyResult) -> str:
+class _HashBar:
+    """A progress bar of the bytes hashed, on a terminal, once hashing takes a while."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled or time.monotonic() - self.started < HASH_BAR_AFTER:
+            return
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("verifying"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("verify", total=total)
+        if self.task is not None:
+            self.bar.update(self.task, completed=done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def describe_verify(result: VerifyResult) -> str:
+    """Given a verify's result, return what it says: every difference, then one line that
+    calls the snapshot OK only for content it compared."""
     lines = []
     for label, entries in (
         ("missing", result.missing),
@@ -101,12 +164,26 @@ def _describe_verify(result: VerifyResult) -> str:
         ("modified", result.modified),
     ):
         lines += [f"{label}: {entry}" for entry in entries]
-    sealed = f", {result.sealed} checksum(s) recorded now" if result.sealed else ""
-    if result.ok:
-        lines.append(f"{result.path}: OK, {result.checked} files match the manifest{sealed}")
-    else:
+    recorded = (
+        f"recorded {result.sealed} checksum{'s' if result.sealed != 1 else ''}; "
+        "nothing to compare yet (the next --verify compares them)"
+    )
+    if not result.ok:
         differences = len(lines)
-        lines.append(f"{result.path}: {differences} difference(s) from the manifest{sealed}")
+        summary = f"{result.path}: {differences} difference(s) from the manifest"
+        lines.append(summary + (f"; {recorded}" if result.sealed else ""))
+    elif result.compared:
+        summary = (
+            f"{result.path}: OK, {result.compared} "
+            f"file{'s' if result.compared != 1 else ''} match the manifest (content compared)"
+        )
+        more = (
+            f"; recorded {result.sealed} more checksum{'s' if result.sealed != 1 else ''}, "
+            "nothing to compare them with yet"
+        )
+        lines.append(summary + (more if result.sealed else ""))
+    else:
+        lines.append(f"{result.path}: {recorded}")
     return "\n".join(lines)
 
 

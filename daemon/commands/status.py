@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -17,13 +18,14 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon.clock import local_text, utc_iso, zone_for
-from daemon.commands._common import load_selected_config
-from daemon.config import Config, RootConfig, policy_for
+from daemon.commands._common import load_selected_config, root_exists, warn_missing
+from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
-from daemon.disk.forecast import forecast_growth, observed_cadence
+from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
-from daemon.render import format_bytes
+from daemon.pruning import trash
+from daemon.render import format_bytes, format_duration, make_console
 from daemon.safety.facts import gather_facts
 from daemon.slimming import read_record
 from daemon.snapshots.execute import existing_snapshot_dates
@@ -40,42 +42,45 @@ def _default_plan(config: Config, root: RootConfig, *, now: float) -> tuple[Scan
     return plan_root(config, root, now=now)
 
 
+def _incomplete_saves(scan: ScanResult, abandoned_after: float) -> list[dict[str, Any]]:
+    """Given a root's scan and its `abandoned_after`, return each save in flight or cut off
+    with its size, and when it counts as abandoned (then the next prune moves it to the
+    trash, if no process holds it)."""
+    saves: list[dict[str, Any]] = []
+    for checkpoint in scan.checkpoints:
+        if checkpoint.complete:
+            continue
+        at = checkpoint.mtime + abandoned_after
+        saves.append(
+            {
+                "name": checkpoint.name,
+                "bytes": checkpoint.size_bytes,
+                "abandoned": checkpoint.abandoned,
+                "abandoned_at": utc_iso(at, timespec="seconds") if checkpoint.mtime > 0 else None,
+            }
+        )
+    return saves
+
+
 def root_status(
     config: Config, root: RootConfig, *, now: float, plan: PlanFunction, free_bytes: int | None
 ) -> dict[str, Any]:
     """Given a root, return its status: counts per tier, bytes, incomplete and in-use
     checkpoints, cadence and the growth forecast."""
+    if "://" not in root.path and not os.path.isdir(root.path):
+        return {"root": root.path, "error": "no such folder (a configured root)"}
     try:
         scan, root_plan = plan(config, root, now=now)
-    except Exception as error:  # a missing root is reported, the other roots still shown
+    except Exception as error:  # an unreadable root is reported, the other roots still shown
         return {"root": root.path, "error": str(error)}
     tiers = Counter(
         str(decision.tier) for decision in root_plan.decisions if decision.keep and decision.tier
     )
     incomplete = [c.name for c in scan.checkpoints if not c.complete]
-    in_use = checkpoints_in_use(root, scan, now=now)
-    # The forecast follows the root's busiest series (the one with the most checkpoints).
-    series_sizes = Counter(c.series for c in scan.checkpoints)
-    main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
-    saves_per_day, checkpoint_bytes = observed_cadence(
-        [c for c in scan.checkpoints if c.series == main_series]
-    )
+    incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
+    in_use, trainer_notes = checkpoints_in_use(root, scan, now=now)
     slimmed = slimmed_status(scan, root_plan)
-    growth = forecast_growth(
-        free_bytes=free_bytes or 0,
-        saves_per_day=saves_per_day,
-        checkpoint_bytes=checkpoint_bytes,
-        cadence_steps=root_plan.cadences.get(main_series or "", None),
-        spec=policy_for(config, root),
-        kept_now=sum(
-            1 for d in root_plan.decisions if d.keep and d.checkpoint.series == main_series
-        ),
-        newest_step=max(
-            (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
-            default=None,
-        ),
-        slim_fraction=slimmed["fraction"],
-    )
+    growth = _growth(config, root, scan, root_plan, free_bytes, slimmed["fraction"])
     return {
         "root": root.path,
         "layout": scan.layout,
@@ -89,11 +94,47 @@ def root_status(
         "to_slim": len(root_plan.slimmed),
         "bytes_slimmable": root_plan.bytes_slimmed,
         "incomplete": incomplete,
+        "incomplete_saves": incomplete_saves,
         "in_use": in_use,
+        "trainer": trainer_notes,
+        "trash": trash_status(config, root),
         "cadence": dict(root_plan.cadences),
         "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
     }
+
+
+def _growth(
+    config: Config,
+    root: RootConfig,
+    scan: ScanResult,
+    root_plan: Plan,
+    free_bytes: int | None,
+    slim_fraction: float = 0.0,
+) -> Forecast:
+    """Given a root's scan and plan, return its growth forecast; it follows the root's busiest
+    series (the one with the most checkpoints). Slimmed checkpoints count at their weights
+    (`slim_fraction` of each moved out)."""
+    series_sizes = Counter(c.series for c in scan.checkpoints)
+    main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
+    saves_per_day, checkpoint_bytes = observed_cadence(
+        [c for c in scan.checkpoints if c.series == main_series]
+    )
+    return forecast_growth(
+        free_bytes=free_bytes or 0,
+        saves_per_day=saves_per_day,
+        checkpoint_bytes=checkpoint_bytes,
+        cadence_steps=root_plan.cadences.get(main_series or "", None),
+        spec=policy_for(config, root),
+        kept_now=sum(
+            1 for d in root_plan.decisions if d.keep and d.checkpoint.series == main_series
+        ),
+        newest_step=max(
+            (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
+            default=None,
+        ),
+        slim_fraction=slim_fraction,
+    )
 
 
 def slimmed_status(scan: ScanResult, plan: Plan) -> dict[str, Any]:
@@ -118,20 +159,35 @@ def slimmed_status(scan: ScanResult, plan: Plan) -> dict[str, Any]:
     }
 
 
-def checkpoints_in_use(root: RootConfig, scan: ScanResult, *, now: float) -> list[str]:
+def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
+    """Given a root, return what waits in its trash: how many checkpoints, their bytes, and
+    the grace they wait."""
+    in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
+    return {
+        "checkpoints": len(in_trash),
+        "bytes": sum(item.bytes for item in in_trash),
+        "grace_seconds": settings_for(config, root).trash_grace,
+    }
+
+
+def checkpoints_in_use(
+    root: RootConfig, scan: ScanResult, *, now: float
+) -> tuple[list[str], list[str]]:
     """Given a root's scan, return the checkpoints a process holds now (open file, memory map
-    or cwd inside), as the safety layer sees them."""
+    or cwd inside), as the safety layer sees them, and what it says of finding the trainer (a
+    missing or stale `trainer.pid_file`)."""
     facts = gather_facts(
         root.path,
         now=now,
         trainer_pid_file=root.trainer.pid_file,
         trainer_cmdline=root.trainer.cmdline,
     )
-    return [
+    held = [
         checkpoint.name
         for checkpoint in scan.checkpoints
         if any(facts.holders.get(member) for member in checkpoint.members)
     ]
+    return held, [note for note in facts.notes if note.startswith("trainer")]
 
 
 def filesystem_status(config: Config) -> list[dict[str, Any]]:
@@ -208,6 +264,17 @@ def collect_status(
     }
 
 
+def _trash_text(in_trash: dict[str, Any]) -> str:
+    count = in_trash["checkpoints"]
+    if not count:
+        return "empty"
+    return (
+        f"{format_bytes(in_trash['bytes'])} in {count} checkpoint{'s' if count != 1 else ''}, "
+        f"freed as each one's {format_duration(in_trash['grace_seconds'])} grace ends "
+        "(`ckptd trash purge`: now)"
+    )
+
+
 def _days(value: float | None, growing: bool = False) -> str:
     if value is None:
         return "not within 100 years" if growing else "never"
@@ -233,7 +300,22 @@ def _moment(value: Any, zone: tzinfo) -> str:
 def _details(record: Any) -> str:
     if not isinstance(record, dict):
         return ""
-    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))[:60]
+    return " ".join(f"{k}={v}" for k, v in record.items() if k not in ("time", "date"))
+
+
+def _incomplete_text(saves: list[dict[str, Any]], zone: tzinfo) -> str:
+    """Given a root's incomplete saves, return one line each: name, size, and when it is (or
+    was) abandoned."""
+    lines = []
+    for save in saves:
+        if save["abandoned"]:
+            when = "abandoned: to the trash at the next prune unless a process holds it"
+        elif save["abandoned_at"]:
+            when = f"abandoned if still unwritten at {_moment(save['abandoned_at'], zone)}"
+        else:
+            when = "in flight"
+        lines.append(f"{save['name']} ({format_bytes(save['bytes'])}; {when})")
+    return "\n".join(lines) or "none"
 
 
 def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC) -> None:
@@ -241,7 +323,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
     for root in document["roots"]:
         # One small table per root: a long path never squeezes the figures off the screen.
         table = Table(title=f"root {root['root']}", title_justify="left", show_header=False)
-        table.add_column("what")
+        table.add_column("what", no_wrap=True)
         table.add_column("value", overflow="fold")
         if "error" in root:
             table.add_row("error", root["error"])
@@ -265,8 +347,11 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
                 f"{root['to_slim']} more the policy would slim "
                 f"({format_bytes(root['bytes_slimmable'])})",
             )
-        table.add_row("incomplete", ", ".join(root["incomplete"]) or "none")
+        table.add_row("incomplete", _incomplete_text(root.get("incomplete_saves", []), zone))
         table.add_row("in use", ", ".join(root["in_use"]) or "none")
+        for note in root["trainer"]:
+            table.add_row("trainer", note)
+        table.add_row("trash", _trash_text(root["trash"]))
         cadence = ", ".join(f"{series}: {steps}" for series, steps in root["cadence"].items())
         table.add_row(
             "cadence",
@@ -302,7 +387,7 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
     running = f"running (pid {schedule['pid']})" if schedule["daemon_running"] else "not running"
     jobs = Table(title=f"jobs · daemon {running}", title_justify="left")
     for column in ("job", "last", "details", "next"):
-        jobs.add_column(column)
+        jobs.add_column(column, overflow="fold")
     upcoming = schedule["next"]
     now = document["time"]
     for job, key in (
@@ -328,5 +413,9 @@ def main(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print_status(Console(highlight=False, soft_wrap=False), document, zone_for(config))
-    return 0 if all("error" not in root for root in document["roots"]) else 1
+        print_status(make_console(), document, zone_for(config))
+    missing = warn_missing(
+        "status",
+        [root for root in config.roots if not root_exists(root)],
+    )
+    return 0 if all("error" not in root for root in document["roots"]) else missing or 1

@@ -1,9 +1,13 @@
-"""`ckptd trash list|restore NAME|purge [--root ROOT] [--config FILE] [--json]`.
+"""`ckptd trash list|restore NAME|purge [--root ROOT] [--config FILE] [-y] [--json]`.
 
-`list` shows each root's trash (deleted when, removed when the grace ends, size); `restore NAME`
-renames a checkpoint back into its root (refused if the name is taken there); `purge` removes
-everything in the trash now, regardless of the grace (the scheduled prune only removes what is
-past it). Roots: `--root`, else every root of the config.
+`list` shows each root's trash (deleted when, removed when the grace ends, size) and the total
+(`--json`: the times in UTC ISO 8601);
+`restore NAME` renames a checkpoint back into its root (refused if the name is taken there);
+`purge` removes everything in the trash now, regardless of the grace (the scheduled prune only
+removes what is past it). Unlike a prune it cannot be undone, so it asks `[y/N]` like `prune`
+does (`-y` for scripts; without a terminal and without `-y` it refuses, exit 2). Roots:
+`--root`, else every root of the config; a configured root that does not exist is a warning
+(never created: no `.ckptd-trash` appears in a mistyped path), the others are done, exit 1.
 """
 
 from __future__ import annotations
@@ -13,47 +17,35 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
+from datetime import tzinfo
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
-from daemon.commands._common import config_path, history_path_for, select_roots
-from daemon.config import Config, RootConfig, default_config_for_root, settings_for
+from daemon import columns
+from daemon.clock import local_text, utc_iso, zone_for
+from daemon.commands._common import Selection, select, warn_missing
+from daemon.config import RootConfig, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
 from daemon.history.events import TrashRestore
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from daemon.pruning.lock import root_lock
-from daemon.render import format_bytes, make_console
+from daemon.render import format_bytes, format_wait, make_console
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
 
-
-@dataclass(frozen=True)
-class _Selection:
-    """Given the arguments: the config, the roots to act on and the history file."""
-
-    config: Config
-    roots: list[RootConfig]
-    history_path: str
-
-
-def _select(args: argparse.Namespace) -> _Selection:
-    """Given the arguments, return the config, the roots and the history file."""
-    if args.root is not None and args.config is None and not os.path.exists(config_path(None)):
-        config = default_config_for_root(os.path.abspath(args.root))
-        return _Selection(config, list(config.roots), history_path_for(config, args.root, None))
-    config, roots = select_roots(args.root, args.config)
-    return _Selection(config, roots, config.history_path)
-
-
-def _local(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+# At 80 columns the time of deletion and the state go on a line of their own under the name:
+# the name stays whole, `ckptd trash restore NAME` needs it.
+TRASH_FIELDS = (
+    columns.Field("checkpoint"),
+    columns.Field("removed"),
+    columns.Field("size", right=True),
+    columns.Field("deleted", wraps=True, moves=True),
+    columns.Field("state", wraps=True, moves=True),
+)
 
 
 def _print_json(document: object) -> None:
@@ -61,8 +53,17 @@ def _print_json(document: object) -> None:
     sys.stdout.write("\n")
 
 
-def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> int:
-    """`trash list`: every item in the selected roots' trash, oldest deletion first."""
+def _removal(expires_at: float, now: float) -> str:
+    if expires_at > now:
+        return f"in {format_wait(expires_at - now)}"
+    return "at the next prune"
+
+
+def _list(args: argparse.Namespace, selected: Selection, console: Console) -> int:
+    """`trash list`: every item in the selected roots' trash, oldest deletion first, per root,
+    and the total."""
+    now = time.time()
+    zone = zone_for(selected.config)
     rows: list[dict[str, Any]] = []
     for root in selected.roots:
         root_path = os.path.realpath(root.path)
@@ -80,32 +81,58 @@ def _list(args: argparse.Namespace, selected: _Selection, console: Console) -> i
                 }
             )
     if args.json:
-        _print_json(rows)
-        return EXIT_OK
-    if not rows:
+        # Times as every --json document writes them: UTC ISO 8601.
+        _print_json(
+            [
+                {
+                    **row,
+                    "deleted_at": utc_iso(row["deleted_at"]),
+                    "expires_at": utc_iso(row["expires_at"]),
+                }
+                for row in rows
+            ]
+        )
+    elif not rows:
         console.print("the trash is empty")
-        return EXIT_OK
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    table.add_column("root", overflow="fold")
-    table.add_column("checkpoint", no_wrap=True)
-    table.add_column("deleted", no_wrap=True)
-    table.add_column("removed after", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    for row in rows:
-        table.add_row(
-            row["root"],
+    else:
+        _print_list(rows, console, zone, now)
+    return warn_missing("trash", selected.missing)
+
+
+def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now: float) -> None:
+    """Given the trash items, print them per root, then the total. Names are never cut:
+    `ckptd trash restore NAME` needs them whole."""
+    values = [
+        (
             row["name"],
-            _local(row["deleted_at"]),
-            _local(row["expires_at"]),
+            _removal(row["expires_at"], now),
             format_bytes(row["bytes"]),
+            local_text(row["deleted_at"], zone),
             row["state"],
         )
-    console.print(table)
-    return EXIT_OK
+        for row in rows
+    ]
+    layout = columns.layout(TRASH_FIELDS, values, console.width)
+    root_seen = None
+    for row, row_values in zip(rows, values, strict=True):
+        if row["root"] != root_seen:
+            root_seen = row["root"]
+            count = sum(1 for other in rows if other["root"] == root_seen)
+            console.print(
+                f"{root_seen}/.ckptd-trash: {count} checkpoint{'s' if count != 1 else ''}",
+                markup=False,
+            )
+            console.print("\n".join(columns.header(layout)), markup=False)
+        console.print("\n".join(columns.rows(layout, row_values)), markup=False)
+    total = sum(row["bytes"] for row in rows)
+    console.print(
+        f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(total)} "
+        "(`ckptd trash purge` frees it now; `ckptd trash restore NAME` brings one back)",
+        markup=False,
+    )
 
 
-def _root_holding(name: str, roots: list[RootConfig]) -> str:
+def _root_holding(name: str, roots: Sequence[RootConfig]) -> str:
     """Given a checkpoint name, return the one root whose trash holds it (else UsageError)."""
     candidates = [
         os.path.realpath(root.path)
@@ -122,7 +149,7 @@ def _root_holding(name: str, roots: list[RootConfig]) -> str:
     return candidates[0]
 
 
-def _restore(args: argparse.Namespace, selected: _Selection, console: Console) -> int:
+def _restore(args: argparse.Namespace, selected: Selection, console: Console) -> int:
     """`trash restore NAME`: rename it back into its root, pinned, and record that."""
     if not args.name:
         raise UsageError("trash restore needs the NAME of a checkpoint (see `ckptd trash list`)")
@@ -142,11 +169,41 @@ def _restore(args: argparse.Namespace, selected: _Selection, console: Console) -
             f"restored {restored.name} into {root_path}, pinned by {pin} "
             "(delete it to let the policy decide again)"
         )
-    return EXIT_OK
+    return warn_missing("trash", selected.missing)
 
 
-def _purge(args: argparse.Namespace, selected: _Selection, console: Console) -> int:
+def _confirm_purge(args: argparse.Namespace, selected: Selection, console: Console) -> bool:
+    """Given the arguments, return whether to purge: -y, else the person's answer to what is
+    about to be removed for good (nothing asked when the trash is empty)."""
+    if args.yes:
+        return True
+    items = [item for root in selected.roots for item in trash.list_trash(root.path)]
+    if not items:
+        return True
+    total = format_bytes(sum(item.bytes for item in items))
+    count = f"{len(items)} checkpoint{'s' if len(items) != 1 else ''}"
+    console.print(
+        f"remove {count} ({total}) from the trash for good? This cannot be undone. [y/N] ",
+        end="",
+        markup=False,
+    )
+    try:
+        answer = input()
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _purge(args: argparse.Namespace, selected: Selection, console: Console) -> int:
     """`trash purge`: remove everything in the selected roots' trash now, grace or not."""
+    if not args.yes and not sys.stdin.isatty():
+        raise UsageError(
+            "not purging without confirmation: no terminal to ask on; pass -y to confirm "
+            "(a purge cannot be undone)"
+        )
+    if not _confirm_purge(args, selected, console):
+        console.print("nothing removed")
+        return EXIT_OK
     now = time.time()
     results: dict[str, trash.PurgeResult] = {}
     busy = False
@@ -166,9 +223,11 @@ def _purge(args: argparse.Namespace, selected: _Selection, console: Console) -> 
         _print_json({root_path: _purge_to_json(result) for root_path, result in results.items()})
     else:
         _print_purges(console, results)
+    missing = warn_missing("trash", selected.missing)
     if busy:
         return EXIT_REFUSED
-    return EXIT_FAILED if any(result.failed for result in results.values()) else EXIT_OK
+    failed = any(result.failed for result in results.values())
+    return EXIT_FAILED if failed else missing
 
 
 def _purge_to_json(result: trash.PurgeResult) -> dict[str, Any]:
@@ -190,7 +249,7 @@ def _print_purges(console: Console, results: dict[str, trash.PurgeResult]) -> No
             console.print(f"  failed: {name}: {error}")
 
 
-ACTIONS: dict[str, Callable[[argparse.Namespace, _Selection, Console], int]] = {
+ACTIONS: dict[str, Callable[[argparse.Namespace, Selection, Console], int]] = {
     "list": _list,
     "restore": _restore,
     "purge": _purge,
@@ -199,4 +258,4 @@ ACTIONS: dict[str, Callable[[argparse.Namespace, _Selection, Console], int]] = {
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `trash` arguments, list, restore or purge and return the exit code."""
-    return ACTIONS[args.action](args, _select(args), make_console())
+    return ACTIONS[args.action](args, select(args.root, args.config), make_console())

@@ -138,6 +138,7 @@ class RootConfig(StrictModel):
     series: list[SeriesConfig] = Field(default_factory=list)
     # Per-root overrides of `defaults`; None inherits.
     settle_seconds: Duration | None = None
+    abandoned_after: Duration | None = None
     min_keep: int | None = Field(default=None, ge=0)
     max_delete_fraction: float | None = Field(default=None, gt=0, le=1)
     trash: TrashConfig | None = None
@@ -146,6 +147,9 @@ class RootConfig(StrictModel):
 class DefaultsConfig(StrictModel):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     settle_seconds: Duration = 60.0
+    # An incomplete save held by no process and quiet this long was cut off (a crash): it goes
+    # to the trash, so the framework's resume starts from the newest complete checkpoint.
+    abandoned_after: Duration = 3600.0
     min_keep: int = Field(default=3, ge=0)
     max_delete_fraction: float = Field(default=0.9, gt=0, le=1)
     trash: TrashConfig = Field(default_factory=TrashConfig)
@@ -286,6 +290,7 @@ class RootSettings:
     min_keep: int
     max_delete_fraction: float
     trash_grace: float
+    abandoned_after: float = 3600.0
 
 
 def settings_for(config: Config, root: RootConfig) -> RootSettings:
@@ -296,6 +301,7 @@ def settings_for(config: Config, root: RootConfig) -> RootSettings:
         min_keep=_first(root.min_keep, defaults.min_keep),
         max_delete_fraction=_first(root.max_delete_fraction, defaults.max_delete_fraction),
         trash_grace=(root.trash or defaults.trash).grace,
+        abandoned_after=_first(root.abandoned_after, defaults.abandoned_after),
     )
 
 

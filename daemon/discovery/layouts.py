@@ -9,12 +9,27 @@ discovery, which has the files at hand.
 | hf         | `checkpoint-<step>/`                                          | `hf`                |
 | pt         | `mid_epoch_<e>_<step>.pt`, `checkpoint_epoch_<e>.pt`,         | its name's pattern  |
 |            | `<prefix>_<step>.pt` (also `.pth`)                            | (`model_{step}.pt`) |
-| lightning  | `epoch=<e>-step=<s>*.ckpt` (file or folder)                   | `lightning`         |
+| lightning  | `[<prefix>-]epoch=<e>-step=<s>*.ckpt` (file or folder; a      | `lightning`         |
+|            | folder may drop `.ckpt`, as NeMo's do), `-v<n>` a re-save     |                     |
 | deepspeed  | `global_step<step>/`                                          | `deepspeed`         |
 | megatron   | `iter_<7+ digits>/`                                           | `megatron`          |
-| orbax      | `<step>/`, `step_<step>/`, with `.orbax-checkpoint-tmp-<t>`   | `orbax`             |
+| orbax      | `<step>/`, `step_<step>/`; in flight                          | `orbax`             |
+|            | `<name>.orbax-checkpoint-tmp/` (`-<timestamp>` after it       |                     |
+|            | before orbax 0.12)                                            |                     |
 | dcp        | a folder whose name ends in digits (holding `*.distcp`)       | `dcp`               |
-| tf         | `<stem>-<n>.index` + `<stem>-<n>.data-*` (+ `.meta`)          | `tf`                |
+| tf         | `<stem>-<n>.index` + `<stem>-<n>.data-*` (+ `.meta`); in      | `tf`                |
+|            | flight the folder `<stem>-<n>_temp/`                          |                     |
+
+A save in flight in a framework's temporary name (`NameMatch.temporary`: Orbax's
+`3.orbax-checkpoint-tmp/`, TensorFlow's `ckpt-3_temp/`) is a checkpoint of its own at the step
+it will have, never complete: the finished checkpoint, once renamed or merged, has another
+name, so the two are never one checkpoint (a crashed save's leftover beside a later good save
+of the same step must go alone).
+
+Lightning names the second file of one step (a second run into the same folder)
+`epoch=0-step=3-v1.ckpt`: `NameMatch.version` orders equal steps (no suffix is version 0). A
+name ending in `-last` (NeMo's `...-step=9-last/`, a full copy the resume picks) is no series
+member, like Lightning's `last.ckpt`.
 
 The pt layout is the one exception to "one series per layout": a folder of `model_100.pt`,
 `mid_epoch_2_1500.pt` and `checkpoint_epoch_3.pt` holds three different rotations, so each
@@ -44,8 +59,6 @@ DEEPSPEED_TRACKER: Final = "latest"
 MEGATRON_TRACKER: Final = "latest_checkpointed_iteration.txt"
 TF_TRACKER: Final = "checkpoint"
 
-ORBAX_TMP_MARK: Final = ".orbax-checkpoint-tmp"
-
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
 
@@ -54,7 +67,8 @@ class NameMatch(NamedTuple):
 
     `checkpoint` is the checkpoint's name (the entry's name, or the common stem of a multi-file
     TensorFlow checkpoint); `metrics` are numbers carried in the name (Lightning's
-    `epoch=3-step=1200-val_loss=0.31.ckpt`).
+    `epoch=3-step=1200-val_loss=0.31.ckpt`); `version` orders names of one step (Lightning's
+    `-v1`); `temporary` marks a framework's temporary name of a save in flight.
     """
 
     series: str
@@ -62,6 +76,8 @@ class NameMatch(NamedTuple):
     epoch: int | None
     checkpoint: str
     metrics: Mapping[str, float] = _NO_METRICS
+    version: int = 0
+    temporary: bool = False
 
 
 # --- built-in layouts ---------------------------------------------------------------------------
@@ -70,13 +86,18 @@ _HF = re.compile(r"checkpoint-(\d+)")
 _PT_MID_EPOCH = re.compile(r"mid_epoch_(\d+)_(\d+)\.pth?")
 _PT_EPOCH = re.compile(r"checkpoint_epoch_(\d+)\.pth?")
 _PT_STEP = re.compile(r"(.+)_(\d+)\.(pth?)")
-_LIGHTNING = re.compile(r"epoch=(\d+)-step=(\d+)(.*)\.ckpt")
+_LIGHTNING = re.compile(
+    r"(?:(?P<prefix>.*?)-)?epoch=(?P<epoch>\d+)-step=(?P<step>\d+)(?P<rest>.*?)"
+    r"(?:-v(?P<version>\d+))?(?P<suffix>\.ckpt)?"
+)
 _LIGHTNING_METRIC = re.compile(r"-?([A-Za-z_][\w/]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 _DEEPSPEED = re.compile(r"global_step(\d+)")
 _MEGATRON = re.compile(r"iter_(\d{7,})")  # `iter_{:07d}`: eight digits from 10,000,000
-_ORBAX = re.compile(r"(?:step_)?(\d+)(?:\.orbax-checkpoint-tmp-\d+)?")
+# orbax 0.12 writes `<name>.orbax-checkpoint-tmp`; earlier versions added `-<timestamp>`.
+_ORBAX = re.compile(r"(?:step_)?(\d+)(?P<temporary>\.orbax-checkpoint-tmp(?:-\d+)?)?")
 _DCP = re.compile(r"(?:.*?\D)?(\d+)")
 _TF = re.compile(r"(.+-(\d+))\.(?:index|meta|data-\d+-of-\d+)")
+_TF_TEMPORARY = re.compile(r".+-(\d+)_temp")  # `sharded_suffix = "_temp/part"` (functional_saver)
 
 
 def _match_hf(name: str, is_dir: bool) -> NameMatch | None:
@@ -105,16 +126,25 @@ def _match_pt(name: str, is_dir: bool) -> NameMatch | None:
 
 
 def _match_lightning(name: str, is_dir: bool) -> NameMatch | None:
-    if found := _LIGHTNING.fullmatch(name):
-        metrics = {key: float(value) for key, value in _LIGHTNING_METRIC.findall(found.group(3))}
-        return NameMatch(
-            "lightning",
-            int(found.group(2)),
-            int(found.group(1)),
-            name,
-            MappingProxyType(metrics) if metrics else _NO_METRICS,
-        )
-    return None
+    found = _LIGHTNING.fullmatch(name)
+    if found is None or (found.group("suffix") is None and not is_dir):
+        return None
+    rest = found.group("rest")
+    if rest.endswith("-last"):
+        return None  # NeMo's `<name>-last`: a copy of the newest, no series member
+    metrics = {
+        key: float(value)
+        for part in (found.group("prefix") or "", rest)
+        for key, value in _LIGHTNING_METRIC.findall(part)
+    }
+    return NameMatch(
+        "lightning",
+        int(found.group("step")),
+        int(found.group("epoch")),
+        name,
+        MappingProxyType(metrics) if metrics else _NO_METRICS,
+        version=int(found.group("version") or 0),
+    )
 
 
 def _match_deepspeed(name: str, is_dir: bool) -> NameMatch | None:
@@ -131,7 +161,8 @@ def _match_megatron(name: str, is_dir: bool) -> NameMatch | None:
 
 def _match_orbax(name: str, is_dir: bool) -> NameMatch | None:
     if is_dir and (found := _ORBAX.fullmatch(name)):
-        return NameMatch("orbax", int(found.group(1)), None, name)
+        temporary = found.group("temporary") is not None
+        return NameMatch("orbax", int(found.group(1)), None, name, temporary=temporary)
     return None
 
 
@@ -142,8 +173,11 @@ def _match_dcp(name: str, is_dir: bool) -> NameMatch | None:
 
 
 def _match_tf(name: str, is_dir: bool) -> NameMatch | None:
-    if not is_dir and (found := _TF.fullmatch(name)):
-        return NameMatch("tf", int(found.group(2)), None, found.group(1))
+    if not is_dir:
+        found = _TF.fullmatch(name)
+        return NameMatch("tf", int(found.group(2)), None, found.group(1)) if found else None
+    if found := _TF_TEMPORARY.fullmatch(name):
+        return NameMatch("tf", int(found.group(1)), None, name, temporary=True)
     return None
 
 

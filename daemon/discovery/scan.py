@@ -3,16 +3,22 @@
 One module scans; it decides nothing. See DESIGN.md, "Checkpoint discovery", and
 `daemon/discovery/layouts.py` for the names of each layout. What this module adds:
 
-Complete when (besides "nothing written for `settle_seconds`", which applies to all):
-- hf: `trainer_state.json` inside (the Trainer writes it last);
-- orbax: no `.orbax-checkpoint-tmp` in the name, and `commit_success.txt` or
-  `_CHECKPOINT_METADATA` inside;
-- dcp: `.metadata` inside (a folder without any `*.distcp` is not a checkpoint at all);
+Complete when the layout's completion marker, written last, is there; settle time ("nothing
+written for `settle_seconds`") only where no such marker exists:
+- hf: `trainer_state.json` inside (the Trainer writes it last), readable where it was read,
+  and no `checkpoint-is-incomplete.txt` (transformers' JIT checkpoint removes it after all);
+- orbax: not a temporary name, and `commit_success.txt` or `_CHECKPOINT_METADATA` inside;
+- dcp: `.metadata` inside, or `__0.metadata` (use_collectives=False: one per rank); a folder
+  without any `*.distcp` is not a checkpoint at all;
 - deepspeed: `latest` names it or a later step; megatron: its iteration is at most the one in
   `latest_checkpointed_iteration.txt` (a tracker that does not hold a number, such as
   `release`, says nothing, and settle time alone decides);
 - tf: the `.index` file exists and the `checkpoint` file lists it or a later step;
 - pt, lightning, custom patterns: settle time only.
+Whatever the layout: never while a framework's temporary name says the save is in flight
+(`3.orbax-checkpoint-tmp/`, `ckpt-3_temp/`: a checkpoint of its own at its step), nor while
+NeMo's `<name>-unfinished` marker lies beside it, nor when something vanished or could not be
+read during the walk.
 
 Trackers protect what they name (`Checkpoint.tracked_by`):
 - DeepSpeed `latest`, Megatron `latest_checkpointed_iteration.txt`;
@@ -46,33 +52,44 @@ holds (a snapshot shares them). Symlinks count as their own small size, never fo
 `mtime` is the newest mtime of anything inside, folders included (a rename into a folder
 changes only the folder's mtime).
 
+The phases of one scan (`_scan`), each a function passing named values to the next:
+1. list the root once (`_Listing`: candidate rows, symlinks, pins, sidecars, trackers);
+2. match names and choose the layout (`_Matching`), then group the rows of multi-entry
+   checkpoints (`_Candidates`);
+3. walk each checkpoint, or reuse its cached walk (`_Found`, one per checkpoint);
+4. order them (series, step, name) and re-check the fingerprints that matter;
+5. read the trackers (`_Trackers`: tracker files, best_model_checkpoint, symlinks);
+6. build the `Checkpoint` values, with completeness, trackers and pins.
+
 Speed: a rescan lists the root once and walks only checkpoints the cache does not know (see
-`daemon/discovery/sizecache.py` for what proves a cached checkpoint unchanged); each name is matched
-once (a memo in the cache); the walk itself is `daemon/discovery/walker.py`.
+`daemon/discovery/sizecache.py` for what proves a cached checkpoint unchanged); each name is
+matched once (a memo in the cache); the `_Found` record and the `Checkpoint` of an unchanged
+cached checkpoint are reused, so a rescan of 10,000 checkpoints allocates almost nothing per
+checkpoint; the walk itself is `daemon/discovery/walker.py`.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import json
 import os
 import re
 import stat as stat_module
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
-from itertools import pairwise
-from operator import itemgetter
+from itertools import islice, pairwise
+from operator import attrgetter
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from daemon.config import RootConfig
 from daemon.discovery.layouts import (
     DCP_CANDIDATE,
     DEEPSPEED_TRACKER,
     MEGATRON_TRACKER,
-    ORBAX_TMP_MARK,
     TF_TRACKER,
     NameMatch,
     Pattern,
@@ -81,9 +98,11 @@ from daemon.discovery.layouts import (
     first_layout,
     match_builtin,
 )
-from daemon.discovery.sizecache import CacheEntry, Identity, SizeCache, WalkResult
+from daemon.discovery.sizecache import CacheEntry, Identity, Member, SizeCache, WalkResult
 from daemon.discovery.walker import (
+    DCP_RANK0_METADATA,
     DISTCP_MARKER,
+    HF_INCOMPLETE_MARKER,
     fingerprint_markers_of,
     scandir_of,
     walk_checkpoint,
@@ -103,8 +122,17 @@ _KEEP_SUFFIX = ".keep"
 # Written into a checkpoint folder after its resume state was moved out (daemon/slimming.py).
 SLIM_MARKER = ".ckptd-slim.json"
 _METRICS_SUFFIX = ".metrics.json"
-_S_IFMT = 0o170000
-_S_IFDIR = 0o040000
+# NeMo touches `<checkpoint without .ckpt/.nemo>-unfinished` beside a checkpoint before saving
+# it and removes it once the save is finalized (nemo/lightning/pytorch/callbacks/
+# model_checkpoint.py, UNFINISHED_CHECKPOINT_SUFFIX); its next start deletes what still has one.
+_UNFINISHED_SUFFIX = "-unfinished"
+_TRACKER_NAMES = frozenset({DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER})
+_STATE_MARKERS = frozenset({"trainer_state.json", "metrics.json"})
+# Layouts whose completeness is settled once a cached (final) walk exists: no tracker involved.
+_STATIC_LAYOUTS = frozenset({"hf", "orbax", "dcp", "pt", "lightning", "custom"})
+# Layouts with no completion marker written last: only settle time says a save is over.
+# (Megatron too when its tracker holds no number; see `_settles`.)
+_SETTLE_LAYOUTS = frozenset({"pt", "lightning", "custom"})
 
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
 
@@ -128,13 +156,110 @@ class ScanResult:
     walked: int = 0
 
 
-# A checkpoint found in the listing: [its match, its members as (name, inode, is_dir)].
-_Candidate = list[Any]
+# --- the values the phases pass on ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Scope:
+    """Given one scan: the root, how to reach it, its cache (and a snapshot of the root's
+    cached entries, taken once) and the clock, for every phase."""
+
+    fs: FileSystem
+    root_path: str
+    cache: SizeCache | None
+    cached: Mapping[str, CacheEntry]
+    now_ns: int
+    settle_ns: int
+
+    def settled(self, walk: WalkResult) -> bool:
+        """Given a walk, return whether nothing in it was written for settle_seconds."""
+        return self.now_ns - walk.mtime_ns >= self.settle_ns
+
+
+@dataclass(slots=True)
+class _Listing:
+    """One listing of a root, sorted by what each entry can be."""
+
+    rows: list[Member] = field(default_factory=list)  # candidates: (name, inode, is_dir)
+    symlinks: list[str] = field(default_factory=list)
+    beside_pins: set[str] = field(default_factory=set)  # "<name>" of each "<name>.keep"
+    beside_metrics: dict[str, tuple[str, int]] = field(default_factory=dict)
+    tracker_files: set[str] = field(default_factory=set)
+    unfinished: set[str] = field(default_factory=set)  # "<stem>" of each "<stem>-unfinished"
+
+
+class _NameHit(NamedTuple):
+    """What one root entry's name means (the name memo's value): `layout` is the first layout
+    whose names it fits (auto-detection only), `match` what the name says (None: nothing)."""
+
+    is_dir: bool
+    layout: str | None
+    match: NameMatch | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Matching:
+    """Given the root's rows: the layout its checkpoints follow and, per row that is (part of)
+    a checkpoint, what its name says, as `(match, row)` pairs."""
+
+    layout: str
+    pairs: list[tuple[NameMatch, Member]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidates:
+    """Given the matched rows: the checkpoints to walk or reuse, as `(match, members)` pairs.
+
+    `single`: every checkpoint is one root entry and `members` is that row itself (no tuple
+    built per checkpoint on a rescan); otherwise `members` is the checkpoint's `Identity`.
+    """
+
+    single: bool
+    pairs: Sequence[tuple[NameMatch, Any]]
+
+
+@dataclass(slots=True, eq=False)
+class _Found:
+    """One checkpoint of this scan with its walk. Never changed once made: a phase that learns
+    more (a renumbered step, a fresh walk, the trainer state read) replaces it. Kept on the
+    cache entry (`CacheEntry.found`) and reused by the next scan while its match is the same.
+
+    `entry` is its cache entry when the walk is final and cached, None when walked just now and
+    not final (or not cached at all).
+    """
+
+    series: str
+    step: int
+    name: str
+    match: NameMatch
+    identity: Identity
+    walk: WalkResult
+    entry: CacheEntry | None
+
+
+def _found(
+    match: NameMatch, identity: Identity, walk: WalkResult, entry: CacheEntry | None
+) -> _Found:
+    return _Found(match.series, match.step, match.checkpoint, match, identity, walk, entry)
+
+
+@dataclass(frozen=True, slots=True)
+class _Walked:
+    """Given the candidates: every checkpoint found (in listing order), how many came from the
+    cache and how many were walked."""
+
+    found: list[_Found]
+    hits: int
+    walked: int
 
 
 @dataclass(slots=True)
 class _Trackers:
+    """What the root's trackers say: checkpoint name -> the trackers naming it, and the steps
+    the tracker files give (for completeness)."""
+
     tracked: dict[str, list[str]] = field(default_factory=dict)
+    unfinished: set[str] = field(default_factory=set)  # NeMo's `-unfinished` marker stems
     deepspeed_step: int | None = None
     megatron_step: int | None = None
     tf_listed: set[str] | None = None
@@ -144,10 +269,6 @@ class _Trackers:
         labels = self.tracked.setdefault(checkpoint, [])
         if tracker not in labels:
             labels.append(tracker)
-
-
-# Layouts whose completeness is settled once a cached (final) walk exists: no tracker involved.
-_STATIC_LAYOUTS = frozenset({"hf", "orbax", "dcp", "pt", "lightning", "custom"})
 
 
 def scan(
@@ -183,306 +304,57 @@ def _scan(
     verify: bool | Collection[str],
     want_metrics: bool,
 ) -> ScanResult:
+    """Given what `scan` was given, run the phases of the module docstring in order."""
     root_path = os.path.normpath(os.path.abspath(root.path))
+    cached = cache.entries(root_path) if cache is not None else {}
+    scope = _Scope(fs, root_path, cache, cached, int(now * 1e9), int(settle_seconds * 1e9))
     listing = _list_root(fs, root_path)
     patterns = _patterns_of(root)
-    rows = listing.rows
-    beside_pins = listing.beside_pins
-    beside_metrics = listing.beside_metrics
-    tracker_files = listing.tracker_files
-    symlinks = listing.symlinks
-
-    layout, matched = _match_rows(fs, root, root_path, rows, patterns, tracker_files, cache)
-    pattern_hits: dict[str, int] = dict.fromkeys((pattern.source for pattern in patterns), 0)
-    if patterns:
-        for match, _ in matched:
-            pattern_hits[match.series] += 1
-    # Checkpoint name -> [match, members]. Only TensorFlow (and file checkpoints with a
-    # metrics sidecar) have several members; every other entry is its own checkpoint.
-    grouped: dict[str, _Candidate] | None = None
-    if layout == "tf" or beside_metrics:
-        grouped = {}
-        for match, member in matched:
-            candidate = grouped.get(match.checkpoint)
-            if candidate is None:
-                grouped[match.checkpoint] = [match, [member]]
-            else:
-                candidate[1].append(member)
-        for checkpoint_name, (sidecar, inode) in beside_metrics.items():
-            candidate = grouped.get(checkpoint_name)
-            if candidate is not None and not candidate[1][0][2]:
-                candidate[1].append((sidecar, inode, False))
-        for candidate in grouped.values():
-            candidate[1].sort()
-        found: list[tuple[NameMatch, Any]] = [
-            (match, tuple(members)) for match, members in grouped.values()
-        ]
-    else:
-        found = matched  # each (match, row): a one-row identity
-
-    settle_ns = int(settle_seconds * 1e9)
-    now_ns = int(now * 1e9)
-    cached = cache.entries(root_path) if cache is not None else {}
-    hits = walked = 0
-    # (series, step, name, match, identity, walk, cache entry): sorted below
-    results: list[tuple[str, int, str, NameMatch, Identity, WalkResult, CacheEntry | None]] = []
-    append = results.append
-    single = grouped is None
-    misses: list[tuple[NameMatch, Identity]] = []
-    for match, identity in found:
-        checkpoint_name = match.checkpoint
-        entry = cached.get(checkpoint_name)
-        if entry is not None and (
-            entry.identity[0] == identity and len(entry.identity) == 1
-            if single
-            else entry.identity == identity
-        ):
-            identity = entry.identity
-            hits += 1
-            append((match.series, match.step, checkpoint_name, match, identity, entry.walk, entry))
-            continue
-        misses.append((match, (identity,) if single else identity))
-    want_distcp = layout == "dcp"
-    walks = walk_many(fs, root_path, [identity for _, identity in misses], want_distcp)
-    walked = len(misses)
-    for (match, identity), found_walk in zip(misses, walks, strict=True):
-        if found_walk is None:  # vanished between listing and walk: not there any more
-            continue
-        checkpoint_name = match.checkpoint
-        entry = None
-        if cache is not None and _is_final(found_walk, layout, checkpoint_name, now_ns, settle_ns):
-            entry = cache.store(root_path, checkpoint_name, identity, found_walk)
-        append((match.series, match.step, checkpoint_name, match, identity, found_walk, entry))
-    if cache is not None:
-        cache.hits += hits
-        cache.misses += walked
+    matching = _match_rows(scope, root, listing, patterns)
+    layout = matching.layout
+    walked = _walk_or_reuse(scope, layout, _group(matching, listing))
+    found = walked.found
     if layout == "dcp":  # a numbered folder without any *.distcp is not a dcp checkpoint
-        results = [result for result in results if DISTCP_MARKER in result[5].markers]
-
-    if layout == "pt" or any(pattern.has_epoch and pattern.has_step for pattern in patterns):
-        _order_epochs_first(results)
-    series = _series_order(patterns, layout, results)
-    if len(series) > 1:
-        order = {series_id: index for index, series_id in enumerate(series)}
-        results.sort(key=lambda result: (order[result[0]], result[1], result[2]))
-    else:
-        results.sort(key=_STEP)
-        _sort_equal_steps_by_name(results)
-
-    # Prove current what matters most: the newest of each series, and what the caller names.
-    recheck: set[int] = set()
+        found = [record for record in found if DISTCP_MARKER in record.walk.markers]
+    series = _order(found, patterns, layout)
+    rewalked = _recheck(scope, layout, found, len(series), verify)
+    trackers = _collect_trackers(scope, layout, listing, found, want_metrics)
+    checkpoints = _build(scope, layout, found, trackers, listing.beside_pins, root.protect)
     if cache is not None:
-        seen_series: dict[str, int] = {}
-        wanted = RECHECK_NEWEST * len(series)
-        for index in range(len(results) - 1, -1, -1):
-            series_id = results[index][0]
-            if seen_series.get(series_id, 0) < RECHECK_NEWEST:
-                seen_series[series_id] = seen_series.get(series_id, 0) + 1
-                recheck.add(index)
-                wanted -= 1
-                if not wanted:
-                    break
-        if verify is True:
-            recheck = set(range(len(results)))
-        elif verify:
-            names = set(verify)
-            recheck.update(index for index, result in enumerate(results) if result[2] in names)
-    for index in sorted(recheck):
-        series_id, step, name, match, identity, walk, entry = results[index]
-        if entry is None:
-            continue  # walked just now
-        if _fingerprint(fs, root_path, identity, walk.markers) == walk.fingerprint:
-            continue
-        assert cache is not None
-        cache.forget(root_path, name)
-        fresh = walk_checkpoint(fs, root_path, identity, want_distcp)
-        walked += 1
-        if fresh is None:
-            results[index] = (series_id, step, name, match, identity, walk, None)
-            continue
-        new_entry = None
-        if _is_final(fresh, layout, name, now_ns, settle_ns):
-            new_entry = cache.store(root_path, name, identity, fresh)
-        results[index] = (series_id, step, name, match, identity, fresh, new_entry)
-
-    trackers = _read_trackers(fs, root_path, layout, tracker_files)
-    # Read trainer_state.json / sidecars where needed (once per checkpoint: cached after).
-
-    def read_state(index: int) -> WalkResult:
-        result = results[index]
-        walk = result[5]
-        if walk.state_read or not (walk.markers & _STATE_MARKERS or len(result[4]) > 1):
-            return walk
-        walk = _with_state(fs, root_path, result[4], walk)
-        entry = result[6]
-        if entry is not None and cache is not None:
-            entry = cache.store(root_path, result[2], result[4], walk)
-        results[index] = (*result[:5], walk, entry)
-        return walk
-
-    # The hf checkpoints whose best_model_checkpoint counts: newest first, down to the newest
-    # settled one with a sound trainer_state.json. A save in progress (or one cut off by a
-    # preemption) may hold a half-written one that names no best; reading only that one would
-    # drop the protection of the best model.
-    hf_state_indexes: list[int] = []
-    if layout == "hf":
-        for index in range(len(results) - 1, -1, -1):
-            if "trainer_state.json" not in results[index][5].markers:
-                continue
-            hf_state_indexes.append(index)
-            walk = read_state(index)
-            settled = walk.error is None and now_ns - walk.mtime_ns >= settle_ns
-            if settled and not walk.state_unreadable:
-                break
-    if want_metrics:
-        for index in range(len(results)):
-            read_state(index)
-    for index in hf_state_indexes:
-        best = results[index][5].best_model_checkpoint
-        if best:
-            best_name = os.path.basename(best.rstrip("/"))
-            if any(result[2] == best_name for result in results):
-                trackers.add(best_name, f"{results[index][2]}/trainer_state.json")
-    if symlinks:
-        owner = {member[0]: result[2] for result in results for member in result[4]}
-        _resolve_symlinks(fs, root_path, symlinks, owner, trackers)
-
-    tracked = trackers.tracked
-    protect = _protect_matcher(root.protect)
-    static = layout in _STATIC_LAYOUTS
-    checkpoints: list[Checkpoint] = []
-    keep_pin = (".keep",)
-    for _, step, name, match, identity, walk, entry in results:
-        if entry is not None and static:
-            reason = None  # final walk: marker present and settled, for good
-        else:
-            reason = _incomplete_reason(layout, match, walk, trackers)
-            if reason is None and now_ns - walk.mtime_ns < settle_ns:
-                age_seconds = max(0, now_ns - walk.mtime_ns) // 1_000_000_000
-                reason = f"settling: last write {age_seconds} s ago"
-        tracked_by = tuple(tracked[name]) if name in tracked else ()
-        pinned_by: tuple[str, ...] = (
-            keep_pin if ".keep" in walk.markers or name in beside_pins else ()
-        )
-        if protect is not None:
-            pinned_by += tuple(f"protect:{glob}" for glob in protect(name))
-        if entry is not None:
-            built_key = entry.built_key
-            if (
-                built_key is not None
-                and built_key[0] is match
-                and built_key[1] == reason
-                and built_key[2] == tracked_by
-                and built_key[3] == pinned_by
-                and built_key[4] == layout
-                and built_key[5] == step
-            ):
-                checkpoints.append(entry.built)  # type: ignore[arg-type]
-                continue
-        metrics = walk.metrics
-        if match.metrics:
-            metrics = (
-                MappingProxyType({**match.metrics, **walk.metrics}) if metrics else match.metrics
-            )
-        checkpoint = Checkpoint(
-            name=name,
-            step=step,
-            entries=tuple(member[0] for member in identity) if len(identity) > 1 else (),
-            series=match.series,
-            layout=layout,
-            epoch=match.epoch,
-            complete=reason is None,
-            incomplete_reason=reason,
-            size_bytes=walk.size_bytes,
-            freeable_bytes=walk.freeable_bytes,
-            mtime=walk.mtime,
-            tracked_by=tracked_by,
-            pinned_by=pinned_by,
-            metrics=metrics,
-            slimmed=SLIM_MARKER in walk.markers,
-        )
-        if entry is not None:
-            entry.built = checkpoint
-            entry.built_key = (match, reason, tracked_by, pinned_by, layout, step)
-        checkpoints.append(checkpoint)
-
-    if cache is not None:
-        cache.retain(root_path, {result[2] for result in results})
-
-    warnings: list[str] = []
-    for pattern in patterns:
-        if pattern_hits[pattern.source] == 0:
-            warnings.append(f"pattern {pattern.source!r} matched nothing in {root_path}")
-    if not patterns and not checkpoints:
-        if layout == "custom":
-            warnings.append(f"no checkpoints found in {root_path}: no entry fits a known layout")
-        else:
-            warnings.append(f"no {layout} checkpoints found in {root_path}")
+        cache.retain(root_path, {record.name for record in found})
     return ScanResult(
         root=root_path,
         layout=layout,
         checkpoints=tuple(checkpoints),
         series=series,
-        warnings=tuple(warnings),
-        cache_hits=hits,
-        walked=walked,
+        warnings=_warnings(root_path, matching, patterns, found_any=bool(checkpoints)),
+        cache_hits=walked.hits,
+        walked=walked.walked + rewalked,
     )
 
 
-_STEP = itemgetter(1)
-_TRACKER_NAMES = frozenset({DEEPSPEED_TRACKER, MEGATRON_TRACKER, TF_TRACKER})
-_STATE_MARKERS = frozenset({"trainer_state.json", "metrics.json"})
+def _warnings(
+    root_path: str, matching: _Matching, patterns: list[Pattern], *, found_any: bool
+) -> tuple[str, ...]:
+    """Given the matching and whether any checkpoint was found, return what the user should
+    hear: patterns that matched nothing, or a root where nothing was found."""
+    warnings: list[str] = []
+    if patterns:
+        hits = Counter(match.series for match, _ in matching.pairs)
+        warnings += [
+            f"pattern {pattern.source!r} matched nothing in {root_path}"
+            for pattern in patterns
+            if not hits[pattern.source]
+        ]
+    elif not found_any:
+        if matching.layout == "custom":
+            warnings.append(f"no checkpoints found in {root_path}: no entry fits a known layout")
+        else:
+            warnings.append(f"no {matching.layout} checkpoints found in {root_path}")
+    return tuple(warnings)
 
 
-def _order_epochs_first(results: list[Any]) -> None:
-    """Given the results, renumber in place the steps of each series whose names carry both an
-    epoch and a step (`mid_epoch_<e>_<step>.pt`) when the step restarts each epoch: some later
-    epoch has a smaller step, so the number is a position in the epoch, not a global step.
-    Ordered by that number alone, the newest saves would sort below older epochs and a
-    rotation would delete them. The step becomes `epoch * 10^digits + step`, which orders by
-    epoch first; a global step is left as it is."""
-    members: dict[str, list[int]] = {}
-    for index, result in enumerate(results):
-        series_id = result[0]
-        if "{epoch}" in series_id and "{step}" in series_id:
-            members.setdefault(series_id, []).append(index)
-    for indexes in members.values():
-        pairs = sorted((results[index][3].epoch, results[index][1]) for index in indexes)
-        if all(earlier[1] <= later[1] for earlier, later in pairwise(pairs)):
-            continue
-        stride = 10 ** len(str(max(step for _, step in pairs)))
-        for index in indexes:
-            result = results[index]
-            results[index] = (result[0], result[3].epoch * stride + result[1], *result[2:])
-
-
-def _sort_equal_steps_by_name(results: list[Any]) -> None:
-    """Given results sorted by step, order each run of equal steps by name (rare: Lightning's
-    `-v1` copies), in one pass: cheaper than a (step, name) key for 10,000 checkpoints."""
-    index = 1
-    count = len(results)
-    while index < count:
-        if results[index][1] != results[index - 1][1]:
-            index += 1
-            continue
-        start = index - 1
-        while index < count and results[index][1] == results[start][1]:
-            index += 1
-        results[start:index] = sorted(results[start:index], key=itemgetter(2))
-
-
-# --- the root ------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Listing:
-    """One listing of a root, sorted by what each entry can be."""
-
-    rows: list[tuple[str, int, bool]] = field(default_factory=list)  # (name, inode, is_dir)
-    symlinks: list[str] = field(default_factory=list)
-    beside_pins: set[str] = field(default_factory=set)  # "<name>" of each "<name>.keep"
-    beside_metrics: dict[str, tuple[str, int]] = field(default_factory=dict)
-    tracker_files: set[str] = field(default_factory=set)
+# --- phase 1: the root ---------------------------------------------------------------------------
 
 
 def _list_root(fs: FileSystem, root_path: str) -> _Listing:
@@ -518,6 +390,8 @@ def _list_root(fs: FileSystem, root_path: str) -> _Listing:
                     listing.beside_metrics[name[: -len(_METRICS_SUFFIX)]] = (name, inode)
                 elif name in _TRACKER_NAMES:
                     listing.tracker_files.add(name)
+                elif name.endswith(_UNFINISHED_SUFFIX):
+                    listing.unfinished.add(name[: -len(_UNFINISHED_SUFFIX)])
                 else:
                     append((name, inode, False))
     except FileNotFoundError:
@@ -529,71 +403,95 @@ def _list_root(fs: FileSystem, root_path: str) -> _Listing:
     return listing
 
 
+# --- phase 2: names -> layout, matches, candidates -----------------------------------------------
+
+
 def _match_rows(
-    fs: FileSystem,
-    root: RootConfig,
-    root_path: str,
-    rows: list[tuple[str, int, bool]],
-    patterns: list[Pattern],
-    tracker_files: set[str],
-    cache: SizeCache | None,
-) -> tuple[str, list[tuple[NameMatch, tuple[str, int, bool]]]]:
-    """Given the root's candidate entries, return the layout and each entry that is (part of)
-    a checkpoint with its match. Each name is matched once per cache lifetime (name memo)."""
+    scope: _Scope, root: RootConfig, listing: _Listing, patterns: list[Pattern]
+) -> _Matching:
+    """Given the root's listing, return the layout and each row that is (part of) a checkpoint
+    with its match. Each name is matched once per cache lifetime (the name memo)."""
     if patterns:
         signature: tuple[str, ...] = ("patterns", *(pattern.source for pattern in patterns))
     else:
         signature = ("layout", root.layout)
-    memo: dict[Any, Any] = cache.name_memo(root_path, signature) if cache is not None else {}
-    matched: list[tuple[NameMatch, tuple[str, int, bool]]] = []
+    cache = scope.cache
+    memo: dict[str, _NameHit] = (
+        cache.name_memo(scope.root_path, signature) if cache is not None else {}
+    )
     if patterns or root.layout != "auto":
-        for row in rows:
-            hit = memo.get(row[0])
-            if hit is None or hit[0] is not row[2]:
-                hit = memo[row[0]] = (
-                    row[2],
-                    _match_patterns(patterns, row[0], row[2], root.layout),
-                )
-            if hit[1] is not None:
-                matched.append((hit[1], row))
+        pairs = _match_configured(listing.rows, memo, patterns, root.layout)
         layout: str = root.layout
-        if layout == "auto":
-            # Completeness rules come from the layout the matched entries follow.
-            found_counts: dict[str, int] = {}
-            numbered: list[str] = []
-            for _, row in matched:
-                first = first_layout(row[0], row[2])
-                if first[0] is not None:
-                    found_counts[first[0]] = found_counts.get(first[0], 0) + 1
-                    if first[0] in ("orbax", DCP_CANDIDATE):
-                        numbered.append(row[0])
-            detected = choose_layout(found_counts, tracker_files)
-            layout = _settle_numbered_layout(fs, root_path, detected, numbered) or "custom"
-        if cache is not None:
-            cache.trim_name_memo(root_path, signature, len(rows))
-        return layout, matched
-
-    # memo: name -> (is_dir, first layout, match); a name seen before costs one dict lookup.
-    get = memo.get
-    pairs: list[tuple[tuple[bool, str | None, NameMatch | None], tuple[str, int, bool]]] = []
-    for row in rows:
-        hit = get(row[0])
-        if hit is None or hit[0] is not row[2]:
-            hit = memo[row[0]] = (row[2], *first_layout(row[0], row[2]))
-        if hit[1] is not None:
-            pairs.append((hit, row))
+        if layout == "auto":  # patterns: completeness rules come from the layout they follow
+            layout = _layout_of_pairs(scope, pairs, listing.tracker_files)
+        matching = _Matching(layout, pairs)
+    else:
+        matching = _match_auto(scope, listing, memo)
     if cache is not None:
-        cache.trim_name_memo(root_path, signature, len(rows))
-    counts: Counter[str] = Counter([hit[1] for hit, _ in pairs if hit[1] is not None])
-    detected = choose_layout(counts, tracker_files)
-    numbered = [row[0] for hit, row in pairs if hit[1] in ("orbax", DCP_CANDIDATE)]
-    layout = _settle_numbered_layout(fs, root_path, detected, numbered) or "custom"
-    matched = [(hit[2], row) for hit, row in pairs if hit[1] == layout]  # type: ignore[misc]
-    if len(matched) < len(pairs) and layout != "custom":
-        for hit, row in pairs:
-            if hit[1] != layout and (other := match_builtin(layout, row[0], row[2])):
-                matched.append((other, row))
-    return layout, matched
+        cache.trim_name_memo(scope.root_path, signature, len(listing.rows))
+    return matching
+
+
+def _match_configured(
+    rows: list[Member], memo: dict[str, _NameHit], patterns: list[Pattern], layout: str
+) -> list[tuple[NameMatch, Member]]:
+    """Given the rows, return `(match, row)` for each row the patterns (or else the configured
+    layout) match."""
+    pairs: list[tuple[NameMatch, Member]] = []
+    get = memo.get
+    for row in rows:
+        name, _, is_dir = row
+        hit = get(name)
+        if hit is None or hit.is_dir is not is_dir:
+            hit = memo[name] = _NameHit(
+                is_dir, None, _match_patterns(patterns, name, is_dir, layout)
+            )
+        if hit.match is not None:
+            pairs.append((hit.match, row))
+    return pairs
+
+
+def _layout_of_pairs(
+    scope: _Scope, pairs: list[tuple[NameMatch, Member]], tracker_files: set[str]
+) -> str:
+    """Given the rows patterns matched under `layout: auto`, return the layout they follow."""
+    hits = [(_NameHit(row[2], *first_layout(row[0], row[2])), row) for _, row in pairs]
+    counts = Counter([hit.layout for hit, _ in hits if hit.layout is not None])
+    return _look_inside(scope, choose_layout(counts, tracker_files), hits) or "custom"
+
+
+def _match_auto(scope: _Scope, listing: _Listing, memo: dict[str, _NameHit]) -> _Matching:
+    """Given the listing of a root with no layout configured, return the layout most entries
+    follow and each row's match under it."""
+    get = memo.get
+    hits: list[tuple[_NameHit, Member]] = []
+    layouts: list[str] = []
+    for row in listing.rows:
+        name, _, is_dir = row
+        hit = get(name)
+        if hit is None or hit.is_dir is not is_dir:
+            hit = memo[name] = _NameHit(is_dir, *first_layout(name, is_dir))
+        if hit.layout is not None:
+            hits.append((hit, row))
+            layouts.append(hit.layout)
+    detected = choose_layout(Counter(layouts), listing.tracker_files)
+    layout = _look_inside(scope, detected, hits) or "custom"
+    pairs = [
+        (hit.match, row) for hit, row in hits if hit.layout == layout and hit.match is not None
+    ]
+    if len(pairs) < len(hits) and layout != "custom":
+        pairs += _rematch(hits, layout)
+    return _Matching(layout, pairs)
+
+
+def _rematch(hits: list[tuple[_NameHit, Member]], layout: str) -> list[tuple[NameMatch, Member]]:
+    """Given rows first claimed by some layout, return those another layout claimed first that
+    still fit the chosen one (`step_100/` is orbax's first, and dcp's too)."""
+    return [
+        (other, row)
+        for hit, row in hits
+        if hit.layout != layout and (other := match_builtin(layout, row[0], row[2])) is not None
+    ]
 
 
 def _match_patterns(
@@ -608,26 +506,79 @@ def _match_patterns(
     return None
 
 
-def _settle_numbered_layout(
-    fs: FileSystem, root_path: str, detected: str | None, numbered: list[str]
+_NUMBERED = frozenset({"orbax", DCP_CANDIDATE})
+_LOOK_INTO = 3  # folders looked into to tell a layout that names alone cannot
+
+
+def _look_inside(
+    scope: _Scope, detected: str | None, hits: list[tuple[_NameHit, Member]]
 ) -> str | None:
-    """Given the name-based guess and the numbered folders, tell dcp from orbax by looking into
-    the highest-numbered few (a dcp checkpoint holds `*.distcp` files)."""
-    if detected not in (None, "orbax") or not numbered:
+    """Given the layout the names suggest and the rows some layout claims, return the layout,
+    settled by looking into a few folders where names cannot tell: torch.distributed.checkpoint
+    folders (`*.distcp` inside, no trainer_state.json) are named like Orbax's (`step_100/`) or
+    like the Trainer's (`checkpoint-100/`)."""
+    if detected == "hf":
+        sample = [row for hit, row in islice(_claimed_by(hits, "hf"), _LOOK_INTO)]
+        kinds = [_folder_kind(scope, row) for row in sample]
+        return "dcp" if "dcp" in kinds and "hf" not in kinds else "hf"
+    if detected not in (None, "orbax"):
         return detected
-
-    def number(name: str) -> int:
-        digits = re.findall(r"\d+", name)
-        return int(digits[-1]) if digits else -1
-
-    for name in sorted(numbered, key=number, reverse=True)[:3]:
-        try:
-            with closing(scandir_of(fs)(f"{root_path}/{name}")) as entries:
-                if any(entry.name.endswith(".distcp") for entry in entries):
-                    return "dcp"
-        except OSError:
-            continue
+    numbered = [pair for pair in hits if pair[0].layout in _NUMBERED]
+    highest = heapq.nlargest(_LOOK_INTO, numbered, key=_step_of_hit)
+    if any(_folder_kind(scope, row) == "dcp" for _, row in highest):
+        return "dcp"
     return detected
+
+
+def _claimed_by(
+    hits: list[tuple[_NameHit, Member]], layout: str
+) -> Iterator[tuple[_NameHit, Member]]:
+    return (pair for pair in hits if pair[0].layout == layout)
+
+
+def _step_of_hit(pair: tuple[_NameHit, Member]) -> int:
+    match = pair[0].match
+    return match.step if match is not None else -1
+
+
+def _folder_kind(scope: _Scope, row: Member) -> str | None:
+    """Given a folder of the root, return "hf" (trainer_state.json inside), "dcp" (`*.distcp`,
+    no trainer_state.json), "orbax" (its commit markers) or None, from its cached walk when the
+    cache holds one for this very folder, else from one listing of it."""
+    name, _, is_dir = row
+    if not is_dir:
+        return None
+    entry = scope.cached.get(name)
+    if entry is not None and entry.identity == (row,):
+        markers: Collection[str] = entry.walk.markers
+    else:
+        markers = _top_markers(scope, name)
+    if "trainer_state.json" in markers:
+        return "hf"
+    if DISTCP_MARKER in markers:
+        return "dcp"
+    if "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers:
+        return "orbax"
+    return None
+
+
+def _top_markers(scope: _Scope, name: str) -> set[str]:
+    """Given a folder of the root, return the markers `_folder_kind` asks about found at its
+    top (empty when it cannot be listed)."""
+    found: set[str] = set()
+    try:
+        with closing(scandir_of(scope.fs)(f"{scope.root_path}/{name}")) as entries:
+            for entry in entries:
+                if entry.name.endswith(".distcp"):
+                    found.add(DISTCP_MARKER)
+                elif entry.name in _KIND_MARKERS:
+                    found.add(entry.name)
+    except OSError:
+        pass
+    return found
+
+
+_KIND_MARKERS = frozenset({"trainer_state.json", "commit_success.txt", "_CHECKPOINT_METADATA"})
 
 
 def _patterns_of(root: RootConfig) -> list[Pattern]:
@@ -639,30 +590,303 @@ def _patterns_of(root: RootConfig) -> list[Pattern]:
     return patterns
 
 
-def _series_order(
-    patterns: list[Pattern], layout: str, results: list[tuple[Any, ...]]
-) -> tuple[str, ...]:
+def _group(matching: _Matching, listing: _Listing) -> _Candidates:
+    """Given the matched rows, return the checkpoints they make up. Only TensorFlow (and file
+    checkpoints with a metrics sidecar) have several members; every other row is one
+    checkpoint, passed on as it is."""
+    if matching.layout != "tf" and not listing.beside_metrics:
+        return _Candidates(single=True, pairs=matching.pairs)
+    first_match: dict[str, NameMatch] = {}
+    members: dict[str, list[Member]] = {}
+    for match, row in matching.pairs:
+        rows = members.get(match.checkpoint)
+        if rows is None:
+            first_match[match.checkpoint] = match
+            members[match.checkpoint] = [row]
+        else:
+            rows.append(row)
+    for name, (sidecar, inode) in listing.beside_metrics.items():
+        rows = members.get(name)
+        if rows is not None and not _is_folder(rows[0]):  # a sidecar belongs beside a file
+            rows.append((sidecar, inode, False))
+    pairs = [(first_match[name], tuple(sorted(rows))) for name, rows in members.items()]
+    return _Candidates(single=False, pairs=pairs)
+
+
+def _is_folder(member: Member) -> bool:
+    _, _, is_dir = member
+    return is_dir
+
+
+# --- phase 3: walk, or reuse the cache -----------------------------------------------------------
+
+
+def _walk_or_reuse(scope: _Scope, layout: str, candidates: _Candidates) -> _Walked:
+    """Given the candidates, return every checkpoint with its walk: the cached walk where the
+    listing proves it current, a fresh walk of the others (one that vanished meanwhile is
+    left out)."""
+    cache = scope.cache
+    found: list[_Found] = []
+    if candidates.single:
+        misses = _reuse_single(scope.cached, candidates.pairs, found)
+    else:
+        misses = _reuse_grouped(scope.cached, candidates.pairs, found)
+    hits = len(found)
+    walks = walk_many(
+        scope.fs, scope.root_path, [identity for _, identity in misses], layout == "dcp"
+    )
+    for (match, identity), walk in zip(misses, walks, strict=True):
+        if walk is not None:  # None: vanished between listing and walk, not there any more
+            entry = _store_if_final(scope, layout, match, identity, walk)
+            found.append(_found(match, identity, walk, entry))
+    if cache is not None:
+        cache.hits += hits
+        cache.misses += len(misses)
+    return _Walked(found, hits, len(misses))
+
+
+def _reuse_single(
+    cached: Mapping[str, CacheEntry],
+    pairs: Sequence[tuple[NameMatch, Member]],
+    found: list[_Found],
+) -> list[tuple[NameMatch, Identity]]:
+    """Given one-row checkpoints, append to `found` those the cache holds for the very row
+    (the hot loop of a rescan: no object made per checkpoint) and return the others."""
+    misses: list[tuple[NameMatch, Identity]] = []
+    get = cached.get
+    append = found.append
+    for match, row in pairs:
+        entry = get(match.checkpoint)
+        if entry is not None:
+            identity = entry.identity
+            if len(identity) == 1 and identity[0] == row:
+                record = entry.found
+                if record is None or record.match is not match:
+                    record = entry.found = _found(match, identity, entry.walk, entry)
+                append(record)
+                continue
+        misses.append((match, (row,)))
+    return misses
+
+
+def _reuse_grouped(
+    cached: Mapping[str, CacheEntry],
+    pairs: Sequence[tuple[NameMatch, Identity]],
+    found: list[_Found],
+) -> list[tuple[NameMatch, Identity]]:
+    """Given checkpoints with their identities, append to `found` those the cache holds for
+    the very identity and return the others."""
+    misses: list[tuple[NameMatch, Identity]] = []
+    for match, identity in pairs:
+        entry = cached.get(match.checkpoint)
+        if entry is None or entry.identity != identity:
+            misses.append((match, identity))
+            continue
+        record = entry.found
+        if record is None or record.match is not match:
+            record = entry.found = _found(match, entry.identity, entry.walk, entry)
+        found.append(record)
+    return misses
+
+
+def _store_if_final(
+    scope: _Scope, layout: str, match: NameMatch, identity: Identity, walk: WalkResult
+) -> CacheEntry | None:
+    """Given a fresh walk, cache it when it is final and return its entry (else None)."""
+    if scope.cache is None or not _is_final(scope, walk, layout, match):
+        return None
+    return scope.cache.store(scope.root_path, match.checkpoint, identity, walk)
+
+
+# --- phase 4: order, re-check --------------------------------------------------------------------
+
+
+def _order(found: list[_Found], patterns: list[Pattern], layout: str) -> tuple[str, ...]:
+    """Given the checkpoints found, sort them in place by series, step and name, and return
+    the series ids in order."""
+    if layout == "pt" or any(pattern.has_epoch and pattern.has_step for pattern in patterns):
+        _order_epochs_first(found)
+    series = _series_order(patterns, layout, found)
+    if len(series) > 1:
+        rank = {series_id: index for index, series_id in enumerate(series)}
+        found.sort(key=lambda record: (rank[record.series], record.step, *_tie_break(record)))
+    else:
+        found.sort(key=_STEP)
+        _sort_equal_steps(found)
+    return series
+
+
+_STEP = attrgetter("step")
+
+
+def _series_order(patterns: list[Pattern], layout: str, found: list[_Found]) -> tuple[str, ...]:
     """Given the patterns, layout and found checkpoints, return the series ids in order: the
     patterns' order as configured, else the layout's one series (pt: each found pattern)."""
     if patterns:
         return tuple(pattern.source for pattern in patterns)
     if layout in ("pt", "custom"):
-        return tuple(sorted({result[0] for result in results}))
+        return tuple(sorted({record.series for record in found}))
     return (layout,)
 
 
-def _protect_matcher(globs: list[str]) -> Any:
-    if not globs:
-        return None
-    compiled = [(glob, re.compile(fnmatch.translate(glob))) for glob in globs]
+def _order_epochs_first(found: list[_Found]) -> None:
+    """Given the checkpoints found, renumber in place the steps of each series whose names
+    carry both an epoch and a step (`mid_epoch_<e>_<step>.pt`) when the step restarts each
+    epoch: some later epoch has a smaller step, so the number is a position in the epoch, not
+    a global step. Ordered by that number alone, the newest saves would sort below older
+    epochs and a rotation would delete them. The step becomes `epoch * 10^digits + step`,
+    which orders by epoch first; a global step is left as it is."""
+    members: dict[str, list[int]] = {}
+    for index, record in enumerate(found):
+        if "{epoch}" in record.series and "{step}" in record.series:
+            members.setdefault(record.series, []).append(index)
+    for indexes in members.values():
+        pairs = sorted((found[index].match.epoch or 0, found[index].step) for index in indexes)
+        if all(earlier[1] <= later[1] for earlier, later in pairwise(pairs)):
+            continue
+        stride = 10 ** len(str(max(step for _, step in pairs)))
+        for index in indexes:
+            record = found[index]
+            found[index] = replace(record, step=(record.match.epoch or 0) * stride + record.step)
 
-    def matching(name: str) -> list[str]:
-        return [glob for glob, regex in compiled if regex.match(name)]
 
-    return matching
+def _sort_equal_steps(found: list[_Found]) -> None:
+    """Given checkpoints sorted by step, order each run of equal steps by version, then name
+    (rare: Lightning's `-v1` re-save of a step is the newer one, though its name sorts first),
+    in one pass: cheaper than a (step, version, name) key for 10,000 checkpoints."""
+    index = 1
+    count = len(found)
+    while index < count:
+        if found[index].step != found[index - 1].step:
+            index += 1
+            continue
+        start = index - 1
+        while index < count and found[index].step == found[start].step:
+            index += 1
+        found[start:index] = sorted(found[start:index], key=_tie_break)
 
 
-# --- trackers ------------------------------------------------------------------------------------
+def _tie_break(record: _Found) -> tuple[int, str]:
+    return record.match.version, record.name
+
+
+def _recheck(
+    scope: _Scope,
+    layout: str,
+    found: list[_Found],
+    series_count: int,
+    verify: bool | Collection[str],
+) -> int:
+    """Given the ordered checkpoints, prove current by a stat what matters most (the newest of
+    each series, what the caller names); walk again, in place, those whose fingerprint
+    changed. Return how many were walked."""
+    cache = scope.cache
+    if cache is None:
+        return 0
+    walked = 0
+    for index in sorted(_recheck_indexes(found, series_count, verify)):
+        record = found[index]
+        if record.entry is None:
+            continue  # walked just now
+        walk = record.walk
+        if _fingerprint(scope.fs, scope.root_path, record.identity, walk.markers) == (
+            walk.fingerprint
+        ):
+            continue
+        cache.forget(scope.root_path, record.name)
+        fresh = walk_checkpoint(scope.fs, scope.root_path, record.identity, layout == "dcp")
+        walked += 1
+        if fresh is None:  # vanished: reported from the old walk this once, no longer cached
+            found[index] = replace(record, entry=None)
+            continue
+        entry = _store_if_final(scope, layout, record.match, record.identity, fresh)
+        found[index] = replace(record, walk=fresh, entry=entry)
+    return walked
+
+
+def _recheck_indexes(
+    found: list[_Found], series_count: int, verify: bool | Collection[str]
+) -> set[int]:
+    """Given the ordered checkpoints, return the indexes of the newest `RECHECK_NEWEST` of each
+    series and of those `verify` names (all of them for True)."""
+    if verify is True:
+        return set(range(len(found)))
+    recheck: set[int] = set()
+    seen: dict[str, int] = {}
+    wanted = RECHECK_NEWEST * series_count
+    for index in range(len(found) - 1, -1, -1):
+        series_id = found[index].series
+        if seen.get(series_id, 0) < RECHECK_NEWEST:
+            seen[series_id] = seen.get(series_id, 0) + 1
+            recheck.add(index)
+            wanted -= 1
+            if not wanted:
+                break
+    if verify:
+        names = set(verify)
+        recheck.update(index for index, record in enumerate(found) if record.name in names)
+    return recheck
+
+
+# --- phase 5: trackers ---------------------------------------------------------------------------
+
+
+def _collect_trackers(
+    scope: _Scope, layout: str, listing: _Listing, found: list[_Found], want_metrics: bool
+) -> _Trackers:
+    """Given the ordered checkpoints, return what the root's trackers say; read (in place) the
+    trainer_state.json and sidecars needed for it, and all of them with `want_metrics`."""
+    trackers = _read_trackers(scope.fs, scope.root_path, layout, listing.tracker_files)
+    trackers.unfinished = listing.unfinished
+    if layout == "hf":
+        _track_best_models(scope, found, trackers)
+    if want_metrics:
+        for index in range(len(found)):
+            _read_state(scope, found, index)
+    if listing.symlinks:
+        owner = {name: record.name for record in found for name, _, _ in record.identity}
+        _resolve_symlinks(scope.fs, scope.root_path, listing.symlinks, owner, trackers)
+    return trackers
+
+
+def _track_best_models(scope: _Scope, found: list[_Found], trackers: _Trackers) -> None:
+    """Given hf checkpoints, mark the best_model_checkpoint of the newest settled sound
+    trainer_state.json (and of every newer one) as tracked. A save in progress (or one cut off
+    by a preemption) may hold a half-written one that names no best; reading only that one
+    would drop the protection of the best model."""
+    indexes: list[int] = []
+    for index in range(len(found) - 1, -1, -1):
+        if "trainer_state.json" not in found[index].walk.markers:
+            continue
+        indexes.append(index)
+        walk = _read_state(scope, found, index)
+        if walk.error is None and scope.settled(walk) and not walk.state_unreadable:
+            break
+    for index in indexes:
+        best = found[index].walk.best_model_checkpoint
+        if best:
+            best_name = os.path.basename(best.rstrip("/"))
+            if any(record.name == best_name for record in found):
+                trackers.add(best_name, f"{found[index].name}/trainer_state.json")
+
+
+def _read_state(scope: _Scope, found: list[_Found], index: int) -> WalkResult:
+    """Given a checkpoint, read its trainer_state.json / sidecars unless already read (once per
+    checkpoint: the cache keeps what was read), replace it in place and return its walk."""
+    record = found[index]
+    walk = record.walk
+    if walk.state_read or not (walk.markers & _STATE_MARKERS or len(record.identity) > 1):
+        return walk
+    walk = _with_state(scope.fs, scope.root_path, record.identity, walk)
+    entry = record.entry
+    if entry is not None and scope.cache is not None:
+        if walk.state_unreadable:  # a trainer_state.json cut off: not final after all
+            scope.cache.forget(scope.root_path, record.name)
+            entry = None
+        else:
+            entry = scope.cache.store(scope.root_path, record.name, record.identity, walk)
+    found[index] = replace(record, walk=walk, entry=entry)
+    return walk
 
 
 def _read_small(fs: FileSystem, path: str, limit: int = 1 << 16) -> str | None:
@@ -673,42 +897,62 @@ def _read_small(fs: FileSystem, path: str, limit: int = 1 << 16) -> str | None:
 
 
 def _read_trackers(
-    fs: FileSystem,
-    root_path: str,
-    layout: str,
-    tracker_files: set[str],
+    fs: FileSystem, root_path: str, layout: str, tracker_files: set[str]
 ) -> _Trackers:
+    """Given the layout and the tracker files at the top of the root, return what the layout's
+    own tracker file says."""
     trackers = _Trackers()
-    if DEEPSPEED_TRACKER in tracker_files and layout == "deepspeed":
-        text = _read_small(fs, f"{root_path}/{DEEPSPEED_TRACKER}")
-        if text is not None and (name := text.strip()):
-            found = re.fullmatch(r"global_step(\d+)", name)
-            if found:
-                trackers.deepspeed_step = int(found.group(1))
-            trackers.add(name, DEEPSPEED_TRACKER)
-    if MEGATRON_TRACKER in tracker_files and layout == "megatron":
-        text = _read_small(fs, f"{root_path}/{MEGATRON_TRACKER}")
-        if text is not None and text.strip().isdigit():
-            iteration = int(text.strip())
-            trackers.megatron_step = iteration
-            trackers.add(f"iter_{iteration:07d}", MEGATRON_TRACKER)
-    if TF_TRACKER in tracker_files and layout == "tf":
-        text = _read_small(fs, f"{root_path}/{TF_TRACKER}")
+    reader = _TRACKER_READERS.get(layout)
+    if reader is not None and reader.file_name in tracker_files:
+        text = _read_small(fs, f"{root_path}/{reader.file_name}")
         if text is not None:
-            listed: set[str] = set()
-            for key, value in re.findall(r'^\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
-                name = os.path.basename(value.rstrip("/"))
-                listed.add(name)
-                if key == "model_checkpoint_path":
-                    trackers.add(name, TF_TRACKER)
-            trackers.tf_listed = listed
-            steps = [
-                int(found.group(1))
-                for name in listed
-                if (found := re.search(r"-(\d+)$", name)) is not None
-            ]
-            trackers.tf_newest_step = max(steps) if steps else None
+            reader.read(text, trackers)
     return trackers
+
+
+def _read_deepspeed(text: str, trackers: _Trackers) -> None:
+    name = text.strip()
+    if not name:
+        return
+    found = re.fullmatch(r"global_step(\d+)", name)
+    if found:
+        trackers.deepspeed_step = int(found.group(1))
+    trackers.add(name, DEEPSPEED_TRACKER)
+
+
+def _read_megatron(text: str, trackers: _Trackers) -> None:
+    if text.strip().isdigit():
+        iteration = int(text.strip())
+        trackers.megatron_step = iteration
+        trackers.add(f"iter_{iteration:07d}", MEGATRON_TRACKER)
+
+
+def _read_tf(text: str, trackers: _Trackers) -> None:
+    listed: set[str] = set()
+    for key, value in re.findall(r'^\s*(\w+)\s*:\s*"((?:[^"\\]|\\.)*)"', text, re.M):
+        name = os.path.basename(value.rstrip("/"))
+        listed.add(name)
+        if key == "model_checkpoint_path":
+            trackers.add(name, TF_TRACKER)
+    trackers.tf_listed = listed
+    steps = [
+        int(found.group(1)) for name in listed if (found := re.search(r"-(\d+)$", name)) is not None
+    ]
+    trackers.tf_newest_step = max(steps) if steps else None
+
+
+class _TrackerReader(NamedTuple):
+    file_name: str
+    read: Callable[[str, _Trackers], None]
+
+
+_TRACKER_READERS: Mapping[str, _TrackerReader] = MappingProxyType(
+    {
+        "deepspeed": _TrackerReader(DEEPSPEED_TRACKER, _read_deepspeed),
+        "megatron": _TrackerReader(MEGATRON_TRACKER, _read_megatron),
+        "tf": _TrackerReader(TF_TRACKER, _read_tf),
+    }
+)
 
 
 def _resolve_symlinks(
@@ -734,19 +978,22 @@ def _resolve_symlinks(
             # An absolute target may reach the root by another path (the root configured
             # through a symlinked mount, the link written with the real one, or the reverse).
             if root_identity is None:
-                try:
-                    root_status = fs.stat(root_path)
-                except OSError:
+                root_identity = _identity_of(fs, root_path)
+                if root_identity is None:
                     continue
-                root_identity = (root_status.st_dev, root_status.st_ino)
-            first_entry = _entry_through_other_path(fs, root_identity, absolute)
-            if first_entry is None:
-                continue
-            first = first_entry
+            first = _entry_through_other_path(fs, root_identity, absolute)
         else:
             first = relative.split(os.sep, 1)[0]
-        if first in owner:
+        if first is not None and first in owner:
             trackers.add(owner[first], link)
+
+
+def _identity_of(fs: FileSystem, path: str) -> tuple[int, int] | None:
+    try:
+        status = fs.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def _entry_through_other_path(
@@ -765,62 +1012,221 @@ def _entry_through_other_path(
     return None
 
 
+def _protect_matcher(globs: list[str]) -> Callable[[str], list[str]] | None:
+    if not globs:
+        return None
+    compiled = [(glob, re.compile(fnmatch.translate(glob))) for glob in globs]
+
+    def matching(name: str) -> list[str]:
+        return [glob for glob, regex in compiled if regex.match(name)]
+
+    return matching
+
+
+# --- phase 6: build ------------------------------------------------------------------------------
+
+_KEEP_PIN = (".keep",)
+
+
+def _build(
+    scope: _Scope,
+    layout: str,
+    found: list[_Found],
+    trackers: _Trackers,
+    beside_pins: set[str],
+    protect_globs: list[str],
+) -> list[Checkpoint]:
+    """Given the ordered checkpoints and what the trackers say, return their `Checkpoint`
+    values; a cached checkpoint built last time under the same key is reused as it is."""
+    tracked = trackers.tracked
+    protect = _protect_matcher(protect_globs)
+    static = layout in _STATIC_LAYOUTS and not trackers.unfinished
+    checkpoints: list[Checkpoint] = []
+    append = checkpoints.append
+    for record in found:
+        entry = record.entry
+        name = record.name
+        # A final walk of a static layout: complete for good (no NeMo marker in the root).
+        reason = None if entry is not None and static else _reason(scope, layout, record, trackers)
+        tracked_by = tuple(tracked[name]) if name in tracked else ()
+        pinned_by: tuple[str, ...] = (
+            _KEEP_PIN if ".keep" in record.walk.markers or name in beside_pins else ()
+        )
+        if protect is not None:
+            pinned_by += tuple(f"protect:{glob}" for glob in protect(name))
+        key = (record.match, reason, tracked_by, pinned_by, layout, record.step)
+        if entry is not None and entry.built_key == key:
+            append(entry.built)
+            continue
+        checkpoint = _checkpoint(layout, record, reason, tracked_by, pinned_by)
+        if entry is not None:
+            entry.built = checkpoint
+            entry.built_key = key
+        append(checkpoint)
+    return checkpoints
+
+
+def _reason(scope: _Scope, layout: str, record: _Found, trackers: _Trackers) -> str | None:
+    """Given a checkpoint, return why it is not complete (None: complete). Settle time counts
+    only where no completion marker is written last (`_settles`)."""
+    walk = record.walk
+    reason = _incomplete_reason(layout, record.match, walk, trackers)
+    if reason is None and _settles(layout, trackers) and not scope.settled(walk):
+        age_seconds = max(0, scope.now_ns - walk.mtime_ns) // 1_000_000_000
+        reason = f"settling: last write {age_seconds} s ago"
+    return reason
+
+
+def _checkpoint(
+    layout: str,
+    record: _Found,
+    reason: str | None,
+    tracked_by: tuple[str, ...],
+    pinned_by: tuple[str, ...],
+) -> Checkpoint:
+    match = record.match
+    walk = record.walk
+    metrics = walk.metrics
+    if match.metrics:
+        metrics = MappingProxyType({**match.metrics, **walk.metrics}) if metrics else match.metrics
+    identity = record.identity
+    return Checkpoint(
+        name=record.name,
+        step=record.step,
+        entries=tuple(name for name, _, _ in identity) if len(identity) > 1 else (),
+        series=match.series,
+        layout=layout,
+        epoch=match.epoch,
+        complete=reason is None,
+        incomplete_reason=reason,
+        size_bytes=walk.size_bytes,
+        freeable_bytes=walk.freeable_bytes,
+        mtime=walk.mtime,
+        tracked_by=tracked_by,
+        pinned_by=pinned_by,
+        metrics=metrics,
+        version=match.version,
+        slimmed=SLIM_MARKER in walk.markers,
+    )
+
+
 # --- completeness --------------------------------------------------------------------------------
+
+
+def _settles(layout: str, trackers: _Trackers) -> bool:
+    """Given the layout, return whether only settle time can tell its saves are over: a layout
+    whose completion marker is written last (trainer_state.json, .metadata, commit_success.txt,
+    the `latest`/`checkpoint`/Megatron tracker) is complete once the marker is there."""
+    return layout in _SETTLE_LAYOUTS or (layout == "megatron" and trackers.megatron_step is None)
 
 
 def _incomplete_reason(
     layout: str, match: NameMatch, walk: WalkResult, trackers: _Trackers
 ) -> str | None:
+    """Given a checkpoint's match and walk and the trackers, return why its layout does not
+    call it complete (settle time aside), or None."""
     if walk.error is not None:
         return walk.error
+    if match.temporary:
+        return _TEMPORARY_REASONS.get(layout, "temporary name (save in progress or interrupted)")
+    if trackers.unfinished:
+        marker = _unfinished_marker(match.checkpoint, trackers.unfinished)
+        if marker is not None:
+            return f"NeMo marker {marker} beside it (save in progress or interrupted)"
+    reason_of = _REASONS.get(layout)
+    return reason_of(match, walk, trackers) if reason_of is not None else None
+
+
+_TEMPORARY_REASONS: Mapping[str, str] = MappingProxyType(
+    {
+        "orbax": "orbax temporary folder (save in progress or interrupted)",
+        "tf": "TensorFlow temporary folder (save in progress or interrupted)",
+    }
+)
+
+
+def _unfinished_marker(name: str, stems: set[str]) -> str | None:
+    """Given a checkpoint's name and the stems of NeMo's `-unfinished` markers, return the
+    marker's name when one belongs to it (`X.ckpt`, `X.nemo`, `X-EMA.ckpt` and folder `X` share
+    `X-unfinished`: format_checkpoint_unfinished_marker_path), else None."""
+    stem = name.removesuffix(".nemo").removesuffix(".ckpt").removesuffix("-EMA")
+    return f"{stem}{_UNFINISHED_SUFFIX}" if stem in stems else None
+
+
+def _hf_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
     markers = walk.markers
-    if layout == "hf":
-        return None if "trainer_state.json" in markers else "no trainer_state.json"
-    if layout == "orbax":
-        if ORBAX_TMP_MARK in match.checkpoint:
-            return "orbax temporary folder (save in progress or interrupted)"
-        if "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers:
-            return None
-        return "no commit_success.txt or _CHECKPOINT_METADATA"
-    if layout == "dcp":
-        return None if ".metadata" in markers else "no .metadata"
-    if layout == "deepspeed":
-        if trackers.deepspeed_step is None:
-            return f"no readable '{DEEPSPEED_TRACKER}' file"
-        if match.step > trackers.deepspeed_step:
-            return f"newer than '{DEEPSPEED_TRACKER}' (global_step{trackers.deepspeed_step})"
-        return None
-    if layout == "megatron":
-        if trackers.megatron_step is not None and match.step > trackers.megatron_step:
-            return f"newer than {MEGATRON_TRACKER} ({trackers.megatron_step})"
-        return None
-    if layout == "tf":
-        if "index" not in markers:
-            return f"no {match.checkpoint}.index"
-        if trackers.tf_listed is None:
-            return f"no readable '{TF_TRACKER}' file"
-        if match.checkpoint in trackers.tf_listed:
-            return None
-        if trackers.tf_newest_step is not None and match.step < trackers.tf_newest_step:
-            return None
-        return f"not listed in '{TF_TRACKER}'"
+    if HF_INCOMPLETE_MARKER in markers:
+        # transformers' JIT checkpoint removes it only after trainer_state.json is written.
+        return f"{HF_INCOMPLETE_MARKER} inside (save in progress or interrupted)"
+    if "trainer_state.json" not in markers:
+        return "no trainer_state.json"
+    if walk.state_unreadable:  # read for the newest ones: a plain open("w") still being written
+        return "trainer_state.json unreadable (being written, or cut off)"
     return None
 
 
-def _is_final(walk: WalkResult, layout: str, name: str, now_ns: int, settle_ns: int) -> bool:
-    """Given a walk, return whether it can never change while the checkpoint is untouched."""
-    if walk.error is not None or now_ns - walk.mtime_ns < settle_ns:
+def _orbax_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if "commit_success.txt" in walk.markers or "_CHECKPOINT_METADATA" in walk.markers:
+        return None
+    return "no commit_success.txt or _CHECKPOINT_METADATA"
+
+
+def _dcp_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if ".metadata" in walk.markers or DCP_RANK0_METADATA in walk.markers:
+        return None
+    return "no .metadata"
+
+
+def _deepspeed_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if trackers.deepspeed_step is None:
+        return f"no readable '{DEEPSPEED_TRACKER}' file"
+    if match.step > trackers.deepspeed_step:
+        return f"newer than '{DEEPSPEED_TRACKER}' (global_step{trackers.deepspeed_step})"
+    return None
+
+
+def _megatron_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if trackers.megatron_step is not None and match.step > trackers.megatron_step:
+        return f"newer than {MEGATRON_TRACKER} ({trackers.megatron_step})"
+    return None
+
+
+def _tf_reason(match: NameMatch, walk: WalkResult, trackers: _Trackers) -> str | None:
+    if "index" not in walk.markers:
+        return f"no {match.checkpoint}.index"
+    if trackers.tf_listed is None:
+        return f"no readable '{TF_TRACKER}' file"
+    if match.checkpoint in trackers.tf_listed:
+        return None
+    if trackers.tf_newest_step is not None and match.step < trackers.tf_newest_step:
+        return None
+    return f"not listed in '{TF_TRACKER}'"
+
+
+_REASONS: Mapping[str, Callable[[NameMatch, WalkResult, _Trackers], str | None]] = MappingProxyType(
+    {
+        "hf": _hf_reason,
+        "orbax": _orbax_reason,
+        "dcp": _dcp_reason,
+        "deepspeed": _deepspeed_reason,
+        "megatron": _megatron_reason,
+        "tf": _tf_reason,
+    }
+)
+
+
+def _is_final(scope: _Scope, walk: WalkResult, layout: str, match: NameMatch) -> bool:
+    """Given a walk, return whether it can never change while the checkpoint is untouched:
+    settled, and complete by its layout's marker (trackers are read again on every scan)."""
+    if walk.error is not None or match.temporary or not scope.settled(walk):
         return False
-    markers = walk.markers
-    if layout == "hf":
-        return "trainer_state.json" in markers
-    if layout == "orbax":
-        return ORBAX_TMP_MARK not in name and (
-            "commit_success.txt" in markers or "_CHECKPOINT_METADATA" in markers
-        )
-    if layout == "dcp":
-        return ".metadata" in markers
-    return True
+    reason_of = _FINAL_REASONS.get(layout)
+    return reason_of is None or reason_of(match, walk, _NO_TRACKERS) is None
+
+
+# Layouts whose marker decides completeness (and so whether a walk is final) without trackers.
+_FINAL_REASONS = {layout: _REASONS[layout] for layout in ("hf", "orbax", "dcp")}
+_NO_TRACKERS = _Trackers()
 
 
 # --- walking -------------------------------------------------------------------------------------

@@ -35,10 +35,15 @@ from types import MappingProxyType
 from typing import Any
 
 CACHE_FILE_NAME = "size-cache.json"
-_FORMAT_VERSION = 1
+# 2: walks note transformers' checkpoint-is-incomplete.txt and dcp's __0.metadata; a walk of
+# an older version could call a JIT save cut off mid-way complete, so it is walked again.
+_FORMAT_VERSION = 2
 
-Identity = tuple[tuple[str, int, bool], ...]
-"""A checkpoint's root entries as `(name, inode, is_dir)`, sorted by name."""
+Member = tuple[str, int, bool]
+"""One root entry of a checkpoint as `(name, inode, is_dir)`, as the directory listing says."""
+
+Identity = tuple[Member, ...]
+"""A checkpoint's root entries (`Member`s), sorted by name."""
 
 
 _NO_METRICS: Mapping[str, float] = MappingProxyType({})
@@ -119,16 +124,18 @@ class WalkResult:
 
 
 class CacheEntry:
-    """One cached checkpoint: its identity, its walk, and (in memory only) the Checkpoint value
-    last built from it with the key it was built under, so an unchanged checkpoint costs no new
-    object on a rescan."""
+    """One cached checkpoint: its identity, its walk, and (in memory only) what discovery last
+    made of it: its record of the scan (`found`) and the Checkpoint value built from it with the
+    key it was built under, so an unchanged checkpoint costs no new object on a rescan."""
 
-    __slots__ = ("built", "built_key", "identity", "walk")
+    __slots__ = ("built", "built_key", "found", "identity", "walk")
 
     def __init__(self, identity: Identity, walk: WalkResult) -> None:
         self.identity = identity
         self.walk = walk
-        self.built: object | None = None
+        # Discovery's own values (typed there): the scan record and the built Checkpoint.
+        self.found: Any = None
+        self.built: Any = None
         self.built_key: tuple[object, ...] | None = None
 
 
@@ -291,8 +298,15 @@ class SizeCache:
             self.load_error = f"{path}: {error}"
             return
         try:
-            if document.get("version") != _FORMAT_VERSION:
-                raise ValueError(f"version {document.get('version')!r}")
+            version = document.get("version")
+            if (
+                isinstance(version, int)
+                and not isinstance(version, bool)
+                and version < _FORMAT_VERSION
+            ):
+                return  # an older daemon's cache: what it did not note costs one walk, no error
+            if version != _FORMAT_VERSION:
+                raise ValueError(f"version {version!r}")
             roots: dict[str, dict[str, CacheEntry]] = {}
             for item in document["entries"]:
                 identity: Identity = tuple(

@@ -37,12 +37,16 @@ except ImportError:  # not on every platform
     resource = None  # type: ignore[assignment]
 
 # Files whose presence at the top of a checkpoint folder discovery cares about.
+HF_INCOMPLETE_MARKER = "checkpoint-is-incomplete.txt"  # transformers' JIT save in progress
+DCP_RANK0_METADATA = "__0.metadata"  # dcp with use_collectives=False: one per rank, no .metadata
 MARKER_NAMES = frozenset(
     {
         "trainer_state.json",
+        HF_INCOMPLETE_MARKER,
         "commit_success.txt",
         "_CHECKPOINT_METADATA",
         ".metadata",
+        DCP_RANK0_METADATA,
         ".keep",
         "metrics.json",
         ".ckptd-slim.json",  # a slimmed checkpoint (daemon/slimming.py)
@@ -53,6 +57,7 @@ DISTCP_MARKER = "*.distcp"
 FINGERPRINT_MARKERS = (
     "trainer_state.json",
     ".metadata",
+    DCP_RANK0_METADATA,
     "_CHECKPOINT_METADATA",
     "commit_success.txt",
 )
@@ -241,115 +246,171 @@ def walk_checkpoint(
 ) -> WalkResult | None:
     """Given a checkpoint's root entries, walk them (never following a symlink) and return what
     was found, or None when the checkpoint vanished before it could be looked at."""
-    size = 0  # bytes of files with a single link
-    newest = 0
-    entry_count = 0
-    markers: set[str] = set()
-    marker_stats: dict[str, tuple[int, int, int]] = {}
-    linked: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [size, nlink, links seen]
+    tally = _Tally()
     fingerprint: list[int] = []
-    error: str | None = None
     present = 0
     scandir = scandir_of(fs)
-    marker_names = MARKER_NAMES
     for member, _, _ in members:
         path = f"{root_path}/{member}"
-        try:
-            status = fs.lstat(path)
-        except FileNotFoundError:
-            error = error or f"changed while scanning: {member} vanished"
-            continue
-        except OSError as failure:
-            error = f"unreadable: {member}: {failure.strerror}"
+        status = _lstat_member(fs, path, member, tally)
+        if status is None:
             continue
         present += 1
         fingerprint += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
-        if status.st_mtime_ns > newest:
-            newest = status.st_mtime_ns
+        if status.st_mtime_ns > tally.newest:
+            tally.newest = status.st_mtime_ns
         if status.st_mode & 0o170000 != 0o040000:
-            entry_count += 1
-            if member.endswith(".index"):
-                markers.add("index")
-            if status.st_nlink > 1:
-                _count_link(linked, status)
-            else:
-                size += status.st_size
+            _count_member_file(tally, member, status)
             continue
         # A folder: one listing per folder, one lstat per entry, no other object per file.
         # The top level is walked apart from the rest: only there are marker names looked at.
         folders: list[str] = []
+        if not _walk_top(scandir, path, member, tally, folders, want_distcp):
+            present -= 1  # the whole folder went away after the lstat
+        if folders:
+            _walk_below(scandir, root_path, folders, tally)
+        marker = next((m for m in FINGERPRINT_MARKERS if m in tally.marker_stats), None)
+        if marker is not None:
+            fingerprint += tally.marker_stats[marker]
+    if present <= 0:
+        return None
+    return tally.result(tuple(fingerprint))
+
+
+class _Tally:
+    """What one walk counted so far. Updated once per folder (the per-file loops count in local
+    variables, which is what keeps them fast), read once at the end."""
+
+    __slots__ = ("entries", "error", "linked", "marker_stats", "markers", "newest", "size")
+
+    def __init__(self) -> None:
+        self.size = 0  # bytes of files with a single link
+        self.newest = 0  # newest mtime_ns
+        self.entries = 0
+        self.error: str | None = None
+        self.markers: set[str] = set()
+        self.marker_stats: dict[str, tuple[int, int, int]] = {}  # name -> (ino, mtime, size)
+        self.linked: dict[tuple[int, int], list[int]] = {}  # (dev, ino) -> [size, nlink, seen]
+
+    def result(self, fingerprint: tuple[int, ...]) -> WalkResult:
+        """Given the walk's fingerprint, return what it found: a file with several links adds
+        to `size_bytes` once, and to `freeable_bytes` only if all its links were seen."""
+        size = freeable = self.size
+        for file_size, link_count, seen in self.linked.values():
+            size += file_size
+            if seen >= link_count:
+                freeable += file_size
+        return WalkResult(
+            size_bytes=size,
+            freeable_bytes=freeable,
+            mtime_ns=self.newest,
+            markers=frozenset(self.markers),
+            fingerprint=fingerprint,
+            error=self.error,
+            entry_count=self.entries,
+        )
+
+
+def _lstat_member(fs: FileSystem, path: str, member: str, tally: _Tally) -> os.stat_result | None:
+    """Given a checkpoint's root entry, return its lstat, or None (and the error noted) when
+    it vanished or cannot be read."""
+    try:
+        return fs.lstat(path)
+    except FileNotFoundError:
+        tally.error = tally.error or f"changed while scanning: {member} vanished"
+    except OSError as failure:
+        tally.error = f"unreadable: {member}: {failure.strerror}"
+    return None
+
+
+def _count_member_file(tally: _Tally, member: str, status: os.stat_result) -> None:
+    tally.entries += 1
+    if member.endswith(".index"):
+        tally.markers.add("index")
+    if status.st_nlink > 1:
+        _count_link(tally.linked, status)
+    else:
+        tally.size += status.st_size
+
+
+def _walk_top(
+    scandir: Callable[[str], Any],
+    path: str,
+    member: str,
+    tally: _Tally,
+    folders: list[str],
+    want_distcp: bool,
+) -> bool:
+    """Given a checkpoint folder, count its top-level entries, note its markers and add its
+    sub-folders to `folders`; return False when the folder itself vanished."""
+    size, newest, count, error = tally.size, tally.newest, tally.entries, tally.error
+    markers, marker_stats, linked = tally.markers, tally.marker_stats, tally.linked
+    marker_names = MARKER_NAMES
+    present = True
+    try:
+        with closing(scandir(path)) as entries:
+            for entry in entries:
+                count += 1
+                try:
+                    status = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    # A trainer removing its own temporary file: counted as gone.
+                    error = error or "changed while scanning: a file vanished"
+                    continue
+                if status.st_mtime_ns > newest:
+                    newest = status.st_mtime_ns
+                if status.st_mode & 0o170000 == 0o040000:
+                    folders.append(entry.path)
+                    continue
+                if status.st_nlink > 1:
+                    _count_link(linked, status)
+                else:
+                    size += status.st_size
+                name = entry.name
+                if name in marker_names:
+                    markers.add(name)
+                    marker_stats[name] = (status.st_ino, status.st_mtime_ns, status.st_size)
+                elif want_distcp and name.endswith(".distcp"):
+                    markers.add(DISTCP_MARKER)
+    except FileNotFoundError:
+        present = False
+        error = error or f"changed while scanning: {member} vanished"
+    except OSError as failure:
+        error = f"unreadable: {member}: {failure.strerror}"
+    tally.size, tally.newest, tally.entries, tally.error = size, newest, count, error
+    return present
+
+
+def _walk_below(
+    scandir: Callable[[str], Any], root_path: str, folders: list[str], tally: _Tally
+) -> None:
+    """Given the sub-folders of a checkpoint folder, count everything below them."""
+    size, newest, count, error = tally.size, tally.newest, tally.entries, tally.error
+    linked = tally.linked
+    while folders:
+        directory = folders.pop()
         try:
-            with closing(scandir(path)) as entries:
+            with closing(scandir(directory)) as entries:
                 for entry in entries:
-                    entry_count += 1
+                    count += 1
                     try:
                         status = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
-                        # A trainer removing its own temporary file: counted as gone.
                         error = error or "changed while scanning: a file vanished"
                         continue
                     if status.st_mtime_ns > newest:
                         newest = status.st_mtime_ns
                     if status.st_mode & 0o170000 == 0o040000:
                         folders.append(entry.path)
-                        continue
-                    if status.st_nlink > 1:
+                    elif status.st_nlink > 1:
                         _count_link(linked, status)
                     else:
                         size += status.st_size
-                    name = entry.name
-                    if name in marker_names:
-                        markers.add(name)
-                        marker_stats[name] = (status.st_ino, status.st_mtime_ns, status.st_size)
-                    elif want_distcp and name.endswith(".distcp"):
-                        markers.add(DISTCP_MARKER)
         except FileNotFoundError:
-            present -= 1  # the whole folder went away after the lstat
-            error = error or f"changed while scanning: {member} vanished"
+            error = error or "changed while scanning: a folder vanished"
         except OSError as failure:
-            error = f"unreadable: {member}: {failure.strerror}"
-        while folders:
-            directory = folders.pop()
-            try:
-                with closing(scandir(directory)) as entries:
-                    for entry in entries:
-                        entry_count += 1
-                        try:
-                            status = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            error = error or "changed while scanning: a file vanished"
-                            continue
-                        if status.st_mtime_ns > newest:
-                            newest = status.st_mtime_ns
-                        if status.st_mode & 0o170000 == 0o040000:
-                            folders.append(entry.path)
-                        elif status.st_nlink > 1:
-                            _count_link(linked, status)
-                        else:
-                            size += status.st_size
-            except FileNotFoundError:
-                error = error or "changed while scanning: a folder vanished"
-            except OSError as failure:
-                error = f"unreadable: {directory[len(root_path) + 1 :]}: {failure.strerror}"
-        marker = next((m for m in FINGERPRINT_MARKERS if m in marker_stats), None)
-        if marker is not None:
-            fingerprint += marker_stats[marker]
-    if present <= 0:
-        return None
-    freeable = size
-    for file_size, link_count, seen in linked.values():
-        size += file_size
-        if seen >= link_count:
-            freeable += file_size
-    return WalkResult(
-        size_bytes=size,
-        freeable_bytes=freeable,
-        mtime_ns=newest,
-        markers=frozenset(markers),
-        fingerprint=tuple(fingerprint),
-        error=error,
-        entry_count=entry_count,
-    )
+            error = f"unreadable: {directory[len(root_path) + 1 :]}: {failure.strerror}"
+    tally.size, tally.newest, tally.entries, tally.error = size, newest, count, error
 
 
 def _count_link(linked: dict[tuple[int, int], list[int]], status: os.stat_result) -> None:

@@ -128,9 +128,12 @@ class PruneRefused(HistoryEvent):
 
 @dataclass(frozen=True, kw_only=True)
 class PruneRun(HistoryEvent):
-    """One prune of one root, counted: the last record of every run that was not refused."""
+    """One prune of one root, counted: the last record of every run that was not refused and
+    did something. `quiet_runs`: the runs of this root since the last record that did nothing
+    and wrote none (left out when there were none)."""
 
     event: ClassVar[str] = "prune_run"
+    optional: ClassVar[frozenset[str]] = frozenset({"quiet_runs"})
     root: str
     dry_run: bool
     checkpoints: int
@@ -145,6 +148,7 @@ class PruneRun(HistoryEvent):
     seconds: float
     force: bool
     policy: Mapping[str, object]
+    quiet_runs: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

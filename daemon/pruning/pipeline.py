@@ -3,7 +3,10 @@
 `ckptd prune`, the daemon's jobs and the disk check's escalation all call `prune_root`. In order:
 finish a trash a crash left behind, purge trash past its grace, scan and plan the root, gather
 the process facts in one pass, let the safety guard veto or refuse, then hand the guarded plan
-to `deleter.apply` and write one `prune_run` record.
+to `deleter.apply` and write one `prune_run` record — unless the run did nothing at all
+(`did_nothing`): the daemon prunes after every checkpoint, and a row per idle run would bury the
+rows that matter; those runs are counted, and the root's next `prune_run` says how many
+(`quiet_runs`). A dry run writes no `prune_refused`: it was asked to change nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import dataclasses
 import os
 import threading
 import time
+import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -172,8 +177,8 @@ def _job_for(
         safety=guard.SafetySettings(
             min_keep=settings.min_keep,
             max_delete_fraction=settings.max_delete_fraction,
-            settle_seconds=settings.settle_seconds,
             force=force,
+            abandoned_after=settings.abandoned_after,
         ),
         grace=settings.trash_grace,
         policy=policy_record(spec),
@@ -208,7 +213,10 @@ def only_confirmed(fresh: Plan, confirmed: Plan) -> Plan:
 
 
 def _refuse(job: _Job, report: PruneReport, refused: guard.RootRefused) -> PruneReport:
-    """Given the guard's refusal of the whole root, record it; return the refused report."""
+    """Given the guard's refusal of the whole root, record it (not for a dry run: it refused
+    nothing that was asked for); return the refused report."""
+    if job.dry_run:
+        return dataclasses.replace(report, refusal=Refusal(refused.reason, refused.transient))
     job.history.record(
         PruneRefused(
             root=job.root_path,
@@ -284,8 +292,48 @@ def _confirmed(job: _Job, preview: PruneReport, confirm: Confirm, now: float) ->
     return _Answer(report, now, done=False)
 
 
+class _QuietRuns:
+    """Given runs that did nothing (nothing deleted, vetoed, failed, purged or repaired): they
+    write no `prune_run`; each history counts them per root (the daemon keeps one history for
+    its life) and the root's next `prune_run` says how many there were (`quiet_runs`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: weakref.WeakKeyDictionary[History, Counter[str]] = weakref.WeakKeyDictionary()
+
+    def add(self, history: History, root_path: str) -> None:
+        with self._lock:
+            self._counts.setdefault(history, Counter())[root_path] += 1
+
+    def take(self, history: History, root_path: str) -> int:
+        with self._lock:
+            counts = self._counts.get(history)
+            return counts.pop(root_path, 0) if counts is not None else 0
+
+
+QUIET_RUNS = _QuietRuns()
+
+
+def did_nothing(report: PruneReport) -> bool:
+    """Given a finished run, return whether it changed and found nothing worth a history row:
+    nothing deleted, vetoed, failed, purged or repaired (a dry run: nothing it would do)."""
+    applied, purged = report.applied, report.purge
+    if report.veto_reasons or applied.failed:
+        return False
+    if report.dry_run:
+        return not applied.would_delete
+    return not (
+        applied.deleted or applied.trashed or purged.removed or purged.failed or purged.notes
+    )
+
+
 def _record_run(job: _Job, report: PruneReport) -> None:
+    if did_nothing(report):
+        if not job.dry_run:
+            QUIET_RUNS.add(job.history, job.root_path)
+        return
     applied = report.applied
+    quiet = 0 if job.dry_run else QUIET_RUNS.take(job.history, job.root_path)
     job.history.record(
         PruneRun(
             root=job.root_path,
@@ -302,6 +350,7 @@ def _record_run(job: _Job, report: PruneReport) -> None:
             seconds=round(report.seconds, 3),
             force=job.force,
             policy=job.policy,
+            quiet_runs=quiet or None,
         )
     )
 

@@ -35,6 +35,7 @@ the trainer's namespace, or name the trainer with `trainer.pid_file`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat as stat_module
@@ -47,6 +48,10 @@ import psutil
 
 from daemon.fsio import TRASH_DIRECTORY
 from policies.model import Checkpoint
+
+log = logging.getLogger("ckptd.safety")
+# (pid file, problem) pairs already logged: a missing pid file is said once, not every prune.
+_NOTED: set[tuple[str, str]] = set()
 
 PF_KTHREAD = 0x00200000
 PROC = "/proc"
@@ -237,6 +242,40 @@ def _uid_could_reach(pid: int, root_status: os.stat_result) -> bool:
 # --- the trainer -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _PidFile:
+    """What a trainer pid file says: the running process it names, or why it names none."""
+
+    identity: ProcessIdentity | None
+    problem: str | None
+
+
+def _read_pid_file(pid_file: str, create_time: float | None) -> _PidFile:
+    try:
+        with open(pid_file, encoding="utf-8") as handle:
+            text = handle.read(4096)
+    except FileNotFoundError:
+        return _PidFile(None, "does not exist")
+    except OSError as error:
+        return _PidFile(None, f"cannot be read ({error.strerror})")
+    try:
+        pid = int(text.split()[0])
+    except (ValueError, IndexError):
+        return _PidFile(None, "holds no pid")
+    started = _create_time(pid)
+    if started == 0.0:
+        return _PidFile(None, f"names pid {pid}, which is not running")
+    if create_time is not None and abs(started - create_time) > 0.01:
+        return _PidFile(None, f"names pid {pid}, which is now another process")
+    return _PidFile(ProcessIdentity(pid, started), None)
+
+
+def pid_file_problem(pid_file: str, create_time: float | None = None) -> str | None:
+    """Given the trainer's pid file (and the create time remembered for its process), return
+    why it names no running trainer ("does not exist", a dead or reused pid), else None."""
+    return _read_pid_file(pid_file, create_time).problem
+
+
 def find_trainers(
     holders: Iterable[Holder],
     *,
@@ -248,21 +287,16 @@ def find_trainers(
 
     `pid_file`: the PID in it, if that process is alive; its create time is read now (or taken
     from `pid_file_create_time`, which a caller remembered from when it first saw the trainer —
-    then a PID reused by another program does not match). `cmdline`: every process whose
-    command line matches the regex. Neither: every process holding something under the root.
+    then a PID reused by another program does not match). A missing or stale pid file names no
+    one, so the trainer is found as if it were not configured: by `cmdline`, every process
+    whose command line matches the regex; neither: every process holding something under the
+    root. (A pid file left over from the last run must not switch off "the trainer holds the
+    newest, the root waits".)
     """
     if pid_file is not None:
-        try:
-            with open(pid_file, encoding="utf-8") as handle:
-                pid = int(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return frozenset()
-        create_time = _create_time(pid)
-        if create_time == 0.0:
-            return frozenset()
-        if pid_file_create_time is not None and abs(create_time - pid_file_create_time) > 0.01:
-            return frozenset()
-        return frozenset({ProcessIdentity(pid, create_time)})
+        named = _read_pid_file(pid_file, pid_file_create_time).identity
+        if named is not None:
+            return frozenset({named})
     if cmdline_pattern is not None:
         pattern = re.compile(cmdline_pattern)
         identities: set[ProcessIdentity] = set()
@@ -274,6 +308,29 @@ def find_trainers(
                     identities.add(ProcessIdentity(pid, create_time))
         return frozenset(identities)
     return frozenset(ProcessIdentity(holder.pid, holder.create_time) for holder in holders)
+
+
+def trainer_note(
+    pid_file: str | None, cmdline_pattern: str | None, create_time: float | None = None
+) -> str | None:
+    """Given the trainer config, return the note that its pid file is not used and how the
+    trainer is found instead, or None when the pid file names a running process (or none is
+    configured). Logged once per pid file and problem."""
+    if pid_file is None:
+        return None
+    problem = pid_file_problem(pid_file, create_time)
+    if problem is None:
+        return None
+    instead = (
+        f"by trainer.cmdline /{cmdline_pattern}/"
+        if cmdline_pattern is not None
+        else "automatically (processes using files under the root)"
+    )
+    note = f"trainer.pid_file {pid_file} {problem}: the trainer is found {instead}"
+    if (pid_file, problem) not in _NOTED:
+        _NOTED.add((pid_file, problem))
+        log.warning("%s", note)
+    return note
 
 
 # --- gathering facts ---------------------------------------------------------------------------
@@ -369,6 +426,9 @@ def gather_facts(
         pid_file_create_time=trainer_create_time,
     )
     notes: list[str] = []
+    note = trainer_note(trainer_pid_file, trainer_cmdline, trainer_create_time)
+    if note is not None:
+        notes.append(note)
     if everywhere:
         notes.append(
             f"{len(everywhere)} process(es) could not be inspected and count as holding: "

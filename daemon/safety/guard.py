@@ -23,15 +23,16 @@ class SafetySettings:
 
     min_keep: int = 3
     max_delete_fraction: float = 0.9
-    settle_seconds: float = 60.0
     force: bool = False
+    # An incomplete save flagged abandoned may go only once nothing was written in it this long.
+    abandoned_after: float = 3600.0
 
 
 class RootRefused(SafetyRefusal):
     """The whole root is refused for this run; `holders` names the processes involved.
 
-    `transient`: the refusal clears by itself (the trainer finishes its save, the newest
-    checkpoint settles); otherwise only a person can clear it (a config change, `--force`).
+    `transient`: the refusal clears by itself (the trainer lets go of the newest checkpoint);
+    otherwise only a person can clear it (a config change, `--force`).
     """
 
     def __init__(
@@ -60,15 +61,6 @@ def _is_direct_entry(name: str) -> bool:
     )
 
 
-def _is_settling(checkpoint: Checkpoint, now: float, settle_seconds: float) -> bool:
-    if checkpoint.complete:
-        return False
-    reason = (checkpoint.incomplete_reason or "").lower()
-    return reason.startswith("settling") or (
-        checkpoint.mtime > 0 and now - checkpoint.mtime < settle_seconds
-    )
-
-
 def _newest_by_series(decisions: Iterable[Decision], *, complete_only: bool) -> set[str]:
     newest: dict[str, Checkpoint] = {}
     for decision in decisions:
@@ -88,33 +80,15 @@ def _kept(decision: Decision, *reasons: str) -> Decision:
     return replace(decision, keep=True, reasons=merged)
 
 
-def _forbidden(checkpoint: Checkpoint, newest_complete: set[str], facts: Facts) -> list[str]:
-    """Given a checkpoint about to be deleted or slimmed, return the invariants that forbid
-    it: the newest complete one, incomplete, tracked, pinned, not in the root, held."""
-    reasons: list[str] = []
-    if checkpoint.name in newest_complete:
-        reasons.append("newest")
-    if not checkpoint.complete:
-        reasons.append("incomplete")
-    if checkpoint.tracked_by:
-        reasons.append("tracked")
-    if checkpoint.pinned_by:
-        reasons.append("pinned")
-    bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
-    if bad or not _is_direct_entry(checkpoint.name):
-        reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
-    for holder in facts.holders_of(checkpoint):
-        reasons.append(f"in-use:{holder.describe()}")
-    return reasons
-
-
-def _slim_guarded(decision: Decision, newest_complete: set[str], facts: Facts) -> Decision:
+def _slim_guarded(
+    decision: Decision, facts: Facts, settings: SafetySettings, newest_complete: set[str]
+) -> Decision:
     """Given a kept decision, return it with its slim turned down when an invariant forbids
     it: what forbids a deletion, plus the protections added after the policy (holds,
     `last-good`). A slim moves the resume state out, and a resume needs exactly that."""
     if not decision.slim:
         return decision
-    reasons = _forbidden(decision.checkpoint, newest_complete, facts)
+    reasons = _veto_reasons(decision, facts, settings, newest_complete)
     reasons += [kind for kind in slim_blockers(decision) if kind not in reasons]
     if not reasons:
         return decision
@@ -125,8 +99,10 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     """Given a plan and the facts, return why the whole root must be left alone, or None.
 
     The trainer holding (open file, map, cwd) the newest checkpoint of any series (the newest
-    complete one or any above it), or that newest checkpoint still settling, refuses the root:
-    the trainer is mid-save or mid-resume.
+    complete one or any above it) refuses the root: the trainer is mid-save or mid-resume. A
+    save that is merely settling does not: it is incomplete, so it is never deleted and is not
+    the newest complete one, and a trainer that saves every few seconds must still be pruned
+    while it runs.
     """
     # "The newest" is the newest complete checkpoint of each series and anything above it: a
     # run restarted from an earlier step writes below a crashed save's higher step, and the
@@ -143,11 +119,6 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
         floor = newest_complete_step.get(checkpoint.series)
         if floor is not None and checkpoint.step < floor:
             continue
-        if _is_settling(checkpoint, facts.now, settings.settle_seconds):
-            why = checkpoint.incomplete_reason or "written less than settle_seconds ago"
-            return RootRefused(
-                plan.root, f"the newest checkpoint {checkpoint.name} is still settling ({why})"
-            )
         trainer_holders = tuple(
             holder for holder in facts.holders_of(checkpoint) if facts.is_trainer(holder)
         )
@@ -162,15 +133,95 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     return None
 
 
+def is_abandoned(checkpoint: Checkpoint, facts: Facts, settings: SafetySettings) -> bool:
+    """Given a checkpoint, the facts and the settings, return whether it is an abandoned save
+    the guard lets go: incomplete, flagged abandoned, nothing written in it for
+    `abandoned_after`, and no process holding anything in it."""
+    return (
+        not checkpoint.complete
+        and checkpoint.abandoned
+        and 0 < checkpoint.mtime <= facts.now - settings.abandoned_after
+        and not facts.holders_of(checkpoint)
+    )
+
+
+def _veto_reasons(
+    decision: Decision, facts: Facts, settings: SafetySettings, newest_complete: set[str]
+) -> list[str]:
+    """Given a planned deletion, the facts, the settings and the newest complete checkpoints,
+    return every invariant that forbids it (empty when it may go)."""
+    checkpoint = decision.checkpoint
+    reasons: list[str] = []
+    if checkpoint.name in newest_complete:
+        reasons.append("newest")
+    if not checkpoint.complete and not is_abandoned(checkpoint, facts, settings):
+        reasons.append("incomplete")
+    if checkpoint.tracked_by:
+        reasons.append("tracked")
+    if checkpoint.pinned_by:
+        reasons.append("pinned")
+    bad = [member for member in checkpoint.members if not _is_direct_entry(member)]
+    if bad or not _is_direct_entry(checkpoint.name):
+        reasons.append(f"outside-root:{(bad or [checkpoint.name])[0]!r}")
+    reasons.extend(f"in-use:{holder.describe()}" for holder in facts.holders_of(checkpoint))
+    return reasons
+
+
+def _with_min_keep(guarded: list[Decision], min_keep: int) -> list[Decision]:
+    """Given the guarded decisions, return them with, per series, the newest deletions kept
+    back until `min_keep` complete checkpoints survive.
+
+    The policy may thin a series to nothing (a keep_last: 1 rotation beside well-kept epoch
+    checkpoints). Only complete checkpoints count: a crashed save kept as incomplete is nothing
+    to resume from.
+    """
+    result = list(guarded)
+    by_series: dict[str, list[int]] = {}
+    for index, decision in enumerate(result):
+        by_series.setdefault(decision.checkpoint.series, []).append(index)
+    for indexes in by_series.values():
+        survivors = sum(1 for i in indexes if result[i].keep and result[i].checkpoint.complete)
+        if survivors >= min_keep:
+            continue
+        # Keeping an abandoned save back would not help: it is nothing to resume from.
+        deleted_newest_first = sorted(
+            (i for i in indexes if not result[i].keep and result[i].checkpoint.complete),
+            key=lambda i: result[i].checkpoint.step,
+            reverse=True,
+        )
+        for index in deleted_newest_first[: min_keep - survivors]:
+            result[index] = _kept(result[index], f"min_keep:{min_keep}")
+    return result
+
+
+def _fraction_refusal(
+    root: str, guarded: list[Decision], settings: SafetySettings
+) -> RootRefused | None:
+    """Given the guarded decisions, return the refusal when they delete more than
+    `max_delete_fraction` of the root without `force`, else None."""
+    deleting = sum(1 for decision in guarded if not decision.keep)
+    total = len(guarded)
+    if not total or deleting / total <= settings.max_delete_fraction or settings.force:
+        return None
+    return RootRefused(
+        root,
+        f"the plan deletes {deleting} of {total} checkpoints "
+        f"({deleting / total:.0%}), more than max_delete_fraction "
+        f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
+        transient=False,
+    )
+
+
 def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     """Given a policy's plan, the facts and the settings, return the plan the invariants allow.
 
-    Deletions of the newest complete checkpoint (per series), anything incomplete, tracked,
-    pinned, held by a process or not a plain entry directly inside the root become keeps with
-    the reason, and slims of such checkpoints (or of held or `last-good` ones) keeps whole;
-    then, per series, the newest deletions are kept back until `min_keep` survive. Raises
-    `RootRefused` when the trainer holds or is still writing the newest checkpoint, or when
-    the run would delete more than `max_delete_fraction` of the root without `force`.
+    Deletions of the newest complete checkpoint (per series), anything incomplete (but an
+    abandoned save: `is_abandoned`), tracked, pinned, held by a process or not a plain entry
+    directly inside the root become keeps with the reason, and slims of such checkpoints (or
+    of held or `last-good` ones) keeps whole; then, per series, the newest deletions are kept
+    back until `min_keep` complete checkpoints survive. Raises `RootRefused` when the trainer
+    holds the newest checkpoint, or when the run would delete more than `max_delete_fraction`
+    of the root without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:
@@ -179,39 +230,14 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     guarded: list[Decision] = []
     for decision in plan.decisions:
         if decision.keep:
-            guarded.append(_slim_guarded(decision, newest_complete, facts))
+            guarded.append(_slim_guarded(decision, facts, settings, newest_complete))
             continue
-        reasons = _forbidden(decision.checkpoint, newest_complete, facts)
+        reasons = _veto_reasons(decision, facts, settings, newest_complete)
         guarded.append(_kept(decision, *reasons) if reasons else decision)
-
-    # min_keep, per series: the policy may thin a series to nothing (a keep_last: 1 rotation
-    # beside well-kept epoch checkpoints); keep back its newest deletions. Only complete
-    # checkpoints count: a crashed save kept as incomplete is nothing to resume from.
-    by_series: dict[str, list[int]] = {}
-    for index, decision in enumerate(guarded):
-        by_series.setdefault(decision.checkpoint.series, []).append(index)
-    for indexes in by_series.values():
-        survivors = sum(1 for i in indexes if guarded[i].keep and guarded[i].checkpoint.complete)
-        if survivors >= settings.min_keep:
-            continue
-        deleted_newest_first = sorted(
-            (i for i in indexes if not guarded[i].keep),
-            key=lambda i: guarded[i].checkpoint.step,
-            reverse=True,
-        )
-        for index in deleted_newest_first[: settings.min_keep - survivors]:
-            guarded[index] = _kept(guarded[index], f"min_keep:{settings.min_keep}")
-
-    deleting = sum(1 for decision in guarded if not decision.keep)
-    total = len(guarded)
-    if total and deleting / total > settings.max_delete_fraction and not settings.force:
-        raise RootRefused(
-            plan.root,
-            f"the plan deletes {deleting} of {total} checkpoints "
-            f"({deleting / total:.0%}), more than max_delete_fraction "
-            f"{settings.max_delete_fraction:.0%}; check the policy or pass --force",
-            transient=False,
-        )
+    guarded = _with_min_keep(guarded, settings.min_keep)
+    refused = _fraction_refusal(plan.root, guarded, settings)
+    if refused is not None:
+        raise refused
     return replace(plan, decisions=tuple(guarded))
 
 

@@ -188,7 +188,7 @@ class Schedule:
         log.error(
             "job_failed",
             job=event.job_id,
-            error=repr(event.exception),
+            error=f"{type(event.exception).__name__}: {event.exception}",
             traceback=event.traceback,
         )
 

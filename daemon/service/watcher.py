@@ -7,8 +7,11 @@ Everything else, including deciding what an event means, happens on the service'
 Choices (watchdog 7):
 - Non-recursive watches: checkpoints are the entries directly in a root. A new checkpoint
   folder gets a watch of its own while it is being written (`watch_checkpoint`), so the
-  completion marker one level down (`trainer_state.json`) is an event too; the service drops
-  those watches once the root has been pruned.
+  completion marker one level down (`trainer_state.json`) is an event too; after each look at
+  the root the service keeps exactly the watches of the saves still in flight
+  (`follow_checkpoints`), also those a scan found incomplete (a save begun before the start).
+- Our own deletions are renames into the unwatched trash: watchdog's wait for the other half of
+  a move is cut to 20 ms, or every later event of the root would come 0.5 s late.
 - inotify on local filesystems; polling where inotify sees nothing of other clients' writes
   (NFS, Lustre, CIFS, FUSE, ...), judged from the mount type (`daemon.disk.mounts`, the
   longest mount point containing the root); a root's `watch: inotify|poll` overrides.
@@ -28,7 +31,7 @@ import queue
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -43,6 +46,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
 from daemon.disk.mounts import filesystem_type as mount_type
@@ -97,6 +102,14 @@ class _QuietStoppedEmitter(logging.Filter):
 
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietStoppedEmitter())
 
+# watchdog holds every IN_MOVED_FROM for 0.5 s, waiting for its IN_MOVED_TO, and the events
+# after it wait in the same queue. Each checkpoint the daemon moves into the trash is such a
+# move (the trash is not watched): the root's next events (a new checkpoint folder) came 0.5 s
+# late, its watch too late to see its completion marker. The kernel reports both halves of a
+# rename together, so 20 ms still pairs every rename inside a watched folder.
+MOVE_PAIRING_SECONDS = 0.02
+InotifyMoveEventGrouper.delay = MOVE_PAIRING_SECONDS
+
 
 class _Enqueue(FileSystemEventHandler):
     """Given targets (root, only-this-path or None) and a queue, put one WatchEvent per target
@@ -150,10 +163,10 @@ class Watcher:
     def __init__(self, events: queue.Queue[object]) -> None:
         self.events = events
         self._lock = threading.RLock()
-        self._observers: dict[str, Any] = {}
+        self._observers: dict[str, BaseObserver] = {}
         self._wanted: dict[str, _Want] = {}
         # folder -> (observer, watch, inode, the _Want it was scheduled for)
-        self._active: dict[str, tuple[Any, Any, int, _Want]] = {}
+        self._active: dict[str, tuple[BaseObserver, ObservedWatch, int, _Want]] = {}
         self._roots: dict[str, Literal["inotify", "poll"]] = {}
         self._settings: dict[str, str] = {}
         self._config_path: str | None = None
@@ -212,6 +225,29 @@ class Watcher:
             paths.append(path)
             # A trainer that never completes must not pile up watches.
             del paths[:-8]
+            self._rebuild_wanted()
+            self._sync()
+
+    def follow_checkpoints(self, root: str, *, writing: list[str], done: list[str]) -> None:
+        """Given a root, the checkpoint folders a scan found still being written (oldest first)
+        and those it found complete, watch the first (the newest 8 of them and of the folders
+        already watched) and no longer the second nor folders that are gone: a save's
+        completion marker must be an event even after a prune that ran while it was in flight,
+        and a folder too new or too empty to be a checkpoint yet stays watched."""
+        with self._lock:
+            if root not in self._roots:
+                return
+            finished = set(done)
+            current = self._checkpoint_watches.get(root, [])
+            kept = [path for path in current if path not in finished and _inode(path) is not None]
+            wanted = list(dict.fromkeys([*kept, *(p for p in writing if p not in self._roots)]))
+            wanted = wanted[-8:]
+            if wanted == current:
+                return
+            if wanted:
+                self._checkpoint_watches[root] = wanted
+            else:
+                self._checkpoint_watches.pop(root, None)
             self._rebuild_wanted()
             self._sync()
 
@@ -312,7 +348,7 @@ class Watcher:
                 self._missing_logged.discard(folder)
                 log.info("root_appeared", root=folder)
 
-    def _schedule(self, folder: str, want: _Want, mode: str) -> tuple[Any, Any]:
+    def _schedule(self, folder: str, want: _Want, mode: str) -> tuple[BaseObserver, ObservedWatch]:
         observer = self._observer(mode)
         watch = observer.schedule(
             _Enqueue(want.targets, self.events),
@@ -334,7 +370,7 @@ class Watcher:
         with contextlib.suppress(KeyError, OSError, ValueError):
             observer.unschedule(watch)
 
-    def _observer(self, mode: str) -> Any:
+    def _observer(self, mode: str) -> BaseObserver:
         observer = self._observers.get(mode)
         if observer is None:
             observer = (

@@ -144,8 +144,9 @@ def _copy_metadata(source: str, destination: str) -> None:
 HASH_WINDOW = 256 << 20
 
 
-def sha256_file(path: str) -> str:
-    """Given a file path, return the hex sha256 of its content, streamed in windows.
+def sha256_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Given a file path, return the hex sha256 of its content, streamed in windows
+    (`on_bytes(count)` is told after each window: a progress bar).
 
     Each window is memory-mapped with MAP_POPULATE and hashed in place: no copy into a
     user-space buffer and few page faults, about a quarter faster than read() (0.66 against
@@ -166,6 +167,8 @@ def sha256_file(path: str) -> str:
             ) as window:
                 digest.update(window)
             offset += length
+            if on_bytes is not None:
+                on_bytes(length)
     return digest.hexdigest()
 
 

@@ -1,6 +1,11 @@
 """Checking a snapshot against its MANIFEST.json: files missing or extra, sizes, checksums, and
-shared (linked) files rewritten in place since. The first check of a linked file records its
-checksum ("seals" it), so later checks compare against it.
+shared (linked) files rewritten in place since.
+
+A file is only called intact after its content was compared with a checksum recorded earlier.
+The daemon records the checksums of hard-linked files while it takes the snapshot; a file
+recorded without one (a snapshot by an older version, or `hash_shared=False`) gets it at its
+first check ("sealed"), and that check has nothing to compare it with: `compared` counts the
+files really compared, `sealed` those only recorded now.
 """
 
 from __future__ import annotations
@@ -8,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,8 +32,9 @@ class VerifyResult:
     size: tuple[str, ...] = ()
     checksum: tuple[str, ...] = ()
     modified: tuple[str, ...] = ()  # shared files not yet hashed whose mtime changed
-    sealed: int = 0  # checksums recorded by this verify
-    checked: int = 0
+    sealed: int = 0  # checksums recorded by this verify: nothing to compare them with yet
+    checked: int = 0  # files in the manifest
+    compared: int = 0  # files whose content (or link target) was compared with the manifest
 
     @property
     def ok(self) -> bool:
@@ -37,24 +44,34 @@ class VerifyResult:
         return {**asdict(self), "ok": self.ok}
 
 
+class NotADate(ValueError):
+    """`--verify yesterday`: what names a snapshot is its date, YYYY-MM-DD."""
+
+
 def resolve_snapshot(directory: str, which: str) -> str:
-    """Given the snapshots folder and a DATE or "latest", return the snapshot's path."""
+    """Given the snapshots folder and a DATE or "latest", return the snapshot's path (raise
+    NotADate for anything that is not a date, FileNotFoundError for a date without one)."""
     if which == "latest":
         dates = existing_snapshot_dates(directory)
         if not dates:
             raise FileNotFoundError(errno.ENOENT, "no snapshot yet", directory)
         return os.path.join(directory, dates[-1].isoformat())
+    if not DATE_NAME.match(which):
+        raise NotADate(f"{which!r} is not a date: give one as YYYY-MM-DD, or none for the newest")
     path = os.path.join(directory, which)
-    if not DATE_NAME.match(which) or not os.path.isdir(path):
+    if not os.path.isdir(path):
         raise FileNotFoundError(errno.ENOENT, "no snapshot for that date", path)
     return path
 
 
-def verify_snapshot(path: str, *, seal: bool = True) -> VerifyResult:
+def verify_snapshot(
+    path: str, *, seal: bool = True, progress: Callable[[int, int], None] | None = None
+) -> VerifyResult:
     """Given a snapshot folder, return how it differs from its MANIFEST.json.
 
     Shared (linked) files recorded without a checksum are hashed now and, with `seal`, their
     checksum is written into the manifest so later verifies compare against it.
+    `progress(done, total)` is told the bytes hashed so far (a progress bar on long hashes).
     """
     manifest_path = os.path.join(path, MANIFEST)
     with open(manifest_path, encoding="utf-8") as handle:
@@ -72,11 +89,22 @@ def verify_snapshot(path: str, *, seal: bool = True) -> VerifyResult:
     size: list[str] = []
     checksum: list[str] = []
     modified: list[str] = []
-    sealed = 0
-    for relative in sorted(set(expected) & present):
+    sealed = compared = 0
+    both = sorted(set(expected) & present)
+    total = sum(int(expected[name].get("size", 0)) for name in both)
+    hashed = 0
+
+    def advance(count: int) -> None:
+        nonlocal hashed
+        hashed += count
+        if progress is not None:
+            progress(hashed, total)
+
+    for relative in both:
         record = expected[relative]
         full = os.path.join(path, relative)
         if "symlink" in record:
+            compared += 1
             if not os.path.islink(full) or os.readlink(full) != record["symlink"]:
                 checksum.append(relative)
             continue
@@ -84,15 +112,17 @@ def verify_snapshot(path: str, *, seal: bool = True) -> VerifyResult:
         if info.st_size != record["size"]:
             size.append(f"{relative}: {record['size']} B in manifest, {info.st_size} B on disk")
             continue
-        actual = copying.sha256_file(full)
+        actual = copying.sha256_file(full, advance)
         if record.get("sha256") is None:
             if info.st_mtime_ns != record.get("mtime_ns"):
                 modified.append(f"{relative}: rewritten since the snapshot (mtime changed)")
                 continue
             record["sha256"] = actual
             sealed += 1
-        elif actual != record["sha256"]:
-            checksum.append(f"{relative}: sha256 {actual[:12]}… ≠ {record['sha256'][:12]}…")
+        else:
+            compared += 1
+            if actual != record["sha256"]:
+                checksum.append(f"{relative}: sha256 {actual[:12]}… ≠ {record['sha256'][:12]}…")
     if seal and sealed:
         temporary = manifest_path + ".tmp"
         write_manifest(temporary, manifest)
@@ -106,4 +136,5 @@ def verify_snapshot(path: str, *, seal: bool = True) -> VerifyResult:
         modified=tuple(modified),
         sealed=sealed,
         checked=len(expected),
+        compared=compared,
     )

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
@@ -132,7 +137,11 @@ def test_trash_list_restore_purge(
     again = run(ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env)
     assert again.returncode == 2 and "no checkpoint named" in again.stderr
 
-    purged = run(ckptd_command, ["trash", "purge", "--root", str(root)], cli_env)
+    # Purging cannot be undone: without a terminal to ask on it needs -y, like prune.
+    unasked = run(ckptd_command, ["trash", "purge", "--root", str(root)], cli_env)
+    assert unasked.returncode == 2 and "-y" in unasked.stderr
+    assert [item.name for item in trash.list_trash(str(root))] == ["checkpoint-200"]
+    purged = run(ckptd_command, ["trash", "purge", "-y", "--root", str(root)], cli_env)
     assert purged.returncode == 0, purged.stderr
     assert "removed 1" in purged.stdout and "500 B" in purged.stdout
     assert trash.list_trash(str(root)) == []
@@ -150,3 +159,87 @@ def test_restore_refuses_a_name_that_is_taken(
         ckptd_command, ["trash", "restore", "checkpoint-100", "--root", str(root)], cli_env
     )
     assert result.returncode == 2 and "already exists" in result.stderr
+
+
+class _Lines:
+    """The lines a process prints, read by a thread (a buffered pipe defeats select)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.put(line.rstrip("\n"))
+
+    def next(self, timeout: float = 30.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no line from `ckptd history --follow`") from None
+
+
+def test_follow_rows_line_up_with_the_header(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    cli_env["COLUMNS"] = "200"
+    path = tmp_path / "state" / "ckptd" / "history.jsonl"
+    history = HistoryLog(str(path))
+    history.write("veto", root="/r", checkpoint="ck-1", reason="in-use:pid 7 (python eval.py)")
+    follower = subprocess.Popen(
+        [*ckptd_command, "history", "--follow"], stdout=subprocess.PIPE, text=True, env=cli_env
+    )
+    try:
+        assert follower.stdout is not None
+        printed = _Lines(follower.stdout)
+        header, first = printed.next(), printed.next()
+        history.write(
+            "delete",
+            root="/data/training/current_model",
+            checkpoint="checkpoint-12900",
+            bytes_freed=0,
+            bytes_in_trash=3_600_000_000,
+            why=["tier3: not the newest in (12000, 13000]; 13000 represents it"],
+        )
+        history.write("prune_refused", root="/data/training/current_model", reason="settling")
+        later = [printed.next() for _ in range(2)]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        history.close()
+    printed.thread.join(timeout=10)
+    assert header.split() == ["time", "event", "root", "checkpoint", "freed", "why"]
+    rows = [first, *later]
+    assert [row.split()[3] for row in rows] == ["veto", "delete", "prune_refused"]
+    for row in rows:  # each column starts where its header does (the time has 3 words)
+        assert row[header.index("event") :].split()[0] in ("veto", "delete", "prune_refused")
+        assert row[header.index("root") - 1] == " " and row[header.index("root")] == "/"
+    assert later[0][header.index("checkpoint") :].startswith("checkpoint-12900")
+    freed_end = header.index("freed") + len("freed")
+    assert later[0][:freed_end].endswith("3.6 GB to trash")
+    assert later[0][freed_end:].strip().startswith("tier3: not the newest")
+
+
+@pytest.mark.parametrize(
+    ("zone_setting", "shown"),
+    [("", "2027-01-15 09:00:00 CET"), ("timezone: America/New_York\n", "2027-01-15 03:00:00 EST")],
+)
+def test_history_times_say_their_zone(
+    zone_setting: str,
+    shown: str,
+    tmp_path: Path,
+    ckptd_command: list[str],
+    cli_env: dict[str, str],
+) -> None:
+    cli_env["TZ"] = "Europe/Berlin"  # the machine's zone, unless the config names one
+    history_file = tmp_path / "history.jsonl"
+    write_history(history_file)  # the first record at 2027-01-15 08:00:00 UTC
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"{zone_setting}history_file: {history_file}\nsnapshots: {{enabled: false}}\n"
+    )
+    result = run(ckptd_command, ["history", "--config", str(config)], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith(shown + " ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -126,3 +127,67 @@ def test_every_command_has_help(
     result = _run(ckptd_command, cli_env, command, "--help")
     assert result.returncode == 0
     assert "usage: ckptd " + command in result.stdout
+
+
+def test_plan_shows_ages_cadence_protected_files_and_a_tier3_that_keeps_nothing(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    # The second layout of the example config: mid-epoch saves rotated (keep 5, nothing past
+    # tier 2), epoch checkpoints under the balanced preset, best.pt and last.pt protected.
+    root = tmp_path / "resnet50"
+    root.mkdir()
+    names = [f"mid_epoch_{e}_{e * 5000 + s * 1000}.pt" for e in range(4) for s in range(1, 6)]
+    names += [f"checkpoint_epoch_{e}.pt" for e in range(4)] + ["best.pt", "last.pt"]
+    past = time.time() - 3 * 3600
+    for name in names:
+        (root / name).write_bytes(b"x" * 5000)
+        os.utime(root / name, (past, past))
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\nroots:\n"
+        f"  - path: {root}\n    layout: pt\n    protect: [best.pt, last.pt]\n    series:\n"
+        '      - {pattern: "mid_epoch_{epoch}_{step}.pt", policy: '
+        "{keep_last: 5, tier2_count: 0, tier3_interval: null}}\n"
+        '      - {pattern: "checkpoint_epoch_{epoch}.pt", policy: {preset: balanced}}\n'
+    )
+    cli_env["COLUMNS"] = "200"  # one line per row (tests/e2e/test_narrow_views_cli.py: 80)
+    result = _run(ckptd_command, cli_env, "plan", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert (
+        f"{root} cadence: checkpoint_epoch_{{epoch}}.pt every epoch, "
+        "mid_epoch_{epoch}_{step}.pt every 1000 steps (pt layout)"
+    ) in " ".join(output.split())
+    header = next(line for line in output.splitlines() if line.startswith("action"))
+    assert header.split() == ["action", "checkpoint", "step", "count", "age", "size", "reasons"]
+    for name in ("best.pt", "last.pt"):
+        assert re.search(
+            rf"^KEEP\s+{re.escape(name)}\s+3h\s+5\.0 KB\s+protect:{name}$", output, re.M
+        )
+    folded = next(line for line in output.splitlines() if "mid_epoch_0_1000.pt …" in line)
+    assert folded.startswith("delete") and "15" in folded.split()
+    assert folded.endswith("tier3: keeps nothing past tier 2 (tier3_interval: none)")
+    assert re.search(r"^KEEP\s+mid_epoch_3_20000\.pt\s+20000\s+3h\s", output, re.M)
+    document = json.loads(_run(ckptd_command, cli_env, "plan", "-c", str(config), "--json").stdout)
+    assert [entry["name"] for entry in document["protected"]] == ["best.pt", "last.pt"]
+    assert document["protected"][0]["reasons"] == ["protect:best.pt"]
+
+
+def test_plan_warns_when_max_delete_fraction_would_refuse_the_prune(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "run"
+    _hugging_face_run(root, range(100, 17001, 100))
+    config = tmp_path / "ckptd.yaml"
+    config.write_text(
+        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\n"
+        f"roots:\n  - path: {root}\n    max_delete_fraction: 0.5\n"
+    )
+    result = _run(ckptd_command, cli_env, "plan", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: ckptd prune would refuse this root: the plan deletes 127 of 170 checkpoints "
+        "(75%), more than max_delete_fraction 50%; check the policy or pass --force"
+    ) in " ".join(result.stdout.split())
+    balanced = _run(ckptd_command, cli_env, "plan", str(root))
+    assert "would refuse" not in balanced.stdout

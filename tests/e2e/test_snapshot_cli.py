@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -169,3 +170,97 @@ def test_no_snapshots_dir_is_a_usage_error(
     result = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
     assert result.returncode == 2
     assert "snapshots.dir" in result.stderr
+
+
+def _snapshot_without_shared_checksums(config: Path) -> None:
+    """Take today's snapshot as older versions did: hard-linked (or reflinked) files recorded
+    with their size and mtime only, their checksum left to the first --verify."""
+    from datetime import UTC, datetime
+
+    from daemon.config import load_config
+    from daemon.history.log import NULL_HISTORY
+    from daemon.snapshots.daily import run_daily_snapshot
+
+    report = run_daily_snapshot(
+        load_config(str(config)),
+        now=datetime.now(UTC),
+        history=NULL_HISTORY,
+        method="hardlink",
+        hash_shared=False,
+        force=True,
+    )
+    assert report.status == "done", report
+
+
+def test_verify_says_ok_only_after_comparing_content(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, _snapshots, config = setup
+    _snapshot_without_shared_checksums(config)
+    first = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "OK" not in first.stdout and "match" not in first.stdout
+    assert first.stdout.rstrip().endswith(
+        "recorded 3 checksums; nothing to compare yet (the next --verify compares them)"
+    )
+    second = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "OK, 3 files match the manifest (content compared)" in second.stdout
+    assert (
+        json.loads(
+            ckptd(
+                ckptd_command, cli_env, "snapshot", "-c", str(config), "--verify", "--json"
+            ).stdout
+        )["compared"]
+        == 3
+    )
+
+
+def test_a_snapshot_taken_now_is_compared_at_its_first_verify(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, _snapshots, config = setup
+    config.write_text(config.read_text().replace("method: auto", "method: hardlink"))
+    taken = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+    first = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "OK, 3 files match the manifest (content compared)" in first.stdout
+    assert "recorded" not in first.stdout
+
+
+def test_verify_of_something_not_a_date_says_so(
+    ckptd_command: list[str], cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    _root, _snapshots, config = setup
+    result = ckptd(
+        ckptd_command, cli_env, "snapshot", "--config", str(config), "--verify", "yesterday"
+    )
+    assert result.returncode == 2
+    assert "'yesterday' is not a date: give one as YYYY-MM-DD" in result.stderr
+
+
+def test_a_long_verify_draws_a_progress_bar_on_a_terminal(
+    cli_env: dict[str, str], setup: tuple[Path, Path, Path]
+) -> None:
+    from tests.e2e.terminal import on_terminal
+
+    root, _snapshots, config = setup
+    big = root / "checkpoint-300" / "model.safetensors"
+    big.write_bytes(os.urandom(32 << 20))
+    past = time.time() - 3600
+    os.utime(big, (past, past))
+    _snapshot_without_shared_checksums(config)
+    # The real CLI, with the bar drawn from the first byte instead of after half a second.
+    program = (
+        "import sys; import daemon.commands.snapshot as snapshot; snapshot.HASH_BAR_AFTER = 0.0; "
+        "from daemon.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    environment = {**cli_env, "TERM": "xterm"}
+    code, output = on_terminal(
+        [sys.executable, "-c", program, "snapshot", "--config", str(config), "--verify"],
+        environment,
+    )
+    assert code == 0, output
+    assert "verifying" in output and "━" in output, output[-2000:]
+    assert "recorded 3 checksums" in output

@@ -15,6 +15,7 @@ from daemon.errors import UsageError
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,
+    age_all,
     dcp_checkpoint,
     deepspeed_checkpoint,
     deepspeed_run,
@@ -84,21 +85,38 @@ def test_hf_sharded_megabytes_sizes_are_st_size(tmp_path: Path) -> None:
 
 
 def test_settling_checkpoint_says_how_long_ago(tmp_path: Path) -> None:
-    hf_run(tmp_path, [100])
-    hf_checkpoint(tmp_path, 200, age_seconds=12)
+    # Plain PyTorch files have no completion marker: only settle time says a save is over.
+    pt_file(tmp_path, "model_100.pt")
+    pt_file(tmp_path, "model_200.pt", age_seconds=12)
     found = by_name(run_scan(tmp_path, settle_seconds=60))
-    assert found["checkpoint-100"].complete
-    assert found["checkpoint-200"].complete is False
-    assert found["checkpoint-200"].incomplete_reason == "settling: last write 12 s ago"
-    assert by_name(run_scan(tmp_path, settle_seconds=10))["checkpoint-200"].complete
+    assert found["model_100.pt"].complete
+    assert found["model_200.pt"].complete is False
+    assert found["model_200.pt"].incomplete_reason == "settling: last write 12 s ago"
+    assert by_name(run_scan(tmp_path, settle_seconds=10))["model_200.pt"].complete
+
+
+def test_a_marker_written_last_means_complete_without_waiting_to_settle(tmp_path: Path) -> None:
+    # trainer_state.json, .metadata, commit_success.txt, `latest`, TF's `checkpoint`: each is
+    # written when the save is over, so settle time would only delay the truth.
+    hf_run(tmp_path / "hf", [100])
+    hf_checkpoint(tmp_path / "hf", 200, age_seconds=None)
+    dcp_checkpoint(tmp_path / "dcp", "step_200", age_seconds=None)
+    orbax_checkpoint(tmp_path / "orbax", 200, marker="commit_success.txt", age_seconds=None)
+    deepspeed_run(tmp_path / "ds", [200], age_seconds=None)
+    tf_checkpoint(tmp_path / "tf", 2, age_seconds=None)
+    tf_tracker(tmp_path / "tf", [2])
+    for root in ("hf", "dcp", "orbax", "ds", "tf"):
+        newest = run_scan(tmp_path / root, settle_seconds=60).checkpoints[-1]
+        assert newest.step in (2, 200), root
+        assert (newest.complete, newest.incomplete_reason) == (True, None), root
 
 
 def test_a_file_written_deep_inside_resets_settling(tmp_path: Path) -> None:
-    folder = hf_checkpoint(tmp_path, 100)
+    folder = lightning_checkpoint(tmp_path, 1, 100, as_folder=True)
     write_file(folder / "extra" / "late.bin", 10)  # parent folders get a fresh mtime too
     age(folder)
     os.utime(folder / "extra" / "late.bin")  # only the deep file is new
-    assert by_name(run_scan(tmp_path))["checkpoint-100"].incomplete_reason == (
+    assert by_name(run_scan(tmp_path))[folder.name].incomplete_reason == (
         "settling: last write 0 s ago"
     )
 
@@ -374,15 +392,23 @@ def test_unreadable_root_as_a_normal_user(tmp_path: Path) -> None:
         root.chmod(0o755)
 
 
-def test_same_step_twice_is_ordered_by_name(tmp_path: Path) -> None:
-    lightning_checkpoint(tmp_path, 1, 1000)
-    (tmp_path / "epoch=1-step=1000.ckpt").rename(tmp_path / "epoch=1-step=1000-v1.ckpt")
+def test_same_step_twice_is_ordered_by_version_then_name(tmp_path: Path) -> None:
+    # A second run into the same folder: Lightning names its save of a step the first run
+    # already saved `-v1` (then `-v2`), so the versioned file is the newer one, though its name
+    # sorts first (`-` < `.`).
     lightning_checkpoint(tmp_path, 1, 1000)
     lightning_checkpoint(tmp_path, 0, 500)
-    assert [c.name for c in run_scan(tmp_path).checkpoints] == [
-        "epoch=0-step=500.ckpt",
-        "epoch=1-step=1000-v1.ckpt",
-        "epoch=1-step=1000.ckpt",
+    (tmp_path / "epoch=1-step=1000-v1.ckpt").write_bytes(b"second run")
+    (tmp_path / "epoch=1-step=1000-v2.ckpt").write_bytes(b"third run")
+    (tmp_path / "epoch=1-step=1000-v10.ckpt").write_bytes(b"eleventh run")
+    age_all(tmp_path)
+    result = run_scan(tmp_path)
+    assert [(c.name, c.step) for c in result.checkpoints] == [
+        ("epoch=0-step=500.ckpt", 500),
+        ("epoch=1-step=1000.ckpt", 1000),
+        ("epoch=1-step=1000-v1.ckpt", 1000),
+        ("epoch=1-step=1000-v2.ckpt", 1000),
+        ("epoch=1-step=1000-v10.ckpt", 1000),
     ]
 
 

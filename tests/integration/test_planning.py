@@ -21,7 +21,7 @@ from daemon.config import (
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from policies.model import PRESETS, Checkpoint, Decision, KeepBest, Plan, PolicySpec
-from tests.layouts_fixtures import age, hf_checkpoint, hf_run, pt_training_run
+from tests.layouts_fixtures import age, hf_checkpoint, hf_run, pt_file, pt_training_run
 
 
 class RecordingPlanner:
@@ -123,7 +123,7 @@ def test_scan_warnings_become_plan_warnings(tmp_path: Path, planner: RecordingPl
 def test_settle_seconds_come_from_the_root_then_the_defaults(
     tmp_path: Path, planner: RecordingPlanner
 ) -> None:
-    hf_checkpoint(tmp_path, 100, age_seconds=30)
+    pt_file(tmp_path, "model_100.pt", age_seconds=30)  # no completion marker: settle time decides
     quick = RootConfig(path=str(tmp_path), settle_seconds=10)
     scan_result, _ = planning.plan_root(Config(roots=[quick]), quick, now=time.time())
     assert scan_result.checkpoints[0].complete

@@ -153,13 +153,13 @@ def test_best_model_checkpoint_stays_tracked_past_a_save_cut_off_inside_trainer_
 
 def test_a_checkpoint_with_an_mtime_in_the_future_is_not_settled(tmp_path: Path) -> None:
     # Clock skew on NFS: the server stamps a file two hours ahead. Until that moment plus
-    # settle_seconds has passed, nothing proves the save is over.
-    hf_run(tmp_path, [100, 200])
-    age(tmp_path / "checkpoint-200", -7200)
+    # settle_seconds has passed, nothing proves the save is over (in a layout with no marker).
+    pt_file(tmp_path, "model_100.pt")
+    pt_file(tmp_path, "model_200.pt", age_seconds=-7200)
     found = by_name(run_scan(tmp_path))
-    assert found["checkpoint-100"].complete
-    assert not found["checkpoint-200"].complete
-    assert (found["checkpoint-200"].incomplete_reason or "").startswith("settling")
+    assert found["model_100.pt"].complete
+    assert not found["model_200.pt"].complete
+    assert (found["model_200.pt"].incomplete_reason or "").startswith("settling")
 
 
 def test_stray_files_of_a_training_run_are_neither_checkpoints_nor_a_layout(

@@ -66,7 +66,7 @@ def test_trash_commands_refuse_while_a_prune_holds_the_root(
     with root_lock(str(root)) as acquired:
         assert acquired
         before = _layout(root)
-        for action in (["purge"], ["restore", "ckpt-1"]):
+        for action in (["purge", "-y"], ["restore", "ckpt-1"]):
             done = subprocess.run(
                 [*ckptd_command, "trash", *action, "--root", str(root)],
                 env=cli_env,
@@ -305,7 +305,8 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
 ) -> None:
     # A run crashed while saving checkpoint-5000 (left incomplete) and was restarted from
     # checkpoint-900; it is writing checkpoint-1000 now. The stale 5000 has the highest step,
-    # but the checkpoint being written is 1000: the root must be refused while it settles.
+    # but the checkpoint being written is 1000: the root must be refused while the trainer holds
+    # it. Once it lets go, the save that is merely settling only keeps itself (issue 9, point 3).
     root = tmp_path / "run"
     hf_run(root, range(100, 1000, 100))
     hf_checkpoint(root, 5000, complete=False)
@@ -315,9 +316,37 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
         roots=[RootConfig(path=str(root))],
     )
     spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
-    report = pipeline.prune_root(
-        config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+    written = next(path for path in (root / "checkpoint-1000").iterdir() if path.is_file())
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'ab'); sys.stdin.read()",
+            str(written),
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
     )
+    try:
+        deadline = time.monotonic() + 5
+        while not proc_facts.holders_of(str(root), ["checkpoint-1000"]):
+            assert time.monotonic() < deadline, "the trainer never opened its file"
+            time.sleep(0.02)
+        report = pipeline.prune_root(
+            config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+        )
+    finally:
+        trainer.communicate("", timeout=5)
     assert report.refused is not None and "checkpoint-1000" in report.refused
     assert report.deleted == ()
     assert len([p for p in root.iterdir() if p.name.startswith("checkpoint-")]) == 11
+    report = pipeline.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+    )
+    assert report.refused is None
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-"))
+    # keep_last 2, raised to min_keep 3: 700-900, and the save in flight; the crashed 5000,
+    # quiet for an hour (abandoned_after) and held by nobody, went as an abandoned save.
+    assert names == [f"checkpoint-{step}" for step in (1000, 700, 800, 900)]
+    why = {d.checkpoint.name: d.reasons for d in report.plan.deleted}
+    assert why["checkpoint-5000"] == ("abandoned-save",)

@@ -19,7 +19,7 @@ from daemon.safety.guard import RootRefused, SafetySettings
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
-LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, settle_seconds=60, force=False)
+LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, force=False)
 
 
 def make_root(root: Path, steps: list[int]) -> None:
@@ -147,24 +147,43 @@ def test_entries_not_directly_inside_the_root_are_never_deleted(tmp_path: Path, 
     assert any(reason.startswith("outside-root:") for reason in decision.reasons)
 
 
-def test_the_newest_still_settling_refuses_the_root(tmp_path: Path) -> None:
+def test_a_settling_newest_save_is_kept_and_does_not_stop_older_deletions(tmp_path: Path) -> None:
+    """Issue 9, point 3: a save that is merely settling is incomplete (never deleted, not the
+    newest complete one) but does not refuse the root; only the trainer holding it does."""
+    for reason in ("settling: written 3 s ago", "no trainer_state.json"):
+        plan = delete_all_plan(
+            tmp_path,
+            [100, 200, 300],
+            **{"checkpoint-300": {"complete": False, "incomplete_reason": reason}},
+        )
+        guarded = guard.guard(plan, empty_facts(tmp_path), LENIENT)
+        assert by_name(guarded)["checkpoint-300"].reasons[0] == "incomplete"
+        assert by_name(guarded)["checkpoint-200"].reasons[0] == "newest"  # newest complete
+        assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]
+
+
+def test_only_an_abandoned_save_quiet_for_abandoned_after_may_go(tmp_path: Path) -> None:
+    """Issue 9, point 2: a save flagged abandoned goes (reason abandoned-save) once nothing was
+    written in it for `abandoned_after`; any other incomplete checkpoint is kept, and min_keep
+    does not hold back a crashed save (it is nothing to resume from)."""
     plan = delete_all_plan(
         tmp_path,
-        [100, 200, 300],
-        **{"checkpoint-300": {"complete": False, "incomplete_reason": "settling: written 3 s ago"}},
+        [100, 200, 300, 400, 450, 500],
+        **{
+            "checkpoint-400": {"complete": False, "abandoned": True, "mtime": NOW - 7200},
+            # Flagged, but written to a minute ago (as of the facts): not quiet long enough.
+            "checkpoint-500": {"complete": False, "abandoned": True, "mtime": NOW - 60},
+            # Old, but not flagged by the planner.
+            "checkpoint-450": {"complete": False, "mtime": NOW - 7200},
+        },
     )
-    with pytest.raises(RootRefused, match="still settling"):
-        guard.guard(plan, empty_facts(tmp_path), LENIENT)
-    # An incomplete newest that is *not* settling (a crashed save) only keeps itself.
-    stale = delete_all_plan(
-        tmp_path,
-        [100, 200, 300],
-        **{"checkpoint-300": {"complete": False, "incomplete_reason": "no trainer_state.json"}},
-    )
-    guarded = guard.guard(stale, empty_facts(tmp_path), LENIENT)
-    assert by_name(guarded)["checkpoint-300"].keep
-    assert by_name(guarded)["checkpoint-200"].keep  # the newest complete one
-    assert not by_name(guarded)["checkpoint-100"].keep
+    settings = SafetySettings(min_keep=10, max_delete_fraction=1.0, abandoned_after=3600)
+    guarded = guard.guard(plan, empty_facts(tmp_path), settings)
+    assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-400"]
+    assert by_name(guarded)["checkpoint-450"].reasons[0] == "incomplete"
+    assert by_name(guarded)["checkpoint-500"].reasons[0] == "incomplete"
+    assert by_name(guarded)["checkpoint-300"].reasons[0] == "newest"
+    assert by_name(guarded)["checkpoint-100"].reasons[0] == "min_keep:10"
 
 
 # --- real processes ----------------------------------------------------------------------------
@@ -402,3 +421,34 @@ def test_uninspectable_processes_count_as_holding_only_when_they_could_reach_the
         assert other_user.pid not in counted
     finally:
         subprocess.run(["rm", "-rf", str(base)], check=True)
+
+
+def test_a_process_holding_an_abandoned_save_keeps_it(
+    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    make_root(tmp_path, [100, 200])
+    crashed = tmp_path / "checkpoint-300"
+    crashed.mkdir()
+    (crashed / "model.bin").write_bytes(b"w" * 4096)
+    reader = spawn_holder("open", crashed / "model.bin")
+    processes.append(reader)
+    plan = delete_all_plan(
+        tmp_path,
+        [100, 200, 300],
+        **{"checkpoint-300": {"complete": False, "abandoned": True, "mtime": NOW - 7200}},
+    )
+    settings = SafetySettings(min_keep=0, max_delete_fraction=1.0, abandoned_after=3600)
+    facts = proc_facts.gather_facts(str(tmp_path), now=NOW)
+    # The reader holds something above the newest complete checkpoint: as the trainer (it is
+    # the only process holding anything) it refuses the root; named as another process, it
+    # vetoes the abandoned save only.
+    with pytest.raises(RootRefused, match="checkpoint-300"):
+        guard.guard(plan, facts, settings)
+    as_reader = Facts(
+        root_path=facts.root_path, now=NOW, holders=facts.holders, trainers=frozenset()
+    )
+    guarded = guard.guard(plan, as_reader, settings)
+    decision = by_name(guarded)["checkpoint-300"]
+    assert decision.keep
+    assert any(reason.startswith(f"in-use:pid {reader.pid} (") for reason in decision.reasons)
+    assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]

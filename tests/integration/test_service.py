@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.disk.pressure import DiskReport
 from daemon.service.lifecycle import serve
 from daemon.service.sdnotify import Notifier
 from daemon.state import read_state
@@ -239,12 +240,13 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
 
     calls: list[float] = []
 
-    def check_disks(config: object, *, now: float, history: object, prune: object) -> None:
+    def check_disks(config: object, *, now: float, history: object, prune: object) -> DiskReport:
         calls.append(now)
         if len(calls) == 1:
             raise OSError("statvfs failed on purpose")
+        return DiskReport(now, ())
 
-    monkeypatch.setattr("daemon.service.lifecycle.check_disks", check_disks)
+    monkeypatch.setattr("daemon.service.worker.check_disks", check_disks)
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
     config = tmp_path / "config.yaml"
@@ -331,15 +333,13 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
 ) -> None:
     """daemon.disk.check_disks gets a `prune` callable with prune_root's own signature; calling
     it on the worker deletes through the safety path."""
-    import types
-
     root, state = tmp_path / "run", tmp_path / "state"
     root.mkdir()
     for step in range(1, 7):
         save_checkpoint(root, step)
     reports: list[object] = []
 
-    def check_disks(config: object, *, now: float, history: object, prune: object) -> object:
+    def check_disks(config: object, *, now: float, history: object, prune: object) -> DiskReport:
         if not reports:
             root_config = config.roots[0]  # type: ignore[attr-defined]
             reports.append(
@@ -352,9 +352,9 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
                     policy_override=PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None),
                 )
             )
-        return types.SimpleNamespace(status_line="disk 12% used")
+        return DiskReport(now, (), status_line="disk 12% used")
 
-    monkeypatch.setattr("daemon.service.lifecycle.check_disks", check_disks)
+    monkeypatch.setattr("daemon.service.worker.check_disks", check_disks)
     config = tmp_path / "config.yaml"
     write_config(config, root, state, keep_last=100, extra="")
     config.write_text(config.read_text().replace("disk: {interval: 1h}", "disk: {interval: 1s}"))

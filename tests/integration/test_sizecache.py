@@ -111,8 +111,9 @@ def test_newest_checkpoint_overwritten_in_place_is_noticed(tmp_path: Path) -> No
     write_json(tmp_path / "checkpoint-300" / "trainer_state.json", {"global_step": 300})
     result = run_scan(tmp_path, cache)
     found = {c.name: c for c in result.checkpoints}
-    assert found["checkpoint-300"].incomplete_reason == "settling: last write 0 s ago"
-    assert found["checkpoint-300"].size_bytes > 50_000
+    assert result.walked == 1 and found["checkpoint-300"].size_bytes > 50_000
+    assert found["checkpoint-300"].complete  # its trainer_state.json is written last
+    assert len(cache) == 2  # walked again, and not final until it settles
 
 
 def test_keep_dropped_into_an_old_folder_is_seen_when_verified(tmp_path: Path) -> None:
@@ -167,7 +168,7 @@ def test_persisted_cache_makes_a_restart_cheap(tmp_path: Path) -> None:
 
 def test_a_corrupt_cache_file_costs_a_walk_not_an_error(tmp_path: Path) -> None:
     path = tmp_path / CACHE_FILE_NAME
-    path.write_text('{"version": 1, "entries": [{"root": 3}]}')
+    path.write_text('{"version": 2, "entries": [{"root": 3}]}')
     cache = SizeCache(str(path))
     assert len(cache) == 0 and "malformed" in str(cache.load_error)
     path.write_text("not json")
@@ -184,7 +185,7 @@ def test_saved_file_is_complete_json_written_atomically(tmp_path: Path) -> None:
     run_scan(root, cache)
     cache.save()
     document = json.loads((tmp_path / "cache.json").read_text())
-    assert document["version"] == 1
+    assert document["version"] == 2
     assert sorted(entry["name"] for entry in document["entries"]) == [
         "checkpoint-100",
         "checkpoint-200",
@@ -224,3 +225,35 @@ def test_settled_mtime_is_unchanged_by_the_scan_itself(tmp_path: Path) -> None:
     before = os.stat(tmp_path / "checkpoint-100").st_mtime_ns
     run_scan(tmp_path, SizeCache(), want_metrics=True)
     assert os.stat(tmp_path / "checkpoint-100").st_mtime_ns == before
+
+
+def test_a_cache_an_older_daemon_wrote_is_walked_again_without_an_error(tmp_path: Path) -> None:
+    # Version 1 walks did not note transformers' checkpoint-is-incomplete.txt: a JIT save cut
+    # off after its trainer_state.json was cached as final, and so stayed "complete".
+    root = tmp_path / "run"
+    hf_run(root, [100, 300, 400])
+    cut_off = hf_checkpoint(root, 200, jit_incomplete=True)
+    path = tmp_path / CACHE_FILE_NAME
+    cache = SizeCache(str(path))
+    run_scan(root, cache)
+    cache.save()
+    document = json.loads(path.read_text())
+    stale = json.loads(json.dumps(document["entries"][0]))
+    stale["name"] = "checkpoint-200"
+    stale["identity"] = [["checkpoint-200", cut_off.stat().st_ino, True]]
+    stale["walk"]["markers"] = ["trainer_state.json"]  # all a version-1 walk noted
+    document["entries"].append(stale)
+    # At the current version such an entry is trusted (no newest checkpoint: no stat re-check).
+    path.write_text(json.dumps(document))
+    trusted = run_scan(root, SizeCache(str(path)))
+    assert trusted.walked == 0
+    assert {c.name: c for c in trusted.checkpoints}["checkpoint-200"].complete
+    document["version"] = 1
+    path.write_text(json.dumps(document))
+    older = SizeCache(str(path))
+    assert len(older) == 0 and older.load_error is None
+    result = run_scan(root, older)
+    assert result.walked == 4
+    assert {c.name: c for c in result.checkpoints}["checkpoint-200"].incomplete_reason == (
+        "checkpoint-is-incomplete.txt inside (save in progress or interrupted)"
+    )

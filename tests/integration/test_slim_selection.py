@@ -24,7 +24,7 @@ from daemon.slimming import SLIM_RECORD, Selection, resume_state
 from policies.model import Checkpoint, Decision, Plan
 
 NOW = 1_800_000_000.0
-LENIENT = guard.SafetySettings(min_keep=0, max_delete_fraction=1.0, settle_seconds=0)
+LENIENT = guard.SafetySettings(min_keep=0, max_delete_fraction=1.0)
 
 
 def write(path: Path, size: int = 10) -> Path:
@@ -356,5 +356,5 @@ def test_the_guard_turns_down_slims_of_protected_held_in_use_and_newest(
     assert "slim:after-tier1" not in by_step[500].reasons
     assert {d.checkpoint.step for d in guard.vetoed(plan, guarded)} == {200, 300, 400, 500, 600}
     # Slims are no deletions: max_delete_fraction and min_keep do not count them.
-    strict = guard.SafetySettings(min_keep=6, max_delete_fraction=0.01, settle_seconds=0)
+    strict = guard.SafetySettings(min_keep=6, max_delete_fraction=0.01)
     assert guard.guard(plan, facts, strict).slimmed != ()

@@ -12,13 +12,17 @@ import builtins
 import os
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
 import policies
+from daemon.safety.facts import Facts, Holder, ProcessIdentity
+from daemon.safety.guard import RootRefused, SafetySettings, guard
 from daemon.snapshots import schedule
 from policies import PRESETS, Checkpoint, KeepBest, PolicySpec, plan
 from policies.forecast import forecast
+from policies.model import Decision, Plan
 
 POLICIES_DIR = Path(policies.__file__).resolve().parent
 FORBIDDEN_MODULES = {
@@ -150,6 +154,7 @@ def no_io_no_clock(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         (os, "scandir"),
         (os, "listdir"),
         (os, "open"),
+        (os, "readlink"),
         (time, "time"),
         (time, "time_ns"),
         (time, "monotonic"),
@@ -183,6 +188,133 @@ def test_plan_and_forecast_run_without_io_or_clock(no_io_no_clock: list[str]) ->
     with pytest.raises(AssertionError, match=r"builtins\.open"):
         open(os.devnull)  # noqa: SIM115
     assert no_io_no_clock == ["builtins.open"]
+
+
+# --- the safety guard: Plan + Facts -> Plan, pure too ----------------------------------------
+
+GUARD_PATH = Path(__file__).resolve().parents[2] / "daemon" / "safety" / "guard.py"
+# What the guard may import: values and types, nothing that reads the machine. From daemon's
+# I/O modules only the names listed (a constant, the Facts value types).
+GUARD_IMPORTS: dict[str, set[str] | None] = {
+    "__future__": None,
+    "collections.abc": None,
+    "dataclasses": None,
+    "typing": None,
+    "policies.model": None,
+    "policies.slim": None,  # pure like all of policies/ (checked above): which slims to refuse
+    "daemon.errors": None,
+    "daemon.fsio": {"TRASH_DIRECTORY"},
+    "daemon.safety.facts": {"Facts", "Holder"},
+}
+
+
+def guard_impurities(source: str, filename: str) -> list[str]:
+    """Given the guard's source, return every import outside GUARD_IMPORTS and every forbidden
+    call, as `file:line what`."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{node.lineno}" if isinstance(node, ast.stmt | ast.expr) else ""
+        if isinstance(node, ast.Import):
+            found += [f"{where} imports {alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module not in GUARD_IMPORTS or node.level != 0:
+                found.append(f"{where} imports {module}")
+                continue
+            allowed = GUARD_IMPORTS[module]
+            found += [
+                f"{where} imports {module}.{alias.name}"
+                for alias in node.names
+                if allowed is not None and alias.name not in allowed
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in FORBIDDEN_CALLS
+        ):
+            found.append(f"{where} calls {node.func.id}()")
+    return found
+
+
+def test_the_guard_imports_only_values_and_calls_nothing_impure() -> None:
+    assert guard_impurities(GUARD_PATH.read_text(), "guard.py") == []
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import os", ["g.py:1 imports os"]),
+        ("import time", ["g.py:1 imports time"]),
+        ("from os import stat", ["g.py:1 imports os"]),
+        (
+            "from daemon.safety.facts import gather_facts",
+            ["g.py:1 imports daemon.safety.facts.gather_facts"],
+        ),
+        ("from daemon.fsio import LOCAL", ["g.py:1 imports daemon.fsio.LOCAL"]),
+        ("import psutil", ["g.py:1 imports psutil"]),
+        ("def f():\n    return open('x')", ["g.py:2 calls open()"]),
+        ("from daemon.safety.facts import Facts\nfrom policies.model import Plan", []),
+    ],
+)
+def test_the_guard_check_catches_what_it_should(source: str, expected: list[str]) -> None:
+    assert sorted(guard_impurities(source, "g.py")) == sorted(expected)
+
+
+def test_the_guard_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
+    """Every branch of the guard (each veto reason, min_keep, both refusals) under an `open`,
+    `os.stat`, `os.readlink` and clock that raise: Plan + Facts -> Plan, nothing else."""
+
+    def checkpoint(step: int, **fields: object) -> Checkpoint:
+        return Checkpoint(name=f"checkpoint-{step}", step=step, **fields)  # type: ignore[arg-type]
+
+    reader = Holder(pid=4242, create_time=1.0, cmdline="python eval.py", how="open", path="/r/x")
+    trainer = Holder(pid=77, create_time=2.0, cmdline="python train.py", how="open", path="/r/y")
+    checkpoints = [
+        checkpoint(1),
+        checkpoint(2, tracked_by=("latest",)),
+        checkpoint(3, pinned_by=(".keep",)),
+        checkpoint(4),  # held by a reader
+        Checkpoint(name="../escape", step=5),
+        checkpoint(6, complete=False, incomplete_reason="no trainer_state.json"),
+        checkpoint(7),
+        checkpoint(8),  # the newest complete
+        checkpoint(9, complete=False, abandoned=True, mtime=900.0),  # a crashed save
+        checkpoint(10, complete=False, abandoned=True, mtime=990.0),  # quiet 10 s only
+    ]
+    plan = Plan(root="/r", decisions=tuple(Decision(c, False, ("old",)) for c in checkpoints))
+    facts = Facts(
+        root_path="/r",
+        now=1_000.0,
+        holders=MappingProxyType({"checkpoint-4": (reader,)}),
+        trainers=frozenset({ProcessIdentity(77, 2.0)}),
+    )
+    settings = SafetySettings(min_keep=6, max_delete_fraction=1.0, abandoned_after=60)
+
+    guarded = guard(plan, facts, settings)
+
+    reasons = {d.checkpoint.step: d.reasons[0] for d in guarded.decisions if d.keep}
+    assert reasons == {
+        2: "tracked",
+        3: "pinned",
+        4: "in-use:pid 4242 (python eval.py)",
+        5: "outside-root:'../escape'",
+        6: "incomplete",
+        7: "min_keep:6",
+        8: "newest",
+        10: "incomplete",
+    }
+    assert [d.checkpoint.step for d in guarded.deleted] == [1, 9]
+    held = Facts(
+        root_path="/r",
+        now=1_000.0,
+        holders=MappingProxyType({"checkpoint-8": (trainer,)}),
+        trainers=facts.trainers,
+    )
+    with pytest.raises(RootRefused, match="holds the newest checkpoint checkpoint-8"):
+        guard(plan, held, settings)
+    with pytest.raises(RootRefused, match="max_delete_fraction"):
+        guard(plan, facts, SafetySettings(min_keep=1, max_delete_fraction=0.1))
+    assert no_io_no_clock == []
 
 
 def test_the_snapshot_schedule_runs_without_io_or_clock(no_io_no_clock: list[str]) -> None:
