@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 from daemon.config import RootConfig
 from daemon.discovery.scan import scan
 from policies.model import Checkpoint, Decision, Plan, PolicySpec, SlimTarget
-from policies.slim import unslim
+from policies.slim import slim_blockers, unslim
 
 SLIM_RECORD = ".ckptd-slim.json"
 RECORD_LIMIT = 1 << 20
@@ -454,7 +454,8 @@ def is_slimmed(root: str | int, name: str) -> bool:
 def resolve(plan: Plan, specs: Mapping[str, PolicySpec]) -> Plan:
     """Given a plan and each series' policy, return it with what each slim moves out found
     (`plan.slim_targets`); a checkpoint with nothing to move out is kept whole, and says why
-    (`not-slimmable:<why>`)."""
+    (`not-slimmable:<why>`), as is one a protection added after the policy names (a hold,
+    `last-good`: `slim-vetoed:held`). Call it after those protections."""
     if not plan.slimmed:
         return plan
     targets: dict[str, SlimTarget] = {}
@@ -468,6 +469,11 @@ def resolve(plan: Plan, specs: Mapping[str, PolicySpec]) -> Plan:
         for decision in plan.decisions:
             if not decision.slim:
                 decisions.append(decision)
+                continue
+            blockers = slim_blockers(decision)
+            if blockers:
+                # Protections added after the policy (a hold, `last-good`) keep it whole.
+                decisions.append(unslim(decision, "slim-vetoed:" + ", ".join(blockers)))
                 continue
             target, problem = _target(root, decision.checkpoint, specs)
             if target is None:

@@ -358,3 +358,24 @@ def test_the_guard_turns_down_slims_of_protected_held_in_use_and_newest(
     # Slims are no deletions: max_delete_fraction and min_keep do not count them.
     strict = guard.SafetySettings(min_keep=6, max_delete_fraction=0.01)
     assert guard.guard(plan, facts, strict).slimmed != ()
+
+
+def test_resolve_keeps_whole_what_a_later_protection_names(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    hf_root(root, range(100, 1100, 100))
+    config, root_config = slim_config(root)
+    _scan, plan = plan_root(config, root_config, now=NOW)
+    held = tuple(
+        replace(d, reasons=(*d.reasons, "held:alice until 2026-06-01 12:00"))
+        if d.checkpoint.name == "checkpoint-400"
+        else d
+        for d in plan.decisions
+    )
+    from daemon.planner import series_policies
+
+    specs = series_policies(config, root_config, ("hf",))
+    resolved = slimming.resolve(replace(plan, decisions=held, slim_targets={}), specs)
+    by_name = {d.checkpoint.name: d for d in resolved.decisions}
+    assert not by_name["checkpoint-400"].slim
+    assert "slim-vetoed:held" in by_name["checkpoint-400"].reasons
+    assert by_name["checkpoint-600"].slim and "checkpoint-600" in resolved.slim_targets
