@@ -106,7 +106,9 @@ def test_a_slimmed_hf_checkpoint_loads_with_the_same_logits_and_the_newest_resum
     for name, sha in kept_files.items():
         assert digest(run / "checkpoint-2" / name) == sha, name
 
-    resumed = frameworks("resume", str(tmp_path / "resumed"), str(run / "checkpoint-6"), "--steps", "7")
+    resumed = frameworks(
+        "resume", str(tmp_path / "resumed"), str(run / "checkpoint-6"), "--steps", "7"
+    )
     assert resumed["global_step"] == 7
 
     records = [json.loads(line) for line in history.read_text().splitlines()]
