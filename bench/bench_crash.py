@@ -38,6 +38,7 @@ def main() -> int:
     steps = [step * 100 for step in range(1, trial.FOLDERS + 1)]
     counts = {"before": 0, "moving": 0, "removing": 0, "after": 0}
     rolled_back = 0
+    unfinished = 0  # an item made (its journal written), nothing moved in yet: removed
     violations: list[str] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ckptd-bench-crash-") as base:
@@ -54,7 +55,9 @@ def main() -> int:
             if bad:
                 violations.append(f"trial {number}: folders {bad}")
             counts[trial.moment(root)] += 1
-            rolled_back += sum("rolled back" in note for note in trash.recover(str(root)))
+            notes = trash.recover(str(root))
+            rolled_back += sum("rolled back" in note for note in notes)
+            unfinished += sum("unfinished" in note for note in notes)
             tensorflow = {
                 s: trial.tensorflow_state(root, s) for s in range(1, trial.TENSORFLOW + 1)
             }
@@ -79,6 +82,7 @@ def main() -> int:
     for label, count in counts.items():
         print(f"{label:<26}{count:>8}")
     print(f"{'half-moved, rolled back':<26}{rolled_back:>8}")
+    print(f"{'journalled, none moved':<26}{unfinished:>8}")
     print(f"{'violations':<26}{len(violations):>8}")
     for violation in violations[:20]:
         print("  " + violation)

@@ -185,6 +185,14 @@ def _add_root_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     _add_json(trash)
     _add_quiet(trash)
 
+    forget = command(
+        "forget-root", "accept that a root's folder was re-created (its identity changed)"
+    )
+    forget.add_argument(
+        "path", metavar="PATH", help="the root, as configured (its recorded identity is dropped)"
+    )
+    _add_config(forget)
+
 
 def _add_other_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     """Given the subcommand factory, add forecast, the checks, the demo and the docs."""

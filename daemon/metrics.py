@@ -38,6 +38,7 @@ from daemon.config import Config
 from daemon.config.models import parse_listen
 from daemon.disk import pressure
 from daemon.disk.mounts import mount_point
+from daemon.errors import CkptdError
 from daemon.logs import get_logger
 from daemon.pruning import trash
 from daemon.pruning.pipeline import PruneReport
@@ -456,7 +457,7 @@ class Monitor:
         self.metrics.incomplete.labels(root).set(counted.incomplete)
         try:
             items = trash.list_trash(root)
-        except OSError as error:
+        except (OSError, CkptdError) as error:  # a trash refused for safety is not measured
             log.debug("trash_unreadable", root=root, error=str(error))
             return
         self.metrics.trash_bytes.labels(root).set(sum(item.bytes for item in items))

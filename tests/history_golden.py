@@ -6,6 +6,10 @@ from what ckptd wrote before its history events became typed (issue 8): every wr
 set of fields kept here (paths, PIDs and timings replaced by fixed values; `time` fixed at the
 epoch). Key order is part of the format (the writer keeps it), so the lines are compared whole.
 
+Issue 10 appended one field to `delete`, `prune_run` and `trash_purge`: `bytes_logical`, the
+files' lengths, since `bytes_freed` became the allocated bytes the filesystem got back (a sparse
+file's length is not what its deletion frees). Every earlier field keeps its name and place.
+
 Shapes not written in-process by any test (a failed escalation step, `trash_restore` from the
 CLI, two `snapshot_skipped` variants) were transcribed from their call sites in that version.
 """
@@ -25,14 +29,14 @@ GOLDEN: dict[str, str] = {
         '"bytes_in_trash":0,"trash_grace":0.0,"partial":false,"errors":[],'
         '"why":["tier3:every-1000: 1000 represents the bucket"],"tier":3,'
         '"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,"cadence":null,'
-        '"keep_best":null}}'
+        '"keep_best":null},"bytes_logical":12000}'
     ),
     "delete_partial_in_trash": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"delete","root":"/data/run",'
         '"checkpoint":"checkpoint-200","step":200,"series":"default","bytes_freed":0,'
         '"bytes_in_trash":0,"trash_grace":3600.0,"partial":true,'
         '"errors":["/data/run/.ckptd-trash/checkpoint-200@1800000000/x.bin: Permission denied"],'
-        '"why":["tier2:every-200"],"tier":2,"policy":{}}'
+        '"why":["tier2:every-200"],"tier":2,"policy":{},"bytes_logical":0}'
     ),
     "slim": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"slim","root":"/data/run",'
@@ -69,19 +73,19 @@ GOLDEN: dict[str, str] = {
         '"dry_run":false,"checkpoints":10,"kept":4,"deleted":6,"would_delete":0,"vetoed":0,'
         '"failed":0,"trashed":0,"bytes_freed":12000,"bytes_in_trash":0,"seconds":0.029,'
         '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
-        '"cadence":null,"keep_best":null}}'
+        '"cadence":null,"keep_best":null},"bytes_logical":12000}'
     ),
     "prune_run_after_quiet_runs": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"prune_run","root":"/data/run",'
         '"dry_run":false,"checkpoints":11,"kept":10,"deleted":1,"would_delete":0,"vetoed":0,'
         '"failed":0,"trashed":0,"bytes_freed":2000,"bytes_in_trash":0,"seconds":0.004,'
         '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
-        '"cadence":null,"keep_best":null},"quiet_runs":3}'
+        '"cadence":null,"keep_best":null},"quiet_runs":3,"bytes_logical":2000}'
     ),
     "trash_purge": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"trash_purge","root":"/data/run",'
         '"checkpoint":"checkpoint-200","bytes_freed":2000,"deleted_at":1800000000.0,'
-        '"partial":false,"errors":[]}'
+        '"partial":false,"errors":[],"bytes_logical":2000}'
     ),
     "trash_restore": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"trash_restore","root":"/data/run",'

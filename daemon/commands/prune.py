@@ -58,6 +58,7 @@ def report_to_json(report: PruneReport) -> dict[str, Any]:
         "partial": list(applied.partial),
         "trashed": list(applied.trashed),
         "bytes_freed": report.bytes_freed,
+        "bytes_logical": report.bytes_logical,
         "bytes_in_trash": applied.bytes_in_trash,
         "would_delete": list(applied.would_delete),
         "would_free": applied.would_free,
@@ -125,11 +126,11 @@ def _summary(report: PruneReport, grace: _Grace, now: float) -> str:
             f"dry run, nothing changed: would delete {len(report.applied.would_delete)} "
             f"and free {format_bytes(report.applied.would_free)}"
         )
-    parts = [
-        f"deleted {len(report.deleted)}",
-        f"kept {kept}",
-        f"freed {format_bytes(report.bytes_freed)}",
-    ]
+    freed = f"freed {format_bytes(report.bytes_freed)}"
+    if report.bytes_logical != report.bytes_freed:
+        # What the disk got back, and apart the files' lengths (sparse files differ most).
+        freed += f" ({format_bytes(report.bytes_logical)} logical)"
+    parts = [f"deleted {len(report.deleted)}", f"kept {kept}", freed]
     if report.vetoed:
         parts.append(f"vetoed {len(report.vetoed)}")
     if report.failed:

@@ -24,8 +24,10 @@ from daemon.discovery.scan import ScanResult
 from daemon.disk import pressure
 from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
+from daemon.errors import CkptdError
 from daemon.pruning import trash
 from daemon.render import format_bytes, format_duration, make_console
+from daemon.rootdir import IdentityStore, root_key
 from daemon.safety.facts import gather_facts
 from daemon.slimming import read_record
 from daemon.snapshots.execute import existing_snapshot_dates
@@ -101,7 +103,15 @@ def root_status(
         "cadence": dict(root_plan.cadences),
         "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
+        "refused": refusal_of(config, root),
     }
+
+
+def refusal_of(config: Config, root: RootConfig) -> str | None:
+    """Given a root, return why ckptd refuses it until a person acts (its identity changed,
+    its trash is not ckptd's), as last reported in `<state_dir>/roots.json`; else None."""
+    store = IdentityStore.in_state_dir(config.state_dir)
+    return store.refusals().get(root_key(root.path)) if store is not None else None
 
 
 def _growth(
@@ -162,7 +172,10 @@ def slimmed_status(scan: ScanResult, plan: Plan) -> dict[str, Any]:
 def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
     """Given a root, return what waits in its trash: how many checkpoints, their bytes, and
     the grace they wait."""
-    in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
+    try:
+        in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
+    except (OSError, CkptdError):
+        in_trash = []  # a trash refused for safety (said under "refused") is not counted
     return {
         "checkpoints": len(in_trash),
         "bytes": sum(item.bytes for item in in_trash),
@@ -331,6 +344,8 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             continue
         forecast = root["forecast"]
         tiers = root["tiers"]
+        if root.get("refused"):
+            table.add_row("REFUSED", root["refused"])
         table.add_row(
             "checkpoints",
             f"{root['checkpoints']} ({root['layout']}): tier 1 {tiers['1']}, tier 2 {tiers['2']}, "

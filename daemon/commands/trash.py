@@ -1,6 +1,7 @@
 """`ckptd trash list|restore NAME|purge [--root ROOT] [--config FILE] [-y] [--json]`.
 
-`list` shows each root's trash (deleted when, removed when the grace ends, size) and the total
+`list` shows each root's trash (deleted when, removed when the grace ends, size, and what
+removing it frees: its allocated bytes, less than the size for sparse files) and the total
 (`--json`: the times in UTC ISO 8601);
 `restore NAME` renames a checkpoint back into its root (refused if the name is taken there);
 `purge` removes everything in the trash now, regardless of the grace (the scheduled prune only
@@ -8,6 +9,9 @@ removes what is past it). Unlike a prune it cannot be undone, so it asks `[y/N]`
 does (`-y` for scripts; without a terminal and without `-y` it refuses, exit 2). Roots:
 `--root`, else every root of the config; a configured root that does not exist is a warning
 (never created: no `.ckptd-trash` appears in a mistyped path), the others are done, exit 1.
+Each root is opened once and checked against the identity recorded for it, and its trash must
+be ckptd's own (README, "Against a hostile root owner"); a root refused for safety is said on
+stderr, the others are done, exit 3.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import tzinfo
 from typing import Any
 
@@ -33,6 +37,7 @@ from daemon.history.log import HistoryLog
 from daemon.pruning import trash
 from daemon.pruning.lock import root_lock
 from daemon.render import format_bytes, format_wait, make_console
+from daemon.rootdir import IdentityStore, RootDir, open_root
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
@@ -43,6 +48,7 @@ TRASH_FIELDS = (
     columns.Field("checkpoint"),
     columns.Field("removed"),
     columns.Field("size", right=True),
+    columns.Field("frees", right=True),
     columns.Field("deleted", wraps=True, moves=True),
     columns.Field("state", wraps=True, moves=True),
 )
@@ -51,6 +57,12 @@ TRASH_FIELDS = (
 def _print_json(document: object) -> None:
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def _open(selected: Selection, root: RootConfig) -> RootDir:
+    """Given a root of the selection, open it, checked against the identity recorded for it
+    (RootChanged, exit 3, when another folder is at its path)."""
+    return open_root(root.path, store=IdentityStore.in_state_dir(selected.config.state_dir))
 
 
 def _removal(expires_at: float, now: float) -> str:
@@ -65,10 +77,18 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
     now = time.time()
     zone = zone_for(selected.config)
     rows: list[dict[str, Any]] = []
+    refused = False
     for root in selected.roots:
-        root_path = os.path.realpath(root.path)
         grace = settings_for(selected.config, root).trash_grace
-        for item in trash.list_trash(root_path):
+        try:
+            with _open(selected, root) as root_dir:
+                items = trash.list_trash(root_dir)
+                root_path = root_dir.path
+        except SafetyRefusal as refusal:
+            print(f"ckptd trash: refused for safety: {root.path}: {refusal}", file=sys.stderr)
+            refused = True
+            continue
+        for item in items:
             rows.append(
                 {
                     "root": root_path,
@@ -77,6 +97,7 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
                     "deleted_at": item.deleted_at,
                     "expires_at": item.expires_at(grace),
                     "bytes": item.bytes,
+                    "bytes_logical": item.bytes_logical,
                     "state": item.state,
                 }
             )
@@ -96,7 +117,8 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
         console.print("the trash is empty")
     else:
         _print_list(rows, console, zone, now)
-    return warn_missing("trash", selected.missing)
+    missing = warn_missing("trash", selected.missing)
+    return EXIT_REFUSED if refused else missing
 
 
 def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now: float) -> None:
@@ -106,6 +128,7 @@ def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now:
         (
             row["name"],
             _removal(row["expires_at"], now),
+            format_bytes(row["bytes_logical"]),
             format_bytes(row["bytes"]),
             local_text(row["deleted_at"], zone),
             row["state"],
@@ -125,25 +148,28 @@ def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now:
             console.print("\n".join(columns.header(layout)), markup=False)
         console.print("\n".join(columns.rows(layout, row_values)), markup=False)
     total = sum(row["bytes"] for row in rows)
+    size = sum(row["bytes_logical"] for row in rows)
     console.print(
-        f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(total)} "
+        f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(size)}, "
+        f"frees {format_bytes(total)} "
         "(`ckptd trash purge` frees it now; `ckptd trash restore NAME` brings one back)",
         markup=False,
     )
 
 
-def _root_holding(name: str, roots: Sequence[RootConfig]) -> str:
+def _root_holding(name: str, selected: Selection) -> RootConfig:
     """Given a checkpoint name, return the one root whose trash holds it (else UsageError)."""
-    candidates = [
-        os.path.realpath(root.path)
-        for root in roots
-        if any(name in (item.name, item.item) for item in trash.list_trash(root.path))
-    ]
+    candidates: list[RootConfig] = []
+    for root in selected.roots:
+        with _open(selected, root) as root_dir:
+            if any(name in (item.name, item.item) for item in trash.list_trash(root_dir)):
+                candidates.append(root)
     if not candidates:
         raise UsageError(f"no checkpoint named {name!r} in the trash")
     if len(candidates) > 1:
         raise UsageError(
-            f"{name!r} is in the trash of several roots ({', '.join(candidates)}); "
+            f"{name!r} is in the trash of several roots "
+            f"({', '.join(os.path.realpath(root.path) for root in candidates)}); "
             "choose one with --root"
         )
     return candidates[0]
@@ -153,22 +179,25 @@ def _restore(args: argparse.Namespace, selected: Selection, console: Console) ->
     """`trash restore NAME`: rename it back into its root, pinned, and record that."""
     if not args.name:
         raise UsageError("trash restore needs the NAME of a checkpoint (see `ckptd trash list`)")
-    root_path = _root_holding(args.name, selected.roots)
-    with root_lock(root_path) as acquired:
-        if not acquired:
-            raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
-        restored = trash.restore(root_path, args.name)
+    with _open(selected, _root_holding(args.name, selected)) as root_dir:
+        root_path = root_dir.path
+        with root_lock(root_dir) as acquired:
+            if not acquired:
+                raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
+            restored = trash.restore_pinned(root_dir, args.name)
+    name = restored.item.name
     with HistoryLog(selected.history_path) as history:
-        history.record(TrashRestore(root=root_path, checkpoint=restored.name))
-    pin = trash.pin_path(root_path, restored.name)
+        history.record(TrashRestore(root=root_path, checkpoint=name))
     if args.json:
-        json.dump({"root": root_path, "restored": restored.name, "pin": pin}, sys.stdout)
+        json.dump({"root": root_path, "restored": name, "pin": restored.pin}, sys.stdout)
         sys.stdout.write("\n")
-    else:
+    elif restored.pin is not None:
         console.print(
-            f"restored {restored.name} into {root_path}, pinned by {pin} "
+            f"restored {name} into {root_path}, pinned by {restored.pin} "
             "(delete it to let the policy decide again)"
         )
+    else:
+        console.print(f"restored {name} into {root_path}, {restored.problem}")
     return warn_missing("trash", selected.missing)
 
 
@@ -177,7 +206,13 @@ def _confirm_purge(args: argparse.Namespace, selected: Selection, console: Conso
     about to be removed for good (nothing asked when the trash is empty)."""
     if args.yes:
         return True
-    items = [item for root in selected.roots for item in trash.list_trash(root.path)]
+    items = []
+    for root in selected.roots:
+        try:
+            with _open(selected, root) as root_dir:
+                items.extend(trash.list_trash(root_dir))
+        except SafetyRefusal:
+            continue  # said when the purge comes to it
     if not items:
         return True
     total = format_bytes(sum(item.bytes for item in items))
@@ -209,16 +244,14 @@ def _purge(args: argparse.Namespace, selected: Selection, console: Console) -> i
     busy = False
     with HistoryLog(selected.history_path) as history:
         for root in selected.roots:
-            root_path = os.path.realpath(root.path)
-            with root_lock(root_path) as acquired:
-                if not acquired:
-                    print(f"ckptd trash: refusing to purge {root_path}: {BUSY}", file=sys.stderr)
-                    busy = True
-                    continue
-                trash.recover(root_path)
-                results[root_path] = trash.purge(
-                    root_path, now=now, grace=0.0, everything=True, history=history
-                )
+            try:
+                root_path, result = _purge_root(selected, root, now, history)
+            except SafetyRefusal as refusal:
+                where = os.path.realpath(root.path)
+                print(f"ckptd trash: refusing to purge {where}: {refusal}", file=sys.stderr)
+                busy = True
+                continue
+            results[root_path] = result
     if args.json:
         _print_json({root_path: _purge_to_json(result) for root_path, result in results.items()})
     else:
@@ -230,10 +263,25 @@ def _purge(args: argparse.Namespace, selected: Selection, console: Console) -> i
     return EXIT_FAILED if failed else missing
 
 
+def _purge_root(
+    selected: Selection, root: RootConfig, now: float, history: HistoryLog
+) -> tuple[str, trash.PurgeResult]:
+    """Given a root, recover and purge its trash under its lock; return its path and what was
+    purged. Raises SafetyRefusal when another prune holds it, or the root or its trash is
+    refused."""
+    with _open(selected, root) as root_dir, root_lock(root_dir) as acquired:
+        if not acquired:
+            raise SafetyRefusal(BUSY)
+        trash.recover(root_dir)
+        purged = trash.purge(root_dir, now=now, grace=0.0, everything=True, history=history)
+        return root_dir.path, purged
+
+
 def _purge_to_json(result: trash.PurgeResult) -> dict[str, Any]:
     return {
         "removed": list(result.removed),
         "bytes_freed": result.bytes_freed,
+        "bytes_logical": result.bytes_logical,
         "failed": [{"name": name, "error": error} for name, error in result.failed],
     }
 
@@ -242,7 +290,8 @@ def _print_purges(console: Console, results: dict[str, trash.PurgeResult]) -> No
     for root_path, result in results.items():
         console.print(
             f"{root_path}: removed {len(result.removed)} from the trash, "
-            f"freed {format_bytes(result.bytes_freed)}"
+            f"freed {format_bytes(result.bytes_freed)} "
+            f"({format_bytes(result.bytes_logical)} logical)"
             + (f", {len(result.failed)} failed" if result.failed else "")
         )
         for name, error in result.failed:

@@ -39,6 +39,7 @@ from daemon.history.events import (
 from daemon.history.log import History
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
+from daemon.rootdir import IdentityStore, open_root
 from policies.model import PolicySpec
 
 Level = Literal["ok", "warn", "critical"]
@@ -131,8 +132,11 @@ def _empty_trash_of(
     config: Config, root: RootConfig, *, now: float, history: History
 ) -> int | None:
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
-    first); return the bytes freed when known."""
-    freed = empty_trash(root.path, history=history)
+    first); return the bytes freed when known. The root must be the folder first seen at its
+    path (RootChanged otherwise: the step fails and says why)."""
+    store = IdentityStore.in_state_dir(config.state_dir)
+    with open_root(root.path, store=store) as root_dir:
+        freed = empty_trash(root_dir, history=history)
     return int(freed) if freed is not None else None
 
 

@@ -72,6 +72,9 @@ class Delete(HistoryEvent):
     why: tuple[str, ...]
     tier: int | None
     policy: Mapping[str, object]
+    # Added with issue 10: `bytes_freed` is what the filesystem got back (allocated blocks);
+    # this is the files' logical size (a sparse file's length), shown apart.
+    bytes_logical: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +152,7 @@ class PruneRun(HistoryEvent):
     force: bool
     policy: Mapping[str, object]
     quiet_runs: int | None = None
+    bytes_logical: int = 0  # the logical size of what `bytes_freed` (allocated) counts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +166,7 @@ class TrashPurge(HistoryEvent):
     deleted_at: float
     partial: bool
     errors: tuple[str, ...]
+    bytes_logical: int = 0  # the logical size of what `bytes_freed` (allocated) counts
 
 
 @dataclass(frozen=True, kw_only=True)

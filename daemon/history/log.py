@@ -1,8 +1,12 @@
 """The cleanup history: one JSON object per line, appended whole, reopened after logrotate.
 
 Why it is safe for several writers (the daemon and a `ckptd prune` run by hand): each record is
-encoded first and written with a single `os.write` on an `O_APPEND` descriptor, so the kernel
-places the whole line at the end of the file and two writers never interleave inside a line.
+encoded first and appended on an `O_APPEND` descriptor under an exclusive `flock`, so two writers
+never interleave inside a line. A record is written whole or not at all: on a full filesystem a
+write may store only part of a line; that part is cut off again (`ftruncate` to where the record
+began), so the next record never lands on a half line and only the record that did not fit is
+lost (counted in `dropped`, said in the log). A half line left by anything else (a crash of an
+older version) is ended before the next record, never continued.
 Why it survives logrotate without `copytruncate`: before each write the path is stat'ed; when the
 file is gone or its inode changed (rotated away), the old descriptor is closed and the path is
 opened again, so new records land in the new file and none are lost in the rotated one.
@@ -14,6 +18,7 @@ takes the same calls and writes nothing.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -70,9 +75,8 @@ class HistoryLog:
     def _open(self) -> int:
         parent = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(parent, exist_ok=True)
-        descriptor = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
+        # Read access too: the last byte tells whether the file ends inside a line.
+        descriptor = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         status = os.fstat(descriptor)
         self._descriptor = descriptor
         self._identity = (status.st_dev, status.st_ino)
@@ -112,11 +116,7 @@ class HistoryLog:
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
             try:
-                descriptor = self._current_descriptor()
-                written = os.write(descriptor, line)
-                if written != len(line):
-                    # Only on a full disk or a signal mid-write; finish the line, not leave half.
-                    os.write(descriptor, line[written:])
+                _append_whole(self._current_descriptor(), line)
             except OSError as error:
                 # A full disk is the very reason to prune: a record that cannot be written must
                 # not stop the deletions that free the space. Said in the log, counted here.
@@ -135,6 +135,30 @@ class HistoryLog:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _append_whole(descriptor: int, line: bytes) -> None:
+    """Given the history's descriptor and one encoded record, append it whole or not at all.
+
+    Under an exclusive `flock` (every writer of the history takes it), so where the record
+    starts is known: a write cut short (a full filesystem) is undone with `ftruncate`, and the
+    OSError raised. A file that ends inside a line gets a newline before the record.
+    """
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        start = os.fstat(descriptor).st_size
+        if start and os.pread(descriptor, 1, start - 1) != b"\n":
+            line = b"\n" + line
+        written = 0
+        try:
+            while written < len(line):
+                written += os.write(descriptor, line[written:])
+        except OSError:
+            if written:
+                os.ftruncate(descriptor, start)
+            raise
+    finally:
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
 
 
 def read_records(path: str) -> list[dict[str, Any]]:

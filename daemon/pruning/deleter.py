@@ -43,10 +43,11 @@ from typing import NamedTuple
 
 from daemon.disk.mounts import filesystem_type
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem
+from daemon.fsio import LOCAL, FileSystem, Usage
 from daemon.history.events import Delete, Veto
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import trash
+from daemon.rootdir import RootDir, opened
 from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
 
@@ -90,10 +91,11 @@ class ApplyResult:
     failed: tuple[tuple[str, str], ...] = ()
     partial: tuple[str, ...] = ()
     skipped: tuple[str, ...] = ()  # not attempted: `stop` was set
-    bytes_freed: int = 0
-    bytes_in_trash: int = 0
+    bytes_freed: int = 0  # allocated bytes the filesystem got back
+    bytes_in_trash: int = 0  # allocated bytes waiting in the trash
     would_delete: tuple[str, ...] = ()
     would_free: int = 0
+    bytes_logical: int = 0  # the logical size of what `bytes_freed` counts
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class _Deletion:
     root_path: str
     now: float
     fs: FileSystem
+    trash: trash.Trash
     history: History
     check: HoldersCheck
     stop: threading.Event | None
@@ -123,7 +126,7 @@ class _Tally:
     deleted: list[str] = field(default_factory=list)
     trashed: list[str] = field(default_factory=list)
     partial: list[str] = field(default_factory=list)
-    bytes_freed: int = 0
+    freed: Usage = field(default_factory=Usage)
     bytes_in_trash: int = 0
 
     def result(self) -> ApplyResult:
@@ -134,28 +137,30 @@ class _Tally:
             failed=tuple(self.failed),
             partial=tuple(self.partial),
             skipped=tuple(self.skipped),
-            bytes_freed=self.bytes_freed,
+            bytes_freed=self.freed.allocated,
             bytes_in_trash=self.bytes_in_trash,
+            bytes_logical=self.freed.logical,
         )
 
 
 class _Moved(NamedTuple):
-    """A checkpoint renamed into the trash, and its trash item."""
+    """A checkpoint renamed into the trash, and its trash item (name, and path for messages)."""
 
     decision: Decision
+    item: str
     item_path: str
 
 
 class _Removal(NamedTuple):
-    """A trash item removed: the bytes it held unshared just before, and the errors."""
+    """A trash item removed: what it held unshared just before, and the errors."""
 
-    measured: int
+    measured: Usage
     errors: list[str]
 
 
 def apply(
     plan: Plan,
-    root_path: str,
+    root: str | RootDir,
     *,
     dry_run: bool,
     now: float,
@@ -169,9 +174,11 @@ def apply(
 ) -> ApplyResult:
     """Given a guarded plan and its root, carry out its deletions and return what happened.
 
-    `holders_check(root, entries)` is the last-moment veto (None skips it: only for tests of
-    the deleter itself); `policy` is recorded with each deletion; `stop` set means finish the
-    deletion in progress and start no other.
+    `root` is a path (opened here) or the root `prune_root` opened and checked: every rename
+    and removal is relative to its descriptor and its trash's. `holders_check(root, entries)`
+    is the last-moment veto (None skips it: only for tests of the deleter itself); `policy` is
+    recorded with each deletion; `stop` set means finish the deletion in progress and start no
+    other. Raises TrashRefused when the root's trash is not ckptd's.
     """
     deletions = plan.deleted
     if dry_run:
@@ -179,21 +186,33 @@ def apply(
             would_delete=tuple(d.checkpoint.name for d in deletions),
             would_free=sum(d.checkpoint.freeable_bytes for d in deletions),
         )
-    run = _Deletion(
-        root_path=root_path,
-        now=now,
-        fs=fs,
-        history=history,
-        check=holders_check or _no_holders,
-        stop=stop,
-        trash_grace=trash_grace,
-        policy=dict(policy or {}),
-    )
     tally = _Tally()
-    moved = _move(run, deletions, tally)
-    moved = _recheck_in_trash(run, moved, tally)
-    _make_durable(run, moved)
-    _remove(run, moved, tally, progress)
+    if not deletions:
+        return tally.result()
+    with opened(root) as root_dir:
+        try:
+            with trash.open_trash(root_dir, create=True, fs=fs) as opened_trash:
+                assert opened_trash is not None
+                run = _Deletion(
+                    root_path=root if isinstance(root, str) else root.path,
+                    now=now,
+                    fs=fs,
+                    trash=opened_trash,
+                    history=history,
+                    check=holders_check or _no_holders,
+                    stop=stop,
+                    trash_grace=trash_grace,
+                    policy=dict(policy or {}),
+                )
+                moved = _move(run, deletions, tally)
+                moved = _recheck_in_trash(run, moved, tally)
+                _make_durable(run, moved)
+                _remove(run, moved, tally, progress)
+        except OSError as error:
+            # No trash can be made (a read-only filesystem): nothing can be deleted.
+            message = f"{error.strerror or error} ({error.filename or trash.TRASH_DIRECTORY})"
+            for decision in deletions[len(tally.deleted) + len(tally.failed) :]:
+                tally.failed.append((decision.checkpoint.name, message))
     return tally.result()
 
 
@@ -216,20 +235,16 @@ def _move(run: _Deletion, deletions: tuple[Decision, ...], tally: _Tally) -> lis
             tally.vetoed.append(_veto(run, checkpoint, holders[0]))
             continue
         try:
-            item_path = trash.move_to_trash(
-                run.root_path,
-                checkpoint.name,
-                checkpoint.members,
-                now=run.now,
-                fs=run.fs,
-                durable=False,
-            )
-        except OSError as error:
-            message = f"{error.strerror or error} ({error.filename or checkpoint.name})"
+            item = run.trash.move(checkpoint.name, checkpoint.members, now=run.now, durable=False)
+        except (OSError, UsageError) as error:
+            if isinstance(error, OSError):
+                message = f"{error.strerror or error} ({error.filename or checkpoint.name})"
+            else:
+                message = str(error)
             log.warning("could not delete %s: %s", checkpoint.name, message)
             tally.failed.append((checkpoint.name, message))
             continue
-        moved.append(_Moved(decision, item_path))
+        moved.append(_Moved(decision, item, run.trash.dir.at(item).path))
     return moved
 
 
@@ -238,21 +253,24 @@ def _recheck_in_trash(run: _Deletion, moved: list[_Moved], tally: _Tally) -> lis
 
     A process that opened a file between the check and the rename holds it inside the trash
     now (and no process can open it by its old path any more): this look closes that window.
-    A held checkpoint goes back under its name, vetoed.
+    A held checkpoint goes back under its name, vetoed. The trash is looked up where it is now
+    (its descriptor's path), not where it was: the root's owner may have renamed it.
     """
     if not moved:
         return moved
-    names = [os.path.basename(item.item_path) for item in moved]
-    facts = run.check(trash.trash_path(run.root_path), names)
+    facts = run.check(run.trash.real_path(), [item.item for item in moved])
     unheld: list[_Moved] = []
     for item in moved:
         checkpoint = item.decision.checkpoint
-        holders = facts.holders.get(os.path.basename(item.item_path), ()) + facts.everywhere
+        holders = facts.holders.get(item.item, ()) + facts.everywhere
         if not holders:
             unheld.append(item)
             continue
         try:
-            trash.undo_move(run.root_path, item.item_path, run.fs)
+            described = run.trash.describe(item.item)
+            if described is None:
+                raise UsageError(f"{item.item_path}: not a trash item")
+            run.trash.put_back(described, pin=False)
         except (OSError, UsageError) as error:
             # Its name was taken meanwhile: it stays restorable in the trash, not removed.
             where = os.path.relpath(item.item_path, run.root_path)
@@ -269,11 +287,15 @@ def _make_durable(run: _Deletion, moved: list[_Moved]) -> None:
     if not moved or orders_metadata(run.root_path):
         return
     with contextlib.suppress(OSError):
-        run.fs.fsync_dir(run.root_path)
-        run.fs.fsync_dir(trash.trash_path(run.root_path))
+        run.fs.fsync_fd(run.trash.root.fd)
+        run.fs.fsync_fd(run.trash.dir.fd)
         for item in moved:
             if len(item.decision.checkpoint.members) > 1:
-                run.fs.fsync_dir(item.item_path)
+                descriptor = run.fs.open_dir(run.trash.dir.at(item.item))
+                try:
+                    run.fs.fsync_fd(descriptor)
+                finally:
+                    os.close(descriptor)
 
 
 def _remove(run: _Deletion, moved: list[_Moved], tally: _Tally, progress: Progress | None) -> None:
@@ -285,20 +307,23 @@ def _remove(run: _Deletion, moved: list[_Moved], tally: _Tally, progress: Progre
     meanwhile).
     """
 
-    def remove(item_path: str) -> _Removal | None:
+    def remove(item: str) -> _Removal | None:
         if run.stopped():
             return None
         # Measured on the item right before it goes: the checkpoint's `freeable_bytes` may
         # come from the size cache, from before a hard-link snapshot that now shares its
         # files (only their link counts changed, which the cache cannot see).
-        freeable = trash.measure_freeable(item_path, run.fs)
-        return _Removal(freeable, trash.remove_item(item_path, run.fs))
+        described = run.trash.describe(item)
+        if described is None:
+            return _Removal(Usage(), [f"{run.trash.dir.at(item).path}: no longer a trash item"])
+        measured = Usage(described.bytes, described.bytes_logical)
+        return _Removal(measured, run.trash.remove(described))
 
     keep_all = run.trash_grace > 0 or not moved
     with ThreadPoolExecutor(
         max_workers=1 if keep_all else REMOVAL_WORKERS, thread_name_prefix="ckptd-remove"
     ) as pool:
-        futures = [None if keep_all else pool.submit(remove, item.item_path) for item in moved]
+        futures = [None if keep_all else pool.submit(remove, item.item) for item in moved]
         for index, (item, future) in enumerate(zip(moved, futures, strict=True)):
             if progress is not None:
                 progress(index, len(moved), item.decision.checkpoint.name)
@@ -311,18 +336,20 @@ def _record(run: _Deletion, item: _Moved, removal: _Removal | None, tally: _Tall
     """Given one trash item and its removal (None: kept in the trash), tally and record it."""
     checkpoint = item.decision.checkpoint
     errors = removal.errors if removal is not None else []
-    bytes_freed = 0
+    freed = Usage()
+    in_trash = 0
     if errors:
         where = os.path.relpath(item.item_path, run.root_path)
         tally.partial.append(checkpoint.name)
         tally.failed.append((checkpoint.name, f"partly removed, remains in {where}: {errors[0]}"))
         log.warning("partly removed %s: %s", checkpoint.name, errors[0])
     elif removal is None:
+        in_trash = run.trash.measure(item.item).allocated
         tally.trashed.append(checkpoint.name)
-        tally.bytes_in_trash += checkpoint.freeable_bytes
+        tally.bytes_in_trash += in_trash
     else:
-        bytes_freed = removal.measured
-        tally.bytes_freed += bytes_freed
+        freed = removal.measured
+        tally.freed += freed
     if not errors:
         tally.deleted.append(checkpoint.name)
     run.history.record(
@@ -331,14 +358,15 @@ def _record(run: _Deletion, item: _Moved, removal: _Removal | None, tally: _Tall
             checkpoint=checkpoint.name,
             step=checkpoint.step,
             series=checkpoint.series,
-            bytes_freed=bytes_freed,
-            bytes_in_trash=checkpoint.freeable_bytes if removal is None else 0,
+            bytes_freed=freed.allocated,
+            bytes_in_trash=in_trash,
             trash_grace=run.trash_grace,
             partial=bool(errors),
             errors=tuple(errors[:3]),
             why=item.decision.reasons,
             tier=item.decision.tier,
             policy=run.policy,
+            bytes_logical=freed.logical,
         )
     )
 

@@ -12,7 +12,6 @@ rows that matter; those runs are counted, and the root's next `prune_run` says h
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import time
 import weakref
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.sizecache import SizeCache
-from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
 from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import NULL_HISTORY, History
@@ -31,6 +29,8 @@ from daemon.pruning import deleter, trash
 from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.lock import LOCK_FILE, root_lock
 from daemon.pruning.trash import PurgeResult
+from daemon.pruning.trashdir import TrashRefused
+from daemon.rootdir import IdentityStore, RootChanged, RootDir, open_root, root_key
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from policies.model import Checkpoint, Decision, Plan, PolicySpec, policy_record
@@ -106,8 +106,14 @@ class PruneReport:
 
     @property
     def bytes_freed(self) -> int:
-        """Bytes really freed: by the deletions and by the purge of the trash before them."""
+        """Bytes really freed (allocated bytes the filesystem got back): by the deletions and
+        by the purge of the trash before them."""
         return self.applied.bytes_freed + self.purge.bytes_freed
+
+    @property
+    def bytes_logical(self) -> int:
+        """The logical size (the files' lengths) of what `bytes_freed` counts."""
+        return self.applied.bytes_logical + self.purge.bytes_logical
 
 
 # Given the report of the guarded plan (nothing deleted yet), return whether to go ahead.
@@ -121,6 +127,7 @@ class _Job:
     config: Config
     root: RootConfig
     root_path: str
+    root_dir: RootDir
     dry_run: bool
     force: bool
     policy_override: PolicySpec | None
@@ -153,6 +160,7 @@ class _Job:
 def _job_for(
     config: Config,
     root: RootConfig,
+    root_dir: RootDir,
     *,
     dry_run: bool,
     force: bool,
@@ -167,7 +175,8 @@ def _job_for(
     return _Job(
         config=config,
         root=root,
-        root_path=os.path.realpath(root.path),
+        root_path=root_dir.path,
+        root_dir=root_dir,
         dry_run=dry_run,
         force=force,
         policy_override=policy_override,
@@ -351,6 +360,7 @@ def _record_run(job: _Job, report: PruneReport) -> None:
             force=job.force,
             policy=job.policy,
             quiet_runs=quiet or None,
+            bytes_logical=report.bytes_logical,
         )
     )
 
@@ -368,7 +378,7 @@ def _prune_unlocked(
     purged = PurgeResult()
     if not job.dry_run:
         purged = trash.finish_leftovers(
-            job.root_path, now=now, grace=job.grace, fs=job.fs, history=job.history
+            job.root_dir, now=now, grace=job.grace, fs=job.fs, history=job.history
         )
     plan, facts = job.look(now)
     report = PruneReport(
@@ -384,11 +394,13 @@ def _prune_unlocked(
         report, now = answer.report, answer.now
         if answer.done:
             return dataclasses.replace(report, seconds=time.monotonic() - started)
+    if report.refusal is None and not job.dry_run:
+        report = _still_the_root(job, report)
     if report.refusal is not None:
         return dataclasses.replace(report, seconds=time.monotonic() - started)
     applied = deleter.apply(
         report.plan,
-        job.root_path,
+        job.root_dir,
         dry_run=job.dry_run,
         now=now,
         fs=job.fs,
@@ -401,6 +413,33 @@ def _prune_unlocked(
     report = dataclasses.replace(report, applied=applied, seconds=time.monotonic() - started)
     _record_run(job, report)
     return report
+
+
+def _still_the_root(job: _Job, report: PruneReport) -> PruneReport:
+    """Given the guarded plan, refuse it when the root's path no longer leads to the folder
+    opened at the start: discovery read the root by path, so the plan may be of another
+    folder (deleting still goes by the opened descriptor, never by path)."""
+    try:
+        job.root_dir.verify_path()
+    except RootChanged as changed:
+        refused = guard.RootRefused(job.root_path, str(changed), transient=False)
+        return _refuse(job, report, refused)
+    return report
+
+
+def _refused_early(
+    root_path: str, reason: str, history: History, store: IdentityStore | None, key: str
+) -> PruneReport:
+    """Given a root refused before planning (its identity changed, its trash is not ckptd's),
+    record that once (the same refusal again is only in `status`); return the report."""
+    if store is None or store.note_refusal(key, reason):
+        history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
+    return PruneReport(
+        root=root_path,
+        plan=Plan(root=root_path, decisions=()),
+        dry_run=False,
+        refusal=Refusal(reason, transient=False),
+    )
 
 
 def prune_root(
@@ -417,6 +456,7 @@ def prune_root(
     stop: threading.Event | None = None,
     confirm: Confirm | None = None,
     progress: deleter.Progress | None = None,
+    identities: IdentityStore | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it through the safety guard and report.
 
@@ -424,30 +464,48 @@ def prune_root(
     (the CLI's `[y/N]`) sees the guarded plan before anything is deleted; False ends the run
     with nothing deleted. `progress(done, total, name)` is told before each removal. A second
     prune of the same root while one runs (daemon and CLI) is refused, not queued.
+
+    The root is opened once and must be the folder recorded when it was first seen
+    (`identities`, by default `<state_dir>/roots.json` when state_dir exists: see
+    daemon/rootdir.py), and its trash ckptd's own; otherwise the root is refused (not
+    transient: a person must look), recorded in the history once.
     """
-    root_path = os.path.realpath(root.path)
-    if not os.path.isdir(root_path):
-        raise UsageError(f"{root.path}: not a folder")
-    job = _job_for(
-        config,
-        root,
-        dry_run=dry_run,
-        force=force,
-        policy_override=policy_override,
-        history=history,
-        fs=fs,
-        cache=cache,
-    )
-    if dry_run:
-        return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
-    with root_lock(root_path) as acquired:
-        if acquired:
+    store = identities if identities is not None else IdentityStore.in_state_dir(config.state_dir)
+    key = root_key(root.path)
+    try:
+        root_dir = open_root(root.path, store=store)  # UsageError when it is not a folder
+    except RootChanged as changed:
+        return _refused_early(key, str(changed), history, store, key)
+    with root_dir:
+        job = _job_for(
+            config,
+            root,
+            root_dir,
+            dry_run=dry_run,
+            force=force,
+            policy_override=policy_override,
+            history=history,
+            fs=fs,
+            cache=cache,
+        )
+        if dry_run:
             return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)
+        try:
+            with root_lock(root_dir, fs) as acquired:
+                if acquired:
+                    report = _prune_unlocked(
+                        job, now=now, stop=stop, confirm=confirm, progress=progress
+                    )
+                    if store is not None:
+                        store.clear_refusal(key)
+                    return report
+        except TrashRefused as refused:
+            return _refused_early(job.root_path, str(refused), history, store, key)
     reason = "another prune of this root is running (the daemon, or ckptd prune)"
-    history.record(PruneRefused(root=root_path, reason=reason, pids=(), cmdlines=()))
+    history.record(PruneRefused(root=job.root_path, reason=reason, pids=(), cmdlines=()))
     return PruneReport(
-        root=root_path,
-        plan=Plan(root=root_path, decisions=()),
+        root=job.root_path,
+        plan=Plan(root=job.root_path, decisions=()),
         dry_run=False,
         refusal=Refusal(reason),
     )

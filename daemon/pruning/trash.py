@@ -1,68 +1,170 @@
 """The trash: where a checkpoint goes, atomically, before it is removed.
 
-Layout: `<root>/.ckptd-trash/` holds one *trash item* per deleted checkpoint, named
-`<name>@<deleted at, epoch seconds>[-n]` (the deletion time is in the name, so no sidecar can
-disagree with it):
+Layout: `<root>/.ckptd-trash/` is ckptd's own folder (mode 0700, never a symlink:
+daemon/pruning/trashdir.py) holding one *trash item* per deleted checkpoint:
 
 - a checkpoint of **one** root entry (every folder layout, single files) is that entry itself,
-  renamed to `<entry>@<time>`: a single `rename(2)`, so before it the checkpoint is intact under
-  its name and after it it is absent from the root;
-- a checkpoint of **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`) is a
-  folder `<name>@<time>/` holding its entries under their own names plus a journal
-  `.ckptd-entry.json` listing them. Several renames cannot be atomic, so the journal is written
-  and fsynced *before* the first rename, and the completion marker (`.index`) moves first (a
-  half-moved checkpoint never looks complete to discovery). On recovery an item whose journal
-  names members still in the root is **rolled back** (its members renamed back): the checkpoint
-  is whole again and the next prune decides afresh. Removal takes the members first and the
-  journal last, so a half-removed item is always recognisable and is finished on recovery.
+  renamed to `<deleted at, epoch seconds>-<n>.<its name>`: a single `rename(2)`, so before it
+  the checkpoint is intact under its name and after it absent from the root; nothing is
+  allocated, so it works on a full filesystem too. When that name would pass the filesystem's
+  limit (255 bytes: names of 245 bytes and more), the entry goes into an item folder instead:
+- an **item folder** `<seconds>-<n>/` of ckptd's (mode 0700) holds the members under their own
+  names and `.ckptd-entry.json`: the checkpoint's name, its root entries (`members`), when it
+  was deleted and what each member was when moved (kind, owner, inode). A checkpoint of
+  **several** root entries (TensorFlow's `ckpt-5.index` + `ckpt-5.data-*`) always moves into
+  one. Several renames cannot be atomic, so the entry is a journal, written and fsynced
+  *before* the first rename, and the completion marker (`.index`) moves first (a half-moved
+  checkpoint never looks complete to discovery). On recovery an item whose journal names
+  members still in the root is **rolled back** (its members renamed back): the checkpoint is
+  whole again and the next prune decides afresh. Removal renames the journal to
+  `.ckptd-entry.removing.json` first (an item being removed is never rolled back), takes the
+  members, then the entry.
 
-Every function takes the injected `FileSystem`; the journal is written with `fs.write_bytes`
-where the filesystem offers it, else with `os`.
+Every path is hostile (README, "Against a hostile root owner"): every operation is relative to
+the root's and the trash's open descriptors (`daemon.fsio.At`), renames never replace
+(`RENAME_NOREPLACE`), and before each removal, restore or roll-back the item is checked again:
+the same inode as listed, each member of the kind, owner and inode recorded when it moved
+(an entry itself: as listed), an item folder ckptd's own.
+
+Items of the previous layout, `<name>@<seconds>[-n]` (the entry itself, or a folder holding a
+multi-entry checkpoint and its journal), are still listed, restored, rolled back and purged —
+the same way, by descriptor.
+
+Every function takes the injected `FileSystem`; a root is a path (opened for the call) or an
+open `RootDir` (daemon/rootdir.py, as `prune_root` passes it: one descriptor for the whole run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
+import re
 import stat as stat_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, TRASH_DIRECTORY, FileSystem
+from daemon.fsio import LOCAL, TRASH_DIRECTORY, At, Dir, FileSystem, Usage, measure_names
 from daemon.history.events import TrashPurge
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning.lock import root_lock
+from daemon.pruning.trashdir import TrashRefused, open_trash_dir
+from daemon.rootdir import RootDir, opened
+
+__all__ = [
+    "JOURNAL",
+    "TRASH_DIRECTORY",
+    "PurgeResult",
+    "Restored",
+    "Trash",
+    "TrashItem",
+    "TrashRefused",
+    "empty_trash",
+    "finish_leftovers",
+    "list_trash",
+    "move_to_trash",
+    "open_trash",
+    "parse_item_name",
+    "pin_path",
+    "purge",
+    "recover",
+    "restore",
+    "restore_pinned",
+    "trash_path",
+    "undo_move",
+]
 
 JOURNAL = ".ckptd-entry.json"
+REMOVING = ".ckptd-entry.removing.json"
+ITEM_NAME = re.compile(r"(\d+)-(\d+)")
+# A checkpoint moved in on a full filesystem, where no item folder could be made: the one entry
+# itself, renamed to `<seconds>-<n>.<its name>` (see `Trash.move`).
+BARE_NAME = re.compile(r"(\d+)-(\d+)\.(.+)", re.DOTALL)
+ENTRY_LIMIT = 1 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+PIN_TEXT = b"restored from the ckptd trash; delete this file to unpin\n"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberIdentity:
+    """Given a member's status when it moved: its kind, owner and inode (checked again before
+    anything is done to it)."""
+
+    kind: str
+    uid: int
+    ino: int
+
+    @classmethod
+    def of(cls, status: os.stat_result) -> MemberIdentity:
+        return cls(_kind(status.st_mode), status.st_uid, status.st_ino)
+
+    def matches(self, status: os.stat_result) -> bool:
+        return self == MemberIdentity.of(status)
+
+    def describe(self) -> str:
+        return f"{self.kind} of uid {self.uid}, inode {self.ino}"
+
+
+def _kind(mode: int) -> str:
+    if stat_module.S_ISDIR(mode):
+        return "folder"
+    if stat_module.S_ISREG(mode):
+        return "file"
+    if stat_module.S_ISLNK(mode):
+        return "symlink"
+    return "special"
 
 
 @dataclass(frozen=True, slots=True)
 class TrashItem:
-    """Given one trash item: the checkpoint it holds, when it was deleted, its members."""
+    """Given one trash item: the checkpoint it holds, when it was deleted, its members.
+
+    `bytes` is what removing it gives back (allocated bytes), `bytes_logical` the files' sizes.
+    `state`: "trashed" (every member inside, or some already removed), "moving" (a crash
+    interrupted the move of a multi-entry checkpoint: its journal names members still in the
+    root), "empty" (a crash before anything moved in). `inode` is the item's as listed.
+    """
 
     name: str  # the checkpoint's name
-    item: str  # the item folder's name inside the trash
+    item: str  # the item's name inside the trash
     path: str
     deleted_at: float
     members: tuple[str, ...]
     bytes: int = 0
-    # "trashed": every member inside; "moving": a crash interrupted the move (journal says so).
     state: str = "trashed"
+    bytes_logical: int = 0
+    inode: int = 0
+    identities: tuple[tuple[str, MemberIdentity], ...] = ()
+    # "item": a folder of ckptd's holding the members and the entry; "bare": the one entry
+    # itself (moved on a full filesystem); "legacy", "legacy-folder": `<name>@<seconds>` left
+    # by an earlier version (the entry itself, or a folder holding several and a journal).
+    layout: str = "item"
+
+    @property
+    def in_folder(self) -> bool:
+        """Whether the members are inside a folder of the item's own."""
+        return self.layout in ("item", "legacy-folder")
 
     def expires_at(self, grace: float) -> float:
         return self.deleted_at + grace
 
+    def identity_of(self, member: str) -> MemberIdentity | None:
+        return dict(self.identities).get(member)
+
 
 @dataclass(frozen=True)
 class PurgeResult:
-    """Given a purge: items removed, bytes really freed, items that failed (with the error)."""
+    """Given a purge: items removed, bytes really freed (allocated; `bytes_logical` the files'
+    sizes), items that failed (with the error), and the repairs of a crash (`notes`)."""
 
     removed: tuple[str, ...] = ()
     bytes_freed: int = 0
     failed: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = field(default=())
+    bytes_logical: int = 0
 
 
 def trash_path(root_path: str) -> str:
@@ -70,7 +172,7 @@ def trash_path(root_path: str) -> str:
 
 
 def parse_item_name(item: str) -> tuple[str, float] | None:
-    """Given an item folder name `NAME@SECONDS[-n]`, return (NAME, SECONDS), or None."""
+    """Given an item name of the earlier layout `NAME@SECONDS[-n]`, return (NAME, SECONDS)."""
     name, separator, tail = item.rpartition("@")
     if not separator or not name:
         return None
@@ -80,123 +182,671 @@ def parse_item_name(item: str) -> tuple[str, float] | None:
         return None
 
 
-def _write_file(fs: FileSystem, path: str, data: bytes) -> None:
-    writer = getattr(fs, "write_bytes", None)
-    if writer is not None:
-        writer(path, data)
-        return
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _exists(fs: FileSystem, path: str) -> bool:
-    try:
-        fs.lstat(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _listdir(fs: FileSystem, path: str) -> list[str]:
-    try:
-        return sorted(entry.name for entry in fs.scandir(path))
-    except FileNotFoundError:
-        return []
-
-
-def measure_freeable(path: str, fs: FileSystem = LOCAL) -> int:
-    """Given a path, return the bytes removing it frees: each inode once, skipping files with
-    links outside the path (a snapshot shares them)."""
-    # inode -> [links seen below the path, links in all, size]
-    seen: dict[tuple[int, int], list[int]] = {}
-    pending = [path]
-    while pending:
-        current = pending.pop()
-        try:
-            status = fs.lstat(current)
-        except OSError:
-            continue
-        if stat_module.S_ISDIR(status.st_mode):
-            try:
-                pending.extend(entry.path for entry in fs.scandir(current))
-            except OSError:
-                continue
-        elif stat_module.S_ISREG(status.st_mode):
-            key = (status.st_dev, status.st_ino)
-            if key in seen:
-                seen[key][0] += 1
-            else:
-                seen[key] = [1, status.st_nlink, status.st_size]
-    return sum(size for links_here, links, size in seen.values() if links_here >= links)
-
-
-def _read_journal(fs: FileSystem, item_path: str) -> tuple[str, ...] | None:
-    try:
-        data = json.loads(fs.read_bytes(os.path.join(item_path, JOURNAL)))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None
-    members = data.get("members") if isinstance(data, dict) else None
-    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
-        return None
-    return tuple(members)
-
-
-def _is_multi_item(fs: FileSystem, path: str) -> bool:
-    """Given an item path, return whether it is a journalled folder of several members."""
-    try:
-        if not stat_module.S_ISDIR(fs.lstat(path).st_mode):
-            return False
-    except OSError:
-        return False
-    return any(entry.startswith(JOURNAL) for entry in _listdir(fs, path))
-
-
-def describe_item(root_path: str, item: str, fs: FileSystem = LOCAL) -> TrashItem | None:
-    """Given a root and an item name, return what the item holds, or None if not ours."""
-    parsed = parse_item_name(item)
-    if parsed is None:
-        return None
-    name, deleted_at = parsed
-    path = os.path.join(trash_path(root_path), item)
-    state = "trashed"
-    members: tuple[str, ...] = (name,)
-    if _is_multi_item(fs, path):
-        journal = _read_journal(fs, path)
-        inside = tuple(entry for entry in _listdir(fs, path) if not entry.startswith(JOURNAL))
-        members = journal if journal is not None else inside
-        if journal is not None and any(
-            _exists(fs, os.path.join(root_path, member)) for member in journal
-        ):
-            state = "moving"
-    return TrashItem(
-        name=name,
-        item=item,
-        path=path,
-        deleted_at=deleted_at,
-        members=members,
-        bytes=measure_freeable(path, fs),
-        state=state,
+def _plain_name(name: object) -> bool:
+    """Given a member name from an entry file, return whether it names an entry of one folder
+    (a journal naming `../x` must never move anything outside)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\0" not in name
     )
 
 
-def list_trash(root_path: str, fs: FileSystem = LOCAL) -> list[TrashItem]:
+@dataclass(frozen=True)
+class _Entry:
+    """An item's entry file, parsed."""
+
+    name: str
+    members: tuple[str, ...]
+    deleted_at: float | None
+    identities: tuple[tuple[str, MemberIdentity], ...]
+    removing: bool
+
+
+def _parse_identities(value: object) -> tuple[tuple[str, MemberIdentity], ...]:
+    if not isinstance(value, dict):
+        return ()
+    parsed = []
+    for member, identity in value.items():
+        if not isinstance(identity, dict):
+            continue
+        kind, uid, ino = identity.get("kind"), identity.get("uid"), identity.get("ino")
+        if isinstance(kind, str) and isinstance(uid, int) and isinstance(ino, int):
+            parsed.append((str(member), MemberIdentity(kind, uid, ino)))
+    return tuple(parsed)
+
+
+def _parse_entry(data: bytes, removing: bool) -> _Entry | None:
+    try:
+        document = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    members = document.get("members")
+    if not isinstance(members, list) or not members or not all(map(_plain_name, members)):
+        return None
+    name = document.get("name")
+    deleted_at = document.get("deleted_at")
+    return _Entry(
+        name=name if isinstance(name, str) and _plain_name(name) else str(members[0]),
+        members=tuple(members),
+        deleted_at=float(deleted_at) if isinstance(deleted_at, int | float) else None,
+        identities=_parse_identities(document.get("identities")),
+        removing=removing,
+    )
+
+
+def _is_entry_file(name: str) -> bool:
+    return name.startswith(".ckptd-entry")
+
+
+@dataclass(frozen=True)
+class _Pin:
+    """The pin of a restored checkpoint: its path (None: none), the file made in the root (to
+    remove if the restore fails), or why there is none."""
+
+    path: str | None
+    made: At | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Given a restore: the item put back, its pin file (None: none made), and why not."""
+
+    item: TrashItem
+    pin: str | None
+    problem: str | None = None
+
+
+class _OpenItem:
+    """A trash item opened for a change, checked first: where its members are (`container`)
+    and each member's name there with the name it has in the root."""
+
+    def __init__(self, container: Dir, owned: bool, inside: list[tuple[str, str]]) -> None:
+        self.container = container
+        self.owned = owned  # a folder of its own (closed after), else the trash folder itself
+        self.inside = inside
+
+    def close(self) -> None:
+        if self.owned:
+            os.close(self.container.fd)
+
+    def __enter__(self) -> _OpenItem:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _changed(path: str, what: str) -> OSError:
+    return OSError(errno.EBUSY, f"changed since it was listed ({what}); left alone", path)
+
+
+class Trash:
+    """An open root's trash (ckptd's own folder, opened by descriptor): list, move into,
+    remove, restore, roll back, purge. Obtained from `open_trash`."""
+
+    def __init__(self, root: RootDir, directory: Dir, fs: FileSystem = LOCAL) -> None:
+        self.root = root
+        self.dir = directory
+        self.fs = fs
+        self._next: dict[int, int] = {}
+        try:
+            self.name_max = os.fpathconf(directory.fd, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            self.name_max = 255
+
+    def real_path(self) -> str:
+        """Given the open trash, return the path it is at now (from /proc; it may have been
+        renamed by the root's owner since it was opened)."""
+        with contextlib.suppress(OSError):
+            real = os.readlink(f"/proc/self/fd/{self.dir.fd}")
+            if real.startswith("/"):
+                return real
+        return self.dir.path
+
+    # --- listing ---------------------------------------------------------------------------
+
+    def items(self) -> list[TrashItem]:
+        """Given the trash, return its items, oldest deletion first."""
+        found = []
+        for name in self.fs.list_dir(self.dir):
+            described = self.describe(name)
+            if described is not None:
+                found.append(described)
+        return sorted(
+            found, key=lambda entry: (entry.deleted_at, _sequence(entry.item), entry.item)
+        )
+
+    def _layout(self, item: str, status: os.stat_result) -> str | None:
+        """Given an entry of the trash and its status, return its layout; None: not an item."""
+        folder = stat_module.S_ISDIR(status.st_mode)
+        if ITEM_NAME.fullmatch(item):
+            return "item" if folder else None  # ckptd makes only folders under such names
+        if BARE_NAME.fullmatch(item):
+            return "bare"
+        if parse_item_name(item) is None:
+            return None
+        return "legacy-folder" if folder and self._has_entry_file(self.dir.at(item)) else "legacy"
+
+    def describe(self, item: str) -> TrashItem | None:
+        """Given an item's name, return what it holds, or None if it is not a trash item."""
+        at = self.dir.at(item)
+        try:
+            status = self.fs.lstat_at(at)
+        except OSError:
+            return None
+        layout = self._layout(item, status)
+        if layout is None:
+            return None
+        usage = self._measure(item, layout)
+        base = TrashItem(
+            name=item,
+            item=item,
+            path=at.path,
+            deleted_at=0.0,
+            members=(item,),
+            bytes=usage.allocated,
+            bytes_logical=usage.logical,
+            inode=status.st_ino,
+            layout=layout,
+        )
+        new = ITEM_NAME.fullmatch(item) or BARE_NAME.fullmatch(item)
+        if new is not None:
+            base = _replace(base, deleted_at=float(new.group(1)))
+        # An item that is the checkpoint's entry itself is checked before any change against
+        # what it was when listed (a folder item's members against its entry file).
+        listed = ((item, MemberIdentity.of(status)),)
+        if layout == "bare":
+            return _replace(base, name=new.group(3) if new else item, identities=listed)
+        if layout == "item":
+            return self._describe_folder(base)
+        legacy = parse_item_name(item)
+        assert legacy is not None
+        base = _replace(base, name=legacy[0], deleted_at=legacy[1], members=(legacy[0],))
+        if layout == "legacy-folder":
+            return self._describe_folder(base)
+        return _replace(base, identities=listed)
+
+    def _has_entry_file(self, at: At) -> bool:
+        try:
+            with self._folder(at) as folder:
+                return any(_is_entry_file(name) for name in self.fs.list_dir(folder))
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def _folder(self, at: At) -> Iterator[Dir]:
+        descriptor = self.fs.open_dir(at)
+        try:
+            yield Dir(descriptor, at.path)
+        finally:
+            os.close(descriptor)
+
+    def _read_entry(self, folder: Dir) -> _Entry | None:
+        for file_name, removing in ((JOURNAL, False), (REMOVING, True)):
+            try:
+                data = self.fs.read_at(folder.at(file_name), ENTRY_LIMIT)
+            except OSError:
+                continue
+            entry = _parse_entry(data, removing)
+            if entry is not None:
+                return entry
+        return None
+
+    def _describe_folder(self, base: TrashItem) -> TrashItem | None:
+        """Given an item that is a folder (new, or an earlier multi-entry one), describe it."""
+        try:
+            with self._folder(self.dir.at(base.item)) as folder:
+                entry = self._read_entry(folder)
+                inside = sorted(n for n in self.fs.list_dir(folder) if not _is_entry_file(n))
+        except OSError:
+            return None
+        if entry is None:
+            members = tuple(inside) or base.members
+            name = inside[0] if len(inside) == 1 and base.layout == "item" else base.name
+            state = "trashed" if inside else "empty"
+            return _replace(base, name=name, members=members, state=state)
+        return _replace(
+            base,
+            name=entry.name,
+            members=entry.members,
+            deleted_at=entry.deleted_at if entry.deleted_at is not None else base.deleted_at,
+            identities=entry.identities,
+            state=self._state(entry, inside),
+        )
+
+    def _state(self, entry: _Entry, inside: list[str]) -> str:
+        if not inside:
+            return "empty"
+        if entry.removing:
+            return "trashed"
+        missing = [member for member in entry.members if member not in inside]
+        return "moving" if any(self._in_root(member) for member in missing) else "trashed"
+
+    def _in_root(self, name: str) -> bool:
+        try:
+            self.fs.lstat_at(self.root.at(name))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot tell: never treat it as gone
+        return True
+
+    # --- checking an item again before changing it -----------------------------------------
+
+    def _open_item(self, item: TrashItem) -> _OpenItem:
+        """Given a listed item, open it for a change after checking it is still what was
+        listed: the same inode, and (a folder item) a folder ckptd made."""
+        at = self.dir.at(item.item)
+        status = self.fs.lstat_at(at)
+        if status.st_ino != item.inode:
+            raise _changed(at.path, "another inode")
+        if not item.in_folder:
+            return _OpenItem(self.dir, owned=False, inside=[(item.item, item.name)])
+        descriptor = self.fs.open_dir(at)
+        container = Dir(descriptor, at.path)
+        try:
+            opened_status = os.fstat(descriptor)
+            if opened_status.st_ino != item.inode:
+                raise _changed(at.path, "another inode")
+            if item.layout == "item" and opened_status.st_uid != os.geteuid():
+                raise _changed(at.path, f"owned by uid {opened_status.st_uid}")
+            names = sorted(n for n in self.fs.list_dir(container) if not _is_entry_file(n))
+        except BaseException:
+            os.close(descriptor)
+            raise
+        return _OpenItem(container, owned=True, inside=[(name, name) for name in names])
+
+    def _check_member(self, item: TrashItem, container: Dir, member: str) -> None:
+        """Raise OSError when a member is not what moved in (kind, owner, inode)."""
+        expected = item.identity_of(member)
+        if expected is None:
+            return
+        status = self.fs.lstat_at(container.at(member))
+        if not expected.matches(status):
+            now = MemberIdentity.of(status)
+            raise _changed(
+                container.at(member).path, f"was {expected.describe()}, now {now.describe()}"
+            )
+
+    def _discard(self, item: str, container: Dir | None = None) -> None:
+        """Given an item folder whose members are gone, remove its entry files and itself.
+
+        Raises OSError (and removes nothing) while a member is still inside: its entry is what
+        says where that member belongs (a move interrupted midway is rolled back from it)."""
+        at = self.dir.at(item)
+        if container is None:
+            with self._folder(at) as folder:
+                self._discard(item, folder)
+            return
+        names = self.fs.list_dir(container)
+        if any(not _is_entry_file(name) for name in names):
+            raise OSError(errno.ENOTEMPTY, "members still inside", at.path)
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.unlink_at(container.at(name))
+        self.fs.rmdir_at(at)
+
+    # --- moving in -------------------------------------------------------------------------
+
+    def _new_item(self, now: float) -> str:
+        """Given the time, make a new empty item folder (0700) and return its name."""
+        seconds = int(now)
+        number = self._next.get(seconds, 0)
+        while True:
+            item = f"{seconds}-{number}"
+            number += 1
+            try:
+                self.fs.mkdir_at(self.dir.at(item), 0o700)
+            except FileExistsError:
+                continue
+            self._next[seconds] = number
+            return item
+
+    def move(self, name: str, members: Iterable[str], *, now: float, durable: bool = True) -> str:
+        """Given a checkpoint's name and root entries, move them into a new item; return the
+        item's name. Raises OSError when the move could not start or, after rolling back what
+        had moved, failed midway: the checkpoint is then whole under its name again."""
+        ordered = sorted(members, key=lambda member: (not member.endswith(".index"), member))
+        if not ordered or not all(map(_plain_name, ordered)):
+            raise UsageError(f"{name}: not entries of the root: {ordered!r}")
+        if len(ordered) == 1:
+            bare = self._move_bare(ordered[0], now=now, durable=durable)
+            if bare is not None:
+                return bare
+        item = self._new_item(now)
+        with self._folder(self.dir.at(item)) as folder:
+            try:
+                self._move_into(folder, name, ordered, now)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self._discard(item, folder)
+                raise
+            if durable:
+                self.fs.fsync_fd(self.root.fd)
+                self.fs.fsync_fd(folder.fd)
+        return item
+
+    def _move_into(self, folder: Dir, name: str, ordered: list[str], now: float) -> None:
+        identities = {m: MemberIdentity.of(self.fs.lstat_at(self.root.at(m))) for m in ordered}
+        entry = {
+            "version": 2,
+            "name": name,
+            "members": ordered,
+            "deleted_at": now,
+            "identities": {
+                member: {"kind": ident.kind, "uid": ident.uid, "ino": ident.ino}
+                for member, ident in identities.items()
+            },
+        }
+        multi = len(ordered) > 1
+        # A journal must be on disk before the first of several renames; one rename needs none.
+        try:
+            self.fs.write_new_at(folder.at(JOURNAL), json.dumps(entry).encode(), durable=multi)
+        except OSError as error:
+            # A full filesystem (the very reason to prune): one entry moves without its entry
+            # file (the member inside names the item); several cannot move without a journal.
+            if error.errno not in _NO_SPACE or multi:
+                raise
+        if multi:
+            self.fs.fsync_fd(folder.fd)
+        moved: list[str] = []
+        try:
+            for member in ordered:
+                self.fs.rename_at(self.root.at(member), folder.at(member))
+                moved.append(member)
+            # What moved must be what was looked at: an entry swapped between the two goes back.
+            changed = [
+                m for m in moved if not identities[m].matches(self.fs.lstat_at(folder.at(m)))
+            ]
+            if changed:
+                raise OSError(
+                    errno.EBUSY, "changed while being moved into the trash", ", ".join(changed)
+                )
+        except OSError:
+            # What cannot be moved back now, recovery at the next run rolls back from the journal.
+            for member in reversed(moved):
+                with contextlib.suppress(OSError):
+                    self.fs.rename_at(folder.at(member), self.root.at(member))
+            raise
+
+    def _move_bare(self, member: str, *, now: float, durable: bool) -> str | None:
+        """Given a checkpoint of one entry, rename it into the trash as `<seconds>-<n>.<name>`
+        in one rename (nothing allocated: it works on a full filesystem too); return that
+        name, or None when it would pass the filesystem's name limit (the caller makes an item
+        folder instead)."""
+        identity = MemberIdentity.of(self.fs.lstat_at(self.root.at(member)))
+        seconds = int(now)
+        number = self._next.get(seconds, 0)
+        while True:
+            item = f"{seconds}-{number}.{member}"
+            number += 1
+            if len(os.fsencode(item)) > self.name_max:
+                return None
+            try:
+                self.fs.rename_at(self.root.at(member), self.dir.at(item))
+            except FileExistsError:
+                continue
+            break
+        self._next[seconds] = number
+        if not identity.matches(self.fs.lstat_at(self.dir.at(item))):
+            self.fs.rename_at(self.dir.at(item), self.root.at(member))
+            raise OSError(errno.EBUSY, "changed while being moved into the trash", member)
+        if durable:
+            self.fs.fsync_fd(self.root.fd)
+            self.fs.fsync_fd(self.dir.fd)
+        return item
+
+    # --- removing --------------------------------------------------------------------------
+
+    def measure(self, item: str) -> Usage:
+        """Given an item's name, return what removing its members would give back now (the
+        item's own folder and entry are ckptd's, made and removed with it)."""
+        try:
+            layout = self._layout(item, self.fs.lstat_at(self.dir.at(item)))
+        except OSError:
+            return Usage()
+        return self._measure(item, layout) if layout is not None else Usage()
+
+    def _measure(self, item: str, layout: str) -> Usage:
+        if layout not in ("item", "legacy-folder"):
+            return measure_names(self.dir.fd, (item,))
+        try:
+            with self._folder(self.dir.at(item)) as folder:
+                inside = [name for name in self.fs.list_dir(folder) if not _is_entry_file(name)]
+                return measure_names(folder.fd, inside)
+        except OSError:
+            return Usage()
+
+    def remove(self, item: TrashItem) -> list[str]:
+        """Given a listed item, check it again and remove it (members first, entry last); return
+        the errors (an item that changed since it was listed is left alone, as an error)."""
+        errors: list[str] = []
+
+        def record(path: str, error: OSError) -> None:
+            errors.append(f"{path}: {error.strerror or error}")
+
+        try:
+            opened_item = self._open_item(item)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError):
+                return []  # removed already (another run)
+            return [f"{error.filename or item.path}: {error.strerror or error}"]
+        with opened_item:
+            if opened_item.owned and len(item.members) > 1:
+                with contextlib.suppress(OSError):  # being removed: never rolled back now
+                    self.fs.rename_at(
+                        opened_item.container.at(JOURNAL), opened_item.container.at(REMOVING)
+                    )
+            for source, _target in opened_item.inside:
+                try:
+                    self._check_member(item, opened_item.container, source)
+                except OSError as error:
+                    record(error.filename or source, error)
+                    continue
+                self.fs.remove_tree_at(opened_item.container.at(source), on_error=record)
+            if errors or not opened_item.owned:
+                return errors
+            try:
+                self._discard(item.item, opened_item.container)
+            except OSError as error:
+                record(error.filename or item.path, error)
+        return errors
+
+    def remove_measured(self, item: TrashItem) -> tuple[Usage, list[str]]:
+        """Given a listed item, remove it; return what that really gave back, and the errors."""
+        before = Usage(item.bytes, item.bytes_logical)
+        errors = self.remove(item)
+        if not errors:
+            return before, errors
+        after = self.measure(item.item)
+        return Usage(
+            max(0, before.allocated - after.allocated), max(0, before.logical - after.logical)
+        ), errors
+
+    # --- putting back ----------------------------------------------------------------------
+
+    def put_back(self, item: TrashItem, *, pin: bool) -> _Pin:
+        """Given a listed item, rename its members back into the root (never replacing), then
+        remove the item; with `pin`, pin the checkpoint first (see `restore`).
+
+        Raises UsageError when a member's name is taken in the root, OSError when a rename
+        fails (what had moved back is moved into the item again)."""
+        with self._open_item(item) as opened_item:
+            taken = [target for _, target in opened_item.inside if self._in_root(target)]
+            if taken:
+                raise UsageError(
+                    f"cannot restore {item.name}: {', '.join(taken)} already exists in "
+                    f"{self.root.path}"
+                )
+            made_pin = self._pin(item, opened_item) if pin else _Pin(None)
+            try:
+                self._rename_back(opened_item)
+            except OSError as error:
+                if made_pin.made is not None:
+                    with contextlib.suppress(OSError):
+                        self.fs.unlink_at(made_pin.made)
+                if isinstance(error, FileExistsError):
+                    raise UsageError(
+                        f"cannot restore {item.name}: {error.filename} appeared in the root"
+                    ) from None
+                raise
+            self.fs.fsync_fd(self.root.fd)
+            if opened_item.owned:
+                self._discard(item.item, opened_item.container)
+        return made_pin
+
+    def _rename_back(self, opened_item: _OpenItem) -> None:
+        """Rename every member back, the completion marker last; undo all on a failure."""
+        moved: list[tuple[At, At]] = []
+        ordered = sorted(opened_item.inside, key=lambda pair: (pair[1].endswith(".index"), pair))
+        try:
+            for source, target in ordered:
+                pair = (opened_item.container.at(source), self.root.at(target))
+                self.fs.rename_at(*pair)
+                moved.append(pair)
+        except OSError:
+            for source_at, target_at in reversed(moved):
+                with contextlib.suppress(OSError):
+                    self.fs.rename_at(target_at, source_at)
+            raise
+
+    def _pin(self, item: TrashItem, opened_item: _OpenItem) -> _Pin:
+        """Given an item about to go back, pin it where discovery reads pins — `.keep` inside
+        a folder, `<name>.keep` beside anything else — before it reappears (so no prune sees
+        it unpinned), created with O_EXCL|O_NOFOLLOW (never through a link raced in)."""
+        if len(opened_item.inside) == 1:
+            source = opened_item.container.at(opened_item.inside[0][0])
+            if stat_module.S_ISDIR(self.fs.lstat_at(source).st_mode):
+                with self._folder(source) as folder, contextlib.suppress(FileExistsError):
+                    self.fs.write_new_at(folder.at(".keep"), PIN_TEXT, durable=False)
+                return _Pin(os.path.join(self.root.path, item.name, ".keep"))
+        beside = self.root.at(f"{item.name}.keep")
+        try:
+            self.fs.write_new_at(beside, PIN_TEXT, durable=False)
+        except FileExistsError:
+            return _Pin(beside.path)  # something is there already (her pin, or a link)
+        except OSError as error:
+            if error.errno != errno.ENAMETOOLONG:
+                raise
+            return _Pin(
+                None,
+                problem=f"not pinned: {item.name}.keep would pass the filesystem's name limit; "
+                "add a `protect:` glob matching it to the root's config, or the next prune "
+                "deletes it again",
+            )
+        return _Pin(beside.path, made=beside)
+
+    # --- crash recovery and purging --------------------------------------------------------
+
+    def recover(self) -> list[str]:
+        """Given the trash, finish what a crash left; return a note per repair.
+
+        A half-moved multi-entry checkpoint is rolled back into the root; an item nothing moved
+        into (a crash before the first rename) is removed. Half-removed items stay trashed and
+        are finished by the purge that follows.
+        """
+        notes: list[str] = []
+        for item in self.items():
+            try:
+                note = self._recover_item(item)
+            except (OSError, UsageError) as error:
+                message = error.strerror if isinstance(error, OSError) else str(error)
+                note = f"could not repair {item.item}: {message or error}"
+            if note:
+                notes.append(note)
+        return notes
+
+    def _recover_item(self, item: TrashItem) -> str | None:
+        if item.state == "empty":
+            self._discard(item.item)
+            return f"removed the unfinished trash item {item.item}"
+        if item.state != "moving":
+            return None
+        with self._open_item(item) as opened_item:
+            taken = [target for _, target in opened_item.inside if self._in_root(target)]
+            if taken:
+                # Never overwrite and never drop: leave both for a person to sort out.
+                return f"left {item.item} in the trash: {', '.join(taken)} exists in the root too"
+        self.put_back(item, pin=False)
+        return f"rolled back the interrupted deletion of {item.name}"
+
+    def purge(
+        self,
+        *,
+        now: float,
+        grace: float,
+        everything: bool = False,
+        history: History = NULL_HISTORY,
+    ) -> PurgeResult:
+        """Given the time and the grace, remove items past it (all with `everything`)."""
+        removed: list[str] = []
+        failed: list[tuple[str, str]] = []
+        freed = Usage()
+        for item in self.items():
+            if item.state != "trashed":
+                continue  # a crashed move (`recover` rolls it back) or an empty item
+            if not everything and item.expires_at(grace) > now:
+                continue
+            usage, errors = self.remove_measured(item)
+            freed += usage
+            if errors:
+                failed.append((item.name, "; ".join(errors[:3])))
+            else:
+                removed.append(item.name)
+            history.record(
+                TrashPurge(
+                    root=self.root.path,
+                    checkpoint=item.name,
+                    bytes_freed=usage.allocated,
+                    deleted_at=item.deleted_at,
+                    partial=bool(errors),
+                    errors=tuple(errors[:3]),
+                    bytes_logical=usage.logical,
+                )
+            )
+        return PurgeResult(tuple(removed), freed.allocated, tuple(failed), (), freed.logical)
+
+
+def _sequence(item: str) -> int:
+    """Given an item's name, return its number among the items of the same second."""
+    match = ITEM_NAME.fullmatch(item) or BARE_NAME.fullmatch(item)
+    return int(match.group(2)) if match else -1
+
+
+def _replace(item: TrashItem, **changes: object) -> TrashItem:
+    return dataclasses.replace(item, **changes)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def open_trash(
+    root: str | RootDir, *, create: bool = False, fs: FileSystem = LOCAL
+) -> Iterator[Trash | None]:
+    """Given a root (a path, or an open root), yield its trash opened (made first with
+    `create`), None when it has none. Raises TrashRefused when the trash is not ckptd's."""
+    with opened(root) as root_dir:
+        directory = open_trash_dir(root_dir, create=create, fs=fs)
+        if directory is None:
+            yield None
+            return
+        try:
+            yield Trash(root_dir, directory, fs)
+        finally:
+            os.close(directory.fd)
+
+
+def list_trash(root: str | RootDir, fs: FileSystem = LOCAL) -> list[TrashItem]:
     """Given a root, return its trash items, oldest deletion first."""
-    items = []
-    for item in _listdir(fs, trash_path(root_path)):
-        described = describe_item(root_path, item, fs)
-        if described is not None:
-            items.append(described)
-    return sorted(items, key=lambda entry: (entry.deleted_at, entry.item))
+    with open_trash(root, fs=fs) as trash:
+        return trash.items() if trash is not None else []
 
 
 def move_to_trash(
-    root_path: str,
+    root: str | RootDir,
     name: str,
     members: Iterable[str],
     *,
@@ -204,133 +854,60 @@ def move_to_trash(
     fs: FileSystem = LOCAL,
     durable: bool = True,
 ) -> str:
-    """Given a checkpoint's name and root entries, move them into a new trash item; return it.
-
-    `durable=False` leaves the fsync of the root and the item to the caller (the deleter
-    fsyncs once for all its moves).
-
-    Raises OSError when the move could not start or, for several members, after rolling back
-    what had moved; the checkpoint is then whole under its name again.
-    """
-    ordered = sorted(members, key=lambda member: (not member.endswith(".index"), member))
-    folder = trash_path(root_path)
-    fs.makedirs(folder)
-    base = f"{ordered[0] if len(ordered) == 1 else name}@{int(now)}"
-    item, counter = base, 1
-    while _exists(fs, os.path.join(folder, item)):
-        item, counter = f"{base}-{counter}", counter + 1
-    item_path = os.path.join(folder, item)
-    if len(ordered) == 1:
-        fs.rename(os.path.join(root_path, ordered[0]), item_path)
-        if durable:
-            fs.fsync_dir(root_path)
-            fs.fsync_dir(folder)
-        return item_path
-    fs.makedirs(item_path)
-    journal = json.dumps({"name": name, "members": ordered, "deleted_at": now}).encode()
-    _write_file(fs, os.path.join(item_path, JOURNAL + ".tmp"), journal)
-    fs.rename(os.path.join(item_path, JOURNAL + ".tmp"), os.path.join(item_path, JOURNAL))
-    fs.fsync_dir(item_path)
-    moved: list[str] = []
-    try:
-        for member in ordered:
-            fs.rename(os.path.join(root_path, member), os.path.join(item_path, member))
-            moved.append(member)
-    except OSError:
-        # What cannot be moved back now, recovery at the next run rolls back from the journal.
-        for member in reversed(moved):
-            with contextlib.suppress(OSError):
-                fs.rename(os.path.join(item_path, member), os.path.join(root_path, member))
-        _remove_empty_item(item_path, fs)
-        raise
-    if durable:
-        fs.fsync_dir(root_path)
-        fs.fsync_dir(item_path)
-    return item_path
+    """Given a checkpoint's name and root entries, move them into a new trash item; return its
+    path. `durable=False` leaves the fsyncs to the caller. Raises OSError when the move could
+    not start or, for several members, after rolling back what had moved; the checkpoint is
+    then whole under its name again."""
+    with open_trash(root, create=True, fs=fs) as trash:
+        assert trash is not None
+        item = trash.move(name, members, now=now, durable=durable)
+        return trash.dir.at(item).path
 
 
-def _remove_empty_item(item_path: str, fs: FileSystem) -> None:
-    remaining = [entry for entry in _listdir(fs, item_path) if not entry.startswith(JOURNAL)]
-    if remaining:
-        return
-    with contextlib.suppress(OSError):
-        fs.remove_tree(item_path)
+def _find(trash: Trash, name: str) -> TrashItem:
+    """Given a checkpoint or item name, return the most recent restorable item of that name."""
+    items = [
+        item for item in trash.items() if name in (item.name, item.item) and item.state == "trashed"
+    ]
+    if not items:
+        raise UsageError(f"no checkpoint named {name!r} in the trash of {trash.root.path}")
+    return items[-1]
 
 
-def remove_item(item_path: str, fs: FileSystem = LOCAL) -> list[str]:
-    """Given a trash item, remove it (a folder item: members first, journal last); return errors."""
-    errors: list[str] = []
-
-    def record(path: str, error: OSError) -> None:
-        errors.append(f"{path}: {error.strerror or error}")
-
-    if _is_multi_item(fs, item_path):
-        for member in _listdir(fs, item_path):
-            if not member.startswith(JOURNAL):
-                fs.remove_tree(os.path.join(item_path, member), on_error=record)
-        if errors:
-            return errors
-    fs.remove_tree(item_path, on_error=record)
-    return errors
+def restore(root: str | RootDir, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
+    """Given a checkpoint name (or an item name), rename it back into the root, pinned; return
+    the item (see `restore_pinned`)."""
+    return restore_pinned(root, name, fs=fs).item
 
 
-def _remove_measured(item: TrashItem, fs: FileSystem) -> tuple[int, list[str]]:
-    """Given an item, remove it; return the bytes really freed and the errors."""
-    before = item.bytes
-    errors = remove_item(item.path, fs)
-    if not errors:
-        return before, errors
-    return max(0, before - measure_freeable(item.path, fs)), errors
-
-
-def restore(root_path: str, name: str, *, fs: FileSystem = LOCAL) -> TrashItem:
-    """Given a checkpoint name (or an item name), rename it back into the root; return the item.
+def restore_pinned(root: str | RootDir, name: str, *, fs: FileSystem = LOCAL) -> Restored:
+    """Given a checkpoint name (or an item name), rename it back into the root; return it with
+    its pin.
 
     Refuses (UsageError) when no such item exists or a member's name is taken in the root.
     The restored checkpoint is pinned (`.keep` inside a folder, `<name>.keep` beside anything
-    else, as discovery reads pins): the policy that deleted it has not changed, and without
-    the pin the next prune would delete it again.
+    else, as discovery reads pins) before it reappears: the policy that deleted it has not
+    changed, and without the pin the next prune would delete it again. A name too long for a
+    `<name>.keep` beside it is restored unpinned, and `problem` says so.
     """
-    items = [item for item in list_trash(root_path, fs) if name in (item.name, item.item)]
-    if not items:
-        raise UsageError(f"no checkpoint named {name!r} in the trash of {root_path}")
-    item = items[-1]  # the most recent deletion of that name
-    _put_back(root_path, item, fs)
-    _pin(root_path, item.name, fs)
-    fs.fsync_dir(root_path)
-    return item
+    with open_trash(root, fs=fs) as trash:
+        if trash is None:
+            raise UsageError(f"no checkpoint named {name!r} in the trash of {root}")
+        item = _find(trash, name)
+        pin = trash.put_back(item, pin=True)
+        return Restored(item, pin.path, pin.problem)
 
 
-def undo_move(root_path: str, item_path: str, fs: FileSystem = LOCAL) -> None:
+def undo_move(root: str | RootDir, item_path: str, fs: FileSystem = LOCAL) -> None:
     """Given a trash item just moved there, rename it back under its name (not pinned).
 
     Raises UsageError when its name was taken meanwhile, OSError when a rename fails.
     """
-    item = describe_item(root_path, os.path.basename(item_path), fs)
-    if item is None:
-        raise UsageError(f"{item_path}: not a trash item")
-    _put_back(root_path, item, fs)
-    fs.fsync_dir(root_path)
-
-
-def _put_back(root_path: str, item: TrashItem, fs: FileSystem) -> None:
-    if not _is_multi_item(fs, item.path):
-        target = os.path.join(root_path, item.name)
-        if _exists(fs, target):
-            raise UsageError(f"cannot restore {item.name}: it already exists in {root_path}")
-        fs.rename(item.path, target)
-        return
-    inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
-    taken = [member for member in inside if _exists(fs, os.path.join(root_path, member))]
-    if taken:
-        raise UsageError(
-            f"cannot restore {item.name}: {', '.join(taken)} already exists in {root_path}"
-        )
-    # The completion marker goes back last: the checkpoint only looks complete once whole.
-    for member in sorted(inside, key=lambda member: (member.endswith(".index"), member)):
-        fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
-    fs.fsync_dir(root_path)
-    fs.remove_tree(item.path)
+    with open_trash(root, fs=fs) as trash:
+        item = trash.describe(os.path.basename(item_path)) if trash is not None else None
+        if trash is None or item is None:
+            raise UsageError(f"{item_path}: not a trash item")
+        trash.put_back(item, pin=False)
 
 
 def pin_path(root_path: str, name: str, fs: FileSystem = LOCAL) -> str:
@@ -344,14 +921,8 @@ def pin_path(root_path: str, name: str, fs: FileSystem = LOCAL) -> str:
     return target + ".keep"
 
 
-def _pin(root_path: str, name: str, fs: FileSystem) -> None:
-    path = pin_path(root_path, name, fs)
-    if not _exists(fs, path):
-        _write_file(fs, path, b"restored from the ckptd trash; delete this file to unpin\n")
-
-
 def purge(
-    root_path: str,
+    root: str | RootDir,
     *,
     now: float,
     grace: float,
@@ -360,89 +931,45 @@ def purge(
     history: History = NULL_HISTORY,
 ) -> PurgeResult:
     """Given a root and the grace, remove trash items past it (all with `everything`)."""
-    removed: list[str] = []
-    failed: list[tuple[str, str]] = []
-    freed = 0
-    for item in list_trash(root_path, fs):
-        if item.state != "trashed":
-            continue  # a crashed move: `recover` rolls it back, purge never removes it
-        if not everything and item.expires_at(grace) > now:
-            continue
-        bytes_freed, errors = _remove_measured(item, fs)
-        freed += bytes_freed
-        if errors:
-            failed.append((item.name, "; ".join(errors[:3])))
-        else:
-            removed.append(item.name)
-        history.record(
-            TrashPurge(
-                root=root_path,
-                checkpoint=item.name,
-                bytes_freed=bytes_freed,
-                deleted_at=item.deleted_at,
-                partial=bool(errors),
-                errors=tuple(errors[:3]),
-            )
-        )
-    return PurgeResult(tuple(removed), freed, tuple(failed))
+    with open_trash(root, fs=fs) as trash:
+        if trash is None:
+            return PurgeResult()
+        return trash.purge(now=now, grace=grace, everything=everything, history=history)
 
 
-def empty_trash(root_path: str, *, fs: FileSystem = LOCAL, history: History = NULL_HISTORY) -> int:
+def recover(root: str | RootDir, *, fs: FileSystem = LOCAL) -> list[str]:
+    """Given a root, finish what a crash left in its trash; return a note per repair."""
+    with open_trash(root, fs=fs) as trash:
+        return trash.recover() if trash is not None else []
+
+
+def empty_trash(
+    root: str | RootDir, *, fs: FileSystem = LOCAL, history: History = NULL_HISTORY
+) -> int:
     """Given a root, remove everything in its trash regardless of grace; return bytes freed.
 
     The disk check calls this first under disk pressure (before pruning anything more).
     Crashed moves are rolled back first, so nothing half-moved is lost. While a prune holds
     the root (its moves in progress look like crashed ones) nothing is touched and 0 returned:
-    that prune is freeing space already.
+    that prune is freeing space already. A trash that is not ckptd's frees nothing (0).
     """
-    with root_lock(root_path) as acquired:
-        if not acquired:
-            return 0
-        recover(root_path, fs=fs)
-        result = purge(root_path, now=0.0, grace=0.0, everything=True, fs=fs, history=history)
-        return result.bytes_freed
-
-
-def recover(root_path: str, *, fs: FileSystem = LOCAL) -> list[str]:
-    """Given a root, finish what a crash left in its trash; return a note per repair.
-
-    A half-moved multi-entry checkpoint is rolled back into the root; an empty item (a crash
-    between creating the item and the rename) is removed; temporary journals are dropped.
-    Half-removed items stay trashed and are finished by the purge that follows.
-    """
-    notes: list[str] = []
-    for item in list_trash(root_path, fs):
+    with opened(root) as root_dir:
         try:
-            note = _recover_item(root_path, item, fs)
-        except OSError as error:
-            note = f"could not repair {item.item}: {error.strerror or error}"
-        if note:
-            notes.append(note)
-    return notes
-
-
-def _recover_item(root_path: str, item: TrashItem, fs: FileSystem) -> str | None:
-    if not _is_multi_item(fs, item.path):
-        return None  # one entry: whole, or half-removed (the purge finishes it)
-    inside = [member for member in _listdir(fs, item.path) if not member.startswith(JOURNAL)]
-    if item.state == "moving":
-        taken = [m for m in inside if _exists(fs, os.path.join(root_path, m))]
-        if taken:
-            # Never overwrite and never drop: leave both for a person to sort out.
-            return f"left {item.item} in the trash: {', '.join(taken)} exists in the root too"
-        for member in inside:
-            fs.rename(os.path.join(item.path, member), os.path.join(root_path, member))
-        fs.fsync_dir(root_path)
-        fs.remove_tree(item.path)
-        return f"rolled back the interrupted deletion of {item.name}"
-    if not inside and _read_journal(fs, item.path) is None:
-        fs.remove_tree(item.path)
-        return f"removed the unfinished trash item {item.item}"
-    return None
+            with root_lock(root_dir, fs) as acquired:
+                if not acquired:
+                    return 0
+                with open_trash(root_dir, fs=fs) as trash:
+                    if trash is None:
+                        return 0
+                    trash.recover()
+                    result = trash.purge(now=0.0, grace=0.0, everything=True, history=history)
+                    return result.bytes_freed
+        except TrashRefused:
+            return 0
 
 
 def finish_leftovers(
-    root_path: str,
+    root: str | RootDir,
     *,
     now: float,
     grace: float,
@@ -453,6 +980,11 @@ def finish_leftovers(
 
     What the daemon calls at start-up for each root (every prune run does the same first).
     """
-    notes = recover(root_path, fs=fs)
-    result = purge(root_path, now=now, grace=grace, fs=fs, history=history)
-    return PurgeResult(result.removed, result.bytes_freed, result.failed, tuple(notes))
+    with open_trash(root, fs=fs) as trash:
+        if trash is None:
+            return PurgeResult()
+        notes = trash.recover()
+        result = trash.purge(now=now, grace=grace, history=history)
+    return PurgeResult(
+        result.removed, result.bytes_freed, result.failed, tuple(notes), result.bytes_logical
+    )

@@ -46,7 +46,7 @@ from types import MappingProxyType
 
 import psutil
 
-from daemon.fsio import TRASH_DIRECTORY
+from daemon.fsio import TRASH_DIRECTORY, read_regular
 from policies.model import Checkpoint
 
 log = logging.getLogger("ckptd.safety")
@@ -203,7 +203,12 @@ def _held_paths(pid: int, prefix: bytes) -> tuple[list[tuple[str, str]], bool]:
         # address perms offset dev inode pathname — the path is the sixth field and may hold spaces.
         parts = line.split(None, 5)
         if len(parts) == 6 and parts[5].startswith(b"/"):
-            held.append(("mmap", parts[5].decode(errors="replace")))
+            # Decoded as every other path is (surrogateescape): a name that is not UTF-8 must
+            # match the name the root listing gave. The kernel writes a newline in a name as
+            # `\012`; both readings are kept, so neither spelling hides a holder.
+            held.append(("mmap", os.fsdecode(parts[5])))
+            if b"\\012" in parts[5]:
+                held.append(("mmap", os.fsdecode(parts[5].replace(b"\\012", b"\n"))))
     return held, not denied
 
 
@@ -252,8 +257,8 @@ class _PidFile:
 
 def _read_pid_file(pid_file: str, create_time: float | None) -> _PidFile:
     try:
-        with open(pid_file, encoding="utf-8") as handle:
-            text = handle.read(4096)
+        # It may lie in the root, where its owner can make it a FIFO or a symlink.
+        text = read_regular(pid_file, 4096).decode(errors="replace")
     except FileNotFoundError:
         return _PidFile(None, "does not exist")
     except OSError as error:
@@ -369,7 +374,7 @@ def _scan_processes(
     except OSError:
         root_status = None
     init_command = _cmdline(1)
-    prefix = (root_path.rstrip("/") + "/").encode()
+    prefix = os.fsencode(root_path.rstrip("/") + "/")
     by_entry: dict[str, list[Holder]] = {}
     unseen: list[int] = []
 

@@ -100,6 +100,12 @@ class _Placing:
     written: int = 0
 
 
+# The temporary folders this process is writing right now. A `.tmp-DATE-PID` carrying this
+# process's PID but not in here is a leftover of an earlier process that had the same PID —
+# always the case for ckptd as PID 1 of a container restarted after a kill.
+WRITING: set[str] = set()
+
+
 def execute_snapshot_plan(
     snapshot_plan: SnapshotPlan,
     temporary: str,
@@ -115,6 +121,33 @@ def execute_snapshot_plan(
     return what was written. Raises on any failure (`Stopped` when `stop` is set); the caller
     removes the temporary folder."""
     os.makedirs(temporary)
+    WRITING.add(temporary)
+    try:
+        return _execute(
+            snapshot_plan,
+            temporary,
+            stop,
+            progress,
+            between_files,
+            hash_shared,
+            hash_copies,
+            header,
+        )
+    finally:
+        WRITING.discard(temporary)
+
+
+def _execute(
+    snapshot_plan: SnapshotPlan,
+    temporary: str,
+    stop: threading.Event | None,
+    progress: bool,
+    between_files: Callable[[FileItem], None] | None,
+    hash_shared: bool,
+    hash_copies: bool,
+    header: dict[str, Any] | None,
+) -> Written:
+    """`execute_snapshot_plan`, once its temporary folder is made and marked as this one's."""
     state = _Placing(temporary, _Progress(progress, snapshot_plan.bytes_total), stop)
     state.directories.append(temporary)
     state.made.add(temporary)
@@ -349,7 +382,9 @@ def clean_leftovers(directory: str) -> list[str]:
         return removed
     for entry in entries:
         owner = temporary_owner(entry.name)
-        if owner is not None and owner != os.getpid() and not psutil.pid_exists(owner):
+        if owner is None or os.path.join(directory, entry.name) in WRITING:
+            continue
+        if owner == os.getpid() or not psutil.pid_exists(owner):
             remove_snapshot(directory, entry.name)
             removed.append(entry.name)
     trash = os.path.join(directory, TRASH_DIRECTORY)

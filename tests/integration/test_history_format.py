@@ -47,6 +47,7 @@ from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
 from tests.history_golden import EVENT_NAMES, GOLDEN, golden_record, matching_shape
+from tests.sizes import tree_blocks
 
 NOW = 1_800_000_000.0
 FILE = b"w" * 2000
@@ -199,11 +200,13 @@ def test_a_purge_past_the_grace_writes_trash_purge(
     root = make_root(tmp_path / "run")
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(8))
     config = config_for(root, grace=3600)
+    allocated = tree_blocks(root / "checkpoint-100")
     pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     pipeline.prune_root(config, config.roots[0], now=NOW + 3601, dry_run=False, history=history)
     purges = [r for r in assert_golden_shapes(history.path) if r["event"] == "trash_purge"]
     assert [r["checkpoint"] for r in purges] == ["checkpoint-100", "checkpoint-200"]
-    assert purges[0]["deleted_at"] == NOW and purges[0]["bytes_freed"] == len(FILE)
+    assert purges[0]["deleted_at"] == NOW and purges[0]["bytes_freed"] == allocated
+    assert purges[0]["bytes_logical"] == len(FILE)
 
 
 def test_a_holder_seen_at_the_last_moment_writes_an_in_use_veto(

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import load_config
+from daemon.history.log import read_records
 from daemon.metrics import Metrics, Monitor, refusal_reason, veto_reason, write_atomically
 from daemon.pruning.pipeline import prune_root
 from daemon.pruning.trash import root_lock
@@ -189,7 +190,13 @@ def test_metrics_endpoint_of_the_running_daemon(
     assert deleted, "the fixture must give the policy something to delete"
     assert value(samples, "ckptd_deleted_checkpoints_total", root=key) == len(deleted)
     assert value(samples, "ckptd_deleted_bytes_total", root=key) == sum(c["bytes"] for c in deleted)
-    assert value(samples, "ckptd_freed_bytes_total", root=key) == sum(c["bytes"] for c in deleted)
+    # Freed bytes are what the filesystem got back (allocated blocks, issue 10), as the history
+    # records them; the files' lengths, which the plan shows, are beside them there.
+    history = read_records(str(tmp_path / "state" / "history.jsonl"))
+    deletes = [record for record in history if record["event"] == "delete"]
+    assert sum(r["bytes_logical"] for r in deletes) == sum(c["bytes"] for c in deleted)
+    freed = sum(r["bytes_freed"] for r in deletes)
+    assert freed > 0 and value(samples, "ckptd_freed_bytes_total", root=key) == freed
 
     # What is left, by tier, is what `ckptd plan --json` shows now.
     plan_after = json.loads(

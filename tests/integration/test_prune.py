@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon.fsio import LocalFileSystem
+from daemon.fsio import At, LocalFileSystem
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import deleter, trash
 from daemon.safety import facts as proc_facts
 from policies.model import Checkpoint, Decision, Plan
+from tests.sizes import blocks, tree_blocks
 
 NOW = 1_800_000_000.0
 FILE_BYTES = 3000
@@ -59,10 +60,13 @@ def test_deletes_exactly_the_planned_checkpoints_and_reports_their_bytes(tmp_pat
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300, 400)]
     history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}-history.jsonl"))
     plan = plan_of(tmp_path, checkpoints[2:], checkpoints[:2])
+    # Freed bytes are the blocks the filesystem gets back; the files' lengths are apart.
+    first_allocated = tree_blocks(tmp_path / "checkpoint-100")
+    allocated = first_allocated + tree_blocks(tmp_path / "checkpoint-200")
     result = run_apply(tmp_path, plan, history=history, policy={"keep_last": 2})
     history.close()
     assert result.deleted == ("checkpoint-100", "checkpoint-200")
-    assert result.bytes_freed == 2 * 4 * FILE_BYTES
+    assert result.bytes_freed == allocated and result.bytes_logical == 2 * 4 * FILE_BYTES
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".ckptd-trash",
         "checkpoint-300",
@@ -75,7 +79,8 @@ def test_deletes_exactly_the_planned_checkpoints_and_reports_their_bytes(tmp_pat
         "checkpoint-200",
     ]
     first = records[0]
-    assert first["step"] == 100 and first["bytes_freed"] == 4 * FILE_BYTES
+    assert first["step"] == 100 and first["bytes_freed"] == first_allocated
+    assert first["bytes_logical"] == 4 * FILE_BYTES
     assert first["why"] == ["tier3:every-1000: 1000 represents the bucket"]
     assert first["policy"] == {"keep_last": 2}
     assert first["time"].endswith("+00:00")
@@ -112,6 +117,7 @@ def test_a_multi_file_checkpoint_goes_whole(tmp_path: Path) -> None:
     for name in ("ckpt-5.index", "ckpt-5.data-00000-of-00002", "ckpt-5.data-00001-of-00002"):
         (tmp_path / name).write_bytes(b"t" * 100)
     (tmp_path / "ckpt-6.index").write_bytes(b"keep")
+    allocated = blocks(*tmp_path.glob("ckpt-5.*"))
     checkpoint = Checkpoint(
         name="ckpt-5",
         step=5,
@@ -120,7 +126,7 @@ def test_a_multi_file_checkpoint_goes_whole(tmp_path: Path) -> None:
     )
     result = run_apply(tmp_path, plan_of(tmp_path, [], [checkpoint]), trash_grace=3600)
     assert result.trashed == ("ckpt-5",) and result.bytes_freed == 0
-    assert result.bytes_in_trash == 300
+    assert result.bytes_in_trash == allocated
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckptd-trash", "ckpt-6.index"]
     (item,) = trash.list_trash(str(tmp_path))
     assert item.name == "ckpt-5" and len(item.members) == 3
@@ -130,6 +136,7 @@ def test_a_multi_file_checkpoint_goes_whole(tmp_path: Path) -> None:
 
 def test_a_process_holding_the_checkpoint_at_the_last_moment_vetoes_it(tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    allocated = tree_blocks(tmp_path / "checkpoint-200")
     reader = subprocess.Popen(
         [
             sys.executable,
@@ -157,7 +164,7 @@ def test_a_process_holding_the_checkpoint_at_the_last_moment_vetoes_it(tmp_path:
     ((name, reason),) = result.vetoed
     assert name == "checkpoint-100" and reason.startswith(f"in-use:pid {reader.pid} (")
     assert (tmp_path / "checkpoint-100" / "shard-0.bin").exists()
-    assert result.bytes_freed == 4 * FILE_BYTES
+    assert result.bytes_freed == allocated
     (veto,) = [r for r in read_records(history.path) if r["event"] == "veto"]
     assert veto["pid"] == reader.pid and "python" in veto["cmdline"]
 
@@ -173,14 +180,14 @@ class FailingFileSystem(LocalFileSystem):
         self.rename_error = rename_error
         self.remove_error = remove_error
 
-    def rename(self, source: str, destination: str) -> None:
-        error = self.rename_error(source) if self.rename_error else None
+    def rename_at(self, source: At, destination: At) -> None:
+        error = self.rename_error(source.path) if self.rename_error else None
         if error is not None:
             raise error
-        super().rename(source, destination)
+        super().rename_at(source, destination)
 
-    def remove_tree(
-        self, path: str, on_error: Callable[[str, OSError], None] | None = None
+    def remove_tree_at(
+        self, at: At, on_error: Callable[[str, OSError], None] | None = None
     ) -> None:
         def guarded(current: str, error: OSError) -> None:
             if on_error is None:
@@ -188,18 +195,19 @@ class FailingFileSystem(LocalFileSystem):
             on_error(current, error)
 
         # Fail on chosen files inside the tree, like a file the deleter may not unlink.
-        for directory, _folders, files in os.walk(path):
+        for directory, _folders, files in os.walk(at.path):
             for name in files:
                 full = os.path.join(directory, name)
                 error = self.remove_error(full) if self.remove_error else None
                 if error is not None:
                     guarded(full, error)
                     return
-        super().remove_tree(path, on_error)
+        super().remove_tree_at(at, on_error)
 
 
 def test_permission_denied_on_one_checkpoint_fails_it_and_goes_on(tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200, 300)]
+    allocated = tree_blocks(tmp_path / "checkpoint-100", tmp_path / "checkpoint-300")
     denied = str(tmp_path / "checkpoint-200")
     fs = FailingFileSystem(
         rename_error=lambda source: (
@@ -210,12 +218,13 @@ def test_permission_denied_on_one_checkpoint_fails_it_and_goes_on(tmp_path: Path
     assert result.deleted == ("checkpoint-100", "checkpoint-300")
     ((name, message),) = result.failed
     assert name == "checkpoint-200" and "Permission denied" in message
-    assert result.bytes_freed == 2 * 4 * FILE_BYTES
+    assert result.bytes_freed == allocated
     assert (tmp_path / "checkpoint-200" / "shard-0.bin").exists()
 
 
 def test_a_partly_removed_checkpoint_is_failed_and_frees_nothing_claimed(tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    allocated = tree_blocks(tmp_path / "checkpoint-200")
     fs = FailingFileSystem(
         remove_error=lambda path: (
             PermissionError(errno.EACCES, "Permission denied", path)
@@ -227,7 +236,7 @@ def test_a_partly_removed_checkpoint_is_failed_and_frees_nothing_claimed(tmp_pat
     assert result.deleted == ("checkpoint-200",)
     assert result.partial == ("checkpoint-100",)
     assert "partly removed" in result.failed[0][1]
-    assert result.bytes_freed == 4 * FILE_BYTES  # only checkpoint-200's
+    assert result.bytes_freed == allocated  # only checkpoint-200's
     assert not (tmp_path / "checkpoint-100").exists()  # out of the root, remains in the trash
     (item,) = trash.list_trash(str(tmp_path))
     assert item.name == "checkpoint-100"
@@ -235,6 +244,7 @@ def test_a_partly_removed_checkpoint_is_failed_and_frees_nothing_claimed(tmp_pat
 
 def test_a_checkpoint_vanishing_before_its_deletion_is_reported_not_counted(tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100, 200)]
+    allocated = tree_blocks(tmp_path / "checkpoint-200")
 
     def vanish(source: str) -> OSError | None:
         if source.endswith("checkpoint-100"):
@@ -245,20 +255,20 @@ def test_a_checkpoint_vanishing_before_its_deletion_is_reported_not_counted(tmp_
     assert result.deleted == ("checkpoint-200",)
     assert result.failed[0][0] == "checkpoint-100"
     assert "No such file" in result.failed[0][1]
-    assert result.bytes_freed == 4 * FILE_BYTES
+    assert result.bytes_freed == allocated
 
 
 def test_files_vanishing_mid_delete_are_not_errors(tmp_path: Path) -> None:
     checkpoints = [make_checkpoint(tmp_path, step) for step in (100,)]
 
     class Racing(LocalFileSystem):
-        def remove_tree(
-            self, path: str, on_error: Callable[[str, OSError], None] | None = None
+        def remove_tree_at(
+            self, at: At, on_error: Callable[[str, OSError], None] | None = None
         ) -> None:
-            nested = os.path.join(path, "nested")
+            nested = os.path.join(at.path, "nested")
             if os.path.isdir(nested):
                 os.system(f"rm -rf '{nested}'")
-            super().remove_tree(path, on_error)
+            super().remove_tree_at(at, on_error)
 
     result = run_apply(tmp_path, plan_of(tmp_path, [], checkpoints), fs=Racing())
     assert result.deleted == ("checkpoint-100",) and result.failed == ()
@@ -298,8 +308,8 @@ def test_stop_finishes_the_current_deletion_and_starts_no_other(tmp_path: Path) 
     stop = threading.Event()
 
     class SignalledAfterFirstRename(LocalFileSystem):
-        def rename(self, source: str, destination: str) -> None:
-            super().rename(source, destination)
+        def rename_at(self, source: At, destination: At) -> None:
+            super().rename_at(source, destination)
             stop.set()  # SIGTERM arrives while the first checkpoint is being deleted
 
     result = run_apply(
@@ -322,9 +332,9 @@ def test_processes_are_looked_at_again_when_moving_takes_long(tmp_path: Path) ->
         return proc_facts.Facts(root_path=root, now=NOW)
 
     class SlowRename(LocalFileSystem):
-        def rename(self, source: str, destination: str) -> None:
+        def rename_at(self, source: At, destination: At) -> None:
             time.sleep(deleter.RECHECK_SECONDS * 0.6)
-            super().rename(source, destination)
+            super().rename_at(source, destination)
 
     result = run_apply(
         tmp_path, plan_of(tmp_path, [], checkpoints), holders_check=counting, fs=SlowRename()

@@ -18,6 +18,7 @@ from daemon.discovery.scan import ScanResult
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import pipeline, trash
 from policies.model import Checkpoint, Decision, Plan
+from tests.sizes import tree_blocks
 
 NOW = 1_800_000_000.0
 FILE = b"w" * 2000
@@ -87,15 +88,17 @@ def test_a_run_deletes_records_and_reports(
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root)
+    each = tree_blocks(root / "checkpoint-100")  # what the filesystem gets back per checkpoint
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert report.refused is None and report.failed == ()
     assert report.deleted == tuple(f"checkpoint-{s}" for s in range(100, 700, 100))
-    assert report.bytes_freed == 6 * len(FILE)
+    assert report.bytes_freed == 6 * each and report.bytes_logical == 6 * len(FILE)
     assert names(root) == sorted(f"checkpoint-{s}" for s in range(700, 1100, 100))
     records = read_records(history.path)
     assert [r["event"] for r in records] == ["delete"] * 6 + ["prune_run"]
     run = records[-1]
-    assert run["deleted"] == 6 and run["kept"] == 4 and run["bytes_freed"] == 6 * len(FILE)
+    assert run["deleted"] == 6 and run["kept"] == 4 and run["bytes_freed"] == 6 * each
+    assert run["bytes_logical"] == 6 * len(FILE)
     assert run["dry_run"] is False and run["policy"]["keep_last"] == 20
 
 
@@ -173,9 +176,10 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
     config = config_for(root, grace=3600)
+    each = tree_blocks(root / "checkpoint-100")  # what the filesystem gets back per checkpoint
     first = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert len(first.deleted) == 6 and first.bytes_freed == 0
-    assert first.applied.bytes_in_trash == 6 * len(FILE)
+    assert first.applied.bytes_in_trash == 6 * each
     assert len(trash.list_trash(str(root))) == 6
     trash.restore(str(root), "checkpoint-100")  # a change of mind within the grace
     assert (root / "checkpoint-100" / "model.bin").read_bytes() == FILE
@@ -184,10 +188,11 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
         config, config.roots[0], now=NOW + 3601, dry_run=False, history=history
     )
     assert list(later.purge.removed) == [f"checkpoint-{s}" for s in range(200, 700, 100)]
-    assert later.bytes_freed == 5 * len(FILE)
+    assert later.bytes_freed == 5 * each
     assert trash.list_trash(str(root)) == []
     purges = [r for r in read_records(history.path) if r["event"] == "trash_purge"]
-    assert len(purges) == 5 and all(r["bytes_freed"] == len(FILE) for r in purges)
+    assert len(purges) == 5 and all(r["bytes_freed"] == each for r in purges)
+    assert all(r["bytes_logical"] == len(FILE) for r in purges)
 
 
 def test_a_trash_left_by_a_crash_is_finished_at_the_start(

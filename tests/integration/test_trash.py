@@ -11,6 +11,7 @@ import pytest
 from daemon.errors import UsageError
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import trash
+from tests.sizes import blocks, tree_blocks
 
 NOW = 1_800_000_000.0
 
@@ -24,6 +25,7 @@ def make(root: Path, name: str, content: bytes = b"x" * 1000) -> None:
 def test_moved_items_wait_for_the_grace_then_purge_frees_their_bytes(tmp_path: Path) -> None:
     make(tmp_path, "checkpoint-100")
     make(tmp_path, "checkpoint-200")
+    allocated = tree_blocks(tmp_path / "checkpoint-100")
     trash.move_to_trash(str(tmp_path), "checkpoint-100", ["checkpoint-100"], now=NOW)
     trash.move_to_trash(str(tmp_path), "checkpoint-200", ["checkpoint-200"], now=NOW + 600)
     items = trash.list_trash(str(tmp_path))
@@ -31,16 +33,19 @@ def test_moved_items_wait_for_the_grace_then_purge_frees_their_bytes(tmp_path: P
         ("checkpoint-100", NOW, "trashed"),
         ("checkpoint-200", NOW + 600, "trashed"),
     ]
-    assert items[0].bytes == 1002  # weights + "{}"
+    # Freed bytes are what the filesystem gets back; the files' lengths are shown apart.
+    assert items[0].bytes == allocated and items[0].bytes_logical == 1002  # weights + "{}"
     history = HistoryLog(str(tmp_path.parent / f"{tmp_path.name}.jsonl"))
     early = trash.purge(str(tmp_path), now=NOW + 3599, grace=3600, history=history)
     assert early.removed == ()
     result = trash.purge(str(tmp_path), now=NOW + 3600, grace=3600, history=history)
     history.close()
-    assert result.removed == ("checkpoint-100",) and result.bytes_freed == 1002
+    assert result.removed == ("checkpoint-100",) and result.bytes_freed == allocated
+    assert result.bytes_logical == 1002
     assert [i.name for i in trash.list_trash(str(tmp_path))] == ["checkpoint-200"]
     (record,) = read_records(history.path)
-    assert record["event"] == "trash_purge" and record["bytes_freed"] == 1002
+    assert record["event"] == "trash_purge" and record["bytes_freed"] == allocated
+    assert record["bytes_logical"] == 1002
 
 
 def test_restore_renames_back_and_refuses_a_taken_name(tmp_path: Path) -> None:
@@ -61,10 +66,12 @@ def test_restore_renames_back_and_refuses_a_taken_name(tmp_path: Path) -> None:
 
 
 def test_empty_trash_removes_everything_regardless_of_grace(tmp_path: Path) -> None:
+    allocated = 0
     for step in (100, 200, 300):
         make(tmp_path, f"checkpoint-{step}")
+        allocated += tree_blocks(tmp_path / f"checkpoint-{step}")
         trash.move_to_trash(str(tmp_path), f"checkpoint-{step}", [f"checkpoint-{step}"], now=NOW)
-    assert trash.empty_trash(str(tmp_path)) == 3 * 1002
+    assert trash.empty_trash(str(tmp_path)) == allocated
     assert trash.list_trash(str(tmp_path)) == []
 
 
@@ -72,8 +79,10 @@ def test_hard_linked_files_free_nothing_when_purged(tmp_path: Path) -> None:
     make(tmp_path, "checkpoint-100")
     snapshot = tmp_path.parent / f"{tmp_path.name}-snapshot.bin"
     os.link(tmp_path / "checkpoint-100" / "weights.bin", snapshot)
+    # Only trainer_state.json is really freed: the snapshot shares weights.bin.
+    freed = blocks(tmp_path / "checkpoint-100" / "trainer_state.json")
     trash.move_to_trash(str(tmp_path), "checkpoint-100", ["checkpoint-100"], now=NOW)
-    assert trash.empty_trash(str(tmp_path)) == 2  # only trainer_state.json was really freed
+    assert trash.empty_trash(str(tmp_path)) == freed
     assert snapshot.read_bytes() == b"x" * 1000
 
 
@@ -107,25 +116,27 @@ def test_recovery_finishes_unfinished_and_half_removed_items(tmp_path: Path) -> 
     half = folder / f"checkpoint-200@{int(NOW)}"
     (half / "rng").mkdir(parents=True)
     (half / "weights.bin").write_bytes(b"left over")
+    allocated = tree_blocks(half)
     notes = trash.recover(str(tmp_path))
     assert notes == [f"removed the unfinished trash item ckpt-7@{int(NOW)}"]
     purged = trash.purge(str(tmp_path), now=NOW, grace=0)
-    assert purged.removed == ("checkpoint-200",) and purged.bytes_freed == 9
+    assert purged.removed == ("checkpoint-200",) and purged.bytes_freed == allocated
+    assert purged.bytes_logical == 9
     assert list(folder.iterdir()) == []
 
 
 def test_a_failed_move_of_a_multi_file_checkpoint_leaves_it_whole(tmp_path: Path) -> None:
-    from daemon.fsio import LocalFileSystem
+    from daemon.fsio import At, LocalFileSystem
 
     class SecondRenameFails(LocalFileSystem):
         renames = 0
 
-        def rename(self, source: str, destination: str) -> None:
-            if ".ckptd-trash" in destination and not destination.endswith(trash.JOURNAL):
+        def rename_at(self, source: At, destination: At) -> None:
+            if ".ckptd-trash" in destination.path and not destination.path.endswith(trash.JOURNAL):
                 SecondRenameFails.renames += 1
                 if SecondRenameFails.renames == 2:
-                    raise PermissionError(13, "Permission denied", source)
-            super().rename(source, destination)
+                    raise PermissionError(13, "Permission denied", source.path)
+            super().rename_at(source, destination)
 
     members = ["ckpt-5.index", "ckpt-5.data-00000-of-00001"]
     for name in members:
