@@ -46,6 +46,8 @@ from policies.model import Checkpoint, Decision, Plan, PolicySpec, SlimTarget
 from policies.slim import slim_blockers, unslim
 
 SLIM_RECORD = ".ckptd-slim.json"
+# What a `.keep` made by `ckptd trash restore` says (daemon/pruning/trash.py writes the same).
+PIN_TEXT = b"restored from the ckptd trash; delete this file to unpin\n"
 RECORD_LIMIT = 1 << 20
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

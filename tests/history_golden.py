@@ -82,6 +82,14 @@ GOLDEN: dict[str, str] = {
         '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
         '"cadence":null,"keep_best":null},"quiet_runs":3,"bytes_logical":2000}'
     ),
+    "prune_run_slims": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"prune_run","root":"/data/run",'
+        '"dry_run":false,"checkpoints":10,"kept":5,"deleted":5,"would_delete":0,"vetoed":0,'
+        '"failed":0,"trashed":0,"bytes_freed":6000,"bytes_in_trash":0,"seconds":0.031,'
+        '"force":false,"policy":{"keep_last":3,"tier2_count":4,"tier3_interval":1000,'
+        '"cadence":100,"keep_best":null,"slim":{"after":"tier1","keep_best_full":false,'
+        '"drop":null}},"bytes_logical":6000,"slimmed":2,"bytes_slimmed":8192}'
+    ),
     "trash_purge": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"trash_purge","root":"/data/run",'
         '"checkpoint":"checkpoint-200","bytes_freed":2000,"deleted_at":1800000000.0,'

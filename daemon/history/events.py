@@ -136,7 +136,9 @@ class PruneRun(HistoryEvent):
     and wrote none (left out when there were none)."""
 
     event: ClassVar[str] = "prune_run"
-    optional: ClassVar[frozenset[str]] = frozenset({"quiet_runs"})
+    # `slimmed`, `bytes_slimmed` only in runs that slimmed (or would slim) anything: other runs
+    # keep their earlier shape.
+    optional: ClassVar[frozenset[str]] = frozenset({"quiet_runs", "slimmed", "bytes_slimmed"})
     root: str
     dry_run: bool
     checkpoints: int
@@ -153,6 +155,8 @@ class PruneRun(HistoryEvent):
     policy: Mapping[str, object]
     quiet_runs: int | None = None
     bytes_logical: int = 0  # the logical size of what `bytes_freed` (allocated) counts
+    slimmed: int | None = None  # checkpoints slimmed (issue 11), or that a dry run would slim
+    bytes_slimmed: int | None = None  # allocated bytes the slims freed (not in bytes_freed)
 
 
 @dataclass(frozen=True, kw_only=True)
