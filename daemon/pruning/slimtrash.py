@@ -188,15 +188,30 @@ def move_in(
                 # The journal is on disk before the first rename: recovery can always undo.
                 trash.fs.write_new_at(box.at(JOURNAL), json.dumps(entry).encode(), durable=True)
                 trash.fs.fsync_fd(box.fd)
+                trash.fs.fsync_fd(trash.dir.fd)
                 _move_paths(trash, folder, box, paths, identities, durable)
                 write_record(trash, folder, record)
             except BaseException:
-                with contextlib.suppress(OSError, UsageError):
-                    _roll_back_paths(trash, folder, box, paths)
-                    trash.discard(item, box)
+                _undo(trash, folder, box, item, paths)
+                set_mtimes(trash, folder, mtimes)
                 raise
         set_mtimes(trash, folder, mtimes)
     return item, record
+
+
+def _undo(trash: Trash, folder: Dir, box: Dir, item: str, paths: Sequence[str]) -> None:
+    """Given a slim that failed midway, put back what moved, drop a record that names it (or
+    its temporary file) and remove the item; what cannot be undone now, recovery undoes from
+    the journal."""
+    with contextlib.suppress(OSError, UsageError):
+        if _record_names(trash, folder, item):
+            trash.fs.unlink_at(folder.at(SLIM_RECORD))
+        with contextlib.suppress(FileNotFoundError):
+            trash.fs.unlink_at(folder.at(RECORD_TEMPORARY))
+        if _roll_back_paths(trash, folder, box, paths):
+            return  # a name taken meanwhile: the item stays, for recovery to report
+        _remove_made_folders(trash, box, paths)
+        trash.discard(item, box)
 
 
 def measure(trash: Trash, folder: Dir, paths: Sequence[str]) -> list[SlimmedFile]:

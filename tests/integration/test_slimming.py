@@ -4,6 +4,7 @@ it; `ckptd trash restore` puts it back; the history has one `slim` record per ch
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from daemon.config import Config, DefaultsConfig, PolicyConfig, RootConfig, SlimConfig, TrashConfig
 from daemon.discovery.sizecache import SizeCache
+from daemon.fsio import At, LocalFileSystem
 from daemon.history.log import HistoryLog, read_records
 from daemon.planner import plan_root
 from daemon.pruning import pipeline, slimmer, trash
@@ -266,3 +268,31 @@ def test_a_vanished_file_fails_that_slim_only_and_leaves_it_whole(tmp_path: Path
     assert json.loads((root / "checkpoint-200" / SLIM_RECORD).read_text())["files"][0]["path"] == (
         "optimizer.pt"
     )
+
+
+class RecordFails(LocalFileSystem):
+    """A filesystem that fills up right when the slim record is written."""
+
+    def write_new_at(self, at: At, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
+        if at.name.startswith(SLIM_RECORD):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), at.path)
+        super().write_new_at(at, data, mode=mode, durable=durable)
+
+
+def test_a_slim_whose_record_cannot_be_written_is_undone(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    make_root(root, range(100, 200, 100))
+    checkpoint = Checkpoint(name="checkpoint-100", step=100, layout="hf")
+    plan = Plan(
+        root=str(root),
+        decisions=(Decision(checkpoint, True, ("slim:after-tier1",), 3, None, True),),
+        slim_targets={"checkpoint-100": SlimTarget(tuple(sorted(RESUME)), 1, 1)},
+    )
+    before = snapshot(root / "checkpoint-100")
+    result = slimmer.apply(
+        plan, str(root), dry_run=False, now=NOW, fs=RecordFails(), holders_check=None
+    )
+    assert result.slimmed == () and "No space left" in result.failed[0][1]
+    assert snapshot(root / "checkpoint-100") == before
+    assert trash.list_trash(str(root)) == []
+    assert (root / "checkpoint-100").stat().st_mtime == NOW - 86_400 + 100
