@@ -64,7 +64,9 @@ def lay_out(root: Path, saves: int, files: dict[str, int], size: int) -> None:
         folder = root / f"checkpoint-{index * 100}"
         folder.mkdir(parents=True)
         for name, length in scaled.items():
-            (folder / name).write_bytes(b"\0" * length)
+            # JSON files are read by discovery (trainer_state.json): JSON, padded with spaces.
+            data = b"{}".ljust(length) if name.endswith(".json") else b"\0" * length
+            (folder / name).write_bytes(data)
         stamp = NOW - 86_400 * 365 + index * 60
         for path in [*folder.iterdir(), folder]:
             os.utime(path, (stamp, stamp))

@@ -23,7 +23,9 @@ def hugging_face_run(root: Path, steps: range) -> None:
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         for name, size in {**WEIGHTS, **RESUME}.items():
-            (folder / name).write_bytes(b"x" * size)
+            # trainer_state.json is read by discovery: JSON, padded with whitespace.
+            data = b"{}".ljust(size) if name.endswith(".json") else b"x" * size
+            (folder / name).write_bytes(data)
         stamp = past + step
         for path in (*folder.iterdir(), folder):
             os.utime(path, (stamp, stamp))

@@ -73,6 +73,8 @@ print(f"done {time.perf_counter() - started:.6f}", flush=True)
 
 
 def content(name: str, file: str) -> bytes:
+    if file.endswith(".json"):
+        return f'{{"name": "{name}"}}'.encode().ljust(3000)  # discovery reads trainer_state.json
     return f"{name}/{file}".encode() * 300
 
 

@@ -32,7 +32,10 @@ def make_checkpoint(root: Path, step: int, stamp: float) -> Path:
     folder = root / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     for name, size in {**WEIGHTS, **RESUME}.items():
-        (folder / name).write_bytes(f"{step}:{name}".encode().ljust(size, b"."))
+        # trainer_state.json is read by discovery: JSON, padded with whitespace.
+        pad = b" " if name.endswith(".json") else b"."
+        text = f'{{"step": {step}}}' if name.endswith(".json") else f"{step}:{name}"
+        (folder / name).write_bytes(text.encode().ljust(size, pad))
     for path in [*folder.iterdir(), folder]:
         os.utime(path, (stamp, stamp))
     return folder
