@@ -153,8 +153,8 @@ def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now:
     total = sum(row["bytes"] for row in rows)
     size = sum(row["bytes_logical"] for row in rows)
     console.print(
-        f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(size)}, "
-        f"frees {format_bytes(total)} "
+        f"total: {len(rows)} checkpoint{'s' if len(rows) != 1 else ''}, {format_bytes(total)} "
+        f"({format_bytes(size)} logical) "
         "(`ckptd trash purge` frees it now; `ckptd trash restore NAME` brings one back)",
         markup=False,
     )

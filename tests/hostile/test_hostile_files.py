@@ -131,7 +131,6 @@ def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert os.path.exists(fifo) and (os.lstat(fifo).st_mode & 0o170000) == 0o010000
     if layout == "hf":
         assert not older.exists()  # the other checkpoints were still pruned
 
