@@ -33,9 +33,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from daemon import slimming
 from daemon.errors import UsageError
-from daemon.fsio import At, Dir, measure_names
-from daemon.slimming import PIN_TEXT, SLIM_RECORD, SlimmedFile, SlimRecord
+from daemon.fsio import At, Dir
+from daemon.slimming import PIN_TEXT, SLIM_RECORD, SlimRecord
 
 if TYPE_CHECKING:
     from daemon.pruning.trash import Trash, TrashItem
@@ -165,7 +166,7 @@ def move_in(
     if not paths or not all(map(plain_path, paths)):
         raise UsageError(f"{checkpoint}: not paths inside it: {list(paths)!r}")
     with _opened(trash, trash.root.at(checkpoint)) as folder:
-        sizes = measure(trash, folder, paths)
+        sizes = slimming.measure(folder.fd, paths)
         identities: dict[str, dict[str, object]] = {}
         for path in paths:
             with _parent_of(trash, folder, path) as at:
@@ -212,16 +213,6 @@ def _undo(trash: Trash, folder: Dir, box: Dir, item: str, paths: Sequence[str]) 
             return  # a name taken meanwhile: the item stays, for recovery to report
         _remove_made_folders(trash, box, paths)
         trash.discard(item, box)
-
-
-def measure(trash: Trash, folder: Dir, paths: Sequence[str]) -> list[SlimmedFile]:
-    """Given an open checkpoint folder and paths inside it, return what moving each out frees."""
-    sizes = []
-    for path in paths:
-        with _parent_of(trash, folder, path) as at:
-            usage = measure_names(at.fd, (at.name,))
-        sizes.append(SlimmedFile(path, usage.allocated, usage.logical))
-    return sizes
 
 
 def _move_paths(
