@@ -4,9 +4,11 @@ The same path as a deletion (daemon/pruning/deleter.py), one checkpoint at a tim
 few, and each fsyncs its journal and its record):
 
 1. a last look at the processes: any holder of a file in the checkpoint vetoes its slim;
-2. the planned paths still there are moved into one trash item with a journal written first,
-   then `.ckptd-slim.json` is written into the checkpoint (daemon/pruning/slimtrash.py: a
-   crash leaves the checkpoint whole or slimmed with its record, never half of it);
+2. the planned paths are moved into one trash item with a journal written first, then
+   `.ckptd-slim.json` is written into the checkpoint (daemon/pruning/slimtrash.py: a crash
+   leaves the checkpoint whole or slimmed with its record, never half of it). A planned path
+   gone since the plan fails that slim, undone: the checkpoint changed, the next run plans it
+   again;
 3. one more look, at the item now: a file opened between the check and its rename is put back
    (the slim vetoed);
 4. unless the trash's grace keeps it, the item is removed; each slim is one `slim` history
