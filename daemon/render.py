@@ -100,6 +100,10 @@ def describe_policy(spec: PolicySpec) -> str:
     if spec.keep_best is not None:
         best = spec.keep_best
         parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
+    if spec.slim is not None:
+        slimmed = "tiers 2 and 3" if spec.slim.after == "tier1" else "tier 3"
+        whole = ", keep_best whole" if spec.slim.keep_best_full else ""
+        parts.append(f"slim after {spec.slim.after} ({slimmed} keep weights only{whole})")
     return ", ".join(parts)
 
 

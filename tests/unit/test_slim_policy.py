@@ -211,3 +211,11 @@ def test_forecast_without_a_slim_rule_slims_nothing() -> None:
     assert after_tier2.slimmed == after_tier2.kept_by_tier[2] == 96
     with pytest.raises(ValueError, match="between 0 and 1"):
         forecast(100, 10, GB, BALANCED, slim_fraction=1.5)
+
+
+def test_the_policy_line_says_what_is_slimmed() -> None:
+    from daemon.render import describe_policy
+
+    assert "slim" not in describe_policy(BALANCED)
+    line = describe_policy(replace(BALANCED, slim=SlimSpec("tier2", keep_best_full=True)))
+    assert line.endswith("slim after tier2 (tier 3 keep weights only, keep_best whole)")
