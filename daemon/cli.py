@@ -255,6 +255,28 @@ def _add_other_commands(command: Callable[..., argparse.ArgumentParser]) -> None
         "--size", required=True, metavar="SIZE", help="one checkpoint's size, e.g. 3.6GB"
     )
     _add_policy_knobs(forecast)
+    slim = forecast.add_argument_group("slimming (issue 11: older checkpoints keep weights only)")
+    slim.add_argument(
+        "--slim-fraction",
+        type=float,
+        metavar="F",
+        default=None,
+        help="the share of a checkpoint slimming moves out (its resume state; about 0.67 with "
+        "Adam, whose state is twice the weights); adds a 'with slim' row",
+    )
+    slim.add_argument(
+        "--slim-from",
+        metavar="ROOT",
+        default=None,
+        help="read that share from ROOT's checkpoints (slimmed ones, else the newest's "
+        "resume-state files)",
+    )
+    slim.add_argument(
+        "--slim-after",
+        choices=["tier1", "tier2"],
+        default="tier1",
+        help="slim the kept checkpoints past this tier (default tier1: tiers 2 and 3)",
+    )
     _add_json(forecast)
 
     _add_integrity_commands(command)

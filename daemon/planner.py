@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 
+from daemon import slimming
 from daemon.clock import zone_for
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.scan import ScanResult, scan
@@ -169,13 +170,17 @@ def plan_root_full(
     context = _Context(config, verification, check_new, on_checked)
     holds = read_holds(result.root, now=now, tz=context.zone)
     planned = _plan_checked(result, specs, context, holds)
-    if cache is not None and planned.plan.deleted:
-        to_delete = [decision.checkpoint.name for decision in planned.plan.deleted]
-        verified = scan_now(to_delete)
+    if cache is not None and (planned.plan.deleted or planned.plan.slimmed):
+        # Slims too: a checkpoint slimmed since it was cached must not be slimmed again.
+        to_check = [d.checkpoint.name for d in planned.plan.decisions if not d.keep or d.slim]
+        verified = scan_now(to_check)
         if verified.checkpoints != result.checkpoints:
             # Something changed inside a checkpoint since it was cached: plan what is there now.
             result = verified
             planned = _plan_checked(result, specs, context, holds)
+    # Which files each slim moves out is found on disk, not by the policy; after the holds and
+    # `last-good` protections, which keep a checkpoint whole.
+    planned = replace(planned, plan=slimming.resolve(planned.plan, specs))
     if result.warnings:
         plan = planned.plan
         planned = replace(planned, plan=replace(plan, warnings=(*result.warnings, *plan.warnings)))

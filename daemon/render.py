@@ -103,6 +103,10 @@ def describe_policy(spec: PolicySpec) -> str:
     if spec.keep_best is not None:
         best = spec.keep_best
         parts.append(f"keep_best {best.count} by {best.metric} ({best.mode})")
+    if spec.slim is not None:
+        slimmed = "tiers 2 and 3" if spec.slim.after == "tier1" else "tier 3"
+        whole = ", keep_best whole" if spec.slim.keep_best_full else ""
+        parts.append(f"slim after {spec.slim.after} ({slimmed} keep weights only{whole})")
     return ", ".join(parts)
 
 
@@ -129,19 +133,7 @@ def plan_to_json(
     applies), return the `plan --json` document of DESIGN.md's CLI contract."""
     document: dict[str, Any] = {
         "root": plan.root,
-        "checkpoints": [
-            {
-                "name": decision.checkpoint.name,
-                "series": decision.checkpoint.series,
-                "step": decision.checkpoint.step,
-                "tier": decision.tier,
-                "bytes": decision.checkpoint.size_bytes,
-                "bytes_freed": 0 if decision.keep else decision.checkpoint.freeable_bytes,
-                "action": decision.action,
-                "reasons": list(decision.reasons),
-            }
-            for decision in plan.decisions
-        ],
+        "checkpoints": [_checkpoint_json(plan, decision) for decision in plan.decisions],
         "cadences": dict(plan.cadences),
         "warnings": list(plan.warnings),
         "summary": plan.summary(),
@@ -154,6 +146,28 @@ def plan_to_json(
     if policy is not None:
         document["policy"] = policy
     return document
+
+
+def _checkpoint_json(plan: Plan, decision: Decision) -> dict[str, Any]:
+    """Given a plan and one decision, return its entry in `plan --json`: a slim also lists the
+    files it moves out (paths inside the checkpoint) and frees their bytes."""
+    checkpoint = decision.checkpoint
+    target = plan.slim_targets.get(checkpoint.name) if decision.slim else None
+    freed = checkpoint.freeable_bytes if not decision.keep else 0
+    entry: dict[str, Any] = {
+        "name": checkpoint.name,
+        "series": checkpoint.series,
+        "step": checkpoint.step,
+        "tier": decision.tier,
+        "bytes": checkpoint.size_bytes,
+        "bytes_freed": target.bytes_freed if target is not None else freed,
+        "action": decision.action,
+        "reasons": list(decision.reasons),
+        "slimmed": checkpoint.slimmed,
+    }
+    if target is not None:
+        entry["files"] = list(target.paths)
+    return entry
 
 
 @dataclass(frozen=True)
@@ -201,7 +215,8 @@ def fold(decisions: Iterable[Decision]) -> list[Run]:
             decision.checkpoint.series,
             decision.branch,
             decision.tier,
-            decision.keep,
+            decision.action,
+            decision.checkpoint.slimmed,
             _reason_kind(decision),
         )
         if runs and key == previous_key:
@@ -280,7 +295,7 @@ class _Row:
     title: str = ""
     style: str = ""
     values: tuple[str, ...] = ()
-    keep: bool = False
+    action: str = "keep"  # "keep", "slim" or "delete": the first value's style
 
 
 def _timeline_fields(with_age: bool) -> tuple[columns.Field, ...]:
@@ -303,9 +318,9 @@ def _timeline_rows(
     """Given a plan, return its headings and rows in reading order."""
     rows: list[_Row] = []
 
-    def row(keep: bool, name: str, step: str, count: str, age: str, size: str, why: str) -> None:
+    def row(action: str, name: str, step: str, count: str, age: str, size: str, why: str) -> None:
         values = (
-            "KEEP" if keep else "delete",
+            ACTION_WORDS[action],
             name,
             step,
             count,
@@ -313,14 +328,14 @@ def _timeline_rows(
             size,
             why,
         )
-        rows.append(_Row(values=values, keep=keep))
+        rows.append(_Row(values=values, action=action))
 
     if protected:
         rows.append(_Row(PROTECTED_TITLE, "bold cyan"))
         for entry in protected:
             age = format_age(now - entry.mtime) if now is not None and entry.mtime > 0 else ""
             reasons = ", ".join(entry.reasons)
-            row(True, entry.name, "", "", age, format_bytes(entry.bytes), reasons)
+            row("keep", entry.name, "", "", age, format_bytes(entry.bytes), reasons)
     series_seen: str | None = None
     branch_seen: object = object()
     tier_seen: object = object()
@@ -355,11 +370,28 @@ def _timeline_rows(
             steps = f"{head.checkpoint.step}…{decisions.last.checkpoint.step}"
             count = str(len(decisions.decisions))
         age = _run_age(decisions, now)
-        row(head.keep, names, steps, count, age, size, _run_reasons(decisions))
+        why = _run_reasons(decisions) + _slim_note(plan, decisions)
+        row(head.action, names, steps, count, age, size, why)
     return rows
 
 
-ACTION_STYLES = {True: "bold green", False: "red"}
+ACTION_WORDS = {"keep": "KEEP", "slim": "SLIM", "delete": "delete"}
+ACTION_STYLES = {"keep": "bold green", "slim": "bold yellow", "delete": "red"}
+
+
+def _slim_note(plan: Plan, run: Run) -> str:
+    """Given a run of the timeline, return what its slims free, or that it is slimmed."""
+    if run.first.slim:
+        targets = plan.slim_targets
+        freed = sum(
+            targets[d.checkpoint.name].bytes_freed
+            for d in run.decisions
+            if d.checkpoint.name in targets
+        )
+        return f" · frees {format_bytes(freed)}"
+    if run.first.keep and run.first.checkpoint.slimmed:
+        return " · slimmed (weights only)"
+    return ""
 
 
 def timeline_table(
@@ -377,7 +409,7 @@ def timeline_table(
         table.add_column(field.header, justify="right" if field.right else "left", overflow="fold")
     for entry in _timeline_rows(plan, unfold, now, protected):
         if entry.values:
-            action = Text(entry.values[0], style=ACTION_STYLES[entry.keep])
+            action = Text(entry.values[0], style=ACTION_STYLES[entry.action])
             table.add_row(action, *entry.values[1:])
         else:
             table.add_row("", Text(entry.title, style=entry.style), *[""] * (len(fields) - 2))
@@ -407,7 +439,7 @@ def timeline_lines(
         for number, line in enumerate(columns.rows(layout, entry.values)):
             text = Text(line)
             if number == 0:
-                text.stylize(ACTION_STYLES[entry.keep], 0, len(entry.values[0]))
+                text.stylize(ACTION_STYLES[entry.action], 0, len(entry.values[0]))
             lines.append(text)
     return lines
 
@@ -448,9 +480,10 @@ def _by_tier(decisions: Sequence[Decision]) -> list[list[Decision]]:
 def _summarise(decisions: Sequence[Decision]) -> list[Run]:
     # A long tier alternates keep/delete (tier 2 keeps every other save): one row per kind of
     # decision says more at a glance than a hundred alternating rows; `--all` shows them all.
-    groups: dict[tuple[bool, tuple[str, ...]], list[Decision]] = {}
+    groups: dict[tuple[str, bool, tuple[str, ...]], list[Decision]] = {}
     for decision in decisions:
-        groups.setdefault((decision.keep, _reason_kind(decision)), []).append(decision)
+        key = (decision.action, decision.checkpoint.slimmed, _reason_kind(decision))
+        groups.setdefault(key, []).append(decision)
     return [Run(tuple(group)) for group in groups.values()]
 
 
@@ -458,9 +491,14 @@ def summary_line(plan: Plan) -> str:
     """Given a plan, return its one-line totals."""
     summary = plan.summary()
     kept_bytes = sum(d.checkpoint.size_bytes for d in plan.decisions if d.keep)
+    slims = (
+        f"slim {summary['slim']} (frees {format_bytes(summary['bytes_slimmed'])}), "
+        if "slim" in summary
+        else ""
+    )
     return (
         f"{summary['total']} checkpoints: keep {summary['keep']} ({format_bytes(kept_bytes)}), "
-        f"delete {summary['delete']} (frees {format_bytes(summary['bytes_freed'])})"
+        f"{slims}delete {summary['delete']} (frees {format_bytes(summary['bytes_freed'])})"
     )
 
 

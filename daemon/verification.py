@@ -379,11 +379,15 @@ def last_good_protection(
     """Given a root's checkpoints (corrupt ones marked incomplete) and its assessment, return
     the checkpoints to keep as `last-good`: per series, the newest that passed, when some newer
     one of the series is corrupt or complete but not passed (a save in progress does not
-    count: the newest complete checkpoint is kept by the policy anyway)."""
+    count: the newest complete checkpoint is kept by the policy anyway). A slimmed checkpoint is
+    never the last good one: it cannot resume."""
     protected: set[str] = set()
     for series in _newest_first_by_series(checkpoints):
         newer_doubtful = False
         for checkpoint in series:
+            if checkpoint.slimmed:
+                # Weights only (issue 11): a resume from it starts a fresh optimizer.
+                continue
             status = assessment.status_of(checkpoint.name)
             if status == PASSED:
                 if newer_doubtful:
@@ -396,11 +400,14 @@ def last_good_protection(
 
 def newest_sound(checkpoints: Sequence[Checkpoint], series: str | None = None) -> Checkpoint | None:
     """Given a planned scan's checkpoints (corrupt ones marked incomplete), return the newest
-    complete one: per series the highest step, then the most recently written of those (or of
-    `series` only). None when there is none."""
+    complete one that was not slimmed (a resume needs its optimizer state): per series the
+    highest step, then the most recently written of those (or of `series` only). None when
+    there is none."""
     newest: dict[str, Checkpoint] = {}
     for checkpoint in checkpoints:
-        if not checkpoint.complete or (series is not None and checkpoint.series != series):
+        if not checkpoint.complete or checkpoint.slimmed:
+            continue
+        if series is not None and checkpoint.series != series:
             continue
         current = newest.get(checkpoint.series)
         if current is None or (checkpoint.step, checkpoint.name) > (current.step, current.name):

@@ -7,7 +7,19 @@ from policies.model import (
     KeepBest,
     Plan,
     PolicySpec,
+    SlimSpec,
+    SlimTarget,
 )
 from policies.tiered import plan
 
-__all__ = ["PRESETS", "Checkpoint", "Decision", "KeepBest", "Plan", "PolicySpec", "plan"]
+__all__ = [
+    "PRESETS",
+    "Checkpoint",
+    "Decision",
+    "KeepBest",
+    "Plan",
+    "PolicySpec",
+    "SlimSpec",
+    "SlimTarget",
+    "plan",
+]

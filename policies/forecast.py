@@ -33,6 +33,10 @@ class Forecast:
     saves: int
     kept: int
     kept_by_tier: tuple[int, int, int]
+    # Kept checkpoints the policy's `slim` rule slims, and the share of a checkpoint that
+    # slimming moves out (its resume state: about 2/3 with Adam, whose state is twice the weights).
+    slimmed: int = 0
+    slim_fraction: float = 0.0
 
     @property
     def deleted(self) -> int:
@@ -50,16 +54,30 @@ class Forecast:
     def bytes_saved(self) -> int:
         return self.deleted * self.size_bytes
 
+    @property
+    def bytes_slimmed(self) -> int:
+        """Given the forecast, return the bytes slimming frees on top of the policy's."""
+        return self.slimmed * round(self.size_bytes * self.slim_fraction)
 
-def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forecast:
+    @property
+    def bytes_with_slim(self) -> int:
+        return self.bytes_with_policy - self.bytes_slimmed
+
+
+def forecast(
+    steps: int, every: int, size_bytes: int, spec: PolicySpec, slim_fraction: float = 0.0
+) -> Forecast:
     """Given a run of `steps` steps saving every `every` steps, `size_bytes` per checkpoint, and
-    a policy, return how many checkpoints (and bytes) exist without the policy and with it.
+    a policy, return how many checkpoints (and bytes) exist without the policy and with it; with
+    the policy's `slim` rule, how many of those are slimmed, `slim_fraction` of each moved out.
 
-    Raises ValueError for a negative step count or size, `every` below 1, a spec plan() refuses,
-    or a series whose survivors alone would exceed MAX_SIMULATED.
+    Raises ValueError for a negative step count or size, `every` below 1, a fraction outside
+    [0, 1], a spec plan() refuses, or a series whose survivors alone would exceed MAX_SIMULATED.
     """
     if steps < 0 or every < 1 or size_bytes < 0:
         raise ValueError("steps and size must be >= 0 and every >= 1")
+    if not 0.0 <= slim_fraction <= 1.0:
+        raise ValueError(f"the slim fraction must be between 0 and 1, not {slim_fraction}")
     saves = steps // every
     # The cadence plan() would read from the full regular series (with keep_last 1 it reads the
     # whole series, which the reduced series below no longer is): pin it explicitly.
@@ -82,9 +100,11 @@ def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forec
     series = [Checkpoint(name=f"step-{index * every}", step=index * every) for index in indices]
     result = plan(series, {"default": pinned_spec})
     by_tier = [0, 0, 0]
+    slimmed = 0
     for decision in result.decisions:
         if decision.keep and decision.tier is not None:
             by_tier[decision.tier - 1] += 1
+            slimmed += decision.slim
     return Forecast(
         steps=steps,
         every=every,
@@ -94,6 +114,8 @@ def forecast(steps: int, every: int, size_bytes: int, spec: PolicySpec) -> Forec
         saves=saves,
         kept=sum(by_tier),
         kept_by_tier=(by_tier[0], by_tier[1], by_tier[2]),
+        slimmed=slimmed,
+        slim_fraction=slim_fraction if spec.slim is not None else 0.0,
     )
 
 

@@ -7,6 +7,7 @@ the safety layer and the deleter only ever read plans.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,6 +15,7 @@ from typing import Literal
 
 EMPTY_METRICS: Mapping[str, float] = MappingProxyType({})
 EMPTY_CADENCES: Mapping[str, int] = MappingProxyType({})
+EMPTY_TARGETS: Mapping[str, SlimTarget] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +55,9 @@ class Checkpoint:
     # the daemon decides that from facts and the clock; the policy plans it for deletion
     # (`abandoned-save`) unless pinned or tracked. Meaningless on a complete checkpoint.
     abandoned: bool = False
+    # Its resume state (optimizer, scheduler, RNG) was moved out by ckptd: `.ckptd-slim.json`
+    # is inside. Weights and metadata remain; a resume from it would start a fresh optimizer.
+    slimmed: bool = False
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -70,6 +75,27 @@ class KeepBest:
 
 
 @dataclass(frozen=True, slots=True)
+class SlimSpec:
+    """Slim the kept checkpoints older than tier `after` down to their weights (issue 11).
+
+    `after: "tier1"` slims tiers 2 and 3, `"tier2"` tier 3 only. A slimmed checkpoint stays a
+    checkpoint of its tier. `keep_best_full` keeps the `keep_best` ones whole too (evaluation
+    needs the weights only, so by default they are slimmed like the others). `drop` are globs
+    of paths inside a checkpoint that make up its resume state, instead of the layout's own
+    names (None); which files they match is the daemon's business, not the policy's.
+    """
+
+    after: Literal["tier1", "tier2"]
+    keep_best_full: bool = False
+    drop: tuple[str, ...] | None = None
+
+    @property
+    def from_tier(self) -> int:
+        """Given the spec, return the first tier it slims (2 or 3)."""
+        return 2 if self.after == "tier1" else 3
+
+
+@dataclass(frozen=True, slots=True)
 class PolicySpec:
     """The tiered policy's knobs, already resolved from presets and config.
 
@@ -82,6 +108,20 @@ class PolicySpec:
     tier3_interval: int | None = 1000
     cadence: int | None = None
     keep_best: KeepBest | None = None
+    # None: nothing is slimmed (the default).
+    slim: SlimSpec | None = None
+
+
+def policy_record(spec: PolicySpec) -> dict[str, object]:
+    """Given a spec, return it as the history records it (`policy` of `delete`, `prune_run`,
+    `slim`): its knobs by name, `slim` only when set (records from before slimming existed had
+    no such key, and a policy that slims nothing keeps that shape)."""
+    record = dataclasses.asdict(spec)
+    if spec.slim is None:
+        del record["slim"]
+    elif spec.slim.drop is not None:
+        record["slim"]["drop"] = list(spec.slim.drop)
+    return record
 
 
 PRESETS: Mapping[str, PolicySpec] = MappingProxyType(
@@ -101,7 +141,9 @@ class Decision:
     For a kept checkpoint `reasons` lists every rule that keeps it; for a deleted one, why no
     rule kept it. `branch` names the abandoned branch a restart left the checkpoint in
     (`abandoned-after-2000`; its reasons then include `branch:abandoned-after-2000` and its
-    tier is its tier within that branch), None for the live run.
+    tier is its tier within that branch), None for the live run. `slim` (kept ones only)
+    means: keep its weights, move its resume state out (`slim:after-tier1` among its
+    reasons); a checkpoint slimmed already is not slimmed again.
     """
 
     checkpoint: Checkpoint
@@ -109,10 +151,24 @@ class Decision:
     reasons: tuple[str, ...]
     tier: int | None = None
     branch: str | None = None
+    slim: bool = False
 
     @property
-    def action(self) -> Literal["keep", "delete"]:
-        return "keep" if self.keep else "delete"
+    def action(self) -> Literal["keep", "delete", "slim"]:
+        if not self.keep:
+            return "delete"
+        return "slim" if self.slim else "keep"
+
+
+@dataclass(frozen=True, slots=True)
+class SlimTarget:
+    """What slimming one checkpoint moves out, as the daemon found it: paths inside the
+    checkpoint (`optimizer.pt`, `mp_rank_00/distrib_optim.pt`, `global_step400` for a folder)
+    and the bytes that frees (allocated bytes, each inode once, files linked elsewhere not)."""
+
+    paths: tuple[str, ...]
+    bytes_freed: int = 0
+    bytes_logical: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +181,8 @@ class Plan:
     cadences: Mapping[str, int] = field(default_factory=lambda: EMPTY_CADENCES)
     # Notes for the reader: a pattern that matched nothing, a cadence that could not be read.
     warnings: tuple[str, ...] = ()
+    # What each slim decision moves out, by checkpoint name (filled in by the daemon).
+    slim_targets: Mapping[str, SlimTarget] = field(default_factory=lambda: EMPTY_TARGETS)
 
     @property
     def kept(self) -> tuple[Decision, ...]:
@@ -135,16 +193,37 @@ class Plan:
         return tuple(d for d in self.decisions if not d.keep)
 
     @property
+    def slimmed(self) -> tuple[Decision, ...]:
+        """Given the plan, return its slim decisions (kept, their resume state moved out)."""
+        return tuple(d for d in self.decisions if d.slim)
+
+    @property
     def bytes_freed(self) -> int:
         """Given the plan, return the bytes its deletions would really free."""
         return sum(d.checkpoint.freeable_bytes for d in self.decisions if not d.keep)
 
+    @property
+    def bytes_slimmed(self) -> int:
+        """Given the plan, return the bytes its slims would really free."""
+        targets = self.slim_targets
+        return sum(
+            targets[d.checkpoint.name].bytes_freed
+            for d in self.decisions
+            if d.slim and d.checkpoint.name in targets
+        )
+
     def summary(self) -> dict[str, int]:
-        """Given the plan, return the counts of `plan --json`'s summary."""
+        """Given the plan, return the counts of `plan --json`'s summary (`slim` and
+        `bytes_slimmed` only when it slims anything: slimmed checkpoints count as kept)."""
         keep = sum(1 for d in self.decisions if d.keep)
-        return {
+        counts = {
             "total": len(self.decisions),
             "keep": keep,
             "delete": len(self.decisions) - keep,
             "bytes_freed": self.bytes_freed,
         }
+        slims = sum(1 for d in self.decisions if d.slim)
+        if slims:
+            counts["slim"] = slims
+            counts["bytes_slimmed"] = self.bytes_slimmed
+        return counts

@@ -16,6 +16,8 @@ Per series, ordered by step (never mtime), over its complete checkpoints only:
   steps <= 0 land in the right bucket. A bucket's representative is its newest checkpoint over
   the whole series, tier 1 included. A checkpoint in tier t is kept if it represents its bucket
   for tier t or any later tier (`tier2:every-200`, `tier3:every-1000`).
+- `slim: {after: tier1}` marks the kept checkpoints of tiers 2 and 3 for slimming
+  (policies/slim.py): they stay, as checkpoints of their tier, with their weights only.
 - `keep_best`, pins and trackers keep a checkpoint whatever the tiers say, and incomplete
   checkpoints are kept (`incomplete:<why>`) and take no part in tiers, cadence or buckets;
   one the daemon flagged `abandoned` (a crashed save) is deleted (`abandoned-save`) unless
@@ -50,6 +52,7 @@ from itertools import compress, islice, pairwise, repeat
 from operator import attrgetter, lt, ne
 from typing import Any
 
+from policies import slim
 from policies.collector import collector_paused
 from policies.lineage import Branch, Lineage, trace
 from policies.model import PRESETS, Checkpoint, Decision, Plan, PolicySpec
@@ -60,7 +63,7 @@ _pinned_by_of = attrgetter("pinned_by")
 _tracked_by_of = attrgetter("tracked_by")
 _mtime_of = attrgetter("mtime")
 # The fast path fills exactly these slots; a field added to Decision later disables it.
-_DECISION_FIELDS = ("checkpoint", "keep", "reasons", "tier", "branch")
+_DECISION_FIELDS = ("checkpoint", "keep", "reasons", "tier", "branch", "slim")
 _FAST_DECISIONS = tuple(field.name for field in fields(Decision)) == _DECISION_FIELDS
 _DECISION_SETTERS: tuple[Callable[[Decision, Any], None], ...] = tuple(
     vars(Decision)[name].__set__ for name in _DECISION_FIELDS
@@ -93,6 +96,8 @@ def plan(
             series_decisions, cadence, series_warnings = _plan_series(
                 series, by_series[series], spec
             )
+            if spec.slim is not None:
+                series_decisions = slim.mark(series_decisions, spec.slim)
             decisions.extend(series_decisions)
             if cadence is not None:
                 cadences[series] = cadence
@@ -132,6 +137,8 @@ def _check_spec(series: str, spec: PolicySpec) -> None:
         problems.append(f"cadence must be >= 1 or None, not {spec.cadence}")
     if spec.keep_best is not None and spec.keep_best.count < 1:
         problems.append(f"keep_best.count must be >= 1, not {spec.keep_best.count}")
+    if spec.slim is not None and spec.slim.after not in ("tier1", "tier2"):
+        problems.append(f"slim.after must be tier1, tier2 or None, not {spec.slim.after!r}")
     if problems:
         raise ValueError(f"policy of series {series!r}: " + "; ".join(problems))
 
@@ -307,7 +314,15 @@ def _decisions(checkpoints: list[Checkpoint], columns: _Columns) -> list[Decisio
     )
     if not _FAST_DECISIONS:
         return list(
-            map(Decision, checkpoints, columns.keeps, columns.reasons, columns.tiers, branches)
+            map(
+                Decision,
+                checkpoints,
+                columns.keeps,
+                columns.reasons,
+                columns.tiers,
+                branches,
+                repeat(False),
+            )
         )
     # A frozen dataclass's __init__ sets each field through object.__setattr__; filling the slots
     # column by column through their descriptors builds the same objects in 60% of the time.
@@ -318,6 +333,7 @@ def _decisions(checkpoints: list[Checkpoint], columns: _Columns) -> list[Decisio
         columns.reasons,
         columns.tiers,
         branches,
+        repeat(False, len(checkpoints)),  # slim: `policies.slim.mark` decides, after the tiers
     )
     for setter, column in zip(_DECISION_SETTERS, columns_in_order, strict=True):
         deque(map(setter, decisions, column), maxlen=0)

@@ -38,6 +38,15 @@ GOLDEN: dict[str, str] = {
         '"errors":["/data/run/.ckptd-trash/checkpoint-200@1800000000/x.bin: Permission denied"],'
         '"why":["tier2:every-200"],"tier":2,"policy":{},"bytes_logical":0}'
     ),
+    "slim": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"slim","root":"/data/run",'
+        '"checkpoint":"checkpoint-13200","step":13200,"series":"default",'
+        '"files":["optimizer.pt","rng_state.pth","scheduler.pt"],"bytes_freed":2400002048,'
+        '"bytes_in_trash":0,"trash_grace":0.0,"partial":false,"errors":[],'
+        '"why":["tier2:every-200","slim:after-tier1"],"tier":2,'
+        '"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,"cadence":null,'
+        '"keep_best":null,"slim":{"after":"tier1","keep_best_full":false,"drop":null}}}'
+    ),
     "veto_by_guard": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"veto","root":"/data/run",'
         '"checkpoint":"checkpoint-800","step":800,"reason":"min_keep:3"}'
@@ -72,6 +81,14 @@ GOLDEN: dict[str, str] = {
         '"failed":0,"trashed":0,"bytes_freed":2000,"bytes_in_trash":0,"seconds":0.004,'
         '"force":false,"policy":{"keep_last":20,"tier2_count":20,"tier3_interval":1000,'
         '"cadence":null,"keep_best":null},"quiet_runs":3,"bytes_logical":2000}'
+    ),
+    "prune_run_slims": (
+        '{"time":"1970-01-01T00:00:00.000+00:00","event":"prune_run","root":"/data/run",'
+        '"dry_run":false,"checkpoints":10,"kept":5,"deleted":5,"would_delete":0,"vetoed":0,'
+        '"failed":0,"trashed":0,"bytes_freed":6000,"bytes_in_trash":0,"seconds":0.031,'
+        '"force":false,"policy":{"keep_last":3,"tier2_count":4,"tier3_interval":1000,'
+        '"cadence":100,"keep_best":null,"slim":{"after":"tier1","keep_best_full":false,'
+        '"drop":null}},"bytes_logical":6000,"slimmed":2,"bytes_slimmed":8192}'
     ),
     "trash_purge": (
         '{"time":"1970-01-01T00:00:00.000+00:00","event":"trash_purge","root":"/data/run",'
@@ -193,6 +210,7 @@ GOLDEN: dict[str, str] = {
 # Every event name written to the history, and the module that writes it.
 EVENT_NAMES = (
     "delete",
+    "slim",
     "veto",
     "prune_refused",
     "prune_run",

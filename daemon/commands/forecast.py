@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -18,8 +19,9 @@ from rich.table import Table
 from daemon.config import parse_size
 from daemon.errors import UsageError
 from daemon.render import format_bytes, make_console
+from daemon.slimming import measure_slim_fraction
 from policies.forecast import Forecast, forecast
-from policies.model import PRESETS, PolicySpec
+from policies.model import PRESETS, PolicySpec, SlimSpec
 
 
 def policy_from_arguments(args: argparse.Namespace) -> tuple[str, list[str], PolicySpec]:
@@ -60,6 +62,23 @@ def parse_tier3_interval(text: str) -> int | None:
     return interval
 
 
+def slim_fraction_from_arguments(args: argparse.Namespace) -> float | None:
+    """Given the parsed forecast arguments, return the slim fraction asked for (None: no slim
+    row): `--slim-fraction F`, or measured in `--slim-from ROOT`."""
+    if args.slim_fraction is not None and args.slim_from is not None:
+        raise UsageError("give --slim-fraction or --slim-from, not both")
+    if args.slim_fraction is not None:
+        if not 0.0 <= args.slim_fraction <= 1.0:
+            raise UsageError(f"--slim-fraction must be between 0 and 1, not {args.slim_fraction}")
+        return float(args.slim_fraction)
+    if args.slim_from is None:
+        return None
+    measured = measure_slim_fraction(args.slim_from, now=time.time())
+    if measured.fraction is None:
+        raise UsageError(f"--slim-from {args.slim_from}: {measured.problem}")
+    return measured.fraction
+
+
 def main(args: argparse.Namespace) -> int:
     """Given parsed `forecast` arguments, print the forecast and return the exit code."""
     if args.steps < 0:
@@ -71,8 +90,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(f"--size: {error}") from None
     preset, overridden, spec = policy_from_arguments(args)
+    fraction = slim_fraction_from_arguments(args)
+    if fraction is not None:
+        spec = replace(spec, slim=SlimSpec(args.slim_after))
     try:
-        result = forecast(args.steps, args.every, size_bytes, spec)
+        result = forecast(args.steps, args.every, size_bytes, spec, fraction or 0.0)
     except ValueError as error:
         raise UsageError(str(error)) from None
     if args.json:
@@ -105,6 +127,19 @@ def forecast_to_json(result: Forecast, preset: str, overridden: list[str]) -> di
             "by_tier": dict(zip(("tier1", "tier2", "tier3"), result.kept_by_tier, strict=True)),
         },
         "saved": {"checkpoints": result.deleted, "bytes": result.bytes_saved},
+        **({"with_slim": _slim_json(result)} if spec.slim is not None else {}),
+    }
+
+
+def _slim_json(result: Forecast) -> dict[str, Any]:
+    assert result.spec.slim is not None
+    return {
+        "after": result.spec.slim.after,
+        "slim_fraction": result.slim_fraction,
+        "checkpoints": result.kept,
+        "slimmed": result.slimmed,
+        "bytes": result.bytes_with_slim,
+        "bytes_slimmed": result.bytes_slimmed,
     }
 
 
@@ -122,6 +157,12 @@ def print_forecast(console: Console, result: Forecast, preset: str, overridden: 
     table.add_column("size", justify="right")
     table.add_row("without policy", f"{result.saves:,}", format_bytes(result.bytes_without_policy))
     table.add_row("with policy", f"{result.kept:,}", format_bytes(result.bytes_with_policy))
+    if spec.slim is not None:
+        table.add_row(
+            "with slim",
+            f"{result.kept:,} ({result.slimmed:,} slimmed)",
+            format_bytes(result.bytes_with_slim),
+        )
     share = f" ({result.deleted / result.saves:.1%})" if result.saves else ""
     table.add_row("saved", f"{result.deleted:,}{share}", format_bytes(result.bytes_saved))
     console.print(table)
@@ -139,5 +180,12 @@ def print_forecast(console: Console, result: Forecast, preset: str, overridden: 
         console.print(
             f"Kept: {tier1:,} in tier 1 (all), {tier2:,} in tier 2 (every "
             f"{2 * result.cadence:,} steps), {tier3:,} in tier 3 ({tier3_rule}).",
+            soft_wrap=True,
+        )
+    if spec.slim is not None:
+        slimmed_tiers = "tiers 2 and 3" if spec.slim.after == "tier1" else "tier 3"
+        console.print(
+            f"Slim: {slimmed_tiers} keep their weights only, {result.slim_fraction:.0%} of "
+            f"each checkpoint moved out (frees {format_bytes(result.bytes_slimmed)} more).",
             soft_wrap=True,
         )

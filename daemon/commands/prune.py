@@ -62,6 +62,11 @@ def report_to_json(report: PruneReport) -> dict[str, Any]:
         "bytes_in_trash": applied.bytes_in_trash,
         "would_delete": list(applied.would_delete),
         "would_free": applied.would_free,
+        "slimmed": list(report.slims.slimmed),
+        "slims_in_trash": list(report.slims.trashed),
+        "bytes_slimmed": report.slims.bytes_freed,
+        "would_slim": list(report.slims.would_slim),
+        "would_free_by_slims": report.slims.would_free,
         "seconds": round(report.seconds, 3),
         "notes": list(report.notes),
     }
@@ -78,8 +83,13 @@ def _show_plan(console: Console, report: PruneReport, root: RootConfig, now: flo
         for line in timeline_lines(plan, console.width, now=now, protected=protected):
             console.print(line, overflow="fold")
     deleting = plan.deleted
+    slims = (
+        f"slim {len(plan.slimmed)} (frees {format_bytes(plan.bytes_slimmed)}), "
+        if plan.slimmed
+        else ""
+    )
     console.print(
-        f"keep {len(plan.kept)}, delete {len(deleting)}, "
+        f"keep {len(plan.kept)}, {slims}delete {len(deleting)}, "
         f"frees {format_bytes(plan.bytes_freed)}"
         + (f"; {len(report.vetoed)} vetoed by the safety checks" if report.vetoed else "")
     )
@@ -121,16 +131,27 @@ class _Grace:
 
 def _summary(report: PruneReport, grace: _Grace, now: float) -> str:
     kept = len(report.plan.decisions) - len(report.deleted)
+    slims = report.slims
     if report.dry_run:
+        would_slim = (
+            f", slim {len(slims.would_slim)} (frees {format_bytes(slims.would_free)})"
+            if slims.would_slim
+            else ""
+        )
         return (
             f"dry run, nothing changed: would delete {len(report.applied.would_delete)} "
-            f"and free {format_bytes(report.applied.would_free)}"
+            f"and free {format_bytes(report.applied.would_free)}{would_slim}"
         )
     freed = f"freed {format_bytes(report.bytes_freed)}"
     if report.bytes_logical != report.bytes_freed:
         # What the disk got back, and apart the files' lengths (sparse files differ most).
         freed += f" ({format_bytes(report.bytes_logical)} logical)"
     parts = [f"deleted {len(report.deleted)}", f"kept {kept}", freed]
+    if slims.slimmed:
+        parts.append(
+            f"slimmed {len(slims.slimmed)} (freed {format_bytes(slims.bytes_freed)}"
+            + (f", {format_bytes(slims.bytes_in_trash)} in the trash)" if slims.trashed else ")")
+        )
     if report.vetoed:
         parts.append(f"vetoed {len(report.vetoed)}")
     if report.failed:
@@ -209,7 +230,11 @@ def _prune_one(
         if args.yes:
             return True
         deleting = preview.plan.deleted
-        return _ask(console, grace.question(len(deleting), preview.plan.bytes_freed, time.time()))
+        question = grace.question(len(deleting), preview.plan.bytes_freed, time.time())
+        slimming = len(preview.plan.slimmed)
+        if slimming:
+            question = f"slim {slimming} (their weights stay) and {question}"
+        return _ask(console, question)
 
     def progress(done: int, total: int, name: str) -> None:
         nonlocal progress_bar, task_id
@@ -245,7 +270,8 @@ def _prune_one(
             progress_bar.stop()
     if show:
         # The confirmation step showed the plan already unless there was nothing to confirm.
-        confirmed_shown = bool(report.plan.deleted) and not report.dry_run
+        changes = report.plan.deleted or report.plan.slimmed
+        confirmed_shown = bool(changes) and not report.dry_run
         if report.refused is not None or not confirmed_shown:
             _show_plan(console, report, root, now)
         if report.aborted:

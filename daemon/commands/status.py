@@ -29,6 +29,7 @@ from daemon.pruning import trash
 from daemon.render import format_bytes, format_duration, make_console
 from daemon.rootdir import IdentityStore, root_key
 from daemon.safety.facts import gather_facts
+from daemon.slimming import read_record
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import next_snapshot_time
 from daemon.state import read_state
@@ -80,7 +81,8 @@ def root_status(
     )
     incomplete_saves = _incomplete_saves(scan, settings_for(config, root).abandoned_after)
     in_use, trainer_notes = checkpoints_in_use(root, scan, now=now)
-    growth = _growth(config, root, scan, root_plan, free_bytes)
+    slimmed = slimmed_status(scan, root_plan)
+    growth = _growth(config, root, scan, root_plan, free_bytes, slimmed["fraction"])
     return {
         "root": root.path,
         "layout": scan.layout,
@@ -90,6 +92,10 @@ def root_status(
         "bytes": sum(c.size_bytes for c in scan.checkpoints),
         "bytes_freeable": root_plan.bytes_freed,
         **integrity_status(scan, root_plan),
+        "slimmed": slimmed["slimmed"],
+        "bytes_slimmed": slimmed["bytes_slimmed"],
+        "to_slim": len(root_plan.slimmed),
+        "bytes_slimmable": root_plan.bytes_slimmed,
         "incomplete_saves": incomplete_saves,
         "in_use": in_use,
         "trainer": trainer_notes,
@@ -109,10 +115,16 @@ def refusal_of(config: Config, root: RootConfig) -> str | None:
 
 
 def _growth(
-    config: Config, root: RootConfig, scan: ScanResult, root_plan: Plan, free_bytes: int | None
+    config: Config,
+    root: RootConfig,
+    scan: ScanResult,
+    root_plan: Plan,
+    free_bytes: int | None,
+    slim_fraction: float = 0.0,
 ) -> Forecast:
     """Given a root's scan and plan, return its growth forecast; it follows the root's busiest
-    series (the one with the most checkpoints)."""
+    series (the one with the most checkpoints). Slimmed checkpoints count at their weights
+    (`slim_fraction` of each moved out)."""
     series_sizes = Counter(c.series for c in scan.checkpoints)
     main_series = series_sizes.most_common(1)[0][0] if series_sizes else None
     saves_per_day, checkpoint_bytes = observed_cadence(
@@ -131,7 +143,30 @@ def _growth(
             (c.step for c in scan.checkpoints if c.series == main_series and c.complete),
             default=None,
         ),
+        slim_fraction=slim_fraction,
     )
+
+
+def slimmed_status(scan: ScanResult, plan: Plan) -> dict[str, Any]:
+    """Given a root's scan and plan, return how many checkpoints are slimmed, the bytes their
+    slims freed (from each `.ckptd-slim.json`), and the share of a checkpoint a slim frees
+    (what the plan's slims would move out, else what past slims did; 0: unknown)."""
+    records = [
+        record
+        for checkpoint in scan.checkpoints
+        if checkpoint.slimmed and (record := read_record(scan.root, checkpoint.name)) is not None
+    ]
+    sizes = {checkpoint.name: checkpoint.size_bytes for checkpoint in scan.checkpoints}
+    moving = sum(target.bytes_logical for target in plan.slim_targets.values())
+    whole = sum(sizes.get(name, 0) for name in plan.slim_targets)
+    if not whole:
+        moving = sum(record.bytes_logical for record in records)
+        whole = moving + sum(sizes.get(record.checkpoint, 0) for record in records)
+    return {
+        "slimmed": sum(1 for checkpoint in scan.checkpoints if checkpoint.slimmed),
+        "bytes_slimmed": sum(record.bytes_freed for record in records),
+        "fraction": moving / whole if whole else 0.0,
+    }
 
 
 def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
@@ -352,6 +387,13 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
             "bytes",
             f"{format_bytes(root['bytes'])}, {format_bytes(root['bytes_freeable'])} freeable",
         )
+        if root["slimmed"] or root["to_slim"]:
+            table.add_row(
+                "slimmed",
+                f"{root['slimmed']} (weights only, freed {format_bytes(root['bytes_slimmed'])}); "
+                f"{root['to_slim']} more the policy would slim "
+                f"({format_bytes(root['bytes_slimmable'])})",
+            )
         table.add_row("incomplete", _incomplete_text(root.get("incomplete_saves", []), zone))
         _integrity_rows(table, root)
         table.add_row("in use", ", ".join(root["in_use"]) or "none")

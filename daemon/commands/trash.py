@@ -93,6 +93,8 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
                 {
                     "root": root_path,
                     "name": item.name,
+                    # "slim": the resume state moved out of the checkpoint `name` (issue 11).
+                    "kind": "slim" if item.slim is not None else "checkpoint",
                     "item": item.item,
                     "deleted_at": item.deleted_at,
                     "expires_at": item.expires_at(grace),
@@ -126,7 +128,8 @@ def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now:
     `ckptd trash restore NAME` needs them whole."""
     values = [
         (
-            row["name"],
+            # The resume state of a slimmed checkpoint (issue 11), restored into it by name.
+            row["name"] + (" (resume state)" if row["kind"] == "slim" else ""),
             _removal(row["expires_at"], now),
             format_bytes(row["bytes_logical"]),
             format_bytes(row["bytes"]),

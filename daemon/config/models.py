@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from daemon.config.units import Duration, Size
-from policies.model import PRESETS, KeepBest, PolicySpec
+from policies.model import PRESETS, KeepBest, PolicySpec, SlimSpec
 
 # --- models ------------------------------------------------------------------------------------
 
@@ -39,6 +39,36 @@ class KeepBestConfig(StrictModel):
     mode: Literal["min", "max"] = "min"
 
 
+class SlimConfig(StrictModel):
+    """`slim:` of a policy: which kept checkpoints lose their resume state (issue 11)."""
+
+    # tier1: tiers 2 and 3 keep weights only; tier2: tier 3 only; null: nothing is slimmed.
+    after: Literal["tier1", "tier2"] | None = None
+    keep_best_full: StrictBool = False
+    # Globs of paths inside a checkpoint (`opt_state`, `mp_rank_*/distrib_optim.pt`) that are
+    # its resume state, instead of the layout's own file names.
+    drop: list[str] | None = None
+
+    @field_validator("drop")
+    @classmethod
+    def _relative_globs(cls, value: list[str] | None) -> list[str] | None:
+        for glob in value or ():
+            parts = glob.split("/")
+            if not glob or glob.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise ValueError(
+                    f"{glob!r}: give a path inside the checkpoint such as opt_state or "
+                    "mp_rank_*/distrib_optim.pt (no leading /, no . or .. parts)"
+                )
+        return value
+
+    def to_spec(self) -> SlimSpec | None:
+        """Given this slim config, return the SlimSpec (None when `after` is null: off)."""
+        if self.after is None:
+            return None
+        drop = tuple(self.drop) if self.drop is not None else None
+        return SlimSpec(self.after, self.keep_best_full, drop)
+
+
 class PolicyConfig(StrictModel):
     """A preset, optionally with individual knobs overriding it."""
 
@@ -49,6 +79,7 @@ class PolicyConfig(StrictModel):
     tier3_interval: int | None = Field(default=None, gt=0)
     cadence: int | None = Field(default=None, ge=1)
     keep_best: KeepBestConfig | None = None
+    slim: SlimConfig | None = None
 
     def to_spec(self) -> PolicySpec:
         """Given this policy config, return the resolved PolicySpec."""
@@ -67,6 +98,7 @@ class PolicyConfig(StrictModel):
             ),
             cadence=self.cadence,
             keep_best=keep_best,
+            slim=self.slim.to_spec() if self.slim is not None else None,
         )
 
 

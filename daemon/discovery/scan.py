@@ -119,6 +119,8 @@ RECHECK_NEWEST = 2
 _TRAINER_STATE_LIMIT = 256 << 20
 _SIDECAR_LIMIT = 1 << 20
 _KEEP_SUFFIX = ".keep"
+# Written into a checkpoint folder after its resume state was moved out (daemon/slimming.py).
+SLIM_MARKER = ".ckptd-slim.json"
 _METRICS_SUFFIX = ".metrics.json"
 # NeMo touches `<checkpoint without .ckpt/.nemo>-unfinished` beside a checkpoint before saving
 # it and removes it once the save is finalized (nemo/lightning/pytorch/callbacks/
@@ -1104,6 +1106,7 @@ def _checkpoint(
         pinned_by=pinned_by,
         metrics=metrics,
         version=match.version,
+        slimmed=SLIM_MARKER in walk.markers,
     )
 
 

@@ -49,6 +49,7 @@ MARKER_NAMES = frozenset(
         DCP_RANK0_METADATA,
         ".keep",
         "metrics.json",
+        ".ckptd-slim.json",  # a slimmed checkpoint (daemon/slimming.py)
     }
 )
 DISTCP_MARKER = "*.distcp"

@@ -58,6 +58,7 @@ def forecast_growth(
     spec: PolicySpec,
     kept_now: int,
     newest_step: int | None = None,
+    slim_fraction: float = 0.0,
 ) -> Forecast:
     """Given free space, the saving rate and size, the cadence, the policy and how many
     checkpoints the policy keeps now, return the growth forecast.
@@ -69,6 +70,8 @@ def forecast_growth(
     `newest_step`, the steady-state arithmetic: tiers 1 and 2 hold `keep_last + tier2_count / 2`
     once full, so only tier 3 grows, one checkpoint per `tier3_interval` steps; until tiers 1
     and 2 are full every save stays, and that fill-up comes out of the free space first.
+    With the policy's `slim` rule, each checkpoint it slims counts `1 - slim_fraction` of its
+    size (the share its resume state is, measured on the root's own checkpoints).
     """
     if newest_step is not None and cadence_steps and saves_per_day > 0 and checkpoint_bytes > 0:
         try:
@@ -79,6 +82,7 @@ def forecast_growth(
                 cadence_steps=cadence_steps,
                 spec=spec,
                 newest_step=newest_step,
+                slim_fraction=slim_fraction,
             )
         except ValueError:
             pass  # a series the simulation refuses: the arithmetic below still answers
@@ -87,6 +91,8 @@ def forecast_growth(
         with_policy = (
             saves_per_day * checkpoint_bytes * min(1.0, cadence_steps / spec.tier3_interval)
         )
+        if spec.slim is not None:
+            with_policy *= 1.0 - slim_fraction  # tier 3, where it grows, is slimmed
     else:
         with_policy = 0.0
     steady_count = spec.keep_last + spec.tier2_count // 2
@@ -124,6 +130,7 @@ def _simulated_forecast(
     cadence_steps: int,
     spec: PolicySpec,
     newest_step: int,
+    slim_fraction: float = 0.0,
 ) -> Forecast:
     """Given the observed saving and the policy, return the forecast from the policy's own
     simulation of what it keeps after a number of steps (see `forecast_growth`)."""
@@ -131,12 +138,13 @@ def _simulated_forecast(
 
     def kept_after(days: float) -> int:
         steps = newest_step + int(days * steps_per_day)
-        return simulate(steps, cadence_steps, checkpoint_bytes, spec).kept
+        result = simulate(steps, cadence_steps, checkpoint_bytes, spec, slim_fraction)
+        return result.bytes_with_slim
 
     kept_now = kept_after(0.0)
 
     def grown(days: float) -> int:
-        return (kept_after(days) - kept_now) * checkpoint_bytes
+        return kept_after(days) - kept_now
 
     with_policy = grown(365.0) / 365.0
     days_with: float | None = None

@@ -7,7 +7,7 @@ written, with the same names and value formats the writers used before these cla
 of the record when it is None (those records have always come in more than one shape); any
 other None is written as `null`.
 
-Written by `daemon.pruning`: `delete`, `veto`, `prune_refused`, `prune_run`, `trash_purge`;
+Written by `daemon.pruning`: `delete`, `slim`, `veto`, `prune_refused`, `prune_run`, `trash_purge`;
 by `ckptd trash restore`: `trash_restore`; by `daemon.snapshots.daily`: `snapshot`,
 `snapshot_removed`, `snapshot_skipped`, `snapshot_failed`; by `daemon.disk.pressure`:
 `disk_warn`, `disk_critical`, `disk_trash_emptied`, `disk_prune`, `emergency_prune`,
@@ -79,6 +79,29 @@ class Delete(HistoryEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Slim(HistoryEvent):
+    """A checkpoint slimmed (issue 11): its resume state (`files`, paths inside it) moved into
+    the trash as one item, its weights kept. `bytes_freed` are allocated bytes really freed
+    (0 while the trash's grace keeps them: then `bytes_in_trash`); `partial` with `errors`
+    when the item could not be removed whole (its remains stay in the trash)."""
+
+    event: ClassVar[str] = "slim"
+    root: str
+    checkpoint: str
+    step: int
+    series: str
+    files: tuple[str, ...]
+    bytes_freed: int
+    bytes_in_trash: int
+    trash_grace: float
+    partial: bool
+    errors: tuple[str, ...]
+    why: tuple[str, ...]
+    tier: int | None
+    policy: Mapping[str, object]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Veto(HistoryEvent):
     """A deletion vetoed: by the safety guard (its reasons), or at the last moment by a process
     holding the checkpoint (`pid` and `cmdline` of that process)."""
@@ -114,7 +137,9 @@ class PruneRun(HistoryEvent):
     and wrote none (left out when there were none)."""
 
     event: ClassVar[str] = "prune_run"
-    optional: ClassVar[frozenset[str]] = frozenset({"quiet_runs"})
+    # `slimmed`, `bytes_slimmed` only in runs that slimmed (or would slim) anything: other runs
+    # keep their earlier shape.
+    optional: ClassVar[frozenset[str]] = frozenset({"quiet_runs", "slimmed", "bytes_slimmed"})
     root: str
     dry_run: bool
     checkpoints: int
@@ -131,6 +156,8 @@ class PruneRun(HistoryEvent):
     policy: Mapping[str, object]
     quiet_runs: int | None = None
     bytes_logical: int = 0  # the logical size of what `bytes_freed` (allocated) counts
+    slimmed: int | None = None  # checkpoints slimmed (issue 11), or that a dry run would slim
+    bytes_slimmed: int | None = None  # allocated bytes the slims freed (not in bytes_freed)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,6 +424,7 @@ EVENTS: dict[str, type[HistoryEvent]] = {
     kind.event: kind
     for kind in (
         Delete,
+        Slim,
         Veto,
         PruneRefused,
         PruneRun,

@@ -29,16 +29,18 @@ from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import NULL_HISTORY, History
 from daemon.integrity.result import IntegrityResult
 from daemon.planner import plan_root
-from daemon.pruning import deleter, trash
+from daemon.pruning import deleter, slimmer, trash
 from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.lock import LOCK_FILE, root_lock
+from daemon.pruning.slimmer import SlimResult
 from daemon.pruning.trash import PurgeResult
 from daemon.pruning.trashdir import TrashRefused
 from daemon.rootdir import IdentityStore, RootChanged, RootDir, open_root, root_key
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from daemon.verification import VerificationState, expire_and_record, record_corrupt
-from policies.model import Checkpoint, Decision, Plan, PolicySpec
+from policies.model import Checkpoint, Decision, Plan, PolicySpec, policy_record
+from policies.slim import unslim
 
 __all__ = ["LOCK_FILE", "PruneReport", "Refusal", "prune_root", "root_lock"]
 
@@ -73,6 +75,8 @@ class PruneReport:
     purge: PurgeResult = field(default_factory=PurgeResult)
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    # What the slims did (issue 11): slimmed, vetoed at the last moment, failed, in the trash.
+    slims: SlimResult = field(default_factory=SlimResult)
 
     @property
     def refused(self) -> str | None:
@@ -93,6 +97,7 @@ class PruneReport:
         """Every vetoed checkpoint (the guard's first, then the last moment's) with its reason."""
         reasons = dict(self.guard_vetoes)
         reasons.update(self.applied.vetoed)
+        reasons.update(self.slims.vetoed)
         return reasons
 
     @property
@@ -101,13 +106,14 @@ class PruneReport:
 
     @property
     def failed(self) -> tuple[str, ...]:
-        """The checkpoints whose deletion failed (exit 1)."""
-        return tuple(name for name, _ in self.applied.failed)
+        """The checkpoints whose deletion or slim failed (exit 1)."""
+        return tuple(name for name, _ in (*self.applied.failed, *self.slims.failed))
 
     @property
     def errors(self) -> tuple[str, ...]:
-        """One `name: error` line per failed deletion."""
-        return tuple(f"{name}: {message}" for name, message in self.applied.failed)
+        """One `name: error` line per failed deletion or slim."""
+        failures = (*self.applied.failed, *self.slims.failed)
+        return tuple(f"{name}: {message}" for name, message in failures)
 
     @property
     def bytes_freed(self) -> int:
@@ -204,7 +210,7 @@ def _job_for(
             abandoned_after=settings.abandoned_after,
         ),
         grace=settings.trash_grace,
-        policy=dataclasses.asdict(spec),
+        policy=policy_record(spec),
         verification=verification or VerificationState.in_folder(config.state_dir),
     )
 
@@ -220,11 +226,16 @@ def _same_content(before: Checkpoint, after: Checkpoint) -> bool:
 
 def only_confirmed(fresh: Plan, confirmed: Plan) -> Plan:
     """Given a fresh guarded plan and the one a person confirmed, return the fresh plan with
-    every deletion that was not confirmed, or whose checkpoint changed since, kept instead."""
+    every deletion that was not confirmed, or whose checkpoint changed since, kept instead;
+    and every such slim kept whole."""
     shown = {d.checkpoint.name: d.checkpoint for d in confirmed.deleted}
+    shown_slims = {d.checkpoint.name: d.checkpoint for d in confirmed.slimmed}
     decisions: list[Decision] = []
     for decision in fresh.decisions:
         checkpoint = decision.checkpoint
+        if decision.slim:
+            decisions.append(_slim_confirmed(decision, shown_slims.get(checkpoint.name)))
+            continue
         before = shown.get(checkpoint.name)
         if decision.keep or (before is not None and _same_content(before, checkpoint)):
             decisions.append(decision)
@@ -234,6 +245,16 @@ def only_confirmed(fresh: Plan, confirmed: Plan) -> Plan:
             reason = "changed-since-confirmed"
             decisions.append(dataclasses.replace(decision, keep=True, reasons=(reason,)))
     return dataclasses.replace(fresh, decisions=tuple(decisions))
+
+
+def _slim_confirmed(decision: Decision, before: Checkpoint | None) -> Decision:
+    """Given a fresh slim and the checkpoint as confirmed (None: not shown), return the slim
+    if it was confirmed unchanged, else the checkpoint kept whole with why."""
+    if before is None:
+        return unslim(decision, "not-confirmed")
+    if not _same_content(before, decision.checkpoint):
+        return unslim(decision, "changed-since-confirmed")
+    return decision
 
 
 def _refuse(job: _Job, report: PruneReport, refused: guard.RootRefused) -> PruneReport:
@@ -376,8 +397,21 @@ def _record_run(job: _Job, report: PruneReport) -> None:
             policy=job.policy,
             quiet_runs=quiet or None,
             bytes_logical=report.bytes_logical,
+            **_slim_counts(report),
         )
     )
+
+
+def _slim_counts(report: PruneReport) -> dict[str, int]:
+    """Given a run's report, return the `prune_run` record's slim figures: none unless the run
+    slimmed or would slim anything (a run without slims keeps the record's earlier shape)."""
+    slims = report.slims
+    if not (slims.slimmed or slims.would_slim or slims.failed or slims.vetoed):
+        return {}
+    return {
+        "slimmed": len(slims.slimmed) or len(slims.would_slim),
+        "bytes_slimmed": slims.bytes_freed or slims.would_free,
+    }
 
 
 def _prune_unlocked(
@@ -411,7 +445,8 @@ def _prune_unlocked(
         notes=(*facts.notes, *plan.warnings),
     )
     report = _guarded(job, report, facts)
-    if report.refusal is None and confirm is not None and not job.dry_run and report.plan.deleted:
+    changes = report.plan.deleted or report.plan.slimmed
+    if report.refusal is None and confirm is not None and not job.dry_run and changes:
         answer = _confirmed(job, report, confirm, now)
         report, now = answer.report, answer.now
         if answer.done:
@@ -432,7 +467,21 @@ def _prune_unlocked(
         progress=progress,
         policy=job.policy,
     )
-    report = dataclasses.replace(report, applied=applied, seconds=time.monotonic() - started)
+    slims = slimmer.apply(
+        report.plan,
+        job.root_dir,
+        dry_run=job.dry_run,
+        now=now,
+        fs=job.fs,
+        history=job.history,
+        trash_grace=job.grace,
+        stop=stop,
+        policy=job.policy,
+        cache=job.cache,
+    )
+    report = dataclasses.replace(
+        report, applied=applied, slims=slims, seconds=time.monotonic() - started
+    )
     _record_run(job, report)
     return report
 

@@ -50,7 +50,9 @@ from daemon.errors import UsageError
 from daemon.fsio import LOCAL, TRASH_DIRECTORY, At, Dir, FileSystem, Usage, measure_names
 from daemon.history.events import TrashPurge
 from daemon.history.log import NULL_HISTORY, History
+from daemon.pruning import slimtrash
 from daemon.pruning.lock import root_lock
+from daemon.pruning.slimtrash import SlimEntry
 from daemon.pruning.trashdir import TrashRefused, open_trash_dir
 from daemon.rootdir import RootDir, opened
 
@@ -142,6 +144,9 @@ class TrashItem:
     # itself (moved on a full filesystem); "legacy", "legacy-folder": `<name>@<seconds>` left
     # by an earlier version (the entry itself, or a folder holding several and a journal).
     layout: str = "item"
+    # A slim's item (daemon/pruning/slimtrash.py): the resume state moved out of the
+    # checkpoint `name`, which is still in the root; None for a deleted checkpoint.
+    slim: SlimEntry | None = None
 
     @property
     def in_folder(self) -> bool:
@@ -202,6 +207,7 @@ class _Entry:
     deleted_at: float | None
     identities: tuple[tuple[str, MemberIdentity], ...]
     removing: bool
+    slim: SlimEntry | None = None
 
 
 def _parse_identities(value: object) -> tuple[tuple[str, MemberIdentity], ...]:
@@ -225,7 +231,12 @@ def _parse_entry(data: bytes, removing: bool) -> _Entry | None:
     if not isinstance(document, dict):
         return None
     members = document.get("members")
-    if not isinstance(members, list) or not members or not all(map(_plain_name, members)):
+    slim = SlimEntry.parse(document) if document.get("kind") == slimtrash.KIND else None
+    if document.get("kind") == slimtrash.KIND and slim is None:
+        return None
+    # A slim's members are paths inside its checkpoint; a deletion's, entries of the root.
+    plain = slimtrash.plain_path if slim is not None else _plain_name
+    if not isinstance(members, list) or not members or not all(map(plain, members)):
         return None
     name = document.get("name")
     deleted_at = document.get("deleted_at")
@@ -235,6 +246,7 @@ def _parse_entry(data: bytes, removing: bool) -> _Entry | None:
         deleted_at=float(deleted_at) if isinstance(deleted_at, int | float) else None,
         identities=_parse_identities(document.get("identities")),
         removing=removing,
+        slim=slim,
     )
 
 
@@ -416,7 +428,12 @@ class Trash:
             members=entry.members,
             deleted_at=entry.deleted_at if entry.deleted_at is not None else base.deleted_at,
             identities=entry.identities,
-            state=self._state(entry, inside),
+            state=(
+                slimtrash.state(self, entry.slim, base.item, inside, entry.removing)
+                if entry.slim is not None
+                else self._state(entry, inside)
+            ),
+            slim=entry.slim,
         )
 
     def _state(self, entry: _Entry, inside: list[str]) -> str:
@@ -473,6 +490,10 @@ class Trash:
                 container.at(member).path, f"was {expected.describe()}, now {now.describe()}"
             )
 
+    def discard(self, item: str, container: Dir | None = None) -> None:
+        """Given an item folder whose members are gone, remove its entry files and itself."""
+        self._discard(item, container)
+
     def _discard(self, item: str, container: Dir | None = None) -> None:
         """Given an item folder whose members are gone, remove its entry files and itself.
 
@@ -492,6 +513,11 @@ class Trash:
         self.fs.rmdir_at(at)
 
     # --- moving in -------------------------------------------------------------------------
+
+    def new_item(self, now: float) -> str:
+        """Given the time, make a new empty item folder (0700) and return its name (a slim's
+        item is filled by daemon/pruning/slimtrash.py)."""
+        return self._new_item(now)
 
     def _new_item(self, now: float) -> str:
         """Given the time, make a new empty item folder (0700) and return its name."""
@@ -675,7 +701,11 @@ class Trash:
         remove the item; with `pin`, pin the checkpoint first (see `restore`).
 
         Raises UsageError when a member's name is taken in the root, OSError when a rename
-        fails (what had moved back is moved into the item again)."""
+        fails (what had moved back is moved into the item again). A slim's item goes back into
+        its checkpoint (daemon/pruning/slimtrash.py)."""
+        if item.slim is not None:
+            self._open_item(item).close()  # checked again: the item listed, and ckptd's
+            return _Pin(slimtrash.put_back(self, item, item.slim, pin=pin))
         with self._open_item(item) as opened_item:
             taken = [target for _, target in opened_item.inside if self._in_root(target)]
             if taken:
@@ -765,6 +795,12 @@ class Trash:
         if item.state == "empty":
             self._discard(item.item)
             return f"removed the unfinished trash item {item.item}"
+        if item.slim is not None:
+            if item.state == "moving":
+                self._open_item(item).close()  # checked again: the item listed, and ckptd's
+                return slimtrash.roll_back(self, item, item.slim)
+            slimtrash.settle(self, item, item.slim)
+            return None
         if item.state != "moving":
             return None
         with self._open_item(item) as opened_item:

@@ -14,6 +14,7 @@ from daemon.errors import SafetyRefusal
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.safety.facts import Facts, Holder
 from policies.model import Checkpoint, Decision, Plan
+from policies.slim import slim_blockers, unslim
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,21 @@ def _kept(decision: Decision, *reasons: str) -> Decision:
     carried = decision.reasons if decision.keep else ()
     merged = tuple(dict.fromkeys((*reasons, *carried)))
     return replace(decision, keep=True, reasons=merged)
+
+
+def _slim_guarded(
+    decision: Decision, facts: Facts, settings: SafetySettings, newest_complete: set[str]
+) -> Decision:
+    """Given a kept decision, return it with its slim turned down when an invariant forbids
+    it: what forbids a deletion, plus the protections added after the policy (holds,
+    `last-good`). A slim moves the resume state out, and a resume needs exactly that."""
+    if not decision.slim:
+        return decision
+    reasons = _veto_reasons(decision, facts, settings, newest_complete)
+    reasons += [kind for kind in slim_blockers(decision) if kind not in reasons]
+    if not reasons:
+        return decision
+    return unslim(decision, "slim-vetoed:" + ", ".join(reasons))
 
 
 def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused | None:
@@ -201,10 +217,11 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
 
     Deletions of the newest complete checkpoint (per series), anything incomplete (but an
     abandoned save: `is_abandoned`), tracked, pinned, held by a process or not a plain entry
-    directly inside the root become keeps with the reason; then, per series, the newest
-    deletions are kept back until `min_keep` complete checkpoints survive. Raises
-    `RootRefused` when the trainer holds the newest checkpoint, or when the run would delete
-    more than `max_delete_fraction` of the root without `force`.
+    directly inside the root become keeps with the reason, and slims of such checkpoints (or
+    of held or `last-good` ones) keeps whole; then, per series, the newest deletions are kept
+    back until `min_keep` complete checkpoints survive. Raises `RootRefused` when the trainer
+    holds the newest checkpoint, or when the run would delete more than `max_delete_fraction`
+    of the root without `force`.
     """
     refused = refusal(plan, facts, settings)
     if refused is not None:
@@ -212,7 +229,10 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
     newest_complete = _newest_by_series(plan.decisions, complete_only=True)
     guarded: list[Decision] = []
     for decision in plan.decisions:
-        reasons = [] if decision.keep else _veto_reasons(decision, facts, settings, newest_complete)
+        if decision.keep:
+            guarded.append(_slim_guarded(decision, facts, settings, newest_complete))
+            continue
+        reasons = _veto_reasons(decision, facts, settings, newest_complete)
         guarded.append(_kept(decision, *reasons) if reasons else decision)
     guarded = _with_min_keep(guarded, settings.min_keep)
     refused = _fraction_refusal(plan.root, guarded, settings)
@@ -222,10 +242,13 @@ def guard(plan: Plan, facts: Facts, settings: SafetySettings) -> Plan:
 
 
 def vetoed(before: Plan, after: Plan) -> tuple[Decision, ...]:
-    """Given the policy's plan and the guarded one, return the deletions the guard turned down."""
-    planned_deletions = {decision.checkpoint.name for decision in before.deleted}
+    """Given the policy's plan and the guarded one, return the deletions and the slims the
+    guard turned down."""
+    planned = {decision.checkpoint.name for decision in before.deleted}
+    planned_slims = {decision.checkpoint.name for decision in before.slimmed}
     return tuple(
         decision
         for decision in after.decisions
-        if decision.keep and decision.checkpoint.name in planned_deletions
+        if (decision.keep and decision.checkpoint.name in planned)
+        or (not decision.slim and decision.checkpoint.name in planned_slims)
     )

@@ -28,6 +28,7 @@ from daemon.config import (
     DiskConfig,
     PolicyConfig,
     RootConfig,
+    SlimConfig,
     SnapshotsConfig,
     TrashConfig,
     VerifyConfig,
@@ -174,6 +175,30 @@ def test_a_prune_writes_deletes_guard_vetoes_and_its_run_in_their_shapes(
     assert events == ["veto"] * 2 + ["delete"] * 7 + ["prune_run"] * 2
     assert records[0]["reason"] == "min_keep:3" and "pid" not in records[0]
     assert records[2]["why"] == ["tier3:every-1000"] and records[2]["tier"] == 3
+
+
+def test_a_prune_that_slims_writes_slims_and_its_run_in_their_shapes(
+    tmp_path: Path, history: HistoryLog
+) -> None:
+    root = tmp_path / "run"
+    for step in range(100, 1100, 100):
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.pt"):
+            (folder / name).write_bytes(FILE)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for path in [*folder.iterdir(), folder]:
+            os.utime(path, (NOW - 3600, NOW - 3600))
+    policy = PolicyConfig(keep_last=3, tier2_count=4, cadence=100, slim=SlimConfig(after="tier1"))
+    config = Config(
+        defaults=DefaultsConfig(settle_seconds=60, min_keep=1),
+        roots=[RootConfig(path=str(root), policy=policy, trash=TrashConfig(grace=0))],
+    )
+    pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
+    records = assert_golden_shapes(history.path)
+    assert [r["event"] for r in records] == ["delete"] * 5 + ["slim"] * 2 + ["prune_run"]
+    assert records[5]["files"] == ["optimizer.pt"] and records[5]["bytes_freed"] > 0
+    assert records[-1]["slimmed"] == 2
 
 
 def test_refusals_write_prune_refused_in_both_shapes(

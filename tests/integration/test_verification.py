@@ -184,6 +184,21 @@ def test_last_good_is_kept_only_while_a_newer_one_is_in_doubt() -> None:
     assert newest_sound(broken) == broken[1]
 
 
+def test_a_slimmed_checkpoint_is_never_the_last_good_one() -> None:
+    from dataclasses import replace
+
+    from daemon.verification import Assessment, Verdict
+
+    passed, corrupt = Verdict("passed"), Verdict("corrupt")
+    one, two = Checkpoint("c-1", 1), Checkpoint("c-2", 2, slimmed=True)
+    three = Checkpoint("c-3", 3, complete=False, incomplete_reason="corrupt: x")
+    # c-2 lost its optimizer to a slim: a resume from it starts afresh, so c-1 is the one.
+    verdicts = Assessment({"c-3": corrupt, "c-2": passed, "c-1": passed})
+    assert last_good_protection([one, two, three], verdicts) == {"c-1"}
+    assert newest_sound([one, two, three]) == one
+    assert newest_sound([replace(one, slimmed=True), two]) is None
+
+
 def test_checks_off_plans_as_before(tmp_path: Path) -> None:
     root = tmp_path / "run"
     real_run(root, [100, 200])

@@ -201,6 +201,7 @@ GUARD_IMPORTS: dict[str, set[str] | None] = {
     "dataclasses": None,
     "typing": None,
     "policies.model": None,
+    "policies.slim": None,  # pure like all of policies/ (checked above): which slims to refuse
     "daemon.errors": None,
     "daemon.fsio": {"TRASH_DIRECTORY"},
     "daemon.safety.facts": {"Facts", "Holder"},
