@@ -192,6 +192,11 @@ class Lease:
         released = LeaseInfo(self.host, self.pid, 0.0, self.token, state.info.acquired)
         self._replace(state, released.encode())
 
+    def written(self) -> LeaseInfo | None:
+        """Return the lease as written, even expired or released (None: none, unreadable)."""
+        state = self._read()
+        return state.info if state is not None else None
+
     def holder(self) -> LeaseInfo | None:
         """Return who holds the lease as written (None: nobody, released, or unreadable)."""
         state = self._read()

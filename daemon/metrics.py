@@ -63,6 +63,7 @@ REFUSAL_REASONS = (
     "trainer_holds_newest",
     "max_delete_fraction",
     "locked",
+    "lease",
     "other",
 )
 # Seconds: a prune of a quiet root takes milliseconds; one with thousands of checkpoints or a
@@ -90,6 +91,8 @@ def refusal_reason(reason: str) -> str:
         return "max_delete_fraction"
     if "another prune of this root is running" in reason:
         return "locked"
+    if "shared root's lease" in reason:
+        return "lease"
     return "other"
 
 
@@ -434,7 +437,12 @@ class Monitor:
         for reasons in report.veto_reasons.values():
             m.vetoes.labels(root, veto_reason(reasons)).inc()
         m.prune_duration.observe(report.seconds)
-        if report.refused:
+        standby = report.refused is not None and refusal_reason(report.refused) == "lease"
+        if standby:
+            # Another node holds this shared root's lease and prunes it: standing by is no
+            # trouble for `ckptd check` (counted under ckptd_refusals{reason="lease"} only).
+            m.refusals.labels(root, "lease").inc()
+        if report.refused and not standby:
             m.refusals.labels(root, refusal_reason(report.refused)).inc()
             m.refused.labels(root).set(1)
             since = self.refused.get(root, {}).get("since", utc_iso(now))

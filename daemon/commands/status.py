@@ -26,6 +26,7 @@ from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
 from daemon.errors import CkptdError
 from daemon.pruning import trash
+from daemon.pruning.leasing import lease_status
 from daemon.render import format_bytes, format_duration, make_console
 from daemon.rootdir import IdentityStore, root_key
 from daemon.safety.facts import gather_facts
@@ -104,7 +105,30 @@ def root_status(
         "forecast": growth.to_dict(),
         "warnings": [*scan.warnings, *root_plan.warnings],
         "refused": refusal_of(config, root),
+        "lease": lease_status(config, root, running_daemon_pid(config)),
     }
+
+
+def running_daemon_pid(config: Config) -> int | None:
+    """Given the config, return the PID of this machine's running daemon (state.json), or None."""
+    pid = read_state(config.state_dir).get("pid")
+    return pid if isinstance(pid, int) and psutil.pid_exists(pid) else None
+
+
+def lease_text(lease: dict[str, Any], zone: tzinfo) -> str:
+    """Given a shared root's lease as `status --json` has it, return its line for people."""
+    if lease.get("error"):
+        return f"unusable: {lease['error']}"
+    holder = lease.get("holder")
+    if not holder:
+        return f"nobody holds it (this node: {lease['node']})"
+    who = f"{holder['host']} pid {holder['pid']}"
+    until = _moment(lease["expires"], zone)
+    if lease.get("expired"):
+        return f"{who}, expired at {until}: the next daemon to look takes it over"
+    if lease.get("ours"):
+        return f"this daemon ({who}) holds it until {until}, renewing: it prunes here"
+    return f"{who} holds it until {until}: that node prunes here, this one ({lease['node']}) not"
 
 
 def refusal_of(config: Config, root: RootConfig) -> str | None:
@@ -378,6 +402,8 @@ def print_status(console: Console, document: dict[str, Any], zone: tzinfo = UTC)
         tiers = root["tiers"]
         if root.get("refused"):
             table.add_row("REFUSED", root["refused"])
+        if root.get("lease"):
+            table.add_row("lease", lease_text(root["lease"], zone))
         table.add_row(
             "checkpoints",
             f"{root['checkpoints']} ({root['layout']}): tier 1 {tiers['1']}, tier 2 {tiers['2']}, "

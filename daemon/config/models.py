@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     StrictBool,
     field_validator,
+    model_validator,
 )
 
 from daemon.config.units import Duration, Size
@@ -106,6 +107,31 @@ class TrashConfig(StrictModel):
     grace: Duration = 3600.0
 
 
+class LeaseConfig(StrictModel):
+    """`lease:` of a shared root: one pruner per root (issue 14, daemon/pruning/leasing.py).
+
+    The holder renews every third of `duration`; another node takes over only `skew` after
+    its expiry, so clocks that differ by less than `skew` never let two nodes prune at once.
+    """
+
+    duration: Duration = Field(default=300.0, gt=0)
+    skew: Duration = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _duration_exceeds_twice_the_skew(self) -> LeaseConfig:
+        if self.duration <= 2 * self.skew:
+            raise ValueError(
+                f"duration ({self.duration:g} s) must be more than twice the skew"
+                f" ({self.skew:g} s): the holder acts only until `skew` before expiry"
+            )
+        return self
+
+
+# `shared:` of a root: auto = shared when its mount is a network or cluster filesystem (NFS,
+# Lustre, GPFS, Weka, CephFS, BeeGFS, GlusterFS, shared FUSE mounts); object storage always is.
+Shared = Literal["auto"] | StrictBool
+
+
 class TrainerConfig(StrictModel):
     pid_file: str | None = None
     cmdline: str | None = None
@@ -144,6 +170,8 @@ class RootConfig(StrictModel):
     min_keep: int | None = Field(default=None, ge=0)
     max_delete_fraction: float | None = Field(default=None, gt=0, le=1)
     trash: TrashConfig | None = None
+    shared: Shared | None = None
+    lease: LeaseConfig | None = None
 
 
 class DefaultsConfig(StrictModel):
@@ -155,6 +183,8 @@ class DefaultsConfig(StrictModel):
     min_keep: int = Field(default=3, ge=0)
     max_delete_fraction: float = Field(default=0.9, gt=0, le=1)
     trash: TrashConfig = Field(default_factory=TrashConfig)
+    shared: Shared = "auto"
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
 
 
 class PruneConfig(StrictModel):
@@ -300,6 +330,9 @@ class LogConfig(StrictModel):
 
 class Config(StrictModel):
     timezone: str | None = None
+    # This machine's name in a shared root's lease (default: its hostname); two daemons that
+    # share storage must have different names.
+    node_name: str | None = Field(default=None, min_length=1, max_length=200)
     state_dir: str = "/var/lib/ckptd"
     history_file: str | None = None  # default: <state_dir>/history.jsonl
     log: LogConfig = Field(default_factory=LogConfig)

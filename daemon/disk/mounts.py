@@ -129,3 +129,62 @@ def is_network_filesystem(fstype: str) -> bool:
     """Given a mount's filesystem type, return whether inotify would miss remote writes."""
     fstype = fstype.lower()
     return fstype in NETWORK_FILESYSTEMS or fstype.startswith(("fuse", "nfs"))
+
+
+# Mount types other machines write to as well: several ckptd daemons may see one root there, so
+# a root on one is `shared` (one pruner, by lease: daemon/pruning/leasing.py) unless configured
+# otherwise. Unlike NETWORK_FILESYSTEMS (inotify), a VM's own share (9p, virtiofs) is not here.
+SHARED_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "lustre",
+        "gpfs",
+        "wekafs",
+        "ceph",
+        "cephfs",
+        "beegfs",
+        "glusterfs",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "afs",
+        "ocfs2",
+        "gfs2",
+        "orangefs",
+        "pvfs2",
+    }
+)
+# FUSE mounts of network or cluster storage (`fuse.<name>` in the mount table).
+SHARED_FUSE = frozenset(
+    {
+        "sshfs",
+        "s3fs",
+        "gcsfuse",
+        "rclone",
+        "juicefs",
+        "glusterfs",
+        "ceph-fuse",
+        "cephfs",
+        "mountpoint-s3",
+        "goofys",
+        "blobfuse",
+        "blobfuse2",
+        "weka",
+        "beegfs",
+        "lustre",
+        "alluxio-fuse",
+        "seaweedfs",
+        "geesefs",
+        "davfs",
+    }
+)
+
+
+def is_shared_filesystem(fstype: str) -> bool:
+    """Given a mount's filesystem type, return whether other machines may write to it too (a
+    network or cluster filesystem, or a FUSE mount of one)."""
+    fstype = fstype.lower()
+    if fstype.startswith("fuse."):
+        return fstype.removeprefix("fuse.") in SHARED_FUSE
+    return fstype in SHARED_FILESYSTEMS or fstype.startswith("nfs")

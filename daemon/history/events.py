@@ -119,15 +119,23 @@ class Veto(HistoryEvent):
 @dataclass(frozen=True, kw_only=True)
 class PruneRefused(HistoryEvent):
     """A whole root refused for this run, with the processes involved. `dry_run` is None (left
-    out) when the run never got as far as planning (another prune held the root)."""
+    out) when the run never got as far as planning (another prune held the root, or another
+    node the root's lease: then `holder_host`, `holder_pid` and `lease_expires` name it)."""
 
     event: ClassVar[str] = "prune_refused"
-    optional: ClassVar[frozenset[str]] = frozenset({"dry_run"})
+    optional: ClassVar[frozenset[str]] = frozenset(
+        {"dry_run", "holder_host", "holder_pid", "lease_expires"}
+    )
     root: str
     reason: str
     pids: tuple[int, ...]
     cmdlines: tuple[str, ...]
     dry_run: bool | None = None
+    # A shared root whose lease another node holds (issue 14): that node's name, its PID
+    # (on that node) and when its lease expires (UTC ISO). Left out for every other refusal.
+    holder_host: str | None = None
+    holder_pid: int | None = None
+    lease_expires: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,7 @@ from daemon.history.events import PruneRefused, PruneRun, Veto
 from daemon.history.log import NULL_HISTORY, History
 from daemon.integrity.result import IntegrityResult
 from daemon.planner import plan_root
-from daemon.pruning import deleter, slimmer, trash
+from daemon.pruning import deleter, leasing, slimmer, trash
 from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.lock import LOCK_FILE, root_lock
 from daemon.pruning.slimmer import SlimResult
@@ -544,6 +544,11 @@ def prune_root(
     `verification` is the integrity state to use and keep (default: `<state_dir>`'s, saved
     there after the run when that folder exists; a dry run saves nothing).
     """
+    # A shared root: only the holder of its lease prunes (daemon/pruning/leasing.py).
+    lease = leasing.check(config, root, dry_run=dry_run, history=history)
+    if lease.refusal is not None:
+        return _refused_by_lease(leasing.report_root(root), lease.refusal.reason)
+    stop = lease.guard(stop)
     store = identities if identities is not None else IdentityStore.in_state_dir(config.state_dir)
     key = root_key(root.path)
     try:
@@ -584,6 +589,18 @@ def prune_root(
         plan=Plan(root=job.root_path, decisions=()),
         dry_run=False,
         refusal=Refusal(reason),
+    )
+
+
+def _refused_by_lease(root_path: str, reason: str) -> PruneReport:
+    """Given a shared root whose lease another node holds, return the refused report (not
+    transient: it clears when that node's lease expires, and the daemon's lease job then
+    takes it over and prunes)."""
+    return PruneReport(
+        root=root_path,
+        plan=Plan(root=root_path, decisions=()),
+        dry_run=False,
+        refusal=Refusal(reason, transient=False),
     )
 
 

@@ -27,6 +27,7 @@ from daemon.config.changes import config_changes
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CkptdError, ConfigError
 from daemon.logs import configure_logging, get_logger
 from daemon.metrics import Monitor
+from daemon.pruning import leasing
 from daemon.service.reload import ConfigWatch, file_digest
 from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
@@ -99,6 +100,7 @@ class Service:
     def run(self) -> int:
         """Given a started service, serve until `stop`; return the exit code."""
         self.monitor.start()  # metrics: before the worker's first prune
+        leasing.keep_leases()  # shared roots: held between prunes, released at a clean stop
         self.worker.thread.start()
         self.watcher.set_roots(self._root_watches(self.config), self.config_path)
         self.schedule.start(self.config)
@@ -219,6 +221,10 @@ class Service:
         if not self.worker.thread.is_alive():
             self.worker.save_cache()
         self.schedule.shutdown(wait=True)
+        if not self.worker.thread.is_alive():
+            # After the lease thread ended; and never while the worker may still delete (its
+            # leases then expire on their own).
+            leasing.LEASES.release_all()
         if self.worker.thread.is_alive():
             log.error("stop_timeout", seconds=self.stop_timeout)
             return EXIT_FAILED
@@ -256,7 +262,20 @@ class Service:
         if name == "verify":
             self._user_tests()
             return
+        if name == "lease":
+            self._leases()
+            return
         self.worker.run_and_wait(name)
+
+    def _leases(self) -> None:
+        """Renew the leases of shared roots (on the scheduler's own "lease" thread, never
+        behind a prune); a lease taken over from a node gone has its roots pruned now."""
+        if self.stop.is_set():
+            return
+        taken = leasing.LEASES.maintain(self.config)
+        if taken:
+            log.info("lease_taken_over", roots=taken)
+            self.worker.submit(Task("prune"))
 
     def _user_tests(self) -> None:
         """The user's daily test (on the scheduler's own "verify" thread, not the worker: a test

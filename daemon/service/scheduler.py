@@ -38,7 +38,10 @@ FILES_EXECUTOR = "files"
 VERIFY_EXECUTOR = "verify"
 # A job missed by up to 6 hours (machine asleep, daemon restarted) still runs, once.
 MISFIRE_GRACE_SECONDS = 6 * 3600
-JOB_NAMES = ("prune", "snapshot", "disk", "verify")
+# The leases of shared roots are renewed on a thread of their own: a long prune on the "files"
+# thread must never let the lease it prunes under expire.
+LEASE_EXECUTOR = "lease"
+JOB_NAMES = ("prune", "snapshot", "disk", "verify", "lease")
 
 
 class WallClockTrigger(BaseTrigger):  # type: ignore[misc]
@@ -112,6 +115,21 @@ def verify_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger:
     return WallClockTrigger(CronTrigger(hour=hour, minute=minute, timezone=timezone))
 
 
+def lease_trigger(config: Config, timezone: dt.tzinfo) -> BaseTrigger | None:
+    """Given the config, return the trigger renewing (and taking over) the leases of its
+    shared roots, every third of the shortest lease; None when no root is shared now."""
+    from daemon.pruning.leasing import is_shared, lease_settings
+
+    durations = [
+        float(lease_settings(config, root).duration)
+        for root in config.roots
+        if is_shared(config, root)
+    ]
+    if not durations:
+        return None
+    return IntervalTrigger(seconds=max(0.2, min(durations) / 3), timezone=timezone)
+
+
 def build_triggers(config: Config) -> dict[str, BaseTrigger]:
     """Given a config, return job name -> trigger; raise ValueError on a bad schedule."""
     timezone = zone_for(config)
@@ -120,7 +138,13 @@ def build_triggers(config: Config) -> dict[str, BaseTrigger]:
         triggers["snapshot"] = snapshot_trigger(config, timezone)
     if config.verify.command:
         triggers["verify"] = verify_trigger(config, timezone)
+    lease = lease_trigger(config, timezone)
+    if lease is not None:
+        triggers["lease"] = lease
     return triggers
+
+
+_EXECUTORS = {"verify": VERIFY_EXECUTOR, "lease": LEASE_EXECUTOR}
 
 
 class Schedule:
@@ -136,8 +160,13 @@ class Schedule:
     def _new_scheduler(self, timezone: dt.tzinfo) -> BackgroundScheduler:
         self.files_executor = ThreadPoolExecutor(max_workers=1)
         self.verify_executor = ThreadPoolExecutor(max_workers=1)
+        self.lease_executor = ThreadPoolExecutor(max_workers=1)
         scheduler = BackgroundScheduler(
-            executors={FILES_EXECUTOR: self.files_executor, VERIFY_EXECUTOR: self.verify_executor},
+            executors={
+                FILES_EXECUTOR: self.files_executor,
+                VERIFY_EXECUTOR: self.verify_executor,
+                LEASE_EXECUTOR: self.lease_executor,
+            },
             job_defaults={
                 "max_instances": 1,
                 "coalesce": True,
@@ -172,7 +201,7 @@ class Schedule:
                     args=[name],
                     id=name,
                     name=name,
-                    executor=VERIFY_EXECUTOR if name == "verify" else FILES_EXECUTOR,
+                    executor=_EXECUTORS.get(name, FILES_EXECUTOR),
                     replace_existing=True,
                 )
 
@@ -193,6 +222,7 @@ class Schedule:
             # Already stopped without waiting (the service's first step): wait for the job now.
             self.files_executor.shutdown(wait=True)
             self.verify_executor.shutdown(wait=True)
+            self.lease_executor.shutdown(wait=True)
 
     @staticmethod
     def _on_job_event(event: JobExecutionEvent) -> None:
@@ -209,11 +239,13 @@ class Schedule:
 
 __all__ = [
     "FILES_EXECUTOR",
+    "LEASE_EXECUTOR",
     "VERIFY_EXECUTOR",
     "Schedule",
     "WallClockTrigger",
     "build_triggers",
     "disk_trigger",
+    "lease_trigger",
     "prune_trigger",
     "snapshot_trigger",
     "verify_trigger",

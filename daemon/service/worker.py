@@ -36,6 +36,7 @@ from daemon.discovery.walker import FINGERPRINT_MARKERS
 from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
+from daemon.lease import LEASE_NAME
 from daemon.logs import get_logger
 from daemon.metrics import Monitor
 from daemon.planner import plan_root
@@ -338,6 +339,8 @@ class Worker:
         paths = [p for p in (event.path, event.dest_path) if p]
         if any(p == trash or p.startswith(trash + os.sep) for p in paths[-1:]):
             return False  # our own deletions
+        if any(os.path.basename(p).startswith(LEASE_NAME) for p in paths[-1:]):
+            return False  # a shared root's lease renewed (ours or another node's)
         if event.path == event.root or event.dest_path == event.root:
             if event.kind == "deleted" or (event.kind == "moved" and event.path == event.root):
                 log.warning("root_vanished", root=event.root)
