@@ -250,7 +250,12 @@ class Leases:
             if was_held and lease.renew(now):
                 return False
             if lease.acquire(now):
-                log.info("lease_taken", root=root.path, host=lease.host, expires=utc_iso(now))
+                log.info(
+                    "lease_taken",
+                    root=root.path,
+                    host=lease.host,
+                    expires=utc_iso(lease.expires, timespec="seconds"),
+                )
                 self.forget_refusal(key)
                 return True
         except (LeaseError, OSError) as error:
