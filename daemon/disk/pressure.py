@@ -133,7 +133,11 @@ def _empty_trash_of(
 ) -> int | None:
     """Given a root, remove everything in its trash now, grace or not (disk pressure comes
     first); return the bytes freed when known. The root must be the folder first seen at its
-    path (RootChanged otherwise: the step fails and says why)."""
+    path (RootChanged otherwise: the step fails and says why); on a shared root, only the
+    holder of its lease empties it (LeaseHeldElsewhere otherwise)."""
+    from daemon.pruning import leasing
+
+    leasing.require(config, root, history=history)
     store = IdentityStore.in_state_dir(config.state_dir)
     with open_root(root.path, store=store) as root_dir:
         freed = empty_trash(root_dir, history=history)

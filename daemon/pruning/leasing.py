@@ -39,6 +39,7 @@ import psutil
 from daemon.clock import utc_iso
 from daemon.config import Config, LeaseConfig, RootConfig
 from daemon.disk.mounts import filesystem_type, is_shared_filesystem
+from daemon.errors import CkptdError
 from daemon.history.events import PruneRefused
 from daemon.history.log import History
 from daemon.lease import Lease, LeaseError, LeaseInfo, ObjectLease, PosixLease
@@ -104,6 +105,11 @@ def new_lease(
     if store is None:
         url, store = _open_store(root)
     return ObjectLease(store, url, settings.duration, settings.skew, host)
+
+
+class LeaseHeldElsewhere(CkptdError):
+    """Another node holds this shared root's lease: this daemon changes nothing there (the
+    disk check's emptying of a trash that node owns, too)."""
 
 
 @dataclass(frozen=True)
@@ -386,6 +392,14 @@ def check(
     return _refuse(root, refusal, history, dry_run=dry_run)
 
 
+def require(config: Config, root: RootConfig, *, history: History) -> None:
+    """Given a root about to be changed outside `prune_root` (the disk check empties its
+    trash), raise LeaseHeldElsewhere when it is shared and another node holds its lease."""
+    refusal = check(config, root, dry_run=False, history=history).refusal
+    if refusal is not None:
+        raise LeaseHeldElsewhere(refusal.reason)
+
+
 def _refuse(
     root: RootConfig, refusal: LeaseRefusal, history: History, *, dry_run: bool = False
 ) -> LeaseCheck:
@@ -434,6 +448,7 @@ def lease_status(config: Config, root: RootConfig, daemon_pid: int | None) -> di
 __all__ = [
     "LEASES",
     "LeaseCheck",
+    "LeaseHeldElsewhere",
     "LeaseRefusal",
     "Leases",
     "WhileHeld",
@@ -447,4 +462,5 @@ __all__ = [
     "new_lease",
     "node_name",
     "report_root",
+    "require",
 ]

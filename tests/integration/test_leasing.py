@@ -312,3 +312,23 @@ def test_status_shows_the_lease_holder_and_that_it_is_not_this_daemon(
     table = status(config).stdout
     assert f"node-other pid {os.getpid()} holds it until" in table
     assert "this one (node-test) not" in table
+
+
+def test_the_disk_check_empties_no_trash_of_a_root_another_node_holds(
+    tmp_path: Path, root: Path
+) -> None:
+    from daemon.disk.pressure import _empty_trash_of
+    from daemon.history.log import NULL_HISTORY
+    from daemon.pruning import trash
+
+    config = shared_config(tmp_path, root)
+    graced = config.model_copy(
+        update={"defaults": config.defaults.model_copy(update={"trash": TrashConfig(grace=3600)})}
+    )
+    report = pipeline.prune_root(graced, graced.roots[0], now=time.time(), dry_run=False)
+    assert report.refused is None and len(report.applied.trashed) == 4
+    LEASES.release_all()
+    other_node(root)
+    with pytest.raises(leasing.LeaseHeldElsewhere, match="node-other"):
+        _empty_trash_of(graced, graced.roots[0], now=time.time(), history=NULL_HISTORY)
+    assert len(trash.list_trash(os.path.realpath(root))) == 4  # the holder's to purge
