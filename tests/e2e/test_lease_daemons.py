@@ -162,6 +162,11 @@ def run_two_daemons(
         assert {r["holder_pid"] for r in refused} == {first.process.pid}
         assert len(refused) == 1, "recorded once per holder, not at every checkpoint"
 
+        # Standing by is no trouble for `ckptd check`: not a refused root, not a stale one.
+        state = json.loads((second.state / "state.json").read_text())
+        assert os.path.realpath(root) not in (state.get("refused") or {})
+        assert os.path.realpath(root) in state["prune_success"]
+
         seen_by_b = second.status()["roots"][0]["lease"]
         assert seen_by_b["holder"] == {"host": "node-a", "pid": first.process.pid}
         assert seen_by_b["ours"] is False and seen_by_b["node"] == "node-b"
