@@ -63,11 +63,12 @@ class Node:
         command: list[str],
         env: dict[str, str],
         shared: str,
+        extra: str = "",
     ) -> None:
         self.name = name
         self.state = tmp / name
         self.config = tmp / f"{name}.yaml"
-        self.config.write_text(config_text(root, self.state, name, shared=shared))
+        self.config.write_text(config_text(root, self.state, name, shared=shared) + extra)
         self.command = command
         self.env = env
         self.log = (tmp / f"{name}.log").open("w")
@@ -298,3 +299,47 @@ def test_two_daemons_on_an_nfs_mount(
     tmp_path: Path, nfs_root: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
     run_two_daemons(tmp_path, nfs_root, ckptd_command, cli_env, shared="auto")
+
+
+@pytest.mark.slow
+def test_ckptd_prune_on_the_holders_machine_prunes_under_its_daemons_lease(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    """`ckptd prune -y` beside this node's daemon does not fight it for the lease (the root
+    lock keeps the two apart); from another node's name it is refused (exit 3), naming the
+    holder."""
+    root = tmp_path / "root"
+    root.mkdir()
+    environment = dict(cli_env)
+    environment["PYTHONPATH"] = str(REPOSITORY)
+    extra = "prune: {on_new_checkpoint: false}\n"  # only `ckptd prune` deletes the new saves
+    node = Node("node-a", tmp_path, root, ckptd_command, environment, "true", extra)
+    try:
+        text = node.config.read_text()
+        wait_for(lambda: (lease := lease_of(root)) and lease.host == "node-a", 30, "the lease")
+        held = lease_of(root)
+        assert held is not None and held.pid == node.process.pid
+        for step in range(1, 7):
+            save(root, step)
+        other = tmp_path / "other.yaml"
+        other.write_text(
+            text.replace("node_name: node-a", "node_name: node-b").replace(
+                str(tmp_path / "node-a"), str(tmp_path / "other")
+            )
+        )
+        prune = [*ckptd_command, "prune", "-y", "--config"]
+        refused = subprocess.run(
+            [*prune, str(other)], capture_output=True, text=True, env=environment, timeout=60
+        )
+        assert refused.returncode == 3, refused.stderr
+        assert f"node-a pid {node.process.pid}" in refused.stderr + refused.stdout
+        assert survivors(root) == [1, 2, 3, 4, 5, 6]
+        done = subprocess.run(
+            [*prune, str(node.config)], capture_output=True, text=True, env=environment, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert survivors(root) == [4, 5, 6]
+        after = lease_of(root)
+        assert after is not None and after.token == held.token  # still the daemon's lease
+    finally:
+        node.stop()
