@@ -173,6 +173,16 @@ def run_two_daemons(
         assert seen_by_b["ours"] is False and seen_by_b["node"] == "node-b"
         assert first.status()["roots"][0]["lease"]["ours"] is True
 
+        # Idle, A keeps renewing (its lease job, every third of the duration): longer than a
+        # lease lasts, and B still takes nothing over.
+        before = lease_of(root)
+        time.sleep(DURATION + SKEW + 0.5)
+        renewed = lease_of(root)
+        assert before is not None and renewed is not None
+        assert renewed.token == before.token and renewed.expires > before.expires + DURATION
+        assert renewed.expires > time.time() + SKEW
+        assert second.deleted() == []
+
         # Node A dies without a word; its last lease stays written until it expires.
         first.process.send_signal(signal.SIGKILL)
         first.process.wait()
