@@ -41,6 +41,7 @@ import secrets
 import socket
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
@@ -158,6 +159,17 @@ class Lease:
             return self._swap(state, now)
         if not self._expired(state, now):
             self.held = False
+            return False
+        return self._swap(state, now)
+
+    def take_from_dead(self, now: float, gone: Callable[[LeaseInfo], bool]) -> bool:
+        """Given the time and a test that tells a holder gone for certain (a process of this
+        very machine that no longer runs), take the lease from such a holder before its
+        expiry, by the same compare-and-swap; return whether this daemon holds it now."""
+        state = self._read()
+        if state is None or state.info is None or state.info.expires <= 0:
+            return False
+        if state.info.token == self.token or not gone(state.info):
             return False
         return self._swap(state, now)
 

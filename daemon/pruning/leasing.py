@@ -307,6 +307,26 @@ def _free(lease: Lease, now: float) -> tuple[bool, LeaseInfo | None]:
     return now > holder.expires + lease.skew, holder
 
 
+def _gone_from(lease: Lease) -> Callable[[LeaseInfo], bool]:
+    """Given this process's lease, return a test that tells a holder gone for certain: one of
+    this very machine (its node name) whose process no longer runs, or whose PID now belongs
+    to a process started after the holder last wrote (`ckptd prune` killed, then run again,
+    need not wait for its lease to expire). A holder of another machine is never gone."""
+
+    def gone(holder: LeaseInfo) -> bool:
+        if holder.host != lease.host or holder.pid == os.getpid():
+            return False
+        try:
+            started = psutil.Process(holder.pid).create_time()
+        except psutil.NoSuchProcess:
+            return True
+        except (psutil.Error, OSError):
+            return False
+        return started > holder.acquired + 1.0
+
+    return gone
+
+
 def _sibling(lease: Lease, holder: LeaseInfo | None, now: float) -> bool:
     """Given the holder of a lease this process did not get, return whether it is a live
     ckptd process of this very machine with a valid lease (its own daemon)."""
@@ -378,7 +398,8 @@ def check(
             if dry_run:
                 ok, holder = _free(lease, now)
             else:
-                ok = lease.acquire(now) and lease.valid(now)
+                ok = lease.acquire(now) or lease.take_from_dead(now, _gone_from(lease))
+                ok = ok and lease.valid(now)
                 holder = None if ok else lease.holder()
     except (LeaseError, OSError) as error:
         reason = f"the lease of this shared root cannot be used: {error}"

@@ -332,3 +332,40 @@ def test_the_disk_check_empties_no_trash_of_a_root_another_node_holds(
     with pytest.raises(leasing.LeaseHeldElsewhere, match="node-other"):
         _empty_trash_of(graced, graced.roots[0], now=time.time(), history=NULL_HISTORY)
     assert len(trash.list_trash(os.path.realpath(root))) == 4  # the holder's to purge
+
+
+def take_and_die(root: Path, host: str) -> None:
+    """A process of node `host` takes the lease and dies without giving it back (kill -9)."""
+    script = (
+        "import os, sys, time\n"
+        "from daemon.lease import PosixLease\n"
+        f"lease = PosixLease(sys.argv[1], {DURATION * 10}, {SKEW}, host=sys.argv[2])\n"
+        "assert lease.acquire(time.time())\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(root), host],
+        check=True,
+        env=dict(os.environ, PYTHONPATH=str(REPOSITORY)),
+        timeout=60,
+    )
+
+
+def test_a_dead_process_of_this_node_leaves_no_lease_to_wait_for(
+    tmp_path: Path, root: Path
+) -> None:
+    """`ckptd prune` killed -9 on this node, then run again: its lease (valid for another
+    half minute) names a process of this very node that is gone, so it is taken at once."""
+    config = shared_config(tmp_path, root)
+    take_and_die(root, "node-test")
+    report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    assert report.refused is None and names(root) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_a_dead_process_of_another_node_is_waited_for(tmp_path: Path, root: Path) -> None:
+    """The same lease from another node: its PID means nothing here, so it must expire."""
+    config = shared_config(tmp_path, root)
+    take_and_die(root, "node-other")
+    report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
+    assert report.refused is not None and "node-other" in report.refused
+    assert len(names(root)) == 6
