@@ -404,6 +404,8 @@ def check(
     except (LeaseError, OSError) as error:
         reason = f"the lease of this shared root cannot be used: {error}"
         return _refuse(root, LeaseRefusal(reason), history, dry_run=dry_run)
+    if ok and dry_run:
+        return LeaseCheck(None)  # it deletes nothing: no lease to keep valid
     if ok:
         LEASES.forget_refusal(lease_key(root))
         return LeaseCheck(None, LEASES.renewing_validity(lease))
