@@ -255,7 +255,7 @@ class Leases:
         try:
             if was_held and lease.renew(now):
                 return False
-            if lease.acquire(now):
+            if lease.acquire(now) or lease.take_from_dead(now, _gone_from(lease)):
                 log.info(
                     "lease_taken",
                     root=root.path,
