@@ -38,7 +38,7 @@ from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.lease import LEASE_NAME
 from daemon.logs import get_logger
-from daemon.metrics import Monitor
+from daemon.metrics import Monitor, refusal_reason
 from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
@@ -488,8 +488,12 @@ class Worker:
             # A limit only a person can lift: retrying on a timer would only repeat the refusal
             # in the history every settle period. The next checkpoint, the schedule or a disk
             # check tries again.
+            # (Or another node holds a shared root's lease: normal on a standby node, and the
+            # lease job prunes the root once it takes the lease over.)
             self.timers.settled(key)
-            log.warning("prune_refused", root=key, reason=report.refused, trigger=trigger)
+            standby = refusal_reason(report.refused) == "lease"
+            say = log.info if standby else log.warning
+            say("prune_refused", root=key, reason=report.refused, trigger=trigger)
             return
         if report.refused:
             log.info("prune_deferred", root=key, reason=report.refused, trigger=trigger)

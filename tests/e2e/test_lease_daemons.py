@@ -163,7 +163,15 @@ def run_two_daemons(
         assert {r["holder_pid"] for r in refused} == {first.process.pid}
         assert len(refused) == 1, "recorded once per holder, not at every checkpoint"
 
-        # Standing by is no trouble for `ckptd check`: not a refused root, not a stale one.
+        # Standing by is no warning in B's log, and no trouble for `ckptd check`: not a
+        # refused root, not a stale one.
+        logged = [
+            json.loads(line)
+            for line in (tmp_path / "node-b.log").read_text().splitlines()
+            if line.startswith("{")
+        ]
+        standing_by = [e for e in logged if e.get("event") == "prune_refused"]
+        assert standing_by and {e["level"] for e in standing_by} == {"info"}
         state = json.loads((second.state / "state.json").read_text())
         assert os.path.realpath(root) not in (state.get("refused") or {})
         assert os.path.realpath(root) in state["prune_success"]
