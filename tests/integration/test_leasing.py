@@ -369,3 +369,13 @@ def test_a_dead_process_of_another_node_is_waited_for(tmp_path: Path, root: Path
     report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert report.refused is not None and "node-other" in report.refused
     assert len(names(root)) == 6
+
+
+def test_the_lease_job_runs_every_third_of_a_duration_only_with_a_shared_root(
+    tmp_path: Path, root: Path
+) -> None:
+    from daemon.service.scheduler import build_triggers
+
+    triggers = build_triggers(shared_config(tmp_path, root, shared=True))
+    assert triggers["lease"].interval.total_seconds() == DURATION / 3  # type: ignore[attr-defined]
+    assert "lease" not in build_triggers(shared_config(tmp_path, root, shared=False))
