@@ -377,5 +377,5 @@ def test_the_lease_job_runs_every_third_of_a_duration_only_with_a_shared_root(
     from daemon.service.scheduler import build_triggers
 
     triggers = build_triggers(shared_config(tmp_path, root, shared=True))
-    assert triggers["lease"].interval.total_seconds() == DURATION / 3  # type: ignore[attr-defined]
+    assert triggers["lease"].interval.total_seconds() == DURATION / 3
     assert "lease" not in build_triggers(shared_config(tmp_path, root, shared=False))
