@@ -21,6 +21,12 @@ Section = Mapping[str, object]
 SNAPSHOTS_OFF: Section = {"enabled": False}
 
 
+def rotation(count: int, **more: object) -> dict[str, object]:
+    """Given a count (and any other policy keys), return the policy most tests use: keep the
+    newest `count`, no tier 2, no tier 3."""
+    return {"keep_last": count, "tier2_count": 0, "tier3_interval": None, **more}
+
+
 def config_mapping(
     roots: Iterable[Path | str | Section] = (),
     *,
@@ -72,7 +78,7 @@ def config_mapping(
         "metrics": metrics,
         "check": check,
     }
-    return _present(mapping)
+    return {key: _plain(value) for key, value in _present(mapping).items()}
 
 
 def write_config(
@@ -107,3 +113,14 @@ def _root_entry(
 
 def _present(mapping: Mapping[str, object]) -> dict[str, object]:
     return {key: value for key, value in mapping.items() if value is not None}
+
+
+def _plain(value: object) -> object:
+    """Paths as strings, all the way down: YAML knows no Path."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value

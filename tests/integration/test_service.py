@@ -27,33 +27,22 @@ from daemon.service.sdnotify import Notifier
 from daemon.snapshots import copying
 from daemon.state import read_state
 from policies.model import PolicySpec
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import write_file
 
 SETTLE = 0.3
 
 
-def write_config(path: Path, root: Path, state: Path, *, keep_last: int, extra: str = "") -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(
-        f"""\
-state_dir: {state}
-history_file: {state}/history.jsonl
-log: {{level: debug, format: json}}
-defaults:
-  policy: {{keep_last: {keep_last}, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: {SETTLE}
-  min_keep: 1
-  max_delete_fraction: 1.0
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-{extra}"""
-    )
-    # Like an editor: write aside, rename over.
-    os.replace(temporary, path)
+# What every daemon of these tests runs with, besides its policy (tests/configs.py writes it).
+DAEMON: dict[str, Any] = {
+    "log": {"level": "debug", "format": "json"},
+    "settle_seconds": SETTLE,
+    "min_keep": 1,
+    "max_delete_fraction": 1.0,
+    "grace": "0s",
+    "layout": "hf",
+    "disk": {"interval": "1h"},
+}
 
 
 def save_checkpoint(root: Path, step: int) -> None:
@@ -170,7 +159,7 @@ def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     reload: threading.Event = daemon_setup["reload"]  # type: ignore[assignment]
     for step in range(1, 9):
         save_checkpoint(root, step * 10)
-    write_config(config, root, state, keep_last=3)
+    write_config(config, [root], state_dir=state, policy=rotation(3), **DAEMON)
     thread: threading.Thread = daemon_setup["start"]()  # type: ignore[operator]
 
     # Start-up prune, then READY.
@@ -200,7 +189,7 @@ def test_daemon_prunes_at_startup_after_new_checkpoints_and_reloads(
     assert wait_until(lambda: steps_in(root) == [80, 90, 100], 5)
 
     # A valid edit, no signal: the file watch reloads it and the new policy applies at once.
-    write_config(config, root, state, keep_last=2)
+    write_config(config, [root], state_dir=state, policy=rotation(2), **DAEMON)
     assert wait_until(lambda: steps_in(root) == [90, 100], 5)
     assert thread.is_alive()
 
@@ -228,7 +217,7 @@ def test_missing_root_is_waited_for_then_pruned(daemon_setup: dict[str, object])
     config: Path = daemon_setup["config"]  # type: ignore[assignment]
     listener: Listener = daemon_setup["listener"]  # type: ignore[assignment]
     root.rmdir()
-    write_config(config, root, state, keep_last=2)
+    write_config(config, [root], state_dir=state, policy=rotation(2), **DAEMON)
     daemon_setup["start"]()  # type: ignore[operator]
     assert wait_until(lambda: "READY=1" in listener.lines())
     staging = root.parent / "staging"
@@ -259,10 +248,7 @@ def test_a_failing_job_is_logged_with_its_traceback_and_the_daemon_goes_on(
     stream = io.StringIO()
     configure_logging("info", "json", stream=stream)
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nroots: []\nsnapshots: {{enabled: false}}\n"
-        "disk: {interval: 1s}\n"
-    )
+    write_config(config, disk={"interval": "1s"})
     stop, reload = threading.Event(), threading.Event()
     result: dict[str, int] = {}
     thread = threading.Thread(
@@ -309,7 +295,7 @@ def test_sigterm_during_a_prune_finishes_the_deletion_and_exits_0(
         for item in (*folder.iterdir(), folder):
             os.utime(item, (old, old))
     config = tmp_path / "config.yaml"
-    write_config(config, root, state, keep_last=3)
+    write_config(config, [root], state_dir=state, policy=rotation(3), **DAEMON)
     environment = dict(cli_env)
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).resolve().parents[2]), environment.get("PYTHONPATH", "")]
@@ -365,8 +351,13 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
 
     monkeypatch.setattr("daemon.service.worker.check_disks", check_disks)
     config = tmp_path / "config.yaml"
-    write_config(config, root, state, keep_last=100, extra="")
-    config.write_text(config.read_text().replace("disk: {interval: 1h}", "disk: {interval: 1s}"))
+    write_config(
+        config,
+        [root],
+        state_dir=state,
+        policy=rotation(100),
+        **{**DAEMON, "disk": {"interval": "1s"}},
+    )
     stop, reload = threading.Event(), threading.Event()
     thread = threading.Thread(
         target=lambda: serve(
@@ -401,20 +392,16 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     for item in (*folder.iterdir(), folder):
         os.utime(item, (old, old))
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {state}
-history_file: {state}/history.jsonl
-defaults:
-  policy: {{keep_last: 5, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.3
-  min_keep: 1
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: true, at: "00:00", dir: {snapshots}, method: copy, keep: 3}}
-disk: {{interval: 1h}}
-"""
+    write_config(
+        config,
+        [root],
+        state_dir=state,
+        policy=rotation(5),
+        settle_seconds=0.3,
+        min_keep=1,
+        layout="hf",
+        snapshots={"enabled": True, "at": "00:00", "dir": snapshots, "method": "copy", "keep": 3},
+        disk={"interval": "1h"},
     )
     chunks: list[int] = []
     real_copy_range = copying._copy_range
@@ -494,21 +481,17 @@ def test_reload_to_another_state_dir_moves_the_size_cache_there(tmp_path: Path) 
     config = tmp_path / "config.yaml"
 
     def write(state: Path) -> None:
-        text = f"""\
-state_dir: {state}
-history_file: {tmp_path}/history.jsonl
-defaults:
-  policy: {{keep_last: 5, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.3
-  min_keep: 1
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
-        (tmp_path / "config.tmp").write_text(text)
-        os.replace(tmp_path / "config.tmp", config)
+        write_config(
+            config,
+            [root],
+            state_dir=state,
+            history_file=tmp_path / "history.jsonl",
+            policy=rotation(5),
+            settle_seconds=0.3,
+            min_keep=1,
+            layout="hf",
+            disk={"interval": "1h"},
+        )
 
     first, second = tmp_path / "state-a", tmp_path / "state-b"
     write(first)
@@ -550,16 +533,13 @@ def test_a_wedged_worker_stops_the_watchdog_pings_and_they_resume_when_it_moves(
     root = tmp_path / "run"
     root.mkdir()
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {tmp_path}/state
-history_file: {tmp_path}/history.jsonl
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
+    write_config(
+        config,
+        [root],
+        state_dir=tmp_path / "state",
+        history_file=tmp_path / "history.jsonl",
+        layout="hf",
+        disk={"interval": "1h"},
     )
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify.sock"))
@@ -631,16 +611,13 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
     for item in (*folder.iterdir(), folder):
         os.utime(item, (old, old))
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {state}
-history_file: {state}/history.jsonl
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: true, at: "00:00", dir: {snapshots}, method: copy, keep: 3}}
-disk: {{interval: 1h}}
-"""
+    write_config(
+        config,
+        [root],
+        state_dir=state,
+        layout="hf",
+        snapshots={"enabled": True, "at": "00:00", "dir": snapshots, "method": "copy", "keep": 3},
+        disk={"interval": "1h"},
     )
     chunks: list[int] = []
     real_copy_range = copying._copy_range
@@ -705,22 +682,18 @@ def test_a_log_file_appended_in_the_root_does_not_postpone_pruning_forever(
     root = tmp_path / "run"
     root.mkdir()
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {tmp_path}/state
-history_file: {tmp_path}/history.jsonl
-defaults:
-  policy: {{keep_last: 2, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.3
-  min_keep: 1
-  max_delete_fraction: 1.0
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
+    write_config(
+        config,
+        [root],
+        state_dir=tmp_path / "state",
+        history_file=tmp_path / "history.jsonl",
+        policy=rotation(2),
+        settle_seconds=0.3,
+        min_keep=1,
+        max_delete_fraction=1.0,
+        grace="0s",
+        layout="hf",
+        disk={"interval": "1h"},
     )
     stop, reload = threading.Event(), threading.Event()
     logging_done = threading.Event()
@@ -771,22 +744,18 @@ def test_a_refusal_only_a_person_can_clear_is_not_retried_every_settle_period(
             os.utime(path, (past, past))
     history = tmp_path / "history.jsonl"
     config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {tmp_path}/state
-history_file: {history}
-defaults:
-  policy: {{keep_last: 1, cadence: 1, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.2
-  min_keep: 1
-  max_delete_fraction: 0.5
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
+    write_config(
+        config,
+        [root],
+        state_dir=tmp_path / "state",
+        history_file=history,
+        policy=rotation(1, cadence=1),
+        settle_seconds=0.2,
+        min_keep=1,
+        max_delete_fraction=0.5,
+        grace="0s",
+        layout="hf",
+        disk={"interval": "1h"},
     )
 
     def refusals() -> list[dict[str, Any]]:
