@@ -15,6 +15,7 @@ import pytest
 
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
+from tests.configs import write_config
 
 
 def run(
@@ -68,11 +69,7 @@ def test_history_reads_the_configs_history_file(
 ) -> None:
     history_file = tmp_path / "log" / "history.jsonl"
     write_history(history_file)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nhistory_file: {history_file}\n"
-        f"snapshots: {{enabled: false}}\nroots: []\n"
-    )
+    config = write_config(tmp_path / "config.yaml", history_file=history_file)
     result = run(ckptd_command, ["history", "--config", str(config), "--json"], cli_env)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
