@@ -35,6 +35,7 @@ from daemon.pruning import deleter, pipeline, trash
 from daemon.safety import facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import age_all, deepspeed_run, hf_run, lightning_checkpoint
 
 pytestmark = pytest.mark.hostile
@@ -94,17 +95,6 @@ def test_a_trainer_pid_file_that_is_a_fifo_does_not_hang_the_process_pass(tmp_pa
     assert time.monotonic() - started < 5
 
 
-def _config_file(tmp_path: Path, root: Path, layout: str) -> Path:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots:\n  enabled: false\n"
-        "defaults:\n  settle_seconds: 1\n  min_keep: 1\n  max_delete_fraction: 1.0\n"
-        "  policy:\n    keep_last: 1\n    tier2_count: 0\n    tier3_interval: null\n"
-        f"roots:\n  - path: {root}\n    layout: {layout}\n"
-    )
-    return config
-
-
 @pytest.mark.parametrize("layout", ["hf", "deepspeed"])
 def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str], layout: str
@@ -121,7 +111,15 @@ def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
     fifo.unlink()
     os.mkfifo(fifo)  # an open() for reading waits for a writer that never comes
     age_all(root)
-    config = _config_file(tmp_path, root, layout)
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        layout=layout,
+        policy=rotation(1),
+        settle_seconds=1,
+        min_keep=1,
+        max_delete_fraction=1.0,
+    )
     (tmp_path / "state").mkdir()
     result = subprocess.run(
         [*ckptd_command, "prune", "--config", str(config), "-y"],

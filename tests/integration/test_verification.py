@@ -28,6 +28,7 @@ from daemon.verification import (
 )
 from policies.model import Checkpoint
 from tests import layouts_fixtures as fixtures
+from tests.configs import write_config
 from tests.layouts_fixtures import age, hf_checkpoint
 
 REAL_CHECKPOINT = (
@@ -420,10 +421,12 @@ def test_the_daemon_runs_the_users_test_daily_and_records_it(
     script = tmp_path / "test_model.py"
     script.write_text("import sys\nprint('tested', sys.argv[1])\n")
     state = tmp_path / "state"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {state}\nroots:\n  - path: {root}\nsnapshots: {{enabled: false}}\n"
-        f"disk: {{interval: 1h}}\nverify: {{command: '{sys.executable} {script} {{path}}'}}\n"
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        state_dir=state,
+        disk={"interval": "1h"},
+        verify={"command": f"{sys.executable} {script} {{path}}"},
     )
     # The daily time, brought forward: every half second.
     monkeypatch.setattr(scheduler, "verify_trigger", lambda *_: IntervalTrigger(seconds=0.5))
