@@ -20,6 +20,14 @@ from daemon.config import Config
 Section = Mapping[str, object]
 SNAPSHOTS_OFF: Section = {"enabled": False}
 
+# The daily snapshot's tests: UTC days, Hugging Face roots, and a disk check that never stops a
+# copy (critical at 100 %). They give `snapshots={"dir": ...}` themselves.
+DAILY: dict[str, object] = {
+    "timezone": "UTC",
+    "layout": "hf",
+    "disk": {"critical_percent": 100},
+}
+
 
 def rotation(count: int, **more: object) -> dict[str, object]:
     """Given a count (and any other policy keys), return the policy most tests use: keep the
