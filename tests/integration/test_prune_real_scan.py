@@ -13,20 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
 from daemon.discovery.sizecache import SizeCache
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import pipeline, trash
 from policies.model import PolicySpec
+from tests.configs import make_config, rotation
 from tests.layouts_fixtures import age, age_all, hf_checkpoint, hf_run, tf_checkpoint, tf_tracker
 from tests.sizes import tree_blocks
-
-
-def config_for(root: Path, **root_options: object) -> Config:
-    return Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
-        roots=[RootConfig(path=str(root), **root_options)],  # type: ignore[arg-type]
-    )
 
 
 def steps_in(root: Path) -> set[int]:
@@ -44,7 +37,7 @@ def test_hf_run_keeps_what_policy_trackers_and_pins_keep_and_frees_the_rest(tmp_
     allocated = {p.name: tree_blocks(p) for p in root.iterdir() if p.name.startswith("checkpoint")}
     history = HistoryLog(str(tmp_path / "history.jsonl"))
     now = time.time()
-    config = config_for(root)
+    config = make_config([root], grace=0)
     report = pipeline.prune_root(config, config.roots[0], now=now, dry_run=False, history=history)
     history.close()
     assert report.refused is None and report.failed == ()
@@ -65,7 +58,7 @@ def test_hf_run_keeps_what_policy_trackers_and_pins_keep_and_frees_the_rest(tmp_
 def test_a_second_run_deletes_nothing_more(tmp_path: Path) -> None:
     root = tmp_path / "run"
     hf_run(root, range(100, 6100, 100))
-    config = config_for(root)
+    config = make_config([root], grace=0)
     first = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert first.deleted
     second = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
@@ -81,8 +74,8 @@ def test_tensorflow_multi_file_checkpoints_go_whole_and_the_tracked_one_stays(
         tf_checkpoint(root, number, shards=2)
     tf_tracker(root, range(1, 41))
     age_all(root)
-    config = config_for(
-        root, layout="tf", policy={"keep_last": 5, "tier2_count": 0, "tier3_interval": 10}
+    config = make_config(
+        [root], grace=0, layout="tf", root_settings={"policy": rotation(5, tier3_interval=10)}
     )
     report = pipeline.prune_root(config, config.roots[0], now=time.time(), dry_run=False)
     assert report.failed == () and report.deleted
@@ -97,7 +90,7 @@ def test_tensorflow_multi_file_checkpoints_go_whole_and_the_tracked_one_stays(
 def test_a_reader_of_an_old_checkpoint_vetoes_only_that_one(tmp_path: Path) -> None:
     root = tmp_path / "run"
     hf_run(root, range(100, 6100, 100))
-    config = config_for(root)
+    config = make_config([root], grace=0)
     reader = subprocess.Popen(
         [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
         cwd=root / "checkpoint-300",
@@ -122,10 +115,7 @@ def test_what_changes_while_the_prompt_waits_is_honoured(tmp_path: Path) -> None
     # breaks the trainer's load_best_model_at_end and ignores the pin.
     root = tmp_path / "run"
     hf_run(root, range(100, 6100, 100))
-    config = Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
-        roots=[RootConfig(path=str(root))],
-    )
+    config = make_config([root], grace=0)
     shown: list[str] = []
 
     def confirm(preview: pipeline.PruneReport) -> bool:
@@ -161,10 +151,7 @@ def test_bytes_freed_are_measured_at_removal_not_taken_from_the_size_cache(
     # the run and the history must say so, not the cached figure.
     root = tmp_path / "run"
     hf_run(root, range(100, 3100, 100), model_bytes=100_000)
-    config = Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
-        roots=[RootConfig(path=str(root))],
-    )
+    config = make_config([root], grace=0)
     cache = SizeCache()
     preview = pipeline.prune_root(
         config, config.roots[0], now=time.time(), dry_run=True, cache=cache
@@ -200,10 +187,7 @@ def test_a_restored_checkpoint_is_not_deleted_again_by_the_next_prune(tmp_path: 
         tf_checkpoint(tf_root, number)
     tf_tracker(tf_root, range(1, 31))
     age_all(tf_root)
-    config = Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=3600), settle_seconds=60),
-        roots=[RootConfig(path=str(root)), RootConfig(path=str(tf_root))],
-    )
+    config = make_config([root, tf_root], grace=3600)
     for root_config in config.roots:
         first = pipeline.prune_root(config, root_config, now=time.time(), dry_run=False)
         assert first.deleted and first.refused is None
@@ -236,10 +220,7 @@ def test_a_full_disk_that_holds_the_history_does_not_stop_the_prune(
     hf_run(root, range(100, 1100, 100), model_bytes=500_000)
     allocated = {p.name: tree_blocks(p) for p in root.iterdir()}
     _fill(mount)
-    config = Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
-        roots=[RootConfig(path=str(root))],
-    )
+    config = make_config([root], grace=0)
     history = HistoryLog(str(mount / "history.jsonl"))
     with pytest.raises(OSError), open(mount / "probe", "wb") as probe:
         probe.write(b"p" * 8192)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
 from daemon.pruning import pipeline
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from daemon.safety.facts import Facts, Holder, ProcessIdentity
 from daemon.safety.guard import RootRefused, SafetySettings
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
+from tests.configs import make_config
 from tests.layouts_fixtures import hf_checkpoint, hf_run
 
 NOW = 1_800_000_000.0
@@ -487,10 +487,7 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
     hf_run(root, range(100, 1000, 100))
     hf_checkpoint(root, 5000, complete=False)
     hf_checkpoint(root, 1000, complete=False, age_seconds=None)  # being written now
-    config = Config(
-        defaults=DefaultsConfig(trash=TrashConfig(grace=0), settle_seconds=60),
-        roots=[RootConfig(path=str(root))],
-    )
+    config = make_config([root], grace=0)
     spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
     written = next(path for path in (root / "checkpoint-1000").iterdir() if path.is_file())
     trainer = subprocess.Popen(
