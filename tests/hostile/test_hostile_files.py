@@ -22,12 +22,9 @@ import pytest
 
 from daemon.config import (
     Config,
-    DefaultsConfig,
     DiskConfig,
-    PolicyConfig,
     RootConfig,
     SnapshotsConfig,
-    TrashConfig,
 )
 from daemon.fsio import LOCAL, READ_LIMIT, NotRegularFile, read_regular
 from daemon.history.log import NULL_HISTORY, HistoryLog, read_records
@@ -35,23 +32,11 @@ from daemon.pruning import deleter, pipeline, trash
 from daemon.safety import facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
-from tests.configs import rotation, write_config
+from tests.configs import make_config, write_config
+from tests.hostile.attacks import KEEP_NEWEST
 from tests.layouts_fixtures import age_all, deepspeed_run, hf_run, lightning_checkpoint
 
 pytestmark = pytest.mark.hostile
-
-
-def keep_newest_config(root: Path, *, layout: str | None = None, grace: float = 0.0) -> Config:
-    return Config(
-        defaults=DefaultsConfig(
-            trash=TrashConfig(grace=grace),
-            settle_seconds=1,
-            min_keep=1,
-            max_delete_fraction=1.0,
-            policy=PolicyConfig(keep_last=1, tier2_count=0, tier3_interval=None),
-        ),
-        roots=[RootConfig(path=str(root), layout=layout)],
-    )
 
 
 def prune(config: Config, **options: Any) -> pipeline.PruneReport:
@@ -115,10 +100,7 @@ def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
         tmp_path / "config.yaml",
         [root],
         layout=layout,
-        policy=rotation(1),
-        settle_seconds=1,
-        min_keep=1,
-        max_delete_fraction=1.0,
+        **KEEP_NEWEST,
     )
     (tmp_path / "state").mkdir()
     result = subprocess.run(
@@ -147,7 +129,7 @@ def test_a_sparse_file_frees_its_blocks_not_its_length(tmpfs: Any, tmp_path: Pat
     age_all(root)
     before = os.statvfs(mount)
     history = HistoryLog(str(tmp_path / "history.jsonl"))
-    report = prune(keep_newest_config(root, layout="hf"), history=history)
+    report = prune(make_config([root], layout="hf", grace=0, **KEEP_NEWEST), history=history)
     history.close()
     after = os.statvfs(mount)
     came_back = (after.f_bfree - before.f_bfree) * after.f_frsize
@@ -176,7 +158,7 @@ def test_checkpoint_names_of_up_to_255_bytes_are_deleted_and_restored(tmp_path: 
         os.rename(root / f"epoch=0-step={step}-x=1.ckpt", root / long)
         names.append(long)
     age_all(root)
-    config = keep_newest_config(root, layout="lightning", grace=3600)
+    config = make_config([root], layout="lightning", grace=3600, **KEEP_NEWEST)
     report = prune(config)
     assert report.failed == () and sorted(report.deleted) == sorted(names[:3])
     assert sorted(item.name for item in trash.list_trash(str(root))) == sorted(names[:3])
