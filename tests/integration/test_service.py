@@ -74,6 +74,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
     return condition()
 
 
+def _serve_in_thread(
+    config: Path, stop: threading.Event, reload: threading.Event, **options: Any
+) -> tuple[threading.Thread, dict[str, object]]:
+    """Given a config and the events, start serve() in a thread (options: serve's keywords);
+    return the thread and the dict its exit code lands in."""
+    keywords: dict[str, Any] = {"tick": 0.05, "stop_timeout": 10, "configure_logs": False}
+    keywords.update(options)
+    result: dict[str, object] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(code=serve(str(config), stop=stop, reload=reload, **keywords)),
+        name="test-serve",
+    )
+    thread.start()
+    return thread, result
+
+
 class Listener:
     def __init__(self, path: str) -> None:
         self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -413,21 +429,7 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
 
     monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
     stop, reload = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            code=serve(
-                str(config),
-                stop=stop,
-                reload=reload,
-                tick=0.05,
-                stop_timeout=3,
-                configure_logs=False,
-            )
-        ),
-        name="test-serve",
-    )
-    thread.start()
+    thread, result = _serve_in_thread(config, stop, reload, stop_timeout=3)
     try:
         deadline = time.monotonic() + 15
         while len(chunks) < 2 and time.monotonic() < deadline:
@@ -445,25 +447,6 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     # The abandoned temporary folder went to the trash; nothing under a date or .tmp- name.
     assert [entry.name for entry in snapshots.iterdir()] in ([], [TRASH_DIRECTORY])
     assert (folder / "model.safetensors").stat().st_size == 40 * copying.CHUNK
-
-
-def _serve_in_thread(config: Path, stop: threading.Event, reload: threading.Event) -> Any:
-    result: dict[str, object] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            code=serve(
-                str(config),
-                stop=stop,
-                reload=reload,
-                tick=0.05,
-                stop_timeout=10,
-                configure_logs=False,
-            )
-        ),
-        name="test-serve",
-    )
-    thread.start()
-    return thread, result
 
 
 def test_reload_to_another_state_dir_moves_the_size_cache_there(tmp_path: Path) -> None:
@@ -560,22 +543,7 @@ def test_a_wedged_worker_stops_the_watchdog_pings_and_they_resume_when_it_moves(
     receiver.start()
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
     stop, reload = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            code=serve(
-                str(config),
-                stop=stop,
-                reload=reload,
-                notifier=notifier,
-                tick=0.05,
-                stop_timeout=10,
-                configure_logs=False,
-            )
-        ),
-        name="test-serve",
-    )
-    thread.start()
+    thread, result = _serve_in_thread(config, stop, reload, notifier=notifier)
     try:
         assert entered.wait(10), "the start-up prune never ran"
         time.sleep(1.5)  # past WORKER_STUCK_SECONDS: the pings have stopped by now
@@ -633,22 +601,7 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
     listener.settimeout(0.05)
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     stop, reload = threading.Event(), threading.Event()
-    result: dict[str, object] = {}
-    thread = threading.Thread(
-        target=lambda: result.update(
-            code=serve(
-                str(config),
-                stop=stop,
-                reload=reload,
-                notifier=notifier,
-                tick=0.05,
-                stop_timeout=10,
-                configure_logs=False,
-            )
-        ),
-        name="test-serve",
-    )
-    thread.start()
+    thread, result = _serve_in_thread(config, stop, reload, notifier=notifier)
     ready_while_copying = False
     try:
         deadline = time.monotonic() + 8
