@@ -391,6 +391,33 @@ def test_disk_check_prunes_through_the_daemon_with_prune_roots_signature(
     assert steps_in(root) == [5, 6]
 
 
+def big_old_checkpoint(root: Path) -> Path:
+    """Given a root, save an hour-old checkpoint-100 of 40 copy chunks (twenty seconds to copy
+    through `slow_copies`) and return its folder."""
+    folder = root / "checkpoint-100"
+    folder.mkdir(parents=True)
+    write_file(folder / "model.safetensors", 40 * copying.CHUNK)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
+    old = time.time() - 3600
+    for item in (*folder.iterdir(), folder):
+        os.utime(item, (old, old))
+    return folder
+
+
+def slow_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every copy chunk take 0.5 s (a slow device); return the list each chunk is added to."""
+    chunks: list[int] = []
+    real_copy_range = copying._copy_range
+
+    def slow_copy_range(source: int, destination: int, count: int) -> int:
+        chunks.append(count)
+        time.sleep(0.5)
+        return real_copy_range(source, destination, count)
+
+    monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
+    return chunks
+
+
 def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -399,14 +426,7 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
     name, and serve() returns 0 well within the stop timeout."""
 
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
-    folder = root / "checkpoint-100"
-    folder.mkdir(parents=True)
-    # Twenty seconds to copy at this speed.
-    write_file(folder / "model.safetensors", 40 * copying.CHUNK)
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
-    old = time.time() - 3600
-    for item in (*folder.iterdir(), folder):
-        os.utime(item, (old, old))
+    folder = big_old_checkpoint(root)
     config = tmp_path / "config.yaml"
     write_config(
         config,
@@ -419,15 +439,7 @@ def test_stop_during_a_long_snapshot_copy_exits_0_within_the_stop_timeout(
         snapshots={"enabled": True, "at": "00:00", "dir": snapshots, "method": "copy", "keep": 3},
         disk={"interval": "1h"},
     )
-    chunks: list[int] = []
-    real_copy_range = copying._copy_range
-
-    def slow_copy_range(source: int, destination: int, count: int) -> int:
-        chunks.append(count)
-        time.sleep(0.5)
-        return real_copy_range(source, destination, count)
-
-    monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
+    chunks = slow_copies(monkeypatch)
     stop, reload = threading.Event(), threading.Event()
     thread, result = _serve_in_thread(config, stop, reload, stop_timeout=3)
     try:
@@ -571,13 +583,7 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
     start, restart it, and it would start the same copy again, forever)."""
 
     root, state, snapshots = tmp_path / "run", tmp_path / "state", tmp_path / "snapshots"
-    folder = root / "checkpoint-100"
-    folder.mkdir(parents=True)
-    write_file(folder / "model.safetensors", 40 * copying.CHUNK)
-    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100}))
-    old = time.time() - 3600
-    for item in (*folder.iterdir(), folder):
-        os.utime(item, (old, old))
+    big_old_checkpoint(root)
     config = tmp_path / "config.yaml"
     write_config(
         config,
@@ -587,15 +593,7 @@ def test_ready_is_sent_after_the_startup_prune_not_after_a_long_startup_snapshot
         snapshots={"enabled": True, "at": "00:00", "dir": snapshots, "method": "copy", "keep": 3},
         disk={"interval": "1h"},
     )
-    chunks: list[int] = []
-    real_copy_range = copying._copy_range
-
-    def slow_copy_range(source: int, destination: int, count: int) -> int:
-        chunks.append(count)
-        time.sleep(0.5)
-        return real_copy_range(source, destination, count)
-
-    monkeypatch.setattr(copying, "_copy_range", slow_copy_range)
+    chunks = slow_copies(monkeypatch)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(tmp_path / "notify.sock"))
     listener.settimeout(0.05)
