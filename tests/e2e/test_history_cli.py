@@ -220,11 +220,11 @@ def test_follow_rows_line_up_with_the_header(
 
 
 @pytest.mark.parametrize(
-    ("zone_setting", "shown"),
-    [("", "2027-01-15 09:00:00 CET"), ("timezone: America/New_York\n", "2027-01-15 03:00:00 EST")],
+    ("zone", "shown"),
+    [(None, "2027-01-15 09:00:00 CET"), ("America/New_York", "2027-01-15 03:00:00 EST")],
 )
 def test_history_times_say_their_zone(
-    zone_setting: str,
+    zone: str | None,
     shown: str,
     tmp_path: Path,
     ckptd_command: list[str],
@@ -233,9 +233,8 @@ def test_history_times_say_their_zone(
     cli_env["TZ"] = "Europe/Berlin"  # the machine's zone, unless the config names one
     history_file = tmp_path / "history.jsonl"
     write_history(history_file)  # the first record at 2027-01-15 08:00:00 UTC
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"{zone_setting}history_file: {history_file}\nsnapshots: {{enabled: false}}\n"
+    config = write_config(
+        tmp_path / "config.yaml", timezone=zone, history_file=history_file, state_dir=None
     )
     result = run(ckptd_command, ["history", "--config", str(config)], cli_env)
     assert result.returncode == 0, result.stderr
