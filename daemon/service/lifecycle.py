@@ -102,6 +102,7 @@ class Service:
         self.monitor.start()  # metrics: before the worker's first prune
         leasing.keep_leases()  # shared roots: held between prunes, released at a clean stop
         self.worker.thread.start()
+        self.worker.deep.start()
         self.watcher.set_roots(self._root_watches(self.config), self.config_path)
         self.schedule.start(self.config)
         startup = Task("startup")
@@ -216,10 +217,12 @@ class Service:
         self.schedule.shutdown()
         self.work.put(None)
         self.worker.thread.join(self.stop_timeout)
+        self.worker.deep.stop()
         self.watcher.stop()
         self.monitor.close()  # metrics
         if not self.worker.thread.is_alive():
             self.worker.save_cache()
+            self.worker.integrity.save()
         self.schedule.shutdown(wait=True)
         if not self.worker.thread.is_alive():
             # After the lease thread ended; and never while the worker may still delete (its
