@@ -43,6 +43,7 @@ def config_mapping(
     state_dir: Path | str | None = None,
     history_file: Path | str | None = None,
     timezone: str | None = None,
+    node_name: str | None = None,
     log: Section | None = None,
     policy: Section | None = None,
     settle_seconds: float | str | None = None,
@@ -74,6 +75,7 @@ def config_mapping(
     }
     mapping = {
         "timezone": timezone,
+        "node_name": node_name,
         "state_dir": None if state_dir is None else str(state_dir),
         "history_file": None if history_file is None else str(history_file),
         "log": log,

@@ -23,33 +23,36 @@ import pytest
 
 from daemon.history.log import read_records
 from daemon.lease import LEASE_NAME, LeaseInfo
+from tests.configs import rotation, write_config
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 DURATION, SKEW = 3.0, 1.0
 KEEP = 3
 
 
-def config_text(root: Path, state: Path, node: str, *, shared: str = "true") -> str:
-    return f"""\
-node_name: {node}
-state_dir: {state}
-history_file: {state}/history.jsonl
-log: {{level: info, format: json}}
-defaults:
-  policy: {{keep_last: {KEEP}, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0
-  min_keep: 1
-  max_delete_fraction: 1.0
-  trash: {{grace: 0s}}
-  shared: {shared}
-  lease: {{duration: {DURATION}, skew: {SKEW}}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-verify: {{checks: false}}
-disk: {{interval: 1h}}
-"""
+def node_config(
+    path: Path, root: Path, state: Path, node: str, shared: bool | str, prune: object = None
+) -> Path:
+    """Given a node's config file, the shared root, its state folder and name, write its config:
+    keep the newest KEEP, at once (no settle, no trash grace), the lease short for the test."""
+    return write_config(
+        path,
+        [root],
+        layout="hf",
+        root_settings={"shared": shared, "lease": {"duration": DURATION, "skew": SKEW}},
+        node_name=node,
+        state_dir=state,
+        history_file=state / "history.jsonl",
+        log={"level": "info", "format": "json"},
+        policy=rotation(KEEP),
+        settle_seconds=0,
+        min_keep=1,
+        max_delete_fraction=1.0,
+        grace="0s",
+        verify={"checks": False},
+        disk={"interval": "1h"},
+        prune=prune,
+    )
 
 
 class Node:
@@ -62,13 +65,12 @@ class Node:
         root: Path,
         command: list[str],
         env: dict[str, str],
-        shared: str,
-        extra: str = "",
+        shared: bool | str,
+        prune: object = None,
     ) -> None:
         self.name = name
         self.state = tmp / name
-        self.config = tmp / f"{name}.yaml"
-        self.config.write_text(config_text(root, self.state, name, shared=shared) + extra)
+        self.config = node_config(tmp / f"{name}.yaml", root, self.state, name, shared, prune)
         self.command = command
         self.env = env
         self.log = (tmp / f"{name}.log").open("w")
@@ -134,7 +136,7 @@ def survivors(root: Path) -> list[int]:
 
 
 def run_two_daemons(
-    tmp_path: Path, root: Path, command: list[str], env: dict[str, str], shared: str = "true"
+    tmp_path: Path, root: Path, command: list[str], env: dict[str, str], shared: bool | str = True
 ) -> None:
     environment = dict(env)
     environment["PYTHONPATH"] = os.pathsep.join(
@@ -330,20 +332,16 @@ def test_ckptd_prune_on_the_holders_machine_prunes_under_its_daemons_lease(
     root.mkdir()
     environment = dict(cli_env)
     environment["PYTHONPATH"] = str(REPOSITORY)
-    extra = "prune: {on_new_checkpoint: false}\n"  # only `ckptd prune` deletes the new saves
-    node = Node("node-a", tmp_path, root, ckptd_command, environment, "true", extra)
+    manual = {"on_new_checkpoint": False}  # only `ckptd prune` deletes the new saves
+    node = Node("node-a", tmp_path, root, ckptd_command, environment, True, manual)
     try:
-        text = node.config.read_text()
         wait_for(lambda: (lease := lease_of(root)) and lease.host == "node-a", 30, "the lease")
         held = lease_of(root)
         assert held is not None and held.pid == node.process.pid
         for step in range(1, 7):
             save(root, step)
-        other = tmp_path / "other.yaml"
-        other.write_text(
-            text.replace("node_name: node-a", "node_name: node-b").replace(
-                str(tmp_path / "node-a"), str(tmp_path / "other")
-            )
+        other = node_config(
+            tmp_path / "other.yaml", root, tmp_path / "other", "node-b", True, manual
         )
         prune = [*ckptd_command, "prune", "-y", "--config"]
         refused = subprocess.run(

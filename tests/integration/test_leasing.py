@@ -16,22 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import (
-    Config,
-    ConfigError,
-    DefaultsConfig,
-    LeaseConfig,
-    PolicyConfig,
-    RootConfig,
-    TrashConfig,
-    VerifyConfig,
-    validate_text,
-)
+from daemon.config import Config, ConfigError, LeaseConfig, RootConfig, validate_text
 from daemon.disk.mounts import is_shared_filesystem
 from daemon.history.log import HistoryLog, read_records
 from daemon.lease import LEASE_NAME, PosixLease
 from daemon.pruning import leasing, pipeline
 from daemon.pruning.leasing import LEASES, WhileHeld
+from tests.configs import make_config, rotation, write_config
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 DURATION, SKEW = 3.0, 1.0
@@ -48,26 +39,21 @@ def make_root(root: Path, count: int = 6) -> None:
         os.utime(folder / "trainer_state.json", (old, old))
 
 
-def shared_config(tmp_path: Path, root: Path, shared: bool | str = True) -> Config:
-    return Config(
-        state_dir=str(tmp_path / "state"),
+def shared_config(
+    tmp_path: Path, root: Path, shared: bool | str = True, grace: float = 0
+) -> Config:
+    return make_config(
+        [root],
+        layout="hf",
+        root_settings={"shared": shared, "lease": {"duration": DURATION, "skew": SKEW}},
+        state_dir=tmp_path / "state",
         node_name="node-test",
-        defaults=DefaultsConfig(
-            policy=PolicyConfig(keep_last=2, tier2_count=0, tier3_interval=None),
-            min_keep=1,
-            max_delete_fraction=1.0,
-            trash=TrashConfig(grace=0),
-            settle_seconds=0,
-        ),
-        verify=VerifyConfig(checks=False),
-        roots=[
-            RootConfig(
-                path=str(root),
-                layout="hf",
-                shared=shared,  # type: ignore[arg-type]
-                lease=LeaseConfig(duration=DURATION, skew=SKEW),
-            )
-        ],
+        policy=rotation(2),
+        min_keep=1,
+        max_delete_fraction=1.0,
+        grace=grace,
+        settle_seconds=0,
+        verify={"checks": False},
     )
 
 
@@ -274,15 +260,14 @@ def test_the_lease_job_renews_takes_over_and_releases(tmp_path: Path, root: Path
 # --- status -------------------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, root: Path) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(
-        f"state_dir: {tmp_path / 'state'}\nnode_name: node-test\n"
-        "snapshots: {enabled: false}\n"
-        f"roots:\n  - path: {root}\n    layout: hf\n    shared: true\n"
-        f"    lease: {{duration: {DURATION}, skew: {SKEW}}}\n"
+def status_config(tmp_path: Path, root: Path) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        [root],
+        layout="hf",
+        root_settings={"shared": True, "lease": {"duration": DURATION, "skew": SKEW}},
+        node_name="node-test",
     )
-    return path
 
 
 def status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -299,7 +284,7 @@ def status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_status_shows_the_lease_holder_and_that_it_is_not_this_daemon(
     tmp_path: Path, root: Path
 ) -> None:
-    config = write_config(tmp_path, root)
+    config = status_config(tmp_path, root)
     before = json.loads(status(config, "--json").stdout)["roots"][0]["lease"]
     assert before == {"shared": True, "node": "node-test", "holder": None, "ours": False}
     holder = other_node(root)
@@ -321,10 +306,7 @@ def test_the_disk_check_empties_no_trash_of_a_root_another_node_holds(
     from daemon.history.log import NULL_HISTORY
     from daemon.pruning import trash
 
-    config = shared_config(tmp_path, root)
-    graced = config.model_copy(
-        update={"defaults": config.defaults.model_copy(update={"trash": TrashConfig(grace=3600)})}
-    )
+    graced = shared_config(tmp_path, root, grace=3600)
     report = pipeline.prune_root(graced, graced.roots[0], now=time.time(), dry_run=False)
     assert report.refused is None and len(report.applied.trashed) == 4
     LEASES.release_all()

@@ -31,15 +31,16 @@ DURATION, SKEW = 3.0, 1.0
 NODE = textwrap.dedent(
     f"""
     import json, os, sys, time
-    from daemon.config import Config, LeaseConfig, RootConfig
     from daemon.history.log import HistoryLog
     from daemon.pruning import leasing
     from daemon.storage import open_store
+    from tests.configs import make_config
 
     where, options, node, log_path, history_path = sys.argv[1:6]
     url, store = open_store(where, json.loads(options))
-    root = RootConfig(path=where, lease=LeaseConfig(duration={DURATION}, skew={SKEW}))
-    config = Config(node_name=node, roots=[root])
+    lease = dict(duration={DURATION}, skew={SKEW})
+    config = make_config([dict(path=where, lease=lease)], node_name=node)
+    root = config.roots[0]
     history = HistoryLog(history_path)
 
     def log(event, **fields):
