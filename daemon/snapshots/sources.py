@@ -1,0 +1,187 @@
+"""Opening the files a snapshot reads inside the training roots, following nothing.
+
+ckptd runs as root and a root's owner may race it: between planning and placing she can swap a
+checkpoint's file for a FIFO (an `open` would wait on it for ever), for a symlink to a file she
+cannot read (`/etc/shadow`, which root would then copy or hard-link into the snapshot), or swap
+a folder on its path for a symlink out of the root. So a snapshot never opens a source by path:
+each root is opened once (and must be the folder the plan saw), each folder below it relative
+to its parent with `O_DIRECTORY|O_NOFOLLOW`, the file with `O_NOFOLLOW|O_NONBLOCK` after an
+`lstat` that it is a regular file (a FIFO or device is never even opened), and the snapshot
+reflinks, copies or hashes through that descriptor and hard-links the checked inode relative to
+its folder. Anything else is a `RefusedSource`: that item, and so that snapshot, fails with
+the reason; the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from daemon.fsio import DIRECTORY_FLAGS, NotRegularFile
+from daemon.rootdir import Identity, RootChanged, RootDir, open_root
+from daemon.snapshots.copying import READ_SOURCE, require_regular
+
+
+class RefusedSource(OSError):
+    """A file a snapshot will not read: a symlink, a FIFO, a device, a folder swapped for a
+    link, or a file swapped for another while it was opened."""
+
+
+class PlannedRoot(NamedTuple):
+    """A root a snapshot reads, and the folder (identity) it was when the plan was made."""
+
+    path: str
+    identity: Identity
+
+
+@dataclass(frozen=True)
+class Source:
+    """One source file, open: its descriptor (a regular file, blocking), its folder's
+    descriptor and its name there (to hard-link it), its status when opened, its path."""
+
+    fd: int
+    folder: int
+    name: str
+    status: os.stat_result
+    path: str
+
+
+@dataclass
+class _Folder:
+    """The folder whose files are being placed: which one, and its descriptor (the root's own
+    descriptor, not to be closed here, for a file right in the root)."""
+
+    root: str
+    inside: tuple[str, ...]
+    fd: int
+    owned: bool
+
+
+def _refused(error: OSError, path: str) -> OSError:
+    """Given why opening part of a source failed, return what to raise: a refusal for a
+    symlink (ELOOP) or a non-folder on its path (ENOTDIR), the error naming `path` else."""
+    if error.errno == errno.ELOOP:
+        return RefusedSource(errno.ELOOP, "a symlink: never followed inside a root", path)
+    if error.errno == errno.ENOTDIR:
+        return RefusedSource(errno.ENOTDIR, "a folder on its path is not a folder", path)
+    error.filename = path
+    return error
+
+
+def _parts(inside: str, path: str) -> list[str]:
+    """Given a source's path inside its root, return its names; refuse `..`, `.` and empties
+    (a name that would climb out of the root)."""
+    parts = inside.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise RefusedSource(errno.EINVAL, "not a plain path inside the root", path)
+    return parts
+
+
+def open_folder(root: int, names: Iterable[str], path: str) -> int:
+    """Given an open root and the folder names leading down from it, open the last folder,
+    one name at a time relative to the one above, following no symlink; return its
+    descriptor (the caller closes it)."""
+    current = os.dup(root)
+    try:
+        for name in names:
+            below = os.open(name, DIRECTORY_FLAGS, dir_fd=current)
+            os.close(current)
+            current = below
+    except OSError as error:
+        os.close(current)
+        raise _refused(error, path) from None
+    return current
+
+
+def open_file(folder: int, name: str, path: str) -> tuple[int, os.stat_result]:
+    """Given an open folder and a file's name in it, open the file for reading and return its
+    descriptor (blocking again) and status; refuse anything but a regular file, unopened."""
+    try:
+        before = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        require_regular(before, path)
+        descriptor = os.open(name, READ_SOURCE, dir_fd=folder)
+    except NotRegularFile as error:
+        raise RefusedSource(errno.EINVAL, error.strerror, path) from None
+    except OSError as error:
+        raise _refused(error, path) from None
+    try:
+        status = os.fstat(descriptor)
+        if (status.st_dev, status.st_ino) != (before.st_dev, before.st_ino):
+            raise RefusedSource(errno.ESTALE, "swapped for another file while opened", path)
+        os.set_blocking(descriptor, True)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor, status
+
+
+class Sources:
+    """The roots one snapshot reads, each opened once, and the folder being read, kept open
+    while its files are placed one after the other (the plan lists them folder by folder)."""
+
+    def __init__(self, roots: Iterable[PlannedRoot]) -> None:
+        self._planned = {root.path: root.identity for root in roots}
+        self._roots: dict[str, RootDir] = {}
+        self._folder: _Folder | None = None
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._drop_folder()
+        for root in self._roots.values():
+            root.close()
+        self._roots.clear()
+
+    def root(self, path: str) -> int:
+        """Given a planned root's path, return its descriptor, opening it the first time:
+        RootChanged when it is not the folder the plan read."""
+        opened = self._roots.get(path)
+        if opened is None:
+            opened = open_root(path)
+            planned = self._planned.get(path)
+            if planned is None or opened.identity != planned:
+                was = planned.describe() if planned is not None else "not planned"
+                opened.close()
+                raise RootChanged(
+                    f"root changed since the snapshot was planned: {path} was {was}, now "
+                    f"{opened.identity.describe()}; nothing read from it"
+                )
+            self._roots[path] = opened
+        return opened.fd
+
+    @contextmanager
+    def open(self, root: str, inside: str, path: str) -> Iterator[Source]:
+        """Given a root, a file's path inside it and its full path (for messages), yield the
+        file opened the safe way (module docstring); RefusedSource when it cannot be."""
+        *folders, name = _parts(inside, path)
+        folder = self._folder_fd(root, tuple(folders), path)
+        descriptor, status = open_file(folder, name, path)
+        try:
+            yield Source(descriptor, folder, name, status, path)
+        finally:
+            os.close(descriptor)
+
+    def _folder_fd(self, root: str, inside: tuple[str, ...], path: str) -> int:
+        current = self._folder
+        if current is not None and (current.root, current.inside) == (root, inside):
+            return current.fd
+        self._drop_folder()
+        root_fd = self.root(root)
+        if not inside:
+            self._folder = _Folder(root, inside, root_fd, owned=False)
+        else:
+            self._folder = _Folder(root, inside, open_folder(root_fd, inside, path), owned=True)
+        return self._folder.fd
+
+    def _drop_folder(self) -> None:
+        if self._folder is not None and self._folder.owned:
+            os.close(self._folder.fd)
+        self._folder = None
