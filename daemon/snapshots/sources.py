@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat as stat_module
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from daemon.fsio import DIRECTORY_FLAGS, NotRegularFile
+from daemon.fsio import DIRECTORY_FLAGS, NotRegularFile, _kind
 from daemon.rootdir import Identity, RootChanged, RootDir, open_root
 from daemon.snapshots.copying import READ_SOURCE, require_regular
 
@@ -86,15 +87,29 @@ def open_folder(root: int, names: Iterable[str], path: str) -> int:
     one name at a time relative to the one above, following no symlink; return its
     descriptor (the caller closes it)."""
     current = os.dup(root)
-    try:
-        for name in names:
+    for name in names:
+        try:
             below = os.open(name, DIRECTORY_FLAGS, dir_fd=current)
+        except OSError as error:
+            refusal = _not_a_folder(error, current, name, path)
             os.close(current)
-            current = below
-    except OSError as error:
+            raise refusal from None
         os.close(current)
-        raise _refused(error, path) from None
+        current = below
     return current
+
+
+def _not_a_folder(error: OSError, folder: int, name: str, path: str) -> OSError:
+    """Given why a folder on a source's path did not open, return what to raise: a refusal
+    saying what stands there instead (a symlink, a FIFO, a file), else the error."""
+    if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+        return _refused(error, path)
+    try:
+        mode = os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode
+        kind = "a file" if stat_module.S_ISREG(mode) else _kind(mode)
+    except OSError:
+        kind = "not a folder"
+    return RefusedSource(error.errno, f"{name!r} on its path is {kind}: never followed", path)
 
 
 def open_file(folder: int, name: str, path: str) -> tuple[int, os.stat_result]:
