@@ -20,7 +20,7 @@ import pytest
 
 from daemon.config import Config
 from daemon.rootdir import Identity
-from daemon.snapshots import daily, execute
+from daemon.snapshots import daily, execute, verify
 from daemon.snapshots.plan import FileItem, build_snapshot_plan, reflink_probe
 from daemon.snapshots.sources import PlannedRoot, RefusedSource, Sources
 from tests.integration.test_snapshot import (
@@ -279,3 +279,27 @@ def test_a_copy_never_takes_a_setuid_bit_from_a_root(root: Path, tmp_path: Path)
     assert report.status == "done", report
     copied = tmp_path / "snaps" / "2026-06-01" / "run-a" / SHARD
     assert stat.S_IMODE(copied.stat().st_mode) == 0o755
+
+
+def test_verify_does_not_wait_on_a_fifo_in_the_snapshot(root: Path, tmp_path: Path) -> None:
+    empty = root / "checkpoint-300" / "notes.txt"
+    empty.write_bytes(b"")
+    settled = NOW.timestamp() - 3600
+    os.utime(empty, (settled, settled))
+    os.utime(empty.parent, (settled, settled))
+    assert run(make_config([root], tmp_path / "snaps"), method="copy").status == "done"
+    snapshot = tmp_path / "snaps" / "2026-06-01"
+    fifo_for(snapshot / "run-a" / "checkpoint-300" / "notes.txt")()
+    results: list[verify.VerifyResult] = []
+    worker = threading.Thread(
+        target=lambda: results.append(verify.verify_snapshot(str(snapshot))), daemon=True
+    )
+    worker.start()
+    worker.join(PROMPT)
+    blocked = worker.is_alive()
+    release(snapshot / "run-a" / "checkpoint-300" / "notes.txt")
+    assert not blocked, f"verify still blocks after {PROMPT:g} s"
+    assert not results[0].ok
+    assert results[0].checksum == (
+        "run-a/checkpoint-300/notes.txt: not a regular file any more",
+    )
