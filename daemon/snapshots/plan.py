@@ -18,7 +18,8 @@ import psutil
 
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
-from daemon.rootdir import Identity, RootChanged, root_key
+from daemon.errors import CkptdError
+from daemon.rootdir import Identity, root_key
 from daemon.snapshots import copying
 from daemon.snapshots.sources import PlannedRoot, Sources
 from policies.model import Checkpoint, Plan
@@ -138,7 +139,7 @@ def reflink_probe(item: FileItem, directory: str, sources: Sources) -> bool:
     try:
         with sources.open(item.root, item.inside, item.source) as source:
             copying.reflink_fd(source.fd, probe)
-    except (OSError, RootChanged):
+    except (OSError, CkptdError):  # refused, vanished, or its root changed or went away
         return False
     with contextlib.suppress(FileNotFoundError):
         os.unlink(probe)

@@ -23,6 +23,7 @@ from daemon.rootdir import Identity
 from daemon.snapshots import daily, execute, verify
 from daemon.snapshots.plan import FileItem, build_snapshot_plan, reflink_probe
 from daemon.snapshots.sources import PlannedRoot, RefusedSource, Sources
+from tests.integration.test_copying import xfs  # noqa: F401 (the fixture)
 from tests.integration.test_snapshot import (
     NOW,
     RecordingHistory,
@@ -300,6 +301,27 @@ def test_verify_does_not_wait_on_a_fifo_in_the_snapshot(root: Path, tmp_path: Pa
     release(snapshot / "run-a" / "checkpoint-300" / "notes.txt")
     assert not blocked, f"verify still blocks after {PROMPT:g} s"
     assert not results[0].ok
-    assert results[0].checksum == (
-        "run-a/checkpoint-300/notes.txt: not a regular file any more",
-    )
+    assert results[0].checksum == ("run-a/checkpoint-300/notes.txt: not a regular file any more",)
+
+
+@pytest.mark.parametrize("swap", ["fifo", "symlink"])
+def test_on_a_reflink_filesystem_a_swapped_source_is_refused(
+    xfs: Path,  # noqa: F811 (the fixture imported above)
+    swap: str,
+) -> None:
+    root = xfs / "run-a"
+    write_hf_checkpoint(root, 300)
+    secret = xfs / "shadow"
+    secret.write_bytes(b"SECRET" * 20000)
+    os.truncate(secret, (root / SHARD).stat().st_size)
+    change = fifo_for(root / SHARD) if swap == "fifo" else symlink_for(root / SHARD, secret)
+    try:
+        report, events = run_promptly(
+            make_config([root], xfs / "snaps"),
+            method="reflink",
+            between_files=when_placing(SHARD, change),
+        )
+    finally:
+        release(root / SHARD)
+    assert_refused(report, events, xfs / "snaps", SHARD, "a FIFO" if swap == "fifo" else "symlink")
+    assert not any(b"SECRET" in content for content in snapshot_contents(xfs / "snaps"))
