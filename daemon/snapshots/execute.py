@@ -30,7 +30,7 @@ from daemon.fsio import LOCAL, TRASH_DIRECTORY
 from daemon.snapshots import copying
 from daemon.snapshots.plan import FileItem, SnapshotPlan
 from daemon.snapshots.schedule import dates_to_remove, snapshot_dates, temporary_owner
-from daemon.snapshots.sources import RefusedSource, Source, Sources
+from daemon.snapshots.sources import Entry, RefusedSource, Sources, opened
 
 MANIFEST = "MANIFEST.json"
 
@@ -218,8 +218,8 @@ def _place_item(state: _Placing, item: FileItem) -> dict[str, Any] | None:
             {"path": item.relative, "symlink": item.link_target, "method": "symlink"}
         )
         return None
-    with state.sources.open(item.root, item.inside, item.source) as source:
-        method = place(item, source, destination, state.bar, state.stop)
+    entry = state.sources.find(item.root, item.inside, item.source)
+    method = place(item, entry, destination, state.bar, state.stop)
     if method == "copy":
         state.written += item.size
     else:
@@ -269,47 +269,60 @@ def _write_manifest_and_sync(
 
 def place(
     item: FileItem,
-    source: Source,
+    entry: Entry,
     destination: str,
     bar: _Progress,
     stop: threading.Event | None = None,
 ) -> copying.Method:
-    """Given a file, its source opened (`sources`) and its destination, place it by its planned
+    """Given a file, its source found (`sources`) and its destination, place it by its planned
     method (falling back from a reflink the filesystem refuses after all) and return the
-    method used."""
+    method used. A hard link needs no descriptor; the others read the file through one."""
+    if item.method == "hardlink":
+        _hardlink(entry, destination)
+        return "hardlink"
+    with opened(entry) as source:
+        return _clone_or_copy(item, entry, source, destination, bar, stop)
+
+
+def _clone_or_copy(
+    item: FileItem,
+    entry: Entry,
+    source: int,
+    destination: str,
+    bar: _Progress,
+    stop: threading.Event | None,
+) -> copying.Method:
+    """`place` for a reflink or a copy, given the source's open descriptor."""
     if item.method == "reflink":
         try:
-            copying.reflink_fd(source.fd, destination)
+            copying.reflink_fd(source, destination)
             return "reflink"
         except copying.ReflinkUnsupported:
             if (
                 item.complete
                 and not item.mutable
-                and source.status.st_dev == os.stat(os.path.dirname(destination)).st_dev
+                and entry.status.st_dev == os.stat(os.path.dirname(destination)).st_dev
             ):
-                _hardlink(source, destination)
+                _hardlink(entry, destination)
                 return "hardlink"
-    elif item.method == "hardlink":
-        _hardlink(source, destination)
-        return "hardlink"
 
     def on_bytes(count: int) -> None:
         bar.advance(count)
-        # One big file takes minutes: SIGTERM must not wait for it (copy_file removes the
+        # One big file takes minutes: SIGTERM must not wait for it (copy_fd removes the
         # half-written file, the caller the temporary folder).
         if stop is not None and stop.is_set():
             raise Stopped
 
-    copying.copy_fd(source.fd, destination, on_bytes=on_bytes)
+    copying.copy_fd(source, destination, on_bytes=on_bytes)
     return "copy"
 
 
-def _hardlink(source: Source, destination: str) -> None:
-    """Given an opened source, hard-link the inode opened (never what its name is now)."""
+def _hardlink(entry: Entry, destination: str) -> None:
+    """Given a source found, hard-link the inode found (never what its name is now)."""
     try:
-        copying.hardlink_at(source.folder, source.name, destination, source.status)
+        copying.hardlink_at(entry.folder, entry.name, destination, entry.status)
     except copying.SourceChanged as changed:
-        raise RefusedSource(changed.errno, str(changed.strerror), source.path) from None
+        raise RefusedSource(changed.errno, str(changed.strerror), entry.path) from None
 
 
 def manifest_text(value: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from daemon.discovery.scan import ScanResult
 from daemon.errors import CkptdError
 from daemon.rootdir import Identity, root_key
 from daemon.snapshots import copying
-from daemon.snapshots.sources import PlannedRoot, Sources
+from daemon.snapshots.sources import PlannedRoot, Sources, opened
 from policies.model import Checkpoint, Plan
 
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
@@ -108,12 +108,27 @@ def walk(
     read here: placing opens each file again, safely (`sources`)."""
     source = os.path.join(root, inside)
     info = os.lstat(source)
-    # Where it is read from, and whether its checkpoint is complete: the same for every kind.
-    base = FileItem(source, relative, "dir", complete=complete, root=root, inside=inside)
     if stat_module.S_ISLNK(info.st_mode):
-        yield replace(base, kind="symlink", link_target=os.readlink(source))
+        yield FileItem(
+            source,
+            relative,
+            "symlink",
+            complete=complete,
+            link_target=os.readlink(source),
+            root=root,
+            inside=inside,
+        )
     elif stat_module.S_ISDIR(info.st_mode):
-        yield replace(base, mtime_ns=info.st_mtime_ns, device=info.st_dev)
+        yield FileItem(
+            source,
+            relative,
+            "dir",
+            mtime_ns=info.st_mtime_ns,
+            device=info.st_dev,
+            complete=complete,
+            root=root,
+            inside=inside,
+        )
         with os.scandir(source) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
@@ -121,13 +136,17 @@ def walk(
                 root, f"{inside}/{name}", f"{relative}/{name}", complete=complete, mutable=mutable
             )
     elif stat_module.S_ISREG(info.st_mode):
-        yield replace(
-            base,
-            kind="file",
+        yield FileItem(
+            source,
+            relative,
+            "file",
             size=info.st_size,
             mtime_ns=info.st_mtime_ns,
             device=info.st_dev,
+            complete=complete,
             mutable=copying.is_mutable(relative.split("/", 1)[-1], mutable),
+            root=root,
+            inside=inside,
         )
     # Sockets, fifos and devices are not checkpoint data.
 
@@ -137,8 +156,8 @@ def reflink_probe(item: FileItem, directory: str, sources: Sources) -> bool:
     file can be made in the folder (no: also when the file is refused, or its root changed)."""
     probe = os.path.join(directory, f".reflink-probe-{os.getpid()}-{threading.get_ident()}")
     try:
-        with sources.open(item.root, item.inside, item.source) as source:
-            copying.reflink_fd(source.fd, probe)
+        with opened(sources.find(item.root, item.inside, item.source)) as descriptor:
+            copying.reflink_fd(descriptor, probe)
     except (OSError, CkptdError):  # refused, vanished, or its root changed or went away
         return False
     with contextlib.suppress(FileNotFoundError):

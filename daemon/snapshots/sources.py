@@ -39,12 +39,10 @@ class PlannedRoot(NamedTuple):
     identity: Identity
 
 
-@dataclass(frozen=True)
-class Source:
-    """One source file, open: its descriptor (a regular file, blocking), its folder's
-    descriptor and its name there (to hard-link it), its status when opened, its path."""
+class Entry(NamedTuple):
+    """One source file found: its folder's descriptor (held by `Sources`) and its name there,
+    its status (a regular file when found) and its full path (for messages)."""
 
-    fd: int
     folder: int
     name: str
     status: os.stat_result
@@ -112,26 +110,45 @@ def _not_a_folder(error: OSError, folder: int, name: str, path: str) -> OSError:
     return RefusedSource(error.errno, f"{name!r} on its path is {kind}: never followed", path)
 
 
-def open_file(folder: int, name: str, path: str) -> tuple[int, os.stat_result]:
-    """Given an open folder and a file's name in it, open the file for reading and return its
-    descriptor (blocking again) and status; refuse anything but a regular file, unopened."""
+def find_file(folder: int, name: str, path: str) -> Entry:
+    """Given an open folder and a file's name in it, return it as an Entry when it is a
+    regular file (its lstat: a symlink, FIFO or device is refused without being opened)."""
     try:
-        before = os.stat(name, dir_fd=folder, follow_symlinks=False)
-        require_regular(before, path)
-        descriptor = os.open(name, READ_SOURCE, dir_fd=folder)
+        status = os.stat(name, dir_fd=folder, follow_symlinks=False)
+        require_regular(status, path)
     except NotRegularFile as error:
         raise RefusedSource(errno.EINVAL, error.strerror, path) from None
     except OSError as error:
         raise _refused(error, path) from None
+    return Entry(folder, name, status, path)
+
+
+def open_entry(entry: Entry) -> int:
+    """Given a file found, open it for reading (never following, never waiting) and return its
+    descriptor, blocking again; refuse it when it is no longer the file found."""
+    try:
+        descriptor = os.open(entry.name, READ_SOURCE, dir_fd=entry.folder)
+    except OSError as error:
+        raise _refused(error, entry.path) from None
     try:
         status = os.fstat(descriptor)
-        if (status.st_dev, status.st_ino) != (before.st_dev, before.st_ino):
-            raise RefusedSource(errno.ESTALE, "swapped for another file while opened", path)
+        if (status.st_dev, status.st_ino) != (entry.status.st_dev, entry.status.st_ino):
+            raise RefusedSource(errno.ESTALE, "swapped for another file while opened", entry.path)
         os.set_blocking(descriptor, True)
     except BaseException:
         os.close(descriptor)
         raise
-    return descriptor, status
+    return descriptor
+
+
+@contextmanager
+def opened(entry: Entry) -> Iterator[int]:
+    """Given a file found, yield its descriptor (`open_entry`), closed after."""
+    descriptor = open_entry(entry)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 class Sources:
@@ -172,17 +189,11 @@ class Sources:
             self._roots[path] = opened
         return opened.fd
 
-    @contextmanager
-    def open(self, root: str, inside: str, path: str) -> Iterator[Source]:
-        """Given a root, a file's path inside it and its full path (for messages), yield the
-        file opened the safe way (module docstring); RefusedSource when it cannot be."""
+    def find(self, root: str, inside: str, path: str) -> Entry:
+        """Given a root, a file's path inside it and its full path (for messages), return the
+        file found the safe way (module docstring); RefusedSource when it cannot be."""
         *folders, name = _parts(inside, path)
-        folder = self._folder_fd(root, tuple(folders), path)
-        descriptor, status = open_file(folder, name, path)
-        try:
-            yield Source(descriptor, folder, name, status, path)
-        finally:
-            os.close(descriptor)
+        return find_file(self._folder_fd(root, tuple(folders), path), name, path)
 
     def _folder_fd(self, root: str, inside: tuple[str, ...], path: str) -> int:
         current = self._folder
