@@ -7,9 +7,9 @@ a folder on its path for a symlink out of the root. So a snapshot never opens a 
 each root is opened once (and must be the folder the plan saw), each folder below it relative
 to its parent with `O_DIRECTORY|O_NOFOLLOW`, the file with `O_NOFOLLOW|O_NONBLOCK` after an
 `lstat` that it is a regular file (a FIFO or device is never even opened), and the snapshot
-reflinks, copies or hashes through that descriptor and hard-links the checked inode relative to
-its folder. Anything else is a `RefusedSource`: that item, and so that snapshot, fails with
-the reason; the daemon goes on.
+reflinks or copies through that descriptor, or hard-links the checked inode relative to its
+folder (and checks the new name is that inode). Anything else is a `RefusedSource`: that item,
+and so that snapshot, fails with the reason; the daemon goes on.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class PlannedRoot(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """One source file found: its folder's descriptor (held by `Sources`) and its name there,
-    its status (a regular file when found) and its full path (for messages)."""
+    """One source file found: its folder's descriptor (held by `Sources`, valid until its next
+    `find`) and its name there, its status (a regular file when found) and its full path (for
+    messages)."""
 
     folder: int
     name: str
@@ -175,19 +176,19 @@ class Sources:
     def root(self, path: str) -> int:
         """Given a planned root's path, return its descriptor, opening it the first time:
         RootChanged when it is not the folder the plan read."""
-        opened = self._roots.get(path)
-        if opened is None:
-            opened = open_root(path)
+        root_dir = self._roots.get(path)
+        if root_dir is None:
+            root_dir = open_root(path)
             planned = self._planned.get(path)
-            if planned is None or opened.identity != planned:
+            if planned is None or root_dir.identity != planned:
                 was = planned.describe() if planned is not None else "not planned"
-                opened.close()
+                root_dir.close()
                 raise RootChanged(
                     f"root changed since the snapshot was planned: {path} was {was}, now "
-                    f"{opened.identity.describe()}; nothing read from it"
+                    f"{root_dir.identity.describe()}; nothing read from it"
                 )
-            self._roots[path] = opened
-        return opened.fd
+            self._roots[path] = root_dir
+        return root_dir.fd
 
     def find(self, root: str, inside: str, path: str) -> Entry:
         """Given a root, a file's path inside it and its full path (for messages), return the
@@ -196,6 +197,9 @@ class Sources:
         return find_file(self._folder_fd(root, tuple(folders), path), name, path)
 
     def _folder_fd(self, root: str, inside: tuple[str, ...], path: str) -> int:
+        """Given a folder of a root, return its descriptor: the one kept open when it is the
+        folder of the previous file (a folder renamed meanwhile, into the trash say, is still
+        the folder the plan listed), else opened name by name."""
         current = self._folder
         if current is not None and (current.root, current.inside) == (root, inside):
             return current.fd
