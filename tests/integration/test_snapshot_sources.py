@@ -23,11 +23,11 @@ from daemon.rootdir import Identity
 from daemon.snapshots import daily, execute, verify
 from daemon.snapshots.plan import FileItem, build_snapshot_plan, reflink_probe
 from daemon.snapshots.sources import PlannedRoot, RefusedSource, Sources
+from tests.configs import DAILY, make_config
 from tests.integration.test_copying import xfs  # noqa: F401 (the fixture)
 from tests.integration.test_snapshot import (
     NOW,
     RecordingHistory,
-    make_config,
     run,
     write_hf_checkpoint,
 )
@@ -60,6 +60,10 @@ def secret(tmp_path: Path, root: Path) -> Path:
     os.truncate(path, (root / SHARD).stat().st_size)
     path.chmod(0o600)
     return path
+
+
+def snapshot_config(roots: list[Path], snapshots: Path) -> Config:
+    return make_config(roots, snapshots={"dir": snapshots}, **DAILY)
 
 
 def run_promptly(config: Config, **options: object) -> tuple[daily.SnapshotReport, list[str]]:
@@ -152,7 +156,7 @@ def test_a_fifo_swapped_in_after_planning_fails_the_item_promptly(
     shard = root / SHARD
     try:
         report, events = run_promptly(
-            make_config([root], tmp_path / "snaps"),
+            snapshot_config([root], tmp_path / "snaps"),
             method=method,
             between_files=when_placing(SHARD, fifo_for(shard)),
         )
@@ -167,7 +171,7 @@ def test_a_symlink_out_of_the_root_swapped_in_for_a_file_is_refused(
 ) -> None:
     snaps = tmp_path / "snaps"
     report, events = run_promptly(
-        make_config([root], snaps),
+        snapshot_config([root], snaps),
         method=method,
         between_files=when_placing(SHARD, symlink_for(root / SHARD, secret)),
     )
@@ -187,7 +191,7 @@ def test_a_folder_on_the_path_swapped_for_a_symlink_out_of_the_root_is_refused(
     os.truncate(state, 4096)  # the planned size
     snaps = tmp_path / "snaps"
     report, events = run_promptly(
-        make_config([root], snaps),
+        snapshot_config([root], snaps),
         method=method,
         between_files=when_placing(NESTED, folder_symlink_for((root / NESTED).parent, outside)),
     )
@@ -207,7 +211,7 @@ def test_a_device_node_swapped_in_is_never_opened(root: Path, tmp_path: Path) ->
             pytest.skip("making a device node needs root")
 
     report, events = run_promptly(
-        make_config([root], tmp_path / "snaps"),
+        snapshot_config([root], tmp_path / "snaps"),
         method="copy",
         between_files=when_placing(SHARD, device),
     )
@@ -229,7 +233,7 @@ def test_a_root_swapped_for_a_symlink_after_planning_is_not_read(
 
     snaps = tmp_path / "snaps"
     report, events = run_promptly(
-        make_config([root], snaps),
+        snapshot_config([root], snaps),
         method="copy",
         between_files=when_placing("checkpoint-300", swap_root),
     )
@@ -242,7 +246,7 @@ def test_a_root_swapped_for_a_symlink_after_planning_is_not_read(
 def test_planned_then_swapped_then_executed_refuses_the_file(
     root: Path, tmp_path: Path, secret: Path
 ) -> None:
-    config = make_config([root], tmp_path / "snaps")
+    config = snapshot_config([root], tmp_path / "snaps")
     snapshot_plan = build_snapshot_plan(
         config, now=NOW.timestamp(), plan=daily._default_plan, method="copy"
     )
@@ -276,7 +280,7 @@ def test_the_reflink_probe_does_not_wait_on_a_fifo(root: Path, tmp_path: Path) -
 
 def test_a_copy_never_takes_a_setuid_bit_from_a_root(root: Path, tmp_path: Path) -> None:
     (root / SHARD).chmod(0o4755)
-    report = run(make_config([root], tmp_path / "snaps"), method="copy")
+    report = run(snapshot_config([root], tmp_path / "snaps"), method="copy")
     assert report.status == "done", report
     copied = tmp_path / "snaps" / "2026-06-01" / "run-a" / SHARD
     assert stat.S_IMODE(copied.stat().st_mode) == 0o755
@@ -288,7 +292,7 @@ def test_verify_does_not_wait_on_a_fifo_in_the_snapshot(root: Path, tmp_path: Pa
     settled = NOW.timestamp() - 3600
     os.utime(empty, (settled, settled))
     os.utime(empty.parent, (settled, settled))
-    assert run(make_config([root], tmp_path / "snaps"), method="copy").status == "done"
+    assert run(snapshot_config([root], tmp_path / "snaps"), method="copy").status == "done"
     snapshot = tmp_path / "snaps" / "2026-06-01"
     fifo_for(snapshot / "run-a" / "checkpoint-300" / "notes.txt")()
     results: list[verify.VerifyResult] = []
@@ -317,7 +321,7 @@ def test_on_a_reflink_filesystem_a_swapped_source_is_refused(
     change = fifo_for(root / SHARD) if swap == "fifo" else symlink_for(root / SHARD, secret)
     try:
         report, events = run_promptly(
-            make_config([root], xfs / "snaps"),
+            snapshot_config([root], xfs / "snaps"),
             method="reflink",
             between_files=when_placing(SHARD, change),
         )
