@@ -20,7 +20,9 @@ deletes something goes through `prune_root`, the safety-checked path of `ckptd p
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import gc
 import os
 import queue
 import threading
@@ -38,6 +40,7 @@ from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.integrity.cache import CACHE_FILE_NAME, IntegrityCache
+from daemon.integrity.result import IntegrityResult
 from daemon.logs import get_logger
 from daemon.metrics import Monitor
 from daemon.planner import plan_root
@@ -47,7 +50,7 @@ from daemon.service.deeppass import DeepPass
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
-from daemon.verification import VerificationState
+from daemon.verification import VerificationState, record_corrupt
 from policies.model import Plan, PolicySpec
 
 log = get_logger("ckptd.service")
@@ -114,6 +117,19 @@ class SignOfLife(threading.Event):
     def wait(self, timeout: float | None = None) -> bool:
         self._alive()
         return self._stop.wait(timeout)
+
+
+_LIBC = ctypes.CDLL(None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc's; absent elsewhere (musl)
+
+
+def give_back_memory() -> None:
+    """After a prune of every root (thousands of checkpoints scanned and checked, and then
+    idle for hours): collect, and hand the heap's free pages back to the system, so the
+    daemon's resident size is what it keeps, not the peak of that pass."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def utc_iso(epoch_seconds: float) -> str:
@@ -370,6 +386,7 @@ class Worker:
         try:
             if task.name in ("startup", "prune"):
                 self._prune_all(task.name)
+                give_back_memory()
             elif task.name == "startup-snapshot":
                 if self.config.snapshots.enabled:
                     # One per date: the snapshot job skips a date it already has.
@@ -408,9 +425,12 @@ class Worker:
         dry_run: bool,
         history: History = NULL_HISTORY,
         policy_override: PolicySpec | None = None,
+        deep_check: bool = False,
     ) -> PruneReport:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
-        prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
+        prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too.
+        `deep_check`: the checkpoints this prune checks for the first time go on to the deep
+        pass (the prune after a new checkpoint: not the start-up's backlog of old ones)."""
         key = os.path.realpath(root.path)  # how the prune keys the integrity cache
         report = pipeline.prune_root(
             config,
@@ -422,7 +442,7 @@ class Worker:
             cache=self._size_cache(),
             stop=self.job_stop,
             verification=VerificationState.sharing(config.state_dir, self._integrity_cache()),
-            on_checked=partial(self.deep.take, key),
+            on_checked=partial(self.deep.take, key) if deep_check else None,
         )
         self.monitor.pruned(report)  # metrics: every real prune (the disk check's too)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
@@ -452,18 +472,41 @@ class Worker:
         nothing needs no /proc pass, and leaves no record in the history every time a trainer
         closes a file)."""
         key = os.path.abspath(root.path)
+        checked: list[IntegrityResult] = []
         try:
-            _scan, plan = plan_root(self.config, root, now=self.clock(), cache=self._size_cache())
+            _scan, plan = plan_root(
+                self.config,
+                root,
+                now=self.clock(),
+                cache=self._size_cache(),
+                verification=VerificationState.sharing(
+                    self.config.state_dir, self._integrity_cache()
+                ),
+                check_new=True,  # each new checkpoint is checked once it completes
+                on_checked=checked.append,
+            )
         except Exception:
             log.exception("plan_failed", root=key, trigger="new_checkpoint")
             self.timers.retry(key, settings_for(self.config, root).settle_seconds, time.monotonic())
             return
+        self._checked(root, checked)
         # After a refusal or a failure, prune_root runs even if the plan now deletes nothing:
         # its success is what clears the refusal (`ckptd check`, the metrics).
         if plan.deleted or key in self.timers.attempts:
             self._prune(root, trigger="new_checkpoint")
         else:
             self._follow(root, plan)
+
+    def _checked(self, root: RootConfig, checked: list[IntegrityResult]) -> None:
+        """Given the integrity checks a look at a root made (its new checkpoints'), record the
+        corrupt ones, hand the sound ones to the deep pass, and remember them."""
+        if not checked:
+            return
+        key = os.path.realpath(root.path)  # how the prune keys the integrity cache
+        record_corrupt(self.config, key, checked, self.history)
+        for result in checked:
+            self.deep.offer(key, result)
+        self.integrity.save()
 
     def _follow(self, root: RootConfig, plan: Plan) -> None:
         """Given a root and its latest plan, watch the checkpoints still being written and wake
@@ -493,7 +536,12 @@ class Worker:
         settle_seconds = settings_for(self.config, root).settle_seconds
         try:
             report = self.prune_with(
-                self.config, root, now=self.clock(), dry_run=False, history=self.history
+                self.config,
+                root,
+                now=self.clock(),
+                dry_run=False,
+                history=self.history,
+                deep_check=trigger == "new_checkpoint",
             )
         except Exception:
             log.exception("prune_failed", root=key, trigger=trigger)
