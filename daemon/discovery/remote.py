@@ -27,7 +27,7 @@ import dataclasses
 import errno
 import os
 import stat as stat_module
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from daemon.config import RootConfig
@@ -35,7 +35,7 @@ from daemon.discovery.scan import ScanResult, scan
 from daemon.fsio import READ_LIMIT, At, Dir, DirEntryLike, OnError
 from daemon.storage import open_store
 from daemon.storage.base import ObjectInfo, ObjectStore, Upload
-from daemon.storage.journal import OWN_PREFIX
+from daemon.storage.journal import OWN_PREFIX, list_deferred
 from daemon.storage.url import StorageUrl
 from policies.model import Checkpoint
 
@@ -103,6 +103,11 @@ def _read_only(path: str) -> OSError:
     return OSError(errno.EROFS, "a listing of object storage is read-only", path)
 
 
+def _top_name(relative: str) -> str:
+    """Given a key relative to the root, return the root entry it lies in (or is)."""
+    return relative.split("/", 1)[0]
+
+
 class ListingFileSystem:
     """A read-only `FileSystem` over one recursive listing of a root on object storage.
 
@@ -111,12 +116,20 @@ class ListingFileSystem:
     `daemon/storage/journal.py`, never through a FileSystem.
     """
 
-    def __init__(self, store: ObjectStore, url: StorageUrl, objects: Iterable[ObjectInfo]) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        url: StorageUrl,
+        objects: Iterable[ObjectInfo],
+        hidden: frozenset[str] = frozenset(),
+    ) -> None:
         self.store = store
         self.url = url
         self.root = virtual_root(url)
         self._folders: dict[str, dict[str, _Node]] = {self.root: {}}
         self._nodes: dict[str, _Node] = {self.root: _Node("", _stat(_DIR_MODE, 1, 0, 0.0))}
+        # Every object the tree holds, by key (what pruning deletes is taken from here).
+        self.listed: dict[str, ObjectInfo] = {}
         top = url.directory()
         for item in objects:
             relative = item.key[len(top) :]
@@ -124,6 +137,8 @@ class ListingFileSystem:
                 continue  # a "folder" placeholder object says nothing the keys below do not
             if relative.startswith(OWN_PREFIX):
                 continue  # ckptd's journal, deferred lists and lease
+            if hidden and _top_name(relative) in hidden:
+                continue  # in the deferred-deletion list: the trash, not the root
             self._add(relative, item)
 
     def _add(self, relative: str, item: ObjectInfo) -> None:
@@ -149,6 +164,7 @@ class ListingFileSystem:
         node = _Node(item.key, _stat(_FILE_MODE, len(self._nodes) + 1, item.size, item.mtime))
         self._folders[folder][name] = node
         self._nodes[path] = node
+        self.listed[item.key] = item
 
     # --- what discovery reads ---------------------------------------------------------------
 
@@ -183,6 +199,11 @@ class ListingFileSystem:
         self._node(path)
         raise OSError(errno.EINVAL, "object storage has no symlinks", path)
 
+    def is_folder(self, name: str) -> bool:
+        """Given a root entry's name, return whether it is a prefix (not one object)."""
+        node = self._nodes.get(f"{self.root}/{name}")
+        return node is not None and node.is_dir
+
     def objects_under(self, name: str) -> list[str]:
         """Given a root entry's name, return the keys of every object it stands for."""
         path = f"{self.root}/{name}"
@@ -191,8 +212,16 @@ class ListingFileSystem:
             return []
         if not node.is_dir:
             return [node.key]
-        prefix = f"{path}/"
-        return [n.key for p, n in self._nodes.items() if p.startswith(prefix) and not n.is_dir]
+        keys: list[str] = []
+        folders = [path]
+        while folders:
+            folder = folders.pop()
+            for child, inner in self._folders[folder].items():
+                if inner.is_dir:
+                    folders.append(f"{folder}/{child}")
+                else:
+                    keys.append(inner.key)
+        return keys
 
     # --- what pruning would change: never through this FileSystem ----------------------------
 
@@ -278,7 +307,7 @@ def scan_remote(
     if store is None or url is None:
         url, store = open_root_store(root)
     listed = store.list_tree(url.directory()) if objects is None else objects
-    fs = ListingFileSystem(store, url, listed)
+    fs = ListingFileSystem(store, url, listed, in_trash(store, url))
     local_view = root.model_copy(update={"path": fs.root})
     found = scan(
         local_view,
@@ -300,6 +329,15 @@ def scan_remote(
         warnings=tuple(warning.replace(fs.root, str(url)) for warning in found.warnings),
     )
     return RemoteScan(result=result, fs=fs, url=url, store=store)
+
+
+def in_trash(store: ObjectStore, url: StorageUrl) -> frozenset[str]:
+    """Given a root, return the root entries its deferred-deletion lists hold (the trash grace:
+    their objects stay until it ends, but they are no longer the root's checkpoints)."""
+    members: set[str] = set()
+    for item in list_deferred(store, url):
+        members.update(item.members)
+    return frozenset(members)
 
 
 def _uploads_of(checkpoint: Checkpoint, url: StorageUrl, uploads: list[Upload]) -> list[Upload]:
@@ -330,13 +368,3 @@ def _remote_completeness(
         reason = f"settling: newest object written {age:.0f} s ago"
         return dataclasses.replace(checkpoint, complete=False, incomplete_reason=reason)
     return checkpoint
-
-
-def keys_of(scanned: RemoteScan, names: Iterable[str]) -> Mapping[str, list[str]]:
-    """Given a scan and checkpoint names, return every object key of each (its members)."""
-    by_name = {c.name: c for c in scanned.result.checkpoints}
-    return {
-        name: [key for member in by_name[name].members for key in scanned.fs.objects_under(member)]
-        for name in names
-        if name in by_name
-    }

@@ -115,6 +115,15 @@ class DeferredItem:
     run_id: str
     size: int
     list_key: str
+    # The root entries it is made of: its prefix's name, or its top-level objects' names.
+    members: tuple[str, ...] = ()
+
+
+def _members_of(root: StorageUrl, checkpoint: CheckpointObjects) -> tuple[str, ...]:
+    if checkpoint.prefix is not None:
+        return (checkpoint.name,)
+    top = root.directory()
+    return tuple(dict.fromkeys(item.key[len(top) :] for item in checkpoint.objects))
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -183,6 +192,11 @@ def _encode_checkpoint(root: StorageUrl, checkpoint: CheckpointObjects) -> dict[
         raise JournalError(f"a marker of {name!r} is not among its objects")
     markers = [marker[len(base) :] for marker in checkpoint.markers]
     return {"name": name, "prefix": is_prefix, "markers": markers, "objects": objects}
+
+
+def encode_checkpoint(root: StorageUrl, checkpoint: CheckpointObjects) -> dict[str, object]:
+    """Given a checkpoint, return its journal entry; JournalError when it cannot be one."""
+    return _encode_checkpoint(root, checkpoint)
 
 
 def _encode(run_id: str, root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> bytes:
@@ -482,6 +496,7 @@ def list_deferred(store: ObjectStore, root: StorageUrl) -> list[DeferredItem]:
                 run_id=str(document.get("run_id", "")),
                 size=checkpoint.size,
                 list_key=key,
+                members=_members_of(root, checkpoint),
             )
             for checkpoint in checkpoints
         )
