@@ -32,6 +32,7 @@ from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.service.worker import Task, Worker, utc_iso
+from daemon.storage.url import is_remote
 
 log = get_logger("ckptd.service")
 
@@ -281,7 +282,12 @@ class Service:
 
     @staticmethod
     def _root_watches(config: Config) -> list[tuple[str, str]]:
-        return [(os.path.abspath(root.path), root.watch) for root in config.roots]
+        # Object-storage roots are polled by the worker (daemon/service/remote_poll.py).
+        return [
+            (os.path.abspath(root.path), root.watch)
+            for root in config.roots
+            if not is_remote(root.path)
+        ]
 
 
 def serve(

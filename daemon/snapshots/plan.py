@@ -19,6 +19,7 @@ import psutil
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
 from daemon.snapshots import copying
+from daemon.storage.url import is_remote
 from policies.model import Checkpoint, Plan
 
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
@@ -193,6 +194,8 @@ def _select(config: Config, plan: PlanFunction, *, now: float) -> tuple[list[Sel
     selected: list[Selected] = []
     errors: list[str] = []
     for root in config.roots:
+        if is_remote(root.path):
+            continue  # snapshots are local copies of local roots (README, object storage)
         try:
             scan, root_plan = plan(config, root, now=now)
         except Exception as error:  # one unreadable root must not cost the others their snapshot
