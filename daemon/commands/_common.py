@@ -45,6 +45,7 @@ from daemon.errors import EXIT_FAILED, UsageError
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import default_history_path
 from daemon.render import Protected, describe_policy, format_duration
+from daemon.storage.url import is_remote
 from policies.model import Plan
 
 # The exit code of a command that did every root but found a configured one missing.
@@ -150,6 +151,8 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
     not exist is in `missing`.
     """
     path = config_path(config_argument)
+    if root_argument is not None and is_remote(root_argument):
+        return _select_remote(root_argument, config_argument, path)
     if root_argument is not None:
         root_path = os.path.abspath(root_argument)
         if not os.path.exists(root_path):
@@ -187,6 +190,27 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
         source=path,
         history_path=config.history_path,
         policies={root.path: policy_note(config, root, path, configured=True) for root in present},
+    )
+
+
+def _select_remote(root_argument: str, config_argument: str | None, path: str) -> Selection:
+    """Given an object-storage ROOT: the configured root of that URL (its storage_options), or
+    with none configured the defaults, credentials from botocore's usual chain (AWS_*
+    environment variables, ~/.aws)."""
+    wanted = root_argument.rstrip("/")
+    if config_argument is None and not os.path.exists(path):
+        config = default_config_for_root(wanted)
+        root = config.roots[0]
+        line = policy_note(config, root, None, configured=False)
+        return Selection(
+            config, (root,), history_path=default_history_path(), policies={root.path: line}
+        )
+    config = load_config(path)
+    configured = [root for root in config.roots if root.path.rstrip("/") == wanted]
+    root = configured[0] if configured else RootConfig(path=wanted)
+    line = policy_note(config, root, path, configured=bool(configured))
+    return Selection(
+        config, (root,), source=path, history_path=config.history_path, policies={root.path: line}
     )
 
 
