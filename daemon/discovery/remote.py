@@ -307,7 +307,8 @@ def scan_remote(
     if store is None or url is None:
         url, store = open_root_store(root)
     listed = store.list_tree(url.directory()) if objects is None else objects
-    fs = ListingFileSystem(store, url, listed, in_trash(store, url))
+    invalid: list[str] = []
+    fs = ListingFileSystem(store, url, listed, in_trash(store, url, invalid))
     local_view = root.model_copy(update={"path": fs.root})
     found = scan(
         local_view,
@@ -326,16 +327,22 @@ def scan_remote(
         found,
         root=str(url),
         checkpoints=checkpoints,
-        warnings=tuple(warning.replace(fs.root, str(url)) for warning in found.warnings),
+        warnings=(
+            *(warning.replace(fs.root, str(url)) for warning in found.warnings),
+            *(f"ignored a malformed deferred-deletion list {problem}" for problem in invalid),
+        ),
     )
     return RemoteScan(result=result, fs=fs, url=url, store=store)
 
 
-def in_trash(store: ObjectStore, url: StorageUrl) -> frozenset[str]:
+def in_trash(
+    store: ObjectStore, url: StorageUrl, invalid: list[str] | None = None
+) -> frozenset[str]:
     """Given a root, return the root entries its deferred-deletion lists hold (the trash grace:
-    their objects stay until it ends, but they are no longer the root's checkpoints)."""
+    their objects stay until it ends, but they are no longer the root's checkpoints); a list
+    that is not ckptd's or reaches outside its checkpoints is named in `invalid`, not used."""
     members: set[str] = set()
-    for item in list_deferred(store, url):
+    for item in list_deferred(store, url, invalid if invalid is not None else []):
         members.update(item.members)
     return frozenset(members)
 

@@ -481,11 +481,21 @@ def _due_of(document: dict[str, object]) -> float:
     return float(due) if isinstance(due, int | float) else 0.0
 
 
-def list_deferred(store: ObjectStore, root: StorageUrl) -> list[DeferredItem]:
-    """Given a root, return every checkpoint waiting for deletion, soonest due first."""
+def list_deferred(
+    store: ObjectStore, root: StorageUrl, invalid: list[str] | None = None
+) -> list[DeferredItem]:
+    """Given a root, return every checkpoint waiting for deletion, soonest due first. A list
+    that fails validation raises JournalError, or with `invalid` given is skipped and named
+    there (`key: why`)."""
     items: list[DeferredItem] = []
     for key in _deferred_lists(store, root):
-        read = _read_list(store, root, key)
+        try:
+            read = _read_list(store, root, key)
+        except JournalError as error:
+            if invalid is None:
+                raise
+            invalid.append(f"{key}: {error}")
+            continue
         if read is None:
             continue
         document, checkpoints, _etag = read
