@@ -343,6 +343,11 @@ def test_ckptd_run_polls_the_s3_root_and_prunes_new_checkpoints(
             wait_for(lambda: top_names(keys(s3_bucket, "run/")) == {"checkpoint-2"}, log)
             save(3)  # a new checkpoint: the next poll finds it complete and prunes
             wait_for(lambda: top_names(keys(s3_bucket, "run/")) == {"checkpoint-3"}, log)
+            # `ckptd check` finds the root's last successful prune under its URL.
+            check = ckptd(ckptd_command, cli_env, "check", "--json", "--config", str(config))
+            assert "no successful prune" not in check.stdout
+            state = json.loads((tmp_path / "state" / "state.json").read_text())
+            assert s3_bucket.url("run") in state["prune_success"]
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(timeout=30)
