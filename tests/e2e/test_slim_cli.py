@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.layouts_fixtures import well_formed_bytes
+
 RESUME = {"optimizer.pt": 20_000, "scheduler.pt": 1_000, "rng_state.pth": 1_000}
 WEIGHTS = {"model.safetensors": 10_000, "config.json": 100, "trainer_state.json": 100}
 
@@ -24,7 +26,8 @@ def hugging_face_run(root: Path, steps: range) -> None:
         folder.mkdir(parents=True)
         for name, size in {**WEIGHTS, **RESUME}.items():
             # trainer_state.json is read by discovery: JSON, padded with whitespace.
-            data = b"{}".ljust(size) if name.endswith(".json") else b"x" * size
+            # The rest well-formed: the integrity checks (on by default) read their headers.
+            data = b"{}".ljust(size) if name.endswith(".json") else well_formed_bytes(name, size)
             (folder / name).write_bytes(data)
         stamp = past + step
         for path in (*folder.iterdir(), folder):

@@ -111,7 +111,21 @@ def test_a_slimmed_hf_checkpoint_loads_with_the_same_logits_and_the_newest_resum
     )
     assert resumed["global_step"] == 7
 
+    # A slimmed checkpoint is still sound to the integrity checks (every checksum read): it is
+    # neither corrupt nor alerted on, and the next prune slims nothing more.
+    verified = subprocess.run(
+        [str(CKPTD), "verify", str(run), "--config", str(config), "--deep", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    checked = {c["name"]: c for c in json.loads(verified.stdout)["checkpoints"]}
+    assert sorted(checked) == [f"checkpoint-{step}" for step in range(1, 7)]
+    assert all(c["status"] == "ok" and c["deep"] for c in checked.values()), checked
+
     records = [json.loads(line) for line in history.read_text().splitlines()]
+    assert not [r for r in records if r["event"] == "integrity_corrupt"]
     slims = [r for r in records if r["event"] == "slim"]
     assert sorted(r["checkpoint"] for r in slims) == [f"checkpoint-{s}" for s in range(1, 5)]
     assert all(r["bytes_freed"] > 0 and r["files"] for r in slims)

@@ -185,7 +185,8 @@ def test_a_prune_that_slims_writes_slims_and_its_run_in_their_shapes(
         folder = root / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         for name in ("model.safetensors", "optimizer.pt"):
-            (folder / name).write_bytes(FILE)
+            # Well-formed: the integrity checks (on by default) read their headers.
+            (folder / name).write_bytes(well_formed_bytes(name, len(FILE)))
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         for path in [*folder.iterdir(), folder]:
             os.utime(path, (NOW - 3600, NOW - 3600))

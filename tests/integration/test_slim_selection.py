@@ -22,18 +22,20 @@ from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from daemon.slimming import SLIM_RECORD, Selection, resume_state
 from policies.model import Checkpoint, Decision, Plan
+from tests.layouts_fixtures import well_formed_bytes
 
 NOW = 1_800_000_000.0
 LENIENT = guard.SafetySettings(min_keep=0, max_delete_fraction=1.0)
 
 
-def write(path: Path, size: int = 10) -> Path:
+def write(path: Path, size: int = 512) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.name.endswith(".json"):
         # Discovery reads trainer_state.json: it must be JSON (padding is whitespace).
         path.write_bytes(b"{}".ljust(size))
     else:
-        path.write_bytes(b"x" * size)
+        # Well-formed where the name says a format: the integrity checks read its header.
+        path.write_bytes(well_formed_bytes(path.name, size))
     return path
 
 
@@ -228,7 +230,7 @@ def test_measure_counts_allocated_bytes_and_nothing_for_files_linked_elsewhere(
         sizes = {s.path: s for s in slimming.measure(descriptor, ["optimizer.pt", "scheduler.pt"])}
     assert sizes["optimizer.pt"].bytes_logical == 20_000
     assert sizes["optimizer.pt"].bytes_freed == (folder / "optimizer.pt").stat().st_blocks * 512
-    assert sizes["scheduler.pt"].bytes_freed == 0 and sizes["scheduler.pt"].bytes_logical == 10
+    assert sizes["scheduler.pt"].bytes_freed == 0 and sizes["scheduler.pt"].bytes_logical == 512
 
 
 def test_is_slimmed_reads_the_record_and_never_follows_a_symlink(tmp_path: Path) -> None:

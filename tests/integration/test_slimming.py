@@ -22,6 +22,7 @@ from daemon.planner import plan_root
 from daemon.pruning import pipeline, slimmer, trash
 from daemon.slimming import SLIM_RECORD, is_slimmed, read_record
 from policies.model import Checkpoint, Decision, Plan, SlimTarget
+from tests.layouts_fixtures import well_formed_bytes
 
 NOW = 1_800_000_000.0
 RESUME = {"optimizer.pt": 30_000, "scheduler.pt": 1_000, "rng_state.pth": 2_000}
@@ -33,9 +34,11 @@ def make_checkpoint(root: Path, step: int, stamp: float) -> Path:
     folder.mkdir(parents=True)
     for name, size in {**WEIGHTS, **RESUME}.items():
         # trainer_state.json is read by discovery: JSON, padded with whitespace.
-        pad = b" " if name.endswith(".json") else b"."
-        text = f'{{"step": {step}}}' if name.endswith(".json") else f"{step}:{name}"
-        (folder / name).write_bytes(text.encode().ljust(size, pad))
+        if name.endswith(".json"):
+            (folder / name).write_bytes(f'{{"step": {step}}}'.encode().ljust(size))
+        else:
+            # Well-formed (the integrity checks read headers), and each file's bytes its own.
+            (folder / name).write_bytes(well_formed_bytes(name, size, random=True))
     for path in [*folder.iterdir(), folder]:
         os.utime(path, (stamp, stamp))
     return folder
@@ -174,8 +177,8 @@ def test_nested_resume_state_moves_and_comes_back(tmp_path: Path, history: Histo
         folder = root / f"iter_{step:07d}"
         for rank in ("mp_rank_00", "mp_rank_01"):
             (folder / rank).mkdir(parents=True)
-            (folder / rank / "model_optim_rng.pt").write_bytes(b"w" * 1000)
-            (folder / rank / "distrib_optim.pt").write_bytes(b"o" * 4000)
+            for name, size in (("model_optim_rng.pt", 1000), ("distrib_optim.pt", 4000)):
+                (folder / rank / name).write_bytes(well_formed_bytes(name, size, random=True))
         stamp = NOW - 86_400 + step
         for path in [*folder.rglob("*"), folder]:
             os.utime(path, (stamp, stamp))
