@@ -244,6 +244,12 @@ class VerificationState:
             create,
         )
 
+    @classmethod
+    def sharing(cls, folder: str, cache: IntegrityCache) -> VerificationState:
+        """Given a state folder and an integrity cache kept in memory for it (the daemon's,
+        shared with its deep pass), return the state with the user's tests read afresh."""
+        return cls(cache, UserTestStore(os.path.join(folder, USER_TESTS_FILE)), folder)
+
     def retain(self, root: str, names: Collection[str]) -> None:
         """Given a root and its checkpoints now, forget what is remembered of any other."""
         self.cache.retain(root, names)

@@ -226,6 +226,7 @@ class VerifyConfig(StrictModel):
     """Integrity checks of each new checkpoint, and the user's own test of the newest one."""
 
     checks: StrictBool = True
+    deep: StrictBool = True
     command: str | None = None
     at: str = "05:00"
     timeout: Duration = Field(default=3600.0, gt=0)

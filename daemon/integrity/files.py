@@ -18,6 +18,7 @@ Every path inside a training root belongs to someone who may race ckptd. So:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as stat_module
@@ -178,9 +179,12 @@ class FileHandle:
                 raise _classify(self.path, failure) from failure
             if got <= 0:
                 raise Changed(f"{self.path} ended at {position} of {self.size} bytes")
-            position += got
             findings.bytes_read += got
             yield view[:got]
+            # Read once and done with: leave the page cache to the trainer and its data.
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.descriptor, position, got, os.POSIX_FADV_DONTNEED)
+            position += got
             if options.progress is not None:
                 options.progress(got)
 

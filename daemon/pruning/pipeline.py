@@ -150,6 +150,7 @@ class _Job:
     grace: float
     policy: dict[str, object]
     verification: VerificationState
+    on_checked: Callable[[IntegrityResult], None] | None = None
 
     def look(self, now: float) -> tuple[Plan, proc_facts.Facts]:
         """Given the time, return the root's plan and the process facts (one pass each); record
@@ -168,6 +169,9 @@ class _Job:
         )
         if not self.dry_run:
             record_corrupt(self.config, self.root_path, checked, self.history)
+            if self.on_checked is not None:
+                for result in checked:
+                    self.on_checked(result)
         facts = proc_facts.gather_facts(
             self.root_path,
             now=now,
@@ -189,6 +193,7 @@ def _job_for(
     fs: FileSystem,
     cache: SizeCache | None,
     verification: VerificationState | None,
+    on_checked: Callable[[IntegrityResult], None] | None,
 ) -> _Job:
     """Given prune_root's arguments, return the job with the root's settings resolved."""
     settings = settings_for(config, root)
@@ -213,6 +218,7 @@ def _job_for(
         grace=settings.trash_grace,
         policy=policy_record(spec),
         verification=verification or VerificationState.in_folder(config.state_dir),
+        on_checked=on_checked,
     )
 
 
@@ -530,6 +536,7 @@ def prune_root(
     progress: deleter.Progress | None = None,
     identities: IdentityStore | None = None,
     verification: VerificationState | None = None,
+    on_checked: Callable[[IntegrityResult], None] | None = None,
 ) -> PruneReport:
     """Given the config, a root and the time, prune it through the safety guard and report.
 
@@ -543,7 +550,8 @@ def prune_root(
     daemon/rootdir.py), and its trash ckptd's own; otherwise the root is refused (not
     transient: a person must look), recorded in the history once.
     `verification` is the integrity state to use and keep (default: `<state_dir>`'s, saved
-    there after the run when that folder exists; a dry run saves nothing).
+    there after the run when that folder exists; a dry run saves nothing). `on_checked` is told
+    each integrity check this run made (not in a dry run): the daemon's deep pass takes them.
     """
     if is_remote(root.path):
         # Object storage: no folder to open, lock or rename in; see daemon/pruning/remote.py.
@@ -579,6 +587,7 @@ def prune_root(
             fs=fs,
             cache=cache,
             verification=verification,
+            on_checked=on_checked,
         )
         if dry_run:
             return _prune_unlocked(job, now=now, stop=stop, confirm=confirm, progress=progress)

@@ -101,6 +101,7 @@ class Service:
         """Given a started service, serve until `stop`; return the exit code."""
         self.monitor.start()  # metrics: before the worker's first prune
         self.worker.thread.start()
+        self.worker.deep.start()
         self.watcher.set_roots(self._root_watches(self.config), self.config_path)
         self.schedule.start(self.config)
         startup = Task("startup")
@@ -215,10 +216,12 @@ class Service:
         self.schedule.shutdown()
         self.work.put(None)
         self.worker.thread.join(self.stop_timeout)
+        self.worker.deep.stop()
         self.watcher.stop()
         self.monitor.close()  # metrics
         if not self.worker.thread.is_alive():
             self.worker.save_cache()
+            self.worker.integrity.save()
         self.schedule.shutdown(wait=True)
         if self.worker.thread.is_alive():
             log.error("stop_timeout", seconds=self.stop_timeout)

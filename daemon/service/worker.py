@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 from daemon.clock import utc_iso as iso_time
 from daemon.config import Config, RootConfig, RootSettings, settings_for
@@ -36,16 +37,19 @@ from daemon.discovery.walker import FINGERPRINT_MARKERS
 from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
+from daemon.integrity.cache import CACHE_FILE_NAME, IntegrityCache
 from daemon.logs import get_logger
 from daemon.metrics import Monitor
 from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
+from daemon.service.deeppass import DeepPass
 from daemon.service.remote_poll import RemotePolls
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
 from daemon.storage.url import is_remote
+from daemon.verification import VerificationState
 from policies.model import Plan, PolicySpec
 
 log = get_logger("ckptd.service")
@@ -239,6 +243,11 @@ class Worker:
         self.cache = open_size_cache(config)
         self.cache_state_dir = config.state_dir
         self.cache_saved_at = time.monotonic()
+        # One integrity cache in memory, shared by the prunes (cheap checks) and the deep pass.
+        self.integrity = IntegrityCache.in_state_dir(config.state_dir)
+        self.deep = DeepPass(
+            self.integrity, config=lambda: self.config, history=lambda: self.history
+        )
         self.timers = PruneTimers()
         # Object-storage roots: polled every poll_interval (daemon/service/remote_poll.py).
         self.remote = RemotePolls()
@@ -441,6 +450,7 @@ class Worker:
     ) -> PruneReport:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
         prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
+        key = os.path.realpath(root.path)  # how the prune keys the integrity cache
         report = pipeline.prune_root(
             config,
             root,
@@ -450,6 +460,8 @@ class Worker:
             policy_override=policy_override,
             cache=self._size_cache(),
             stop=self.job_stop,
+            verification=VerificationState.sharing(config.state_dir, self._integrity_cache()),
+            on_checked=partial(self.deep.take, key),
         )
         self.monitor.pruned(report)  # metrics: every real prune (the disk check's too)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
@@ -464,6 +476,14 @@ class Worker:
             self.cache = open_size_cache(self.config)
             self.cache_state_dir = self.config.state_dir
         return self.cache
+
+    def _integrity_cache(self) -> IntegrityCache:
+        if self.integrity.path != os.path.join(self.config.state_dir, CACHE_FILE_NAME):
+            # A reload moved state_dir: the cache lives there from now on.
+            self.integrity.save()
+            self.integrity = IntegrityCache.in_state_dir(self.config.state_dir)
+            self.deep.use_cache(self.integrity)
+        return self.integrity
 
     def _look(self, root: RootConfig) -> None:
         """Given a root whose timer fired, plan it; prune it only if the plan deletes something

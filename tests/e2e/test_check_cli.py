@@ -16,28 +16,15 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.state import read_state
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import well_formed_bytes
 
 OLD = time.time() - 3600
-
-CONFIG = """\
-state_dir: {state}
-timezone: UTC
-log: {{level: info, format: json}}
-defaults:
-  policy: {{keep_last: 3, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.5
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
 
 
 def make_checkpoint(root: Path, step: int) -> Path:
@@ -74,14 +61,19 @@ class Setup:
         self.root.mkdir()
         for step in range(10, 70, 10):
             make_checkpoint(self.root, step)
-        self.base = CONFIG.format(state=self.state, root=self.root)
-        self.config = self.write("config.yaml", self.base)
+        # The daemon's config (tests/configs.py writes it); `check` varies it.
+        self.settings: dict[str, Any] = {
+            "state_dir": self.state,
+            "timezone": "UTC",
+            "log": {"level": "info", "format": "json"},
+            "policy": rotation(3),
+            "settle_seconds": 0.5,
+            "grace": "0s",
+            "layout": "hf",
+            "disk": {"interval": "1h"},
+        }
+        self.config = write_config(tmp_path / "config.yaml", [self.root], **self.settings)
         self.daemon: subprocess.Popen[bytes] | None = None
-
-    def write(self, name: str, text: str) -> Path:
-        path = self.tmp_path / name
-        path.write_text(text)
-        return path
 
     def start(self) -> None:
         log = (self.tmp_path / "daemon.log").open("w")
@@ -99,12 +91,12 @@ class Setup:
             self.daemon.send_signal(signal.SIGTERM)
             assert self.daemon.wait(30) == 0
 
-    def check(
-        self, *options: str, extra: str = "", replace: tuple[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        """Run `ckptd check` with the daemon's config plus `extra` YAML keys, one text replaced."""
-        text = self.base.replace(*replace) if replace else self.base
-        config = self.write("check.yaml", text + extra) if extra or replace else self.config
+    def check(self, *options: str, **changes: Any) -> subprocess.CompletedProcess[str]:
+        """Run `ckptd check` with the daemon's config, its sections in `changes` replaced."""
+        config = self.config
+        if changes:
+            settings = {**self.settings, **changes}
+            config = write_config(self.tmp_path / "check.yaml", [self.root], **settings)
         return subprocess.run(
             [*self.command, "check", "--config", str(config), *options],
             env=self.env,
@@ -174,7 +166,7 @@ def test_ok_then_each_finding_then_critical_when_stopped(setup: Setup) -> None:
 
     # No successful prune for longer than check.max_prune_age: WARNING (printed even --quiet).
     time.sleep(1.2)
-    stale = setup.check("--quiet", extra="check: {max_prune_age: 1s}\n")
+    stale = setup.check("--quiet", check={"max_prune_age": "1s"})
     assert stale.returncode == 1, stale
     assert stale.stdout.startswith(f"CKPTD WARNING - no successful prune of {setup.root} for "), (
         stale.stdout
@@ -183,10 +175,10 @@ def test_ok_then_each_finding_then_critical_when_stopped(setup: Setup) -> None:
 
     # The disk above warn_percent, then above critical_percent.
     for disk, code, word in (
-        ("{interval: 1h, warn_percent: 0.001}", 1, "WARNING"),
-        ("{interval: 1h, warn_percent: 0.001, critical_percent: 0.002}", 2, "CRITICAL"),
+        ({"interval": "1h", "warn_percent": 0.001}, 1, "WARNING"),
+        ({"interval": "1h", "warn_percent": 0.001, "critical_percent": 0.002}, 2, "CRITICAL"),
     ):
-        result = setup.check("--json", replace=("disk: {interval: 1h}", f"disk: {disk}"))
+        result = setup.check("--json", disk=disk)
         document = json.loads(result.stdout)
         assert (result.returncode, document["status"]) == (code, word), result
         assert re.match(rf"CKPTD {word} - disk \d+% used on /", document["line"])
@@ -194,14 +186,14 @@ def test_ok_then_each_finding_then_critical_when_stopped(setup: Setup) -> None:
     # No snapshot today after snapshots.at (+ grace): WARNING; today's folder there: OK.
     snapshots = setup.tmp_path / "snapshots"
     snapshots.mkdir()
-    enabled = ("snapshots: {enabled: false}", f"snapshots: {{dir: {snapshots}, at: '00:00'}}")
-    grace = "check: {snapshot_grace: 0s}\n"
-    missing = setup.check(extra=grace, replace=enabled)
+    enabled = {"dir": snapshots, "at": "00:00"}
+    grace = {"snapshot_grace": "0s"}
+    missing = setup.check(check=grace, snapshots=enabled)
     today = dt.datetime.now(dt.UTC).date().isoformat()
     assert missing.returncode == 1, missing
     assert f"no snapshot for {today} (due 00:00)" in missing.stdout
     (snapshots / today).mkdir()
-    present = setup.check(extra=grace, replace=enabled)
+    present = setup.check(check=grace, snapshots=enabled)
     assert present.returncode == 0, present
     assert f"snapshot {today}" in present.stdout
 
@@ -223,10 +215,10 @@ def test_a_root_refused_for_longer_than_max_refused_age(setup: Setup) -> None:
         assert wait_until(lambda: bool(read_state(str(setup.state)).get("refused")), 30), (
             setup.log()
         )
-        within = setup.check(extra="check: {max_refused_age: 1h}\n")
+        within = setup.check(check={"max_refused_age": "1h"})
         assert within.returncode == 0, within
         time.sleep(1.2)
-        refused = setup.check("--json", extra="check: {max_refused_age: 1s}\n")
+        refused = setup.check("--json", check={"max_refused_age": "1s"})
         document = json.loads(refused.stdout)
         assert refused.returncode == 1, refused
         assert document["status"] == "WARNING"
@@ -236,7 +228,7 @@ def test_a_root_refused_for_longer_than_max_refused_age(setup: Setup) -> None:
         assert "holds the newest checkpoint checkpoint-60" in problem["message"]
     # Let go: the daemon's retry prunes, the refusal clears.
     assert wait_until(lambda: not read_state(str(setup.state)).get("refused"), 30), setup.log()
-    cleared = setup.check(extra="check: {max_refused_age: 1s}\n")
+    cleared = setup.check(check={"max_refused_age": "1s"})
     assert cleared.returncode == 0, cleared
     assert sorted(p.name for p in setup.root.glob("checkpoint-*")) == [
         "checkpoint-40",

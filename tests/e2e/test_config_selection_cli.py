@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from daemon.history.log import read_records
+from tests.configs import write_config
 from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 3 * 3600
@@ -40,23 +41,17 @@ def run(
     )
 
 
-def write_config(tmp_path: Path, root: Path, *, fraction: float = 0.5) -> Path:
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nhistory_file: {tmp_path / 'log' / 'history.jsonl'}\n"
-        "snapshots: {enabled: false}\n"
-        f"roots:\n  - path: {root}\n    max_delete_fraction: {fraction}\n"
-        "    trash: {grace: 0s}\n"
-    )
-    return config
-
-
 def test_a_root_of_the_exported_config_gets_that_roots_settings(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
     root = tmp_path / "run"
     make_hf_root(root, range(100, 17001, 100))  # the plan deletes 127 of 170: 75%
-    config = write_config(tmp_path, root)
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [root],
+        history_file=tmp_path / "log" / "history.jsonl",
+        root_settings={"max_delete_fraction": 0.5, "trash": {"grace": "0s"}},
+    )
     cli_env["CKPTD_CONFIG"] = str(config)
     exported = run(ckptd_command, ["prune", "--dry-run", str(root)], cli_env)
     named = run(ckptd_command, ["prune", "--dry-run", str(root), "-c", str(config)], cli_env)
@@ -87,7 +82,12 @@ def test_a_root_without_a_config_says_so_on_its_first_line(
         assert first == "policy: balanced preset (no config for this root)", first
     other = tmp_path / "elsewhere"
     other.mkdir()
-    config = write_config(tmp_path, other)
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [other],
+        history_file=tmp_path / "log" / "history.jsonl",
+        root_settings={"max_delete_fraction": 0.5, "trash": {"grace": "0s"}},
+    )
     cli_env["CKPTD_CONFIG"] = str(config)
     result = run(ckptd_command, ["plan", str(root)], cli_env)
     assert result.returncode == 0, result.stderr
@@ -103,7 +103,12 @@ def test_a_prune_by_root_records_where_history_reads(
 ) -> None:
     root = tmp_path / "run"
     make_hf_root(root, range(100, 3100, 100))
-    config = write_config(tmp_path, root, fraction=0.9)
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [root],
+        history_file=tmp_path / "log" / "history.jsonl",
+        root_settings={"max_delete_fraction": 0.9, "trash": {"grace": "0s"}},
+    )
     cli_env["CKPTD_CONFIG"] = str(config)
     cli_env["XDG_STATE_HOME"] = str(tmp_path / "xdg")
     pruned = run(ckptd_command, ["prune", "-y", str(root)], cli_env)

@@ -22,12 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from daemon.service.sdnotify import Notifier
 from policies import plan
 from policies.model import Checkpoint, PolicySpec
+from tests.configs import write_config
 
 CHECKPOINTS = 100
 STEP = 10
@@ -75,23 +77,16 @@ sys.exit(1 if vanished else 0)
 )
 
 
-def config_text(root: Path, state: Path, policy: str) -> str:
-    return f"""\
-state_dir: {state}
-history_file: {state}/history.jsonl
-log: {{level: info, format: json}}
-defaults:
-  policy: {policy}
-  settle_seconds: {SETTLE}
-  min_keep: 3
-  max_delete_fraction: 0.9
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
+# The daemon's settings besides its policy (tests/configs.py writes them).
+DAEMON: dict[str, Any] = {
+    "log": {"level": "info", "format": "json"},
+    "settle_seconds": SETTLE,
+    "min_keep": 3,
+    "max_delete_fraction": 0.9,
+    "grace": "0s",
+    "layout": "hf",
+    "disk": {"interval": "1h"},
+}
 
 
 class Listener:
@@ -162,7 +157,8 @@ def test_daemon_end_to_end(
     root.mkdir()
     config = tmp_path / "etc" / "config.yaml"
     config.parent.mkdir()
-    config.write_text(config_text(root, state, "{keep_last: 100000, tier2_count: 0}"))
+    keep_everything = {"keep_last": 100000, "tier2_count": 0}
+    write_config(config, [root], state_dir=state, policy=keep_everything, **DAEMON)
     listener = Listener(str(tmp_path / "notify.sock"))
     environment = dict(cli_env)
     environment["NOTIFY_SOCKET"] = str(tmp_path / "notify.sock")
@@ -228,13 +224,9 @@ def test_daemon_end_to_end(
         config.write_text(good_text)
         assert wait_until(lambda: "config_reloaded" in (tmp_path / "daemon.log").read_text(), 10)
         runs_before = sum(1 for r in history(state) if r["event"] == "prune_run")
-        new_text = good_text.replace(
-            "{keep_last: 100000, tier2_count: 0}",
-            "{keep_last: 5, tier2_count: 4, tier3_interval: 100}",
-        )
-        temporary = config.with_suffix(".new")
-        temporary.write_text(new_text)
-        os.replace(temporary, config)  # as editors save: no signal sent
+        new_policy = {"keep_last": 5, "tier2_count": 4, "tier3_interval": 100}
+        # Written aside and renamed over, as editors save: no signal sent.
+        write_config(config, [root], state_dir=state, policy=new_policy, **DAEMON)
         old_pid = daemon.pid
         assert wait_until(
             lambda: any(

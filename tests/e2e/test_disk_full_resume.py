@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import rotation, write_config
+
 FW_VENV = Path(os.environ.get("CKPTD_FW_VENV", "/work/fw-venv"))
 FW_PYTHON = FW_VENV / "bin" / "python"
 
@@ -109,20 +111,14 @@ def test_after_a_full_disk_a_real_trainer_resumes_from_the_checkpoint_ckptd_kept
         cut_short(root / f"checkpoint-{step}" / "model.safetensors")
         cut_short(root / f"checkpoint-{step}" / "optimizer.pt")
 
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {tmp_path / "state"}
-defaults:
-  policy: {{keep_last: 1, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0
-  min_keep: 1
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-"""
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        policy=rotation(1),
+        settle_seconds=0,
+        min_keep=1,
+        grace="0s",
+        layout="hf",
     )
     environment = dict(cli_env)
     pruned = subprocess.run(

@@ -16,11 +16,27 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.configs import write_config
+
 MB = 1 << 20
 SAVES = 40  # 80 MB into 64 MB: without the disk checks, ENOSPC after about 8 s
+# Only the disk checks act: the weekly prune is days away and new checkpoints trigger nothing
+# (tests/configs.py writes the rest; the disk's `interval` is given by each test).
+PRESSURE: dict[str, Any] = {
+    "timezone": "UTC",
+    "log": {"level": "warning"},
+    "settle_seconds": 0.05,
+    "min_keep": 3,
+    "grace": "0s",
+    "layout": "hf",
+    "prune": {"schedule": "0 4 * * sun", "on_new_checkpoint": False},
+}
+LADDER = {"warn_percent": 60, "critical_percent": 75, "emergency": {"preset": "aggressive"}}
+
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -54,36 +70,6 @@ TRAINER = f"import sys; sys.path.insert(0, {str(REPOSITORY)!r})\n" + textwrap.de
 @pytest.fixture
 def tmpfs64(tmpfs: Callable[[int], Path]) -> Path:
     return tmpfs(64 * 1024 * 1024)
-
-
-def write_config(tmp_path: Path, root: Path, interval: str) -> Path:
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(
-        f"""\
-timezone: UTC
-state_dir: {tmp_path / "state"}
-history_file: {tmp_path / "history.jsonl"}
-log: {{level: warning}}
-defaults:
-  settle_seconds: 0.05
-  min_keep: 3
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-prune:
-  schedule: "0 4 * * sun"
-  on_new_checkpoint: false   # only the disk checks act: the weekly prune is days away
-snapshots:
-  enabled: false
-disk:
-  interval: {interval}
-  warn_percent: 60
-  critical_percent: 75
-  emergency: {{preset: aggressive}}
-"""
-    )
-    return config_file
 
 
 def start_trainer(root: Path, tmp_path: Path) -> subprocess.Popen[str]:
@@ -123,7 +109,13 @@ def test_the_daemon_keeps_a_fast_trainer_off_enospc(
     """`ckptd run` with a 1 s disk check (the scheduler's shortest interval)."""
     root = tmpfs64 / "current_model"
     root.mkdir()
-    config_file = write_config(tmp_path, root, "1s")
+    config_file = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        history_file=tmp_path / "history.jsonl",
+        disk={"interval": "1s", **LADDER},
+        **PRESSURE,
+    )
     daemon = subprocess.Popen(
         [*ckptd_command, "run", "--config", str(config_file)],
         env=cli_env,
@@ -165,7 +157,17 @@ def test_disk_checks_keep_a_fast_trainer_off_enospc(tmpfs64: Path, tmp_path: Pat
 
     root = tmpfs64 / "current_model"
     root.mkdir()
-    config = load_config(str(write_config(tmp_path, root, "0.1s")))
+    config = load_config(
+        str(
+            write_config(
+                tmp_path / "config.yaml",
+                [root],
+                history_file=tmp_path / "history.jsonl",
+                disk={"interval": "0.1s", **LADDER},
+                **PRESSURE,
+            )
+        )
+    )
     history = HistoryLog(config.history_path)
     trainer = start_trainer(root, tmp_path)
     highest = 0.0

@@ -15,6 +15,7 @@ import pytest
 
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
+from tests.configs import write_config
 
 
 def run(
@@ -68,11 +69,7 @@ def test_history_reads_the_configs_history_file(
 ) -> None:
     history_file = tmp_path / "log" / "history.jsonl"
     write_history(history_file)
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nhistory_file: {history_file}\n"
-        f"snapshots: {{enabled: false}}\nroots: []\n"
-    )
+    config = write_config(tmp_path / "config.yaml", history_file=history_file)
     result = run(ckptd_command, ["history", "--config", str(config), "--json"], cli_env)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
@@ -223,11 +220,11 @@ def test_follow_rows_line_up_with_the_header(
 
 
 @pytest.mark.parametrize(
-    ("zone_setting", "shown"),
-    [("", "2027-01-15 09:00:00 CET"), ("timezone: America/New_York\n", "2027-01-15 03:00:00 EST")],
+    ("zone", "shown"),
+    [(None, "2027-01-15 09:00:00 CET"), ("America/New_York", "2027-01-15 03:00:00 EST")],
 )
 def test_history_times_say_their_zone(
-    zone_setting: str,
+    zone: str | None,
     shown: str,
     tmp_path: Path,
     ckptd_command: list[str],
@@ -236,9 +233,8 @@ def test_history_times_say_their_zone(
     cli_env["TZ"] = "Europe/Berlin"  # the machine's zone, unless the config names one
     history_file = tmp_path / "history.jsonl"
     write_history(history_file)  # the first record at 2027-01-15 08:00:00 UTC
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"{zone_setting}history_file: {history_file}\nsnapshots: {{enabled: false}}\n"
+    config = write_config(
+        tmp_path / "config.yaml", timezone=zone, history_file=history_file, state_dir=None
     )
     result = run(ckptd_command, ["history", "--config", str(config)], cli_env)
     assert result.returncode == 0, result.stderr

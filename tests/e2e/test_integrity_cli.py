@@ -19,10 +19,20 @@ from typing import Any
 
 import pytest
 
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import age
 
 HF_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "integrity" / "trees" / "hf"
 REAL_CHECKPOINT = HF_FIXTURE / "checkpoint-10"
+# The policy keeps only the newest checkpoint (a rotation of one), so any checkpoint the plan
+# keeps beyond it is kept for a reason of issue 12 (tests/configs.py writes the config).
+ROTATION_OF_ONE: dict[str, Any] = {
+    "policy": rotation(1, cadence=100),
+    "settle_seconds": 1,
+    "min_keep": 0,
+    "max_delete_fraction": 1.0,
+    "grace": "0s",
+}
 
 
 def real_hf_run(root: Path, steps: list[int]) -> None:
@@ -68,27 +78,6 @@ def history_of(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def write_config(tmp_path: Path, root: Path, extra: str = "") -> Path:
-    """A config whose policy keeps only the newest checkpoint (a rotation of one), so any
-    checkpoint the plan keeps beyond it is kept for a reason of issue 12."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-state_dir: {tmp_path / "state"}
-defaults:
-  policy: {{keep_last: 1, tier2_count: 0, tier3_interval: null, cadence: 100}}
-  settle_seconds: 1
-  min_keep: 0
-  max_delete_fraction: 1.0
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-snapshots: {{enabled: false}}
-{extra}"""
-    )
-    return config
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +170,7 @@ def test_after_a_full_disk_the_last_good_checkpoint_survives_the_prune_and_is_na
     root = tmp_path / "run"
     real_hf_run(root, [100, 200, 300, 400, 500])
     disk_filled_during_a_save(root, 400, 500)
-    config = write_config(tmp_path, root)
+    config = write_config(tmp_path / "config.yaml", [root], **ROTATION_OF_ONE)
 
     plan = run(ckptd_command, env, "plan", "--config", str(config), "--json")
     assert plan.returncode == 0, plan.stderr
@@ -241,7 +230,12 @@ def test_a_corrupt_checkpoint_runs_the_alert_command(
         "keys = ('CKPTD_LEVEL', 'CKPTD_ROOT', 'CKPTD_CHECKPOINT', 'CKPTD_PROBLEMS')\n"
         f"json.dump({{k: os.environ.get(k) for k in keys}}, open({str(alerted)!r}, 'w'))\n"
     )
-    config = write_config(tmp_path, root, f"disk: {{alert: {sys.executable} {script}}}\n")
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        disk={"alert": f"{sys.executable} {script}"},
+        **ROTATION_OF_ONE,
+    )
     pruned = run(ckptd_command, env, "prune", "--config", str(config), "-y")
     assert pruned.returncode == 0, pruned.stderr
     told = json.loads(alerted.read_text())
@@ -287,7 +281,12 @@ def test_verify_test_runs_the_users_command_and_a_failure_makes_the_checkpoint_c
     (root / "checkpoint-200" / "ok").write_text("")
     age(root / "checkpoint-200")
     command = f"{sys.executable} {test_script} --model {{path}}"
-    config = write_config(tmp_path, root, f'verify: {{command: "{command}", timeout: 60}}\n')
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        verify={"command": command, "timeout": 60},
+        **ROTATION_OF_ONE,
+    )
 
     passed = run(ckptd_command, env, "verify", "--config", str(config), "--test", "--json")
     assert passed.returncode == 0, passed.stdout + passed.stderr
@@ -318,7 +317,12 @@ def test_a_verify_command_with_an_unknown_placeholder_is_a_config_error(
 ) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    config = write_config(tmp_path, root, 'verify: {command: "test.py --model {model}"}\n')
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        verify={"command": "test.py --model {model}"},
+        **ROTATION_OF_ONE,
+    )
     result = run(ckptd_command, env, "check-config", str(config))
     assert result.returncode == 2
     assert "unknown placeholder {model}" in result.stderr + result.stdout
@@ -332,7 +336,9 @@ def test_hold_release_and_holds_through_the_cli(
 ) -> None:
     root = tmp_path / "run"
     real_hf_run(root, [100, 200, 300])
-    config = write_config(tmp_path, root, "timezone: Europe/Berlin\n")
+    config = write_config(
+        tmp_path / "config.yaml", [root], timezone="Europe/Berlin", **ROTATION_OF_ONE
+    )
     options = ("--config", str(config))
 
     missing = run(ckptd_command, env, "hold", str(root), "checkpoint-999", "--for", "6h",
@@ -388,7 +394,7 @@ def test_an_expired_hand_written_hold_is_removed_by_the_next_prune_and_recorded(
 ) -> None:
     root = tmp_path / "run"
     real_hf_run(root, [100, 200, 300])
-    config = write_config(tmp_path, root)
+    config = write_config(tmp_path / "config.yaml", [root], **ROTATION_OF_ONE)
     # Written by hand as daemon/holds.py documents: one JSON file per holder.
     folder = root / ".ckptd-holds" / "checkpoint-100"
     folder.mkdir(parents=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemon.pruning import trash
+from tests.configs import write_config
 from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 3 * 3600
@@ -34,11 +35,7 @@ def two_roots(tmp_path: Path, cli_env: dict[str, str]) -> tuple[Path, Path]:
     present = tmp_path / "runs" / "current"
     make_hf_root(present, range(100, 3100, 100))
     missing = tmp_path / "runs" / "curent"
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\n"
-        f"roots:\n  - path: {present}\n  - path: {missing}\n"
-    )
+    config = write_config(tmp_path / "ckptd.yaml", [present, missing])
     cli_env["CKPTD_CONFIG"] = str(config)
     return present, missing
 

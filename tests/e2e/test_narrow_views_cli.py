@@ -15,6 +15,7 @@ import pytest
 
 from daemon.history.log import HistoryLog
 from daemon.pruning import trash
+from tests.configs import write_config
 from tests.e2e.terminal import on_terminal, piped
 from tests.layouts_fixtures import write_file
 
@@ -103,10 +104,9 @@ def test_prune_dry_run_keeps_names_and_reasons_whole(tmp_path: Path, view: tuple
 
 def test_history_keeps_its_why_column_and_names(tmp_path: Path, view: tuple[Run, int]) -> None:
     run, width = view
-    config = tmp_path / "ckptd.yaml"
     history = tmp_path / "history.jsonl"
+    config = write_config(tmp_path / "ckptd.yaml", history_file=history, state_dir=None)
     root = "/data/training/a-rather-long-model-name/current_model"
-    config.write_text(f"history_file: {history}\nsnapshots: {{enabled: false}}\n")
     why = "tier3: not the newest in (12000, 13000]; checkpoint-13000 represents it"
     reason = "in-use:pid 4242 (python eval.py --model /data/training/current_model)"
     with HistoryLog(str(history)) as log:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import write_file
 
 
@@ -108,12 +109,8 @@ def test_a_pattern_that_matches_nothing_warns_and_plans_nothing(
 ) -> None:
     root = tmp_path / "run"
     _hugging_face_run(root, range(100, 501, 100))
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        "snapshots: {enabled: false}\n"
-        f"roots:\n  - path: {root}\n"
-        '    pattern: "ckpt-{step}"\n'
+    config = write_config(
+        tmp_path / "config.yaml", [root], root_settings={"pattern": "ckpt-{step}"}
     )
     result = _run(ckptd_command, cli_env, "plan", "--config", str(config), "--json")
     assert result.returncode == 0, result.stderr
@@ -144,13 +141,15 @@ def test_plan_shows_ages_cadence_protected_files_and_a_tier3_that_keeps_nothing(
     for name in names:
         write_file(root / name, 5000)
         os.utime(root / name, (past, past))
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\nroots:\n"
-        f"  - path: {root}\n    layout: pt\n    protect: [best.pt, last.pt]\n    series:\n"
-        '      - {pattern: "mid_epoch_{epoch}_{step}.pt", policy: '
-        "{keep_last: 5, tier2_count: 0, tier3_interval: null}}\n"
-        '      - {pattern: "checkpoint_epoch_{epoch}.pt", policy: {preset: balanced}}\n'
+    series = [
+        {"pattern": "mid_epoch_{epoch}_{step}.pt", "policy": rotation(5)},
+        {"pattern": "checkpoint_epoch_{epoch}.pt", "policy": {"preset": "balanced"}},
+    ]
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [root],
+        layout="pt",
+        root_settings={"protect": ["best.pt", "last.pt"], "series": series},
     )
     cli_env["COLUMNS"] = "200"  # one line per row (tests/e2e/test_narrow_views_cli.py: 80)
     result = _run(ckptd_command, cli_env, "plan", "-c", str(config))
@@ -180,10 +179,8 @@ def test_plan_warns_when_max_delete_fraction_would_refuse_the_prune(
 ) -> None:
     root = tmp_path / "run"
     _hugging_face_run(root, range(100, 17001, 100))
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\n"
-        f"roots:\n  - path: {root}\n    max_delete_fraction: 0.5\n"
+    config = write_config(
+        tmp_path / "ckptd.yaml", [root], root_settings={"max_delete_fraction": 0.5}
     )
     result = _run(ckptd_command, cli_env, "plan", "-c", str(config))
     assert result.returncode == 0, result.stderr

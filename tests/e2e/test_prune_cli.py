@@ -16,6 +16,7 @@ import pytest
 from daemon.config import RootConfig
 from daemon.history.log import read_records
 from daemon.pruning import trash
+from tests.configs import write_config
 from tests.layouts_fixtures import write_file
 
 OLD = time.time() - 3 * 3600  # long settled
@@ -121,12 +122,7 @@ def test_config_history_and_no_grace_free_real_bytes(
     root = tmp_path / "run"
     make_hf_root(root, range(100, 6100, 100))
     history = tmp_path / "log" / "history.jsonl"
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nhistory_file: {history}\n"
-        "snapshots: {enabled: false}\n"
-        f"defaults: {{trash: {{grace: 0s}}}}\nroots:\n  - path: {root}\n"
-    )
+    config = write_config(tmp_path / "ckptd.yaml", [root], history_file=history, grace="0s")
     result = run(ckptd_command, ["prune", "--config", str(config), "-y"], cli_env)
     assert result.returncode == 0, result.stderr
     assert "deleted" in result.stdout and "freed" in result.stdout

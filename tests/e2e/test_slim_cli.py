@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.configs import write_config
 from tests.layouts_fixtures import well_formed_bytes
 
 RESUME = {"optimizer.pt": 20_000, "scheduler.pt": 1_000, "rng_state.pth": 1_000}
@@ -34,20 +35,6 @@ def hugging_face_run(root: Path, steps: range) -> None:
             os.utime(path, (stamp, stamp))
 
 
-def write_config(tmp_path: Path, root: Path, grace: str = "0") -> Path:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        f"history_file: {tmp_path / 'history.jsonl'}\n"
-        "snapshots: {enabled: false}\n"
-        f"defaults: {{settle_seconds: 0, min_keep: 0, trash: {{grace: {grace}}}}}\n"
-        "roots:\n"
-        f"  - path: {root}\n"
-        "    policy: {preset: balanced, slim: {after: tier1}}\n"
-    )
-    return config
-
-
 def run(command: list[str], env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*command, *args], env=env, capture_output=True, text=True, timeout=120, check=False
@@ -59,7 +46,15 @@ def test_plan_shows_slim_and_prune_slims_then_restore_puts_it_back(
 ) -> None:
     root = tmp_path / "run"
     hugging_face_run(root, range(100, 17001, 100))
-    config = write_config(tmp_path, root, grace="1h")
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        history_file=tmp_path / "history.jsonl",
+        settle_seconds=0,
+        min_keep=0,
+        grace="1h",
+        root_settings={"policy": {"preset": "balanced", "slim": {"after": "tier1"}}},
+    )
 
     shown = run(ckptd_command, cli_env, "plan", "--config", str(config))
     assert shown.returncode == 0, shown.stderr

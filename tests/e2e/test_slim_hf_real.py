@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from daemon.slimming import SLIM_RECORD, is_slimmed, read_record
+from tests.configs import write_config
 
 FRAMEWORKS = Path(os.environ.get("CKPTD_FW_VENV", "/work/fw-venv")) / "bin" / "python"
 RUNNER = Path(__file__).resolve().parents[1] / "fixtures" / "hf_slim_run.py"
@@ -68,16 +69,21 @@ def test_a_slimmed_hf_checkpoint_loads_with_the_same_logits_and_the_newest_resum
         for name in ("trainer_state.json", "config.json", "model.safetensors")
     }
     history = tmp_path / "history.jsonl"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\n"
-        f"history_file: {history}\n"
-        "snapshots: {enabled: false}\n"
-        "defaults: {settle_seconds: 0, min_keep: 0, trash: {grace: 0}}\n"
-        "roots:\n"
-        f"  - path: {run}\n"
-        "    policy: {keep_last: 2, tier2_count: 2, tier3_interval: 1, cadence: 1,\n"
-        "             slim: {after: tier1}}\n"
+    slim_early = {
+        "keep_last": 2,
+        "tier2_count": 2,
+        "tier3_interval": 1,
+        "cadence": 1,
+        "slim": {"after": "tier1"},
+    }
+    config = write_config(
+        tmp_path / "config.yaml",
+        [run],
+        history_file=history,
+        settle_seconds=0,
+        min_keep=0,
+        grace=0,
+        root_settings={"policy": slim_early},
     )
     pruned = subprocess.run(
         [str(CKPTD), "prune", "--config", str(config), "-y"],

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import write_config
 from tests.layouts_fixtures import well_formed_bytes
 
 
@@ -31,21 +32,14 @@ def setup(tmp_path: Path) -> tuple[Path, Path, Path]:
     for step in (100, 200, 300):
         write_hf_checkpoint(root, step)
     snapshots = tmp_path / "snapshots"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-timezone: UTC
-state_dir: {tmp_path / "state"}
-history_file: {tmp_path / "history.jsonl"}
-roots:
-  - path: {root}
-    layout: hf
-snapshots:
-  dir: {snapshots}
-  method: auto
-disk:
-  critical_percent: 100
-"""
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        timezone="UTC",
+        history_file=tmp_path / "history.jsonl",
+        layout="hf",
+        snapshots={"dir": snapshots, "method": "auto"},
+        disk={"critical_percent": 100},
     )
     return root, snapshots, config
 
@@ -167,8 +161,7 @@ def test_progress_bar_on_a_terminal_only(
 def test_no_snapshots_dir_is_a_usage_error(
     ckptd_command: list[str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(f"roots:\n  - path: {tmp_path}\nsnapshots:\n  enabled: false\n")
+    config = write_config(tmp_path / "config.yaml", [tmp_path], state_dir=None)
     result = ckptd(ckptd_command, cli_env, "snapshot", "--config", str(config))
     assert result.returncode == 2
     assert "snapshots.dir" in result.stderr

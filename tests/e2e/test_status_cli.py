@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.configs import write_config
 from tests.layouts_fixtures import well_formed_bytes
 
 
@@ -35,17 +36,12 @@ def test_status_json_and_tables(
 ) -> None:
     root = tmp_path / "current_model"
     write_checkpoints(root, range(100, 5100, 100))  # 50 checkpoints at a 100-step cadence
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"""\
-timezone: Europe/Berlin
-state_dir: {tmp_path / "state"}
-roots:
-  - path: {root}
-    layout: hf
-snapshots:
-  dir: {tmp_path / "snapshots"}
-"""
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        timezone="Europe/Berlin",
+        layout="hf",
+        snapshots={"dir": tmp_path / "snapshots"},
     )
     result = subprocess.run(
         [*ckptd_command, "status", "--config", str(config), "--json"],
@@ -114,10 +110,7 @@ def test_status_shows_the_running_daemons_state(
             }
         )
     )
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {state}\nroots:\n  - path: {root}\nsnapshots:\n  enabled: false\n"
-    )
+    config = write_config(tmp_path / "config.yaml", [root], state_dir=state)
     result = subprocess.run(
         [*ckptd_command, "status", "--config", str(config), "--json"],
         env=cli_env,
@@ -146,10 +139,7 @@ def test_status_names_checkpoints_a_process_holds(
 
     root = tmp_path / "run"
     write_checkpoints(root, range(100, 600, 100))
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path}\nroots:\n  - path: {root}\nsnapshots: {{enabled: false}}\n"
-    )
+    config = write_config(tmp_path / "config.yaml", [root], state_dir=tmp_path)
     held = root / "checkpoint-300" / "model.safetensors"
     holder = subprocess.Popen(
         [

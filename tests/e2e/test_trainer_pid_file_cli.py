@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.configs import write_config
+
 OLD = time.time() - 3 * 3600
 
 
@@ -47,11 +49,11 @@ def trainer_in_newest(tmp_path: Path) -> Iterator[tuple[Path, Path, subprocess.P
     whose pid file (kept from the example) does not exist."""
     root = tmp_path / "run"
     make_hf_root(root, range(100, 3100, 100))
-    config = tmp_path / "ckptd.yaml"
     pid_file = tmp_path / "run" / ".." / "current_model.pid"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\nroots:\n"
-        f"  - path: {root}\n    trainer: {{pid_file: {os.path.normpath(pid_file)}}}\n"
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [root],
+        root_settings={"trainer": {"pid_file": os.path.normpath(pid_file)}},
     )
     trainer = subprocess.Popen(
         [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
@@ -100,10 +102,11 @@ def test_check_config_notes_missing_roots_and_an_alert_that_cannot_run(
     script = tmp_path / "notify-ops"
     script.write_text("#!/bin/sh\nexit 0\n")  # not executable
     (tmp_path / "here").mkdir()
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"snapshots: {{enabled: false}}\nroots:\n  - path: {tmp_path / 'runs' / 'not-yet'}\n"
-        f"  - path: {tmp_path / 'here'}\ndisk: {{alert: {script} --now}}\n"
+    config = write_config(
+        tmp_path / "ckptd.yaml",
+        [tmp_path / "runs" / "not-yet", tmp_path / "here"],
+        state_dir=None,
+        disk={"alert": f"{script} --now"},
     )
     result = run(ckptd_command, ["check-config", str(config)], cli_env)
     assert result.returncode == 0, result.stderr

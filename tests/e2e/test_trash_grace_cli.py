@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from daemon.pruning import trash
+from tests.configs import write_config
 from tests.e2e.terminal import on_terminal
 from tests.layouts_fixtures import write_file
 
@@ -33,11 +34,7 @@ def make_hf_root(root: Path, steps: range) -> None:
 def six_hour_grace(tmp_path: Path, cli_env: dict[str, str]) -> Path:
     root = tmp_path / "run"
     make_hf_root(root, range(100, 6100, 100))
-    config = tmp_path / "ckptd.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots: {{enabled: false}}\n"
-        f"roots:\n  - path: {root}\n    trash: {{grace: 6h}}\n"
-    )
+    config = write_config(tmp_path / "ckptd.yaml", [root], root_settings={"trash": {"grace": "6h"}})
     cli_env["CKPTD_CONFIG"] = str(config)
     return root
 

@@ -26,11 +26,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from daemon.config import Config, DefaultsConfig, PolicyConfig, RootConfig, TrashConfig
+from daemon.config import Config
 from daemon.errors import CkptdError
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import pipeline, trash
+from tests.configs import make_config, rotation
 from tests.layouts_fixtures import well_formed
 
 ATTACKER_PYTHON = "/usr/bin/python3"
@@ -44,6 +46,16 @@ class Attacker:
     name: str
     uid: int
     gid: int
+
+
+# The config every attack runs under besides its root (tests/configs.py builds it): keep only the
+# newest checkpoint, delete all the others at once, so whatever survives survived the safety.
+KEEP_NEWEST: dict[str, Any] = {
+    "policy": rotation(1),
+    "settle_seconds": 1,
+    "min_keep": 1,
+    "max_delete_fraction": 1.0,
+}
 
 
 def create_attacker() -> Attacker:
@@ -205,17 +217,8 @@ class Arena:
         assert process.wait(timeout=60) == 0, f"the attacker's setup failed: {code}"
 
     def config(self, *, grace: float = 0.0, root: Path | None = None) -> Config:
-        return Config(
-            state_dir=str(self.state),
-            defaults=DefaultsConfig(
-                trash=TrashConfig(grace=grace),
-                settle_seconds=1,
-                min_keep=1,
-                max_delete_fraction=1.0,
-                policy=PolicyConfig(keep_last=1, tier2_count=0, tier3_interval=None),
-            ),
-            roots=[RootConfig(path=str(root or self.root), layout="hf")],
-        )
+        root = root or self.root
+        return make_config([root], state_dir=self.state, layout="hf", grace=grace, **KEEP_NEWEST)
 
     def prune(self, history: History = NULL_HISTORY, **options: object) -> pipeline.PruneReport:
         config = self.config(**options)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import pytest
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import trash
 from daemon.rootdir import IdentityStore
+from tests.configs import write_config
 from tests.hostile.attacks import (
     ATTACKS,
     RACES,
@@ -66,10 +67,8 @@ def test_a_symlinked_trash_is_refused_once_in_the_history_and_shown_in_status(
     assert len(refusals) == 1 and ".ckptd-trash" in refusals[0]["reason"]
     assert not (arena.outside / "decoy-trash" / ".lock").exists()
     # `ckptd status` says it until it is fixed.
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {arena.state}\nsnapshots:\n  enabled: false\n"
-        f"roots:\n  - path: {arena.root}\n    layout: hf\n"
+    config = write_config(
+        tmp_path / "config.yaml", [arena.root], state_dir=arena.state, layout="hf"
     )
     shown = subprocess.run(
         [*ckptd_command, "status", "--config", str(config), "--json"],
@@ -109,11 +108,13 @@ def test_a_root_swapped_for_a_symlink_is_refused_with_its_identities(
     arena: Arena, ckptd_command: list[str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     fill_root(arena, range(100, 400, 100))
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {arena.state}\nsnapshots:\n  enabled: false\n"
-        "defaults:\n  settle_seconds: 1\n  max_delete_fraction: 1.0\n"
-        f"roots:\n  - path: {arena.root}\n    layout: hf\n"
+    config = write_config(
+        tmp_path / "config.yaml",
+        [arena.root],
+        state_dir=arena.state,
+        settle_seconds=1,
+        max_delete_fraction=1.0,
+        layout="hf",
     )
     command = [*ckptd_command, "prune", "--config", str(config), "-y"]
     first = subprocess.run(command, capture_output=True, text=True, env=cli_env, timeout=60)

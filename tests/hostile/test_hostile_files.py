@@ -22,12 +22,9 @@ import pytest
 
 from daemon.config import (
     Config,
-    DefaultsConfig,
     DiskConfig,
-    PolicyConfig,
     RootConfig,
     SnapshotsConfig,
-    TrashConfig,
 )
 from daemon.fsio import LOCAL, READ_LIMIT, NotRegularFile, read_regular
 from daemon.history.log import NULL_HISTORY, HistoryLog, read_records
@@ -35,22 +32,11 @@ from daemon.pruning import deleter, pipeline, trash
 from daemon.safety import facts
 from daemon.snapshots import daily
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import make_config, write_config
+from tests.hostile.attacks import KEEP_NEWEST
 from tests.layouts_fixtures import age_all, deepspeed_run, hf_run, lightning_checkpoint
 
 pytestmark = pytest.mark.hostile
-
-
-def keep_newest_config(root: Path, *, layout: str | None = None, grace: float = 0.0) -> Config:
-    return Config(
-        defaults=DefaultsConfig(
-            trash=TrashConfig(grace=grace),
-            settle_seconds=1,
-            min_keep=1,
-            max_delete_fraction=1.0,
-            policy=PolicyConfig(keep_last=1, tier2_count=0, tier3_interval=None),
-        ),
-        roots=[RootConfig(path=str(root), layout=layout)],
-    )
 
 
 def prune(config: Config, **options: Any) -> pipeline.PruneReport:
@@ -94,17 +80,6 @@ def test_a_trainer_pid_file_that_is_a_fifo_does_not_hang_the_process_pass(tmp_pa
     assert time.monotonic() - started < 5
 
 
-def _config_file(tmp_path: Path, root: Path, layout: str) -> Path:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {tmp_path / 'state'}\nsnapshots:\n  enabled: false\n"
-        "defaults:\n  settle_seconds: 1\n  min_keep: 1\n  max_delete_fraction: 1.0\n"
-        "  policy:\n    keep_last: 1\n    tier2_count: 0\n    tier3_interval: null\n"
-        f"roots:\n  - path: {root}\n    layout: {layout}\n"
-    )
-    return config
-
-
 @pytest.mark.parametrize("layout", ["hf", "deepspeed"])
 def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
     tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str], layout: str
@@ -121,7 +96,12 @@ def test_a_fifo_marker_or_tracker_neither_hangs_nor_stops_the_prune(
     fifo.unlink()
     os.mkfifo(fifo)  # an open() for reading waits for a writer that never comes
     age_all(root)
-    config = _config_file(tmp_path, root, layout)
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        layout=layout,
+        **KEEP_NEWEST,
+    )
     (tmp_path / "state").mkdir()
     result = subprocess.run(
         [*ckptd_command, "prune", "--config", str(config), "-y"],
@@ -149,7 +129,7 @@ def test_a_sparse_file_frees_its_blocks_not_its_length(tmpfs: Any, tmp_path: Pat
     age_all(root)
     before = os.statvfs(mount)
     history = HistoryLog(str(tmp_path / "history.jsonl"))
-    report = prune(keep_newest_config(root, layout="hf"), history=history)
+    report = prune(make_config([root], layout="hf", grace=0, **KEEP_NEWEST), history=history)
     history.close()
     after = os.statvfs(mount)
     came_back = (after.f_bfree - before.f_bfree) * after.f_frsize
@@ -178,7 +158,7 @@ def test_checkpoint_names_of_up_to_255_bytes_are_deleted_and_restored(tmp_path: 
         os.rename(root / f"epoch=0-step={step}-x=1.ckpt", root / long)
         names.append(long)
     age_all(root)
-    config = keep_newest_config(root, layout="lightning", grace=3600)
+    config = make_config([root], layout="lightning", grace=3600, **KEEP_NEWEST)
     report = prune(config)
     assert report.failed == () and sorted(report.deleted) == sorted(names[:3])
     assert sorted(item.name for item in trash.list_trash(str(root))) == sorted(names[:3])

@@ -17,6 +17,7 @@ from daemon.fsio import At, Dir, LocalFileSystem, measure_at, remove_tree_at, re
 from daemon.pruning import deleter, trash
 from daemon.rootdir import IdentityStore, RootChanged, open_root
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import write_config
 from tests.sizes import blocks
 
 NOW = 1_800_000_000.0
@@ -243,11 +244,7 @@ def test_the_metrics_of_a_prune_refused_for_a_foreign_trash_are_still_kept(
     for folder in (root / "checkpoint-100", state, elsewhere):
         folder.mkdir(parents=True)
     (root / ".ckptd-trash").symlink_to(elsewhere)
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(
-        f"state_dir: {state}\nsnapshots: {{enabled: false}}\n"
-        f"roots:\n  - path: {root}\n    layout: hf\n"
-    )
+    config_file = write_config(tmp_path / "config.yaml", [root], state_dir=state, layout="hf")
     config = load_config(str(config_file))
     monitor = Monitor(config, clock=time.time)
     monitor.start()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import RootConfig, SeriesConfig
+from daemon.config import Config, PolicyConfig, RootConfig, SeriesConfig
 from daemon.discovery.layouts import compile_pattern
 from daemon.discovery.scan import ScanResult, scan
 from daemon.errors import UsageError
+from daemon.planner import plan_root
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,
@@ -24,6 +25,7 @@ from tests.layouts_fixtures import (
     hf_tmp_folder,
     lightning_checkpoint,
     lightning_last,
+    megatron_checkpoint,
     megatron_run,
     orbax_checkpoint,
     orbax_tmp,
@@ -422,3 +424,93 @@ def test_a_pattern_root_keeps_the_completeness_rules_of_its_layout(tmp_path: Pat
         (200, True),
         (300, False),
     ]
+
+
+def test_megatron_iterations_past_seven_digits_are_checkpoints(tmp_path: Path) -> None:
+    # Megatron formats `iter_{:07d}`: from iteration 10,000,000 on the name has eight digits.
+    # Matching exactly seven made every later checkpoint invisible, never pruned.
+    megatron_run(tmp_path, [9_998_000, 9_999_000, 10_000_000, 10_001_000])
+    megatron_checkpoint(tmp_path, 10_002_000, age_seconds=None)  # above the tracker: saving
+    result = run_scan(tmp_path)
+    assert result.layout == "megatron"
+    found = by_name(result)
+    assert [checkpoint.step for checkpoint in result.checkpoints] == [
+        9_998_000,
+        9_999_000,
+        10_000_000,
+        10_001_000,
+        10_002_000,
+    ]
+    assert found["iter_10001000"].complete
+    assert found["iter_10001000"].tracked_by == ("latest_checkpointed_iteration.txt",)
+    assert not found["iter_10002000"].complete
+
+
+def test_a_checkpoint_with_an_mtime_in_the_future_is_not_settled(tmp_path: Path) -> None:
+    # Clock skew on NFS: the server stamps a file two hours ahead. Until that moment plus
+    # settle_seconds has passed, nothing proves the save is over (in a layout with no marker).
+    pt_file(tmp_path, "model_100.pt")
+    pt_file(tmp_path, "model_200.pt", age_seconds=-7200)
+    found = by_name(run_scan(tmp_path))
+    assert found["model_100.pt"].complete
+    assert not found["model_200.pt"].complete
+    assert (found["model_200.pt"].incomplete_reason or "").startswith("settling")
+
+
+def test_stray_files_of_a_training_run_are_neither_checkpoints_nor_a_layout(
+    tmp_path: Path,
+) -> None:
+    hf_run(tmp_path, [0, 100, 200])
+    for folder in ("runs", "wandb", "logs_2024"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "runs" / "events.out.tfevents.1700000000.host.1.v2").write_text("x")
+    for name in ("README.md", "config.json", "events.out.tfevents.1700000000.host", "model.pt"):
+        (tmp_path / name).write_text("x")
+    result = run_scan(tmp_path)
+    assert result.layout == "hf"
+    assert [(c.name, c.step, c.complete) for c in result.checkpoints] == [
+        ("checkpoint-0", 0, True),
+        ("checkpoint-100", 100, True),
+        ("checkpoint-200", 200, True),
+    ]
+    for name in ("ckpt-100", "ckpt-0200", "ckpt-best", "ckpt-100.tmp"):
+        (tmp_path / name).mkdir()
+    patterned = scan(
+        RootConfig(path=str(tmp_path), pattern="ckpt-{step}"), now=time.time(), settle_seconds=60
+    )
+    assert [(c.name, c.step) for c in patterned.checkpoints] == [
+        ("ckpt-100", 100),
+        ("ckpt-0200", 200),
+    ]
+
+
+def test_mid_epoch_steps_counted_within_each_epoch_are_ordered_by_epoch_first(
+    tmp_path: Path,
+) -> None:
+    # `mid_epoch_<epoch>_<batch>.pt` where the number restarts each epoch (the position to
+    # resume the data loader from). Ordered by that number alone, mid_epoch_2_250.pt, the newest
+    # save, sorted below mid_epoch_0_750.pt and the keep-5 rotation deleted it.
+    for epoch, batches in ((0, (250, 500, 750)), (1, (250, 500, 750)), (2, (250,))):
+        for batch in batches:
+            pt_file(tmp_path, f"mid_epoch_{epoch}_{batch}.pt", 2048)
+    age_all(tmp_path)
+    series = "mid_epoch_{epoch}_{step}.pt"
+    rotation = PolicyConfig(keep_last=5, tier2_count=0, tier3_interval=None)
+    root = RootConfig(path=str(tmp_path), series=[SeriesConfig(pattern=series, policy=rotation)])
+    result, plan = plan_root(Config(roots=[root]), root, now=time.time())
+    assert [c.name for c in result.checkpoints] == [
+        f"mid_epoch_{epoch}_{batch}.pt"
+        for epoch, batch in ((0, 250), (0, 500), (0, 750), (1, 250), (1, 500), (1, 750), (2, 250))
+    ]
+    kept = [d.checkpoint.name for d in plan.decisions if d.keep]
+    assert kept == [
+        "mid_epoch_0_750.pt",
+        "mid_epoch_1_250.pt",
+        "mid_epoch_1_500.pt",
+        "mid_epoch_1_750.pt",
+        "mid_epoch_2_250.pt",
+    ]
+    assert [c.epoch for c in result.checkpoints] == [0, 0, 0, 1, 1, 1, 2]
+    # The same root auto-detected (no configured series) orders the same way.
+    auto = run_scan(tmp_path)
+    assert [c.name for c in auto.checkpoints] == [c.name for c in result.checkpoints]

@@ -1,4 +1,5 @@
-"""Trackers, pins, metrics and honest sizes (hard links, symlinks) on real folders."""
+"""Trackers, pins, metrics and honest sizes (hard links, symlinks) on real folders, and the plan
+keeping what they protect."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from daemon.config import RootConfig
+from daemon.config import Config, KeepBestConfig, PolicyConfig, RootConfig
 from daemon.discovery.scan import ScanResult, scan
+from daemon.discovery.sizecache import SizeCache
+from daemon.planner import plan_root
 from policies.model import Checkpoint
 from tests.layouts_fixtures import (
     age,
@@ -19,12 +22,13 @@ from tests.layouts_fixtures import (
 )
 
 
-def run_scan(root: Path, **options: object) -> ScanResult:
+def run_scan(root: Path, cache: SizeCache | None = None, **options: object) -> ScanResult:
     want_metrics = bool(options.pop("want_metrics", False))
     return scan(
         RootConfig(path=str(root), **options),  # type: ignore[arg-type]
         now=time.time(),
         settle_seconds=60,
+        cache=cache,
         want_metrics=want_metrics,
     )
 
@@ -153,3 +157,96 @@ def test_symlinks_inside_count_their_own_size_and_are_not_followed(tmp_path: Pat
     link_sizes = (folder / "weights-link").lstat().st_size + (folder / "loop").lstat().st_size
     assert checkpoint.size_bytes == before + link_sizes
     assert checkpoint.size_bytes < 1_000_000
+
+
+def test_best_model_checkpoint_stays_tracked_while_the_newest_trainer_state_is_half_written(
+    tmp_path: Path,
+) -> None:
+    # Every complete checkpoint names checkpoint-300 as the best; the Trainer is now writing
+    # checkpoint-3100's trainer_state.json (cut off mid-write). Reading only that one file would
+    # drop the tracker, and the plan would delete the best model load_best_model_at_end needs.
+    hf_run(tmp_path, range(100, 3001, 100), best_model_checkpoint=str(tmp_path / "checkpoint-300"))
+    saving = hf_checkpoint(tmp_path, 3100, age_seconds=None)
+    (saving / "trainer_state.json").write_text('{"global_step": 3100, "best_model_checkpoint": "')
+    found = by_name(run_scan(tmp_path))
+    assert not found["checkpoint-3100"].complete
+    assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
+    _, plan = plan_root(Config(), RootConfig(path=str(tmp_path)), now=time.time())
+    decision = next(d for d in plan.decisions if d.checkpoint.name == "checkpoint-300")
+    assert decision.keep
+    assert "tracked:checkpoint-3000/trainer_state.json" in decision.reasons
+
+
+def test_keep_best_keeps_the_evaluated_checkpoint_not_a_later_one_without_an_evaluation(
+    tmp_path: Path,
+) -> None:
+    # Saves every 100, evaluations every 500 (as HF Trainer does with save_steps 100 and
+    # eval_steps 500): each trainer_state.json holds the whole log history so far. Only
+    # checkpoint-500 holds the weights that scored 0.2; checkpoint-600..900 were never
+    # evaluated, so handing them 0.2 too made keep_best keep checkpoint-900 and delete 500.
+    history: list[dict[str, object]] = []
+    losses = {500: 0.2, 1000: 0.4, 1500: 0.5}
+    for step in range(100, 1601, 100):
+        history.append({"step": step, "loss": 1.0})
+        if step in losses:
+            history.append({"step": step, "eval_loss": losses[step]})
+        folder = hf_checkpoint(tmp_path, step)
+        write_json(
+            folder / "trainer_state.json",
+            {"global_step": step, "log_history": list(history)},
+        )
+        age(folder)
+    found = by_name(run_scan(tmp_path, want_metrics=True))
+    assert dict(found["checkpoint-500"].metrics) == {"eval_loss": 0.2}
+    assert dict(found["checkpoint-600"].metrics) == {}
+    assert dict(found["checkpoint-1000"].metrics) == {"eval_loss": 0.4}
+    root = RootConfig(
+        path=str(tmp_path),
+        policy=PolicyConfig(
+            keep_last=3, tier2_count=0, tier3_interval=1000, keep_best=KeepBestConfig(count=1)
+        ),
+    )
+    _, plan = plan_root(Config(roots=[root]), root, now=time.time())
+    kept = {d.checkpoint.name: d.reasons for d in plan.decisions if d.keep}
+    assert kept["checkpoint-500"] == ("best:eval_loss=0.2",)
+    assert "checkpoint-900" not in kept
+
+
+def test_absolute_symlink_through_another_path_to_the_root_still_tracks_its_target(
+    tmp_path: Path,
+) -> None:
+    # The root is configured through a symlinked mount path (/scratch -> /lustre/scratch); a
+    # user's `best` link names the checkpoint by the real path. Textually it lies outside the
+    # root, yet deleting checkpoint-100 would break it.
+    real = tmp_path / "lustre" / "run"
+    real.mkdir(parents=True)
+    (tmp_path / "scratch").symlink_to(tmp_path / "lustre")
+    hf_run(real, [100, 200, 300])
+    (real / "best").symlink_to(real / "checkpoint-100")
+    (real / "via-alias").symlink_to(tmp_path / "scratch" / "run" / "checkpoint-200")
+    (real / "elsewhere").symlink_to(tmp_path / "lustre")
+    for configured in (tmp_path / "scratch" / "run", real):
+        found = by_name(run_scan(configured))
+        assert found["checkpoint-100"].tracked_by == ("best",)
+        assert found["checkpoint-200"].tracked_by == ("via-alias",)
+        assert found["checkpoint-300"].tracked_by == ()
+
+
+def test_best_model_checkpoint_stays_tracked_past_a_save_cut_off_inside_trainer_state(
+    tmp_path: Path,
+) -> None:
+    # A preempted node left checkpoint-3100 with a truncated trainer_state.json, long settled.
+    # It names no best, so the best named by every sound trainer_state.json must still count,
+    # on the first scan, from the cache, and from the cache file after a restart.
+    hf_run(tmp_path, range(100, 3001, 100), best_model_checkpoint=str(tmp_path / "checkpoint-300"))
+    cut = hf_checkpoint(tmp_path, 3100, age_seconds=None)
+    (cut / "trainer_state.json").write_text('{"global_step": 3100, "best_model_checkpoint": "')
+    age(cut)
+    cache_path = tmp_path.parent / f"{tmp_path.name}-size-cache.json"
+    cache = SizeCache(str(cache_path))
+    for _ in range(2):
+        found = by_name(run_scan(tmp_path, cache))
+        assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
+    cache.save()
+    found = by_name(run_scan(tmp_path, SizeCache(str(cache_path))))
+    assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)

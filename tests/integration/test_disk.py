@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
-from daemon.config import Config, DiskConfig, PolicyConfig, RootConfig
+from daemon.config import Config, RootConfig
 from daemon.disk import pressure
 from daemon.history.log import NULL_HISTORY, HistoryLog
 from daemon.pruning.deleter import ApplyResult
 from daemon.pruning.pipeline import PruneReport
 from policies.model import Plan, PolicySpec
+from tests.configs import make_config
 
 MB = 1 << 20
 
@@ -97,17 +98,13 @@ class RecordingPrune:
         )
 
 
-def config_for(roots: list[Path], **disk_settings: Any) -> Config:
-    return Config(roots=[RootConfig(path=str(r)) for r in roots], disk=DiskConfig(**disk_settings))
-
-
 def test_below_warn_records_nothing(tmpfs: Callable[[int], Path]) -> None:
     mount = tmpfs(16 * MB)
     checkpoints(mount / "run", 2, MB)
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
     report = pressure.check_disks(
-        config_for([mount / "run"]), now=1.0, history=history, prune=prune
+        make_config([mount / "run"]), now=1.0, history=history, prune=prune
     )
     assert [check.level for check in report.filesystems] == ["ok"]
     assert report.status_line is None and history.records == [] and prune.calls == []
@@ -121,7 +118,7 @@ def test_above_warn_records_a_warning_and_a_status_line(tmpfs: Callable[[int], P
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
     report = pressure.check_disks(
-        config_for([mount / "run"], warn_percent=50, critical_percent=90),
+        make_config([mount / "run"], disk={"warn_percent": 50, "critical_percent": 90}),
         now=1.0,
         history=history,
         prune=prune,
@@ -136,7 +133,7 @@ def test_above_warn_records_a_warning_and_a_status_line(tmpfs: Callable[[int], P
 def test_a_lasting_warning_is_recorded_once_an_hour(tmpfs: Callable[[int], Path]) -> None:
     mount = tmpfs(16 * MB)
     checkpoints(mount / "run", 10, MB)  # 62.5 %
-    config = config_for([mount / "run"], warn_percent=50, critical_percent=90)
+    config = make_config([mount / "run"], disk={"warn_percent": 50, "critical_percent": 90})
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
     warnings = []
@@ -169,12 +166,14 @@ def test_critical_escalates_trash_then_prune_then_emergency_then_alert(
         "json.dump({k: v for k, v in os.environ.items() if k.startswith('CKPTD_')},"
         " open(sys.argv[1], 'w'))\n"
     )
-    config = config_for(
+    config = make_config(
         [root],
-        warn_percent=50,
-        critical_percent=60,
-        emergency=PolicyConfig(preset="aggressive"),
-        alert=f"{sys.executable} {alert_script} {alert_output}",
+        disk={
+            "warn_percent": 50,
+            "critical_percent": 60,
+            "emergency": {"preset": "aggressive"},
+            "alert": f"{sys.executable} {alert_script} {alert_output}",
+        },
     )
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=10, keep_emergency=4)
@@ -214,7 +213,7 @@ def test_emptying_the_trash_alone_can_resolve_it(tmpfs: Callable[[int], Path]) -
     history = RecordingHistory()
     prune = RecordingPrune(1, 1)
     report = pressure.check_disks(
-        config_for([root], warn_percent=50, critical_percent=70),
+        make_config([root], disk={"warn_percent": 50, "critical_percent": 70}),
         now=1.0,
         history=history,
         prune=prune,
@@ -231,7 +230,7 @@ def test_min_free_alone_makes_it_critical(tmpfs: Callable[[int], Path]) -> None:
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=3, keep_emergency=1)
     pressure.check_disks(
-        config_for([root], min_free=12 * MB), now=1.0, history=history, prune=prune
+        make_config([root], disk={"min_free": 12 * MB}), now=1.0, history=history, prune=prune
     )
     assert history.events()[:3] == ["disk_critical", "disk_trash_emptied", "disk_prune"]
     assert history.events()[-1] == "disk_recovered"
@@ -247,7 +246,9 @@ def test_unresolved_pressure_alerts_and_a_broken_alert_is_recorded(
     history = RecordingHistory()
     prune = RecordingPrune(keep_normal=3, keep_emergency=3)  # safety keeps everything
     report = pressure.check_disks(
-        config_for([root], critical_percent=80, alert="/nonexistent/alert-command --now"),
+        make_config(
+            [root], disk={"critical_percent": 80, "alert": "/nonexistent/alert-command --now"}
+        ),
         now=1.0,
         history=history,
         prune=prune,
@@ -271,7 +272,7 @@ def test_roots_are_grouped_by_filesystem(tmpfs: Callable[[int], Path], tmp_path:
     checkpoints(second, 1, MB)
     elsewhere = tmp_path / "c"
     elsewhere.mkdir()
-    config = config_for([first, second, elsewhere, tmp_path / "missing"])
+    config = make_config([first, second, elsewhere, tmp_path / "missing"])
     report = pressure.check_disks(config, now=1.0, history=NULL_HISTORY, prune=RecordingPrune(1, 1))
     roots = sorted(check.roots for check in report.filesystems)
     assert roots == sorted([(str(first), str(second)), (str(elsewhere),)])

@@ -29,7 +29,6 @@ from daemon.config import (
     PolicyConfig,
     RootConfig,
     SlimConfig,
-    SnapshotsConfig,
     TrashConfig,
     VerifyConfig,
 )
@@ -50,6 +49,7 @@ from daemon.safety import facts as proc_facts
 from daemon.snapshots import daily
 from daemon.verification import VerificationState
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import DAILY, make_config
 from tests.history_golden import EVENT_NAMES, GOLDEN, golden_record, matching_shape
 from tests.layouts_fixtures import age, well_formed_bytes
 from tests.sizes import tree_blocks
@@ -153,21 +153,12 @@ def make_root(folder: Path, count: int = 10) -> Path:
     return folder
 
 
-def config_for(
-    root: Path, *, grace: float = 0.0, fraction: float = 0.9, min_keep: int = 1
-) -> Config:
-    return Config(
-        defaults=DefaultsConfig(max_delete_fraction=fraction, settle_seconds=60, min_keep=min_keep),
-        roots=[RootConfig(path=str(root), trash=TrashConfig(grace=grace))],
-    )
-
-
 def test_a_prune_writes_deletes_guard_vetoes_and_its_run_in_their_shapes(
     tmp_path: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_root(tmp_path / "run")
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(1))
-    config = config_for(root, min_keep=3)
+    config = make_config([root], grace=0, min_keep=3)
     pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
     records = assert_golden_shapes(history.path)
@@ -209,7 +200,7 @@ def test_refusals_write_prune_refused_in_both_shapes(
 
     root = make_root(tmp_path / "run")
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root, fraction=0.5)
+    config = make_config([root], grace=0, min_keep=1, max_delete_fraction=0.5)
     pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     (root / trash.TRASH_DIRECTORY).mkdir(exist_ok=True)
     holder = os.open(root / trash.TRASH_DIRECTORY / pipeline.LOCK_FILE, os.O_RDWR | os.O_CREAT)
@@ -229,7 +220,7 @@ def test_a_purge_past_the_grace_writes_trash_purge(
 ) -> None:
     root = make_root(tmp_path / "run")
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(8))
-    config = config_for(root, grace=3600)
+    config = make_config([root], grace=3600, min_keep=1)
     allocated = tree_blocks(root / "checkpoint-100")
     pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     pipeline.prune_root(config, config.roots[0], now=NOW + 3601, dry_run=False, history=history)
@@ -250,7 +241,7 @@ def test_a_holder_seen_at_the_last_moment_writes_an_in_use_veto(
     def held(root_path: str, _entries: object) -> proc_facts.Facts:
         return proc_facts.Facts(root_path=root_path, now=NOW, holders={"checkpoint-100": (holder,)})
 
-    plan = keep_newest(0)(config_for(root), RootConfig(path=str(root)))[1]
+    plan = keep_newest(0)(make_config([root], grace=0, min_keep=1), RootConfig(path=str(root)))[1]
     deleter.apply(plan, str(root), dry_run=False, now=NOW, history=history, holders_check=held)
     veto, delete = assert_golden_shapes(history.path)
     assert veto["event"] == "veto" and veto["pid"] == 4242
@@ -311,16 +302,10 @@ def disk_root(tmp_path: Path) -> Iterator[Path]:
 def test_the_disk_check_writes_its_records_in_their_shapes(
     disk_root: Path, tmp_path: Path, history: HistoryLog
 ) -> None:
+    ladder = {"warn_percent": 50, "critical_percent": 60, "emergency": {"preset": "aggressive"}}
+
     def config(**disk: Any) -> Config:
-        return Config(
-            roots=[RootConfig(path=str(disk_root))],
-            disk=DiskConfig(
-                warn_percent=50,
-                critical_percent=60,
-                emergency=PolicyConfig(preset="aggressive"),
-                **disk,
-            ),
-        )
+        return make_config([disk_root], disk={**ladder, **disk})
 
     empty = lambda *_args, **_keywords: 1000  # noqa: E731 - the trash emptied: 1000 B
     pressure.check_disks(
@@ -378,15 +363,6 @@ def hf_checkpoint(root: Path, step: int) -> None:
         os.utime(path, (moment, moment))
 
 
-def snapshot_config(roots: list[Path], snaps: Path | None, **settings: Any) -> Config:
-    return Config(
-        timezone="UTC",
-        roots=[RootConfig(path=str(root), layout="hf") for root in roots],
-        snapshots=SnapshotsConfig(dir=None if snaps is None else str(snaps), **settings),
-        disk=DiskConfig(critical_percent=settings.pop("critical", 100)),
-    )
-
-
 def test_the_daily_snapshot_writes_its_records_in_their_shapes(
     tmp_path: Path, history: HistoryLog, tmpfs: Callable[[int], Path]
 ) -> None:
@@ -401,13 +377,20 @@ def test_the_daily_snapshot_writes_its_records_in_their_shapes(
             config, now=SNAPSHOT_NOW, history=history, force=True, **options
         )
 
-    assert run(snapshot_config([root], None)).status == "skipped"
-    assert run(snapshot_config([tmp_path / "gone"], snaps)).status == "skipped"
-    too_big = snapshot_config([root], snaps).model_copy(
+    assert run(make_config([root], snapshots={"dir": None}, **DAILY)).status == "skipped"
+    assert (
+        run(make_config([tmp_path / "gone"], snapshots={"dir": snaps}, **DAILY)).status == "skipped"
+    )
+    too_big = make_config([root], snapshots={"dir": snaps}, **DAILY).model_copy(
         update={"disk": DiskConfig(critical_percent=0.001)}
     )
     assert run(too_big, method="copy").status == "skipped"
-    assert run(snapshot_config([root], tmpfs(4 << 20)), method="hardlink").status == "failed"
+    assert (
+        run(
+            make_config([root], snapshots={"dir": tmpfs(4 << 20)}, **DAILY), method="hardlink"
+        ).status
+        == "failed"
+    )
 
     stop = threading.Event()
 
@@ -415,7 +398,10 @@ def test_the_daily_snapshot_writes_its_records_in_their_shapes(
         stop.set()
 
     stopped = run(
-        snapshot_config([root], snaps), method="copy", stop=stop, between_files=shutdown_requested
+        make_config([root], snapshots={"dir": snaps}, **DAILY),
+        method="copy",
+        stop=stop,
+        between_files=shutdown_requested,
     )
     assert stopped.status == "stopped"
 
@@ -425,9 +411,16 @@ def test_the_daily_snapshot_writes_its_records_in_their_shapes(
             trash_folder.mkdir(exist_ok=True)
             os.rename(root / "checkpoint-200", trash_folder / "checkpoint-200")
 
-    vanished = run(snapshot_config([root], snaps), method="copy", between_files=source_vanishes)
+    vanished = run(
+        make_config([root], snapshots={"dir": snaps}, **DAILY),
+        method="copy",
+        between_files=source_vanishes,
+    )
     assert vanished.status == "failed"
-    assert run(snapshot_config([root], snaps, keep=1), method="copy").status == "done"
+    assert (
+        run(make_config([root], snapshots={"dir": snaps, "keep": 1}, **DAILY), method="copy").status
+        == "done"
+    )
     records = assert_golden_shapes(history.path)
     assert [r["event"] for r in records] == [
         "snapshot_skipped",

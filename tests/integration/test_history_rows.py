@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import pipeline
+from tests.configs import make_config
 from tests.history_golden import matching_shape
 from tests.integration.test_prune_root import FILE, NOW, keep_newest
 
@@ -22,19 +22,12 @@ def make_root(folder: Path, count: int) -> Path:
     return folder
 
 
-def config_for(root: Path, *, fraction: float = 0.9) -> Config:
-    return Config(
-        defaults=DefaultsConfig(max_delete_fraction=fraction, settle_seconds=60, min_keep=1),
-        roots=[RootConfig(path=str(root), trash=TrashConfig(grace=0.0))],
-    )
-
-
 def test_runs_that_did_nothing_write_no_row_and_are_counted_in_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = make_root(tmp_path / "run", 4)
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root)
+    config = make_config([root], grace=0, min_keep=1)
     history = HistoryLog(str(tmp_path / "history.jsonl"))
     for _ in range(3):  # the daemon after each new checkpoint: nothing to delete yet
         report = pipeline.prune_root(
@@ -66,7 +59,7 @@ def test_a_dry_run_refused_by_a_limit_records_no_refusal(
 ) -> None:
     root = make_root(tmp_path / "run", 10)
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(2))
-    config = config_for(root, fraction=0.5)
+    config = make_config([root], grace=0, min_keep=1, max_delete_fraction=0.5)
     history = HistoryLog(str(tmp_path / "history.jsonl"))
     dry = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
     assert dry.refused is not None and "max_delete_fraction" in dry.refused

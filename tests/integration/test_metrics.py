@@ -16,6 +16,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +27,7 @@ from daemon.metrics import Metrics, Monitor, refusal_reason, veto_reason, write_
 from daemon.pruning.pipeline import prune_root
 from daemon.pruning.trash import root_lock
 from daemon.state import read_state
+from tests.configs import write_config
 from tests.layouts_fixtures import well_formed_bytes
 
 OLD = time.time() - 3600
@@ -84,25 +86,18 @@ def value(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
-CONFIG = """\
-state_dir: {state}
-timezone: UTC
-log: {{level: info, format: json}}
-defaults:
-  policy: {{keep_last: 5, tier2_count: 4, tier3_interval: 100}}
-  settle_seconds: 0.5
-  min_keep: 3
-  max_delete_fraction: 0.95
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1s}}
-metrics:
-  listen: "127.0.0.1:{port}"
-  textfile: {textfile}
-"""
+# The daemon's config besides its root and `metrics:` (tests/configs.py writes it).
+DAEMON: dict[str, Any] = {
+    "timezone": "UTC",
+    "log": {"level": "info", "format": "json"},
+    "policy": {"keep_last": 5, "tier2_count": 4, "tier3_interval": 100},
+    "settle_seconds": 0.5,
+    "min_keep": 3,
+    "max_delete_fraction": 0.95,
+    "grace": "0s",
+    "layout": "hf",
+    "disk": {"interval": "1s"},
+}
 
 
 class Daemon:
@@ -141,9 +136,14 @@ def served(
     for step in range(10, 410, 10):
         make_checkpoint(root, step)
     port = free_port()
-    config = tmp_path / "config.yaml"
     textfile = tmp_path / "textfile" / "ckptd.prom"
-    config.write_text(CONFIG.format(state=state, root=root, port=port, textfile=textfile))
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        state_dir=state,
+        metrics={"listen": f"127.0.0.1:{port}", "textfile": textfile},
+        **DAEMON,
+    )
     plan_before = json.loads(
         subprocess.run(
             [*ckptd_command, "plan", "--config", str(config), "--json"],
@@ -305,11 +305,8 @@ def test_a_refused_prune_is_counted_and_recorded_for_ckptd_check(tmp_path: Path)
     root.mkdir()
     for step in range(10, 110, 10):
         make_checkpoint(root, step)
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(
-        CONFIG.format(state=state, root=root, port=1, textfile="null").replace(
-            '  listen: "127.0.0.1:1"\n', ""
-        )
+    config_file = write_config(
+        tmp_path / "config.yaml", [root], state_dir=state, metrics={"textfile": None}, **DAEMON
     )
     config = load_config(str(config_file))
     clock = [1_000_000.0]
@@ -413,15 +410,12 @@ def test_a_reload_moves_the_endpoint_and_stop_closes_it(tmp_path: Path) -> None:
     root.mkdir()
     make_checkpoint(root, 10)
     first, second = free_port(), free_port()
-    text = CONFIG.format(state=state, root=root, port=first, textfile="null")
-    (tmp_path / "a.yaml").write_text(text)
-    (tmp_path / "b.yaml").write_text(text.replace(str(first), str(second)))
-    (tmp_path / "c.yaml").write_text(
-        text.replace(f'  listen: "127.0.0.1:{first}"\n', "")
-        .replace(f"  - path: {root}\n", "")
-        .replace("    layout: hf\n", "")
-        .replace("roots:\n", "roots: []\n")
-    )
+    for name, roots, metrics in (
+        ("a.yaml", [root], {"listen": f"127.0.0.1:{first}", "textfile": None}),
+        ("b.yaml", [root], {"listen": f"127.0.0.1:{second}", "textfile": None}),
+        ("c.yaml", [], {"textfile": None}),
+    ):
+        write_config(tmp_path / name, roots, state_dir=state, metrics=metrics, **DAEMON)
     monitor = Monitor(load_config(str(tmp_path / "a.yaml")), clock=time.time)
     monitor.start()
     try:

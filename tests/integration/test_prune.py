@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -343,3 +343,55 @@ def test_processes_are_looked_at_again_when_moving_takes_long(tmp_path: Path) ->
     # The first check covers all four; later ones only what is still to be moved.
     assert checked[0] == [c.name for c in checkpoints]
     assert len(checked) >= 2 and checked[1][-1] == "checkpoint-400" and len(checked[1]) < 4
+
+
+def test_a_file_opened_between_the_holder_check_and_the_rename_vetoes_the_removal(
+    tmp_path: Path,
+) -> None:
+    # A trainer resuming opens checkpoint-200's weights just after the last-moment check and
+    # just before the rename: it holds the file, by then inside the trash. The invariant "any
+    # process holding a file inside the checkpoint vetoes its deletion" must still hold.
+    root = tmp_path / "run"
+    checkpoints = []
+    for step in (100, 200, 300, 400):
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.bin").write_bytes(b"m" * 5000)
+        checkpoints.append(Checkpoint(name=folder.name, step=step, freeable_bytes=5000))
+    decisions = [Decision(c, c.step > 300, ("tier1",)) for c in checkpoints]
+    plan = Plan(root=str(root), decisions=tuple(decisions))
+    reader: list[subprocess.Popen[str]] = []
+
+    def check_then_open(root_path: str, entries: Iterable[str]) -> proc_facts.Facts:
+        facts = proc_facts.recheck(root_path, entries)
+        if not reader:
+            reader.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys, time; handle = open(sys.argv[1], 'rb'); print('open', "
+                        "flush=True); time.sleep(60)",
+                        str(root / "checkpoint-200" / "model.bin"),
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            assert reader[0].stdout is not None and reader[0].stdout.readline() == "open\n"
+        return facts
+
+    try:
+        result = deleter.apply(
+            plan, str(root), dry_run=False, now=time.time(), holders_check=check_then_open
+        )
+    finally:
+        for process in reader:
+            process.kill()
+            process.wait()
+    assert result.deleted == ("checkpoint-100", "checkpoint-300")
+    assert [name for name, _ in result.vetoed] == ["checkpoint-200"]
+    assert f"pid {reader[0].pid}" in result.vetoed[0][1]
+    assert (root / "checkpoint-200" / "model.bin").read_bytes() == b"m" * 5000
+    assert not (root / "checkpoint-100").exists() and not (root / "checkpoint-300").exists()
+    assert trash.list_trash(str(root)) == []

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, RootConfig, TrashConfig
+from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import pipeline, trash
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import make_config
 from tests.sizes import tree_blocks
 
 NOW = 1_800_000_000.0
@@ -72,13 +73,6 @@ def history(tmp_path: Path) -> Iterator[HistoryLog]:
     log.close()
 
 
-def config_for(root: Path, *, grace: float = 0.0, fraction: float = 0.9) -> Config:
-    return Config(
-        defaults=DefaultsConfig(max_delete_fraction=fraction, settle_seconds=60),
-        roots=[RootConfig(path=str(root), trash=TrashConfig(grace=grace))],
-    )
-
-
 def names(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-"))
 
@@ -87,7 +81,7 @@ def test_a_run_deletes_records_and_reports(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root)
+    config = make_config([root], grace=0)
     each = tree_blocks(root / "checkpoint-100")  # what the filesystem gets back per checkpoint
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert report.refused is None and report.failed == ()
@@ -106,7 +100,7 @@ def test_dry_run_changes_nothing_and_says_so(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root)
+    config = make_config([root], grace=0)
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=True, history=history)
     assert len(names(root)) == 10 and report.deleted == () and report.bytes_freed == 0
     assert report.applied.would_free == 6 * len(FILE)
@@ -125,7 +119,7 @@ def test_the_trainer_on_the_newest_refuses_with_pid_and_command_line(
     )
     try:
         assert trainer.stdout is not None and trainer.stdout.readline() == b"ready\n"
-        config = config_for(root)
+        config = make_config([root], grace=0)
         report = pipeline.prune_root(
             config, config.roots[0], now=NOW, dry_run=False, history=history
         )
@@ -143,7 +137,7 @@ def test_max_delete_fraction_refuses_unless_forced(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root, fraction=0.5)
+    config = make_config([root], grace=0, max_delete_fraction=0.5)
     refused = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert refused.refused is not None and "max_delete_fraction" in refused.refused
     assert len(names(root)) == 10
@@ -163,7 +157,7 @@ def test_declining_the_confirmation_deletes_nothing(
         seen.append(len(preview.plan.deleted))
         return False
 
-    config = config_for(root)
+    config = make_config([root], grace=0)
     report = pipeline.prune_root(
         config, config.roots[0], now=NOW, dry_run=False, history=history, confirm=decline
     )
@@ -175,7 +169,7 @@ def test_grace_keeps_deletions_in_the_trash_until_a_later_run_purges_them(
     root: Path, history: HistoryLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root, grace=3600)
+    config = make_config([root], grace=3600)
     each = tree_blocks(root / "checkpoint-100")  # what the filesystem gets back per checkpoint
     first = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert len(first.deleted) == 6 and first.bytes_freed == 0
@@ -202,7 +196,7 @@ def test_a_trash_left_by_a_crash_is_finished_at_the_start(
     leftover = root / ".ckptd-trash" / "checkpoint-50@1700000000"
     leftover.mkdir(parents=True)
     (leftover / "half.bin").write_bytes(b"x" * 10)
-    config = config_for(root)
+    config = make_config([root], grace=0)
     report = pipeline.prune_root(config, config.roots[0], now=NOW, dry_run=False, history=history)
     assert list(report.purge.removed) == ["checkpoint-50"]
     assert not leftover.exists()
@@ -215,7 +209,7 @@ def test_a_second_prune_of_the_same_root_is_refused_while_one_runs(
     import os
 
     monkeypatch.setattr(pipeline, "plan_root", keep_newest(4))
-    config = config_for(root)
+    config = make_config([root], grace=0)
     (root / trash.TRASH_DIRECTORY).mkdir()
     holder = os.open(root / trash.TRASH_DIRECTORY / pipeline.LOCK_FILE, os.O_RDWR | os.O_CREAT)
     try:

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from daemon.logs import configure_logging
+from tests.configs import rotation, write_config
 from tests.integration.test_service import (
+    DAEMON,
     Listener,
     daemon_setup,  # noqa: F401 - the fixture
     save_checkpoint,
     wait_until,
-    write_config,
 )
 
 
@@ -39,7 +40,7 @@ def test_config_reloaded_names_each_change(
     stop: threading.Event = daemon_setup["stop"]  # type: ignore[assignment]
     for step in range(1, 5):
         save_checkpoint(root, step * 10)
-    write_config(config, root, state, keep_last=3)
+    write_config(config, [root], state_dir=state, policy=rotation(3), **DAEMON)
     thread: threading.Thread = daemon_setup["start"]()  # type: ignore[operator]
     assert wait_until(lambda: "READY=1" in listener.lines())
 
@@ -47,7 +48,7 @@ def test_config_reloaded_names_each_change(
         records = [json.loads(line) for line in log_stream.getvalue().splitlines()]
         return [record for record in records if record.get("event") == "config_reloaded"]
 
-    write_config(config, root, state, keep_last=2)
+    write_config(config, [root], state_dir=state, policy=rotation(2), **DAEMON)
     assert wait_until(lambda: bool(reloaded()), 10)
     assert reloaded()[0]["changed"] == ["defaults.policy.keep_last: 3 -> 2"]
     stop.set()

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from daemon.pruning import pipeline
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from daemon.safety.facts import Facts, Holder, ProcessIdentity
 from daemon.safety.guard import RootRefused, SafetySettings
-from policies.model import Checkpoint, Decision, Plan
+from policies.model import Checkpoint, Decision, Plan, PolicySpec
+from tests.configs import make_config
+from tests.layouts_fixtures import hf_checkpoint, hf_run
 
 NOW = 1_800_000_000.0
 LENIENT = SafetySettings(min_keep=0, max_delete_fraction=1.0, force=False)
@@ -452,3 +455,71 @@ def test_a_process_holding_an_abandoned_save_keeps_it(
     assert decision.keep
     assert any(reason.startswith(f"in-use:pid {reader.pid} (") for reason in decision.reasons)
     assert [d.checkpoint.name for d in guarded.deleted] == ["checkpoint-100"]
+
+
+def test_min_keep_counts_only_complete_survivors() -> None:
+    # Three crashed saves (no trainer_state.json, never resumable) are kept as incomplete;
+    # they must not stand in for the min_keep checkpoints a resume can fall back on.
+    complete = [Checkpoint(name=f"checkpoint-{s}", step=s) for s in (100, 200, 300, 400, 500)]
+    broken = [
+        Checkpoint(name=f"checkpoint-{s}", step=s, complete=False, incomplete_reason="no state")
+        for s in (150, 250, 350)
+    ]
+    decisions = [
+        Decision(c, c.step == 500, ("tier1",) if c.step == 500 else ("tier3",)) for c in complete
+    ]
+    decisions += [Decision(c, True, ("incomplete",)) for c in broken]
+    plan = Plan(root="/r", decisions=tuple(decisions))
+    facts = proc_facts.Facts(root_path="/r", now=1e9)
+    guarded = guard.guard(plan, facts, guard.SafetySettings(min_keep=3, force=True))
+    kept_complete = sorted(d.checkpoint.step for d in guarded.kept if d.checkpoint.complete)
+    assert kept_complete == [300, 400, 500]
+
+
+def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
+    tmp_path: Path,
+) -> None:
+    # A run crashed while saving checkpoint-5000 (left incomplete) and was restarted from
+    # checkpoint-900; it is writing checkpoint-1000 now. The stale 5000 has the highest step,
+    # but the checkpoint being written is 1000: the root must be refused while the trainer holds
+    # it. Once it lets go, the save that is merely settling only keeps itself (issue 9, point 3).
+    root = tmp_path / "run"
+    hf_run(root, range(100, 1000, 100))
+    hf_checkpoint(root, 5000, complete=False)
+    hf_checkpoint(root, 1000, complete=False, age_seconds=None)  # being written now
+    config = make_config([root], grace=0)
+    spec = PolicySpec(keep_last=2, tier2_count=0, tier3_interval=None)
+    written = next(path for path in (root / "checkpoint-1000").iterdir() if path.is_file())
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'ab'); sys.stdin.read()",
+            str(written),
+        ],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while not proc_facts.holders_of(str(root), ["checkpoint-1000"]):
+            assert time.monotonic() < deadline, "the trainer never opened its file"
+            time.sleep(0.02)
+        report = pipeline.prune_root(
+            config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+        )
+    finally:
+        trainer.communicate("", timeout=5)
+    assert report.refused is not None and "checkpoint-1000" in report.refused
+    assert report.deleted == ()
+    assert len([p for p in root.iterdir() if p.name.startswith("checkpoint-")]) == 11
+    report = pipeline.prune_root(
+        config, config.roots[0], now=time.time(), dry_run=False, policy_override=spec
+    )
+    assert report.refused is None
+    names = sorted(p.name for p in root.iterdir() if p.name.startswith("checkpoint-"))
+    # keep_last 2, raised to min_keep 3: 700-900, and the save in flight; the crashed 5000,
+    # quiet for an hour (abandoned_after) and held by nobody, went as an abandoned save.
+    assert names == [f"checkpoint-{step}" for step in (1000, 700, 800, 900)]
+    why = {d.checkpoint.name: d.reasons for d in report.plan.deleted}
+    assert why["checkpoint-5000"] == ("abandoned-save",)

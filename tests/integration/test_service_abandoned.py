@@ -17,30 +17,25 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from daemon.history.log import read_records
 from daemon.pruning import trash
 from daemon.service.lifecycle import serve
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import age, hf_checkpoint
 
-
-def config_text(tmp_path: Path, root: Path, abandoned_after: str) -> str:
-    return f"""\
-state_dir: {tmp_path}/state
-history_file: {tmp_path}/history.jsonl
-log: {{level: info, format: json}}
-defaults:
-  policy: {{keep_last: 10, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: 0.5
-  abandoned_after: {abandoned_after}
-  min_keep: 1
-  trash: {{grace: 1h}}
-roots:
-  - path: {root}
-    layout: hf
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
+# The daemon of these tests besides `abandoned_after` (tests/configs.py writes it): it keeps the
+# newest ten, so only an abandoned save is ever trashed.
+DAEMON: dict[str, Any] = {
+    "log": {"level": "info", "format": "json"},
+    "policy": rotation(10),
+    "settle_seconds": 0.5,
+    "min_keep": 1,
+    "grace": "1h",
+    "layout": "hf",
+    "disk": {"interval": "1h"},
+}
 
 
 def crashed_save(root: Path, step: int, *, quiet_for: float) -> Path:
@@ -71,8 +66,13 @@ def test_plan_and_status_show_a_crashed_save_with_its_size_and_when_it_counts_as
         hf_checkpoint(root, step)
     crashed_save(root, 400, quiet_for=7200)  # crashed two hours ago
     crashed_save(root, 500, quiet_for=600)  # ten minutes ago
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text(tmp_path, root, "1h"))
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        history_file=tmp_path / "history.jsonl",
+        abandoned_after="1h",
+        **DAEMON,
+    )
 
     def cli(*arguments: str) -> dict[str, object]:
         result = subprocess.run(
@@ -125,8 +125,13 @@ def test_the_daemon_trashes_a_save_once_abandoned_and_keeps_one_a_process_holds(
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text(tmp_path, root, "2s"))
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        history_file=tmp_path / "history.jsonl",
+        abandoned_after="2s",
+        **DAEMON,
+    )
     stop, reload = threading.Event(), threading.Event()
     result: dict[str, int] = {}
     thread = threading.Thread(

@@ -25,6 +25,7 @@ import pytest
 
 from daemon.history.log import read_records
 from daemon.service.lifecycle import serve
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import age, hf_checkpoint, well_formed_bytes
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ FAST_TRAINER = (
     IMPORT_FIXTURES
     + r"""
 import json, os, sys, time
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import well_formed_bytes
 root, count, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 vanished, saved = [], []
@@ -60,6 +62,7 @@ STEPPED_TRAINER = (
     IMPORT_FIXTURES
     + r"""
 import os, sys
+from tests.configs import rotation, write_config
 from tests.layouts_fixtures import well_formed_bytes
 handle = None
 for line in sys.stdin:
@@ -101,25 +104,6 @@ class Trainer:
         self.process.wait(5)
 
 
-def config_text(tmp_path: Path, root: Path, *, keep_last: int, settle: float, layout: str) -> str:
-    return f"""\
-state_dir: {tmp_path}/state
-history_file: {tmp_path}/history.jsonl
-log: {{level: info, format: json}}
-defaults:
-  policy: {{keep_last: {keep_last}, tier2_count: 0, tier3_interval: null}}
-  settle_seconds: {settle}
-  min_keep: 1
-  max_delete_fraction: 1.0
-  trash: {{grace: 0s}}
-roots:
-  - path: {root}
-    layout: {layout}
-snapshots: {{enabled: false}}
-disk: {{interval: 1h}}
-"""
-
-
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -134,15 +118,27 @@ def names(root: Path, prefix: str = "checkpoint-") -> list[str]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[[str], None]]:
-    """Start `serve()` on a config text; stopped (exit 0 checked) at the end."""
+def daemon(tmp_path: Path) -> Iterator[Callable[..., None]]:
+    """Start `serve()` on a root, keeping its newest `keep_last` once `settle` seconds are quiet;
+    stopped (exit 0 checked) at the end."""
     stop, reload = threading.Event(), threading.Event()
     threads: list[threading.Thread] = []
     result: dict[str, int] = {}
 
-    def start(text: str) -> None:
-        config = tmp_path / "config.yaml"
-        config.write_text(text)
+    def start(root: Path, *, keep_last: int, settle: float, layout: str) -> None:
+        config = write_config(
+            tmp_path / "config.yaml",
+            [root],
+            history_file=tmp_path / "history.jsonl",
+            log={"level": "info", "format": "json"},
+            policy=rotation(keep_last),
+            settle_seconds=settle,
+            min_keep=1,
+            max_delete_fraction=1.0,
+            grace="0s",
+            layout=layout,
+            disk={"interval": "1h"},
+        )
         thread = threading.Thread(
             target=lambda: result.setdefault(
                 "code",
@@ -164,11 +160,11 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[str], None]]:
 
 @pytest.mark.timeout(30)
 def test_a_trainer_saving_every_0_3_s_is_pruned_while_it_runs(
-    tmp_path: Path, daemon: Callable[[str], None]
+    tmp_path: Path, daemon: Callable[..., None]
 ) -> None:
     root = tmp_path / "run"
     root.mkdir()
-    daemon(config_text(tmp_path, root, keep_last=3, settle=1.0, layout="hf"))
+    daemon(root, keep_last=3, settle=1.0, layout="hf")
     trainer = subprocess.Popen(
         [sys.executable, "-c", FAST_TRAINER, str(root), "20", "0.3"],
         stdout=subprocess.PIPE,
@@ -192,7 +188,7 @@ def test_a_trainer_saving_every_0_3_s_is_pruned_while_it_runs(
 
 @pytest.mark.timeout(30)
 def test_the_root_waits_while_the_trainer_holds_the_newest_and_is_pruned_when_it_closes(
-    tmp_path: Path, daemon: Callable[[str], None]
+    tmp_path: Path, daemon: Callable[..., None]
 ) -> None:
     root = tmp_path / "run"
     for step in range(1, 7):
@@ -203,7 +199,7 @@ def test_the_root_waits_while_the_trainer_holds_the_newest_and_is_pruned_when_it
     try:
         trainer.do(f"open {saving / 'model.safetensors'}")
         # settle 30 s: a refusal was retried with a backoff growing to 30 s.
-        daemon(config_text(tmp_path, root, keep_last=3, settle=30, layout="hf"))
+        daemon(root, keep_last=3, settle=30, layout="hf")
         history = tmp_path / "history.jsonl"
         assert wait_until(
             lambda: any(r["event"] == "prune_refused" for r in read_records(str(history))), 10
@@ -221,7 +217,7 @@ def test_the_root_waits_while_the_trainer_holds_the_newest_and_is_pruned_when_it
 
 @pytest.mark.timeout(30)
 def test_a_settling_save_does_not_stop_older_ones_being_pruned_and_counts_once_settled(
-    tmp_path: Path, daemon: Callable[[str], None]
+    tmp_path: Path, daemon: Callable[..., None]
 ) -> None:
     """Plain PyTorch files have no completion marker: settle time decides. model_6 was just
     written when the daemon starts: it is kept while it settles, but the older ones go at once
@@ -236,7 +232,7 @@ def test_a_settling_save_does_not_stop_older_ones_being_pruned_and_counts_once_s
     try:
         trainer.do(f"write {root / 'model_6.pt'}")
         written = time.monotonic()
-        daemon(config_text(tmp_path, root, keep_last=2, settle=4.0, layout="pt"))
+        daemon(root, keep_last=2, settle=4.0, layout="pt")
         settling = ["model_4.pt", "model_5.pt", "model_6.pt"]
         assert wait_until(lambda: names(root, "model_") == settling, 3.0), names(root, "model_")
         assert time.monotonic() - written < 3.5  # model_6 was still settling
@@ -250,12 +246,12 @@ def test_a_settling_save_does_not_stop_older_ones_being_pruned_and_counts_once_s
 
 @pytest.mark.timeout(30)
 def test_a_completion_marker_landing_after_a_prune_during_the_save_is_seen(
-    tmp_path: Path, daemon: Callable[[str], None]
+    tmp_path: Path, daemon: Callable[..., None]
 ) -> None:
     root = tmp_path / "run"
     for step in range(1, 5):
         hf_checkpoint(root, step)
-    daemon(config_text(tmp_path, root, keep_last=2, settle=0.3, layout="hf"))
+    daemon(root, keep_last=2, settle=0.3, layout="hf")
     assert wait_until(lambda: names(root) == ["checkpoint-3", "checkpoint-4"], 5)
     saving = root / "checkpoint-5"
     saving.mkdir()

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 
 from daemon import slimming
-from daemon.config import Config, PolicyConfig, RootConfig, SlimConfig
 from daemon.planner import plan_root
 from daemon.render import plan_to_json, summary_line
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
 from daemon.slimming import SLIM_RECORD, Selection, resume_state
 from policies.model import Checkpoint, Decision, Plan
+from tests.configs import make_config
 from tests.layouts_fixtures import well_formed_bytes
 
 NOW = 1_800_000_000.0
@@ -260,16 +260,17 @@ def hf_root(root: Path, steps: range) -> None:
             os.utime(path, (stamp, stamp))
 
 
-def slim_config(root: Path) -> tuple[Config, RootConfig]:
-    policy = PolicyConfig(keep_last=3, tier2_count=4, slim=SlimConfig(after="tier1"))
-    root_config = RootConfig(path=str(root), policy=policy)
-    return Config(roots=[root_config], state_dir=str(root.parent / "state")), root_config
+# Tier 2 and 3 slimmed from tier 1 on (tests/configs.py builds the config around it).
+SLIM_POLICY = {"keep_last": 3, "tier2_count": 4, "slim": {"after": "tier1"}}
 
 
 def test_plan_slims_tier_2_and_3_with_their_files(tmp_path: Path) -> None:
     root = tmp_path / "run"
     hf_root(root, range(100, 1100, 100))
-    config, root_config = slim_config(root)
+    config = make_config(
+        [root], state_dir=root.parent / "state", root_settings={"policy": SLIM_POLICY}
+    )
+    root_config = config.roots[0]
     _scan, plan = plan_root(config, root_config, now=NOW)
     slimmed = {d.checkpoint.name for d in plan.slimmed}
     assert slimmed == {"checkpoint-400", "checkpoint-600"}
@@ -290,7 +291,10 @@ def test_plan_keeps_a_not_slimmable_checkpoint_whole_and_says_why(tmp_path: Path
     for step in range(100, 1100, 100):
         write(root / f"model_{step}.pt")
         os.utime(root / f"model_{step}.pt", (NOW - 3600, NOW - 3600))
-    config, root_config = slim_config(root)
+    config = make_config(
+        [root], state_dir=root.parent / "state", root_settings={"policy": SLIM_POLICY}
+    )
+    root_config = config.roots[0]
     _scan, plan = plan_root(config, root_config, now=NOW)
     assert plan.slimmed == ()
     reasons = next(d for d in plan.decisions if d.checkpoint.step == 400).reasons
@@ -302,7 +306,10 @@ def test_a_slimmed_checkpoint_is_seen_as_slimmed_and_not_slimmed_again(tmp_path:
     hf_root(root, range(100, 1100, 100))
     (root / "checkpoint-400" / "optimizer.pt").unlink()
     write(root / "checkpoint-400" / SLIM_RECORD)
-    config, root_config = slim_config(root)
+    config = make_config(
+        [root], state_dir=root.parent / "state", root_settings={"policy": SLIM_POLICY}
+    )
+    root_config = config.roots[0]
     scan, plan = plan_root(config, root_config, now=NOW)
     by_name = {c.name: c for c in scan.checkpoints}
     assert by_name["checkpoint-400"].slimmed and by_name["checkpoint-400"].complete
@@ -369,7 +376,10 @@ def test_the_guard_turns_down_slims_of_protected_held_in_use_and_newest(
 def test_resolve_keeps_whole_what_a_later_protection_names(tmp_path: Path) -> None:
     root = tmp_path / "run"
     hf_root(root, range(100, 1100, 100))
-    config, root_config = slim_config(root)
+    config = make_config(
+        [root], state_dir=root.parent / "state", root_settings={"policy": SLIM_POLICY}
+    )
+    root_config = config.roots[0]
     _scan, plan = plan_root(config, root_config, now=NOW)
     held = tuple(
         replace(d, reasons=(*d.reasons, "held:alice until 2026-06-01 12:00"))

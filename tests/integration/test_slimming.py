@@ -11,10 +11,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, PolicyConfig, RootConfig, SlimConfig, TrashConfig
 from daemon.discovery.sizecache import SizeCache
 from daemon.fsio import At, LocalFileSystem
 from daemon.history.log import HistoryLog, read_records
@@ -22,6 +22,7 @@ from daemon.planner import plan_root
 from daemon.pruning import pipeline, slimmer, trash
 from daemon.slimming import SLIM_RECORD, is_slimmed, read_record
 from policies.model import Checkpoint, Decision, Plan, SlimTarget
+from tests.configs import make_config
 from tests.layouts_fixtures import well_formed_bytes
 
 NOW = 1_800_000_000.0
@@ -53,20 +54,20 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def config_for(root: Path, grace: float = 0.0, **policy: object) -> tuple[Config, RootConfig]:
-    spec = PolicyConfig(
-        keep_last=3,
-        tier2_count=4,
-        tier3_interval=1000,
-        cadence=100,
-        slim=SlimConfig(after="tier1"),
-        **policy,  # type: ignore[arg-type]
-    )
-    root_config = RootConfig(path=str(root), policy=spec)
-    defaults = DefaultsConfig(settle_seconds=0, min_keep=0, trash=TrashConfig(grace=grace))
-    return Config(roots=[root_config], defaults=defaults, state_dir=str(root.parent / "st")), (
-        root_config
-    )
+# Slimmed from tier 1 on, with nothing to wait for (tests/configs.py builds the config).
+SLIM_FROM_TIER1: dict[str, Any] = {
+    "settle_seconds": 0,
+    "min_keep": 0,
+    "root_settings": {
+        "policy": {
+            "keep_last": 3,
+            "tier2_count": 4,
+            "tier3_interval": 1000,
+            "cadence": 100,
+            "slim": {"after": "tier1"},
+        }
+    },
+}
 
 
 @pytest.fixture
@@ -78,7 +79,8 @@ def history(tmp_path: Path) -> Iterator[HistoryLog]:
 
 def prune(root: Path, history: HistoryLog, **options: object) -> pipeline.PruneReport:
     grace = float(options.pop("grace", 0.0))  # type: ignore[arg-type]
-    config, root_config = config_for(root, grace)
+    config = make_config([root], state_dir=root.parent / "st", grace=grace, **SLIM_FROM_TIER1)
+    root_config = config.roots[0]
     return pipeline.prune_root(
         config,
         root_config,
@@ -134,7 +136,8 @@ def test_a_second_prune_slims_nothing_more_and_the_plan_sees_them_slimmed(
     cache = SizeCache()
     first = prune(root, history, cache=cache)
     assert len(first.slims.slimmed) == 2
-    config, root_config = config_for(root)
+    config = make_config([root], state_dir=root.parent / "st", grace=0, **SLIM_FROM_TIER1)
+    root_config = config.roots[0]
     scan, plan = plan_root(config, root_config, now=NOW, cache=cache)
     assert plan.slimmed == () and plan.deleted == ()
     slimmed = {c.name for c in scan.checkpoints if c.slimmed}

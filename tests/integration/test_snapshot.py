@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import Config, DiskConfig, RootConfig, SnapshotsConfig
+from daemon.config import Config, DiskConfig
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.snapshots import daily, verify
 from daemon.snapshots.plan import FileItem
+from tests.configs import DAILY, make_config
 from tests.layouts_fixtures import well_formed_bytes
 
 NOW = datetime(2026, 6, 1, 3, 0, tzinfo=UTC)
@@ -54,15 +55,6 @@ def write_hf_checkpoint(root: Path, step: int, *, size: int = 64 * 1024, files: 
     return folder
 
 
-def make_config(roots: list[Path], snapshot_dir: Path, **snapshot_settings: object) -> Config:
-    return Config(
-        timezone="UTC",
-        roots=[RootConfig(path=str(root), layout="hf") for root in roots],
-        snapshots=SnapshotsConfig(dir=str(snapshot_dir), **snapshot_settings),  # type: ignore[arg-type]
-        disk=DiskConfig(critical_percent=100),
-    )
-
-
 def run(config: Config, history: History = NULL_HISTORY, **options: object) -> daily.SnapshotReport:
     return daily.run_daily_snapshot(
         config,
@@ -85,7 +77,7 @@ def root(tmp_path: Path) -> Path:
 
 def test_latest_scope_takes_the_newest_complete_checkpoint(root: Path, tmp_path: Path) -> None:
     history = RecordingHistory()
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     report = run(config, history, method="copy")
     assert report.status == "done", report
     target = tmp_path / "snaps" / "2026-06-01" / "run-a"
@@ -115,7 +107,7 @@ def test_latest_scope_takes_the_newest_complete_checkpoint(root: Path, tmp_path:
 
 
 def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     first = run(config, method="copy")
     write_hf_checkpoint(root, 500)
     second = run(config, method="copy")
@@ -125,7 +117,7 @@ def test_one_snapshot_per_date_never_two(root: Path, tmp_path: Path) -> None:
 
 
 def test_at_start_up_before_the_scheduled_time_it_is_not_due(root: Path, tmp_path: Path) -> None:
-    config = make_config([root], tmp_path / "snaps", at="04:00")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps", "at": "04:00"}, **DAILY)
     early = daily.run_daily_snapshot(config, now=NOW, history=NULL_HISTORY)
     assert early.status == "not_due" and early.ok
     assert not (tmp_path / "snaps" / "2026-06-01").exists()
@@ -156,7 +148,9 @@ BERLIN_03_00 = ["2026-07-15T03:00:00+02:00", "2026-10-26T03:00:00+01:00"]
 def test_with_the_machines_zone_the_snapshot_runs_at_03_00_local_in_summer_and_winter(
     root: Path, tmp_path: Path, machine_in_berlin: None, three: str
 ) -> None:
-    config = make_config([root], tmp_path / "snaps").model_copy(update={"timezone": None})
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY).model_copy(
+        update={"timezone": None}
+    )
     at = datetime.fromisoformat(three)
     day = three[:10]
     early = daily.run_daily_snapshot(config, now=at - timedelta(minutes=1), history=NULL_HISTORY)
@@ -172,7 +166,7 @@ def test_status_shows_the_next_snapshot_at_03_00_local_in_summer_and_winter(
 ) -> None:
     from daemon.commands.status import schedule_status
 
-    config = make_config([root], tmp_path / "snaps").model_copy(
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY).model_copy(
         update={"timezone": None, "state_dir": str(tmp_path / "state")}
     )
     at = datetime.fromisoformat(three)
@@ -184,7 +178,7 @@ def test_status_shows_the_next_snapshot_at_03_00_local_in_summer_and_winter(
 
 
 def test_scope_all_takes_every_kept_complete_checkpoint(root: Path, tmp_path: Path) -> None:
-    config = make_config([root], tmp_path / "snaps", scope="all")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps", "scope": "all"}, **DAILY)
     assert run(config, method="copy").status == "done"
     assert sorted(os.listdir(tmp_path / "snaps" / "2026-06-01" / "run-a")) == [
         "checkpoint-100",
@@ -197,7 +191,7 @@ def test_two_roots_with_the_same_folder_name_do_not_collide(tmp_path: Path) -> N
     first, second = tmp_path / "a" / "run", tmp_path / "b" / "run"
     write_hf_checkpoint(first, 1)
     write_hf_checkpoint(second, 2)
-    config = make_config([first, second], tmp_path / "snaps")
+    config = make_config([first, second], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     assert run(config, method="copy").status == "done"
     assert sorted(os.listdir(tmp_path / "snaps" / "2026-06-01")) == [
         "MANIFEST.json",
@@ -209,7 +203,7 @@ def test_two_roots_with_the_same_folder_name_do_not_collide(tmp_path: Path) -> N
 def test_auto_on_one_filesystem_links_write_once_files_but_never_mutable_ones(
     root: Path, tmp_path: Path
 ) -> None:
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     report = run(config)
     assert report.status == "done"
     source = root / "checkpoint-300"
@@ -237,7 +231,7 @@ def test_keep_removes_the_oldest_date_folders(root: Path, tmp_path: Path) -> Non
     (outside / "keepme").write_text("x")
     (snaps / "2026-05-28" / "link").symlink_to(outside)
     history = RecordingHistory()
-    config = make_config([root], snaps, keep=3)
+    config = make_config([root], snapshots={"dir": snaps, "keep": 3}, **DAILY)
     report = run(config, history, method="copy")
     assert report.status == "done"
     assert report.removed == ("2026-05-28", "2026-05-29")
@@ -251,7 +245,7 @@ def test_a_snapshot_that_would_pass_critical_is_skipped_not_started(
     root: Path, tmp_path: Path
 ) -> None:
     history = RecordingHistory()
-    config = make_config([root], tmp_path / "snaps").model_copy(
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY).model_copy(
         update={"disk": DiskConfig(critical_percent=0.001)}
     )
     report = run(config, history, method="copy")
@@ -267,13 +261,15 @@ def test_leftover_temporary_folder_of_a_dead_process_is_removed(root: Path, tmp_
     leftover = snaps / ".tmp-2026-05-31-999999999"
     leftover.mkdir(parents=True)
     (leftover / "half").write_bytes(b"x")
-    assert run(make_config([root], snaps), method="copy").status == "done"
+    assert (
+        run(make_config([root], snapshots={"dir": snaps}, **DAILY), method="copy").status == "done"
+    )
     assert not leftover.exists()
 
 
 def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_path: Path) -> None:
     history = RecordingHistory()
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     placed: list[str] = []
 
     def prune_source_midway(item: FileItem) -> None:
@@ -295,7 +291,7 @@ def test_source_pruned_away_in_the_middle_abandons_the_snapshot(root: Path, tmp_
 
 
 def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Path) -> None:
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     assert run(config, method="copy").status == "done"
     path = verify.resolve_snapshot(str(tmp_path / "snaps"), "latest")
     clean = verify.verify_snapshot(path)
@@ -319,7 +315,7 @@ def test_verify_reports_missing_extra_size_and_checksum(root: Path, tmp_path: Pa
 
 
 def test_verify_seals_linked_files_then_catches_a_rewrite(root: Path, tmp_path: Path) -> None:
-    config = make_config([root], tmp_path / "snaps")
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     report = run(config, method="hardlink")
     assert report.status == "done"
     assert report.by_method == {"hardlink": 3, "copy": 1}
@@ -348,7 +344,9 @@ def test_explicit_hardlink_across_filesystems_is_a_clear_failure(
 ) -> None:
     mount = tmpfs(4 << 20)
     history = RecordingHistory()
-    report = run(make_config([root], mount / "snaps"), history, method="hardlink")
+    report = run(
+        make_config([root], snapshots={"dir": mount / "snaps"}, **DAILY), history, method="hardlink"
+    )
     assert report.status == "failed"
     assert "another filesystem" in (report.reason or "")
     assert history.events() == ["snapshot_failed"]
@@ -358,7 +356,7 @@ def test_explicit_reflink_where_unsupported_is_a_clear_failure(
     root: Path, tmpfs: Callable[[int], Path]
 ) -> None:
     mount = tmpfs(4 << 20)
-    report = run(make_config([root], mount / "snaps"), method="reflink")
+    report = run(make_config([root], snapshots={"dir": mount / "snaps"}, **DAILY), method="reflink")
     assert report.status == "failed"
     assert "reflink" in (report.reason or "") and "cannot clone" in (report.reason or "")
 
@@ -370,7 +368,7 @@ def test_disk_full_in_the_middle_of_a_copy_abandons_the_snapshot(
     root = tmp_path / "big-run"
     write_hf_checkpoint(root, 100, size=5 << 20, files=2)  # 10 MB: fits when planned
     history = RecordingHistory()
-    config = make_config([root], mount / "snaps")
+    config = make_config([root], snapshots={"dir": mount / "snaps"}, **DAILY)
     filler = mount / "another-writer.bin"
 
     def someone_else_fills_the_disk(item: FileItem) -> None:
@@ -405,7 +403,7 @@ def test_stop_mid_snapshot_abandons_it(root: Path, tmp_path: Path) -> None:
             stop.set()  # SIGTERM arrives while the first file is being placed
 
     report = run(
-        make_config([root], tmp_path / "snaps"),
+        make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY),
         history,
         method="copy",
         stop=stop,
@@ -424,7 +422,7 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
     settled = NOW.timestamp() - 3600
     os.utime(root / "checkpoint-300" / "tokenizer.json", (settled, settled), follow_symlinks=False)
     os.utime(root / "checkpoint-300", (settled, settled))
-    report = run(make_config([root], tmp_path / "snaps"), method="copy")
+    report = run(make_config([root], snapshots={"dir": tmp_path / "snaps"}, **DAILY), method="copy")
     assert report.status == "done"
     link = tmp_path / "snaps" / "2026-06-01" / "run-a" / "checkpoint-300" / "tokenizer.json"
     assert link.is_symlink() and os.readlink(link) == str(outside)
@@ -432,7 +430,7 @@ def test_symlinks_inside_a_checkpoint_stay_links(root: Path, tmp_path: Path) -> 
 
 
 def test_a_missing_root_does_not_cost_the_others_their_snapshot(root: Path, tmp_path: Path) -> None:
-    config = make_config([tmp_path / "gone", root], tmp_path / "snaps")
+    config = make_config([tmp_path / "gone", root], snapshots={"dir": tmp_path / "snaps"}, **DAILY)
     report = run(config, method="copy")
     assert report.status == "done"
     assert report.checkpoints == ("run-a/checkpoint-300",)
@@ -445,7 +443,7 @@ def test_the_critical_estimate_counts_copies_not_links(
     mount = tmpfs(16 << 20)
     root = mount / "run"
     write_hf_checkpoint(root, 100, size=3 << 20, files=2)  # 6 MB: 37.5 % used
-    config = make_config([root], mount / "snaps").model_copy(
+    config = make_config([root], snapshots={"dir": mount / "snaps"}, **DAILY).model_copy(
         update={"disk": DiskConfig(critical_percent=50)}
     )
     history = RecordingHistory()

@@ -1,9 +1,11 @@
-"""The trash: grace, list, restore, purge, empty under disk pressure, and crash leftovers."""
+"""The trash: grace, list, restore, purge, empty under disk pressure, crash leftovers, and a
+running prune's root lock keeping every other hand off it."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from daemon.errors import UsageError
 from daemon.history.log import HistoryLog, read_records
 from daemon.pruning import trash
+from daemon.pruning.pipeline import root_lock
 from tests.sizes import blocks, tree_blocks
 
 NOW = 1_800_000_000.0
@@ -145,3 +148,60 @@ def test_a_failed_move_of_a_multi_file_checkpoint_leaves_it_whole(tmp_path: Path
         trash.move_to_trash(str(tmp_path), "ckpt-5", members, now=NOW, fs=SecondRenameFails())
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".ckptd-trash") == sorted(members)
     assert trash.list_trash(str(tmp_path)) == []
+
+
+def _half_moved_tensorflow_checkpoint(root: Path) -> Path:
+    """Given a root, leave it as a running prune has it mid-move of a TF checkpoint: the
+    journal and the `.index` in the trash item, the data shard still in the root."""
+    (root / "ckpt-1.data-00000-of-00001").write_bytes(b"d" * 1000)
+    item = root / ".ckptd-trash" / "ckpt-1@1000"
+    item.mkdir(parents=True)
+    members = ["ckpt-1.index", "ckpt-1.data-00000-of-00001"]
+    (item / ".ckptd-entry.json").write_text(json.dumps({"name": "ckpt-1", "members": members}))
+    (item / "ckpt-1.index").write_bytes(b"i" * 10)
+    return item
+
+
+def _layout(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+def test_disk_pressure_does_not_touch_the_trash_while_a_prune_moves_into_it(
+    tmp_path: Path,
+) -> None:
+    # A prune (the CLI) is mid-move while the daemon's disk check empties the trash. Rolling
+    # the half-moved item back and removing its folder races the prune's next rename into that
+    # folder: a member moved in between is removed with the folder, and the checkpoint is left
+    # under its name without its data. The trash belongs to whoever holds the root lock.
+    item = _half_moved_tensorflow_checkpoint(tmp_path)
+    with root_lock(str(tmp_path)) as acquired:
+        assert acquired
+        before = _layout(tmp_path)
+        assert not trash.empty_trash(str(tmp_path))
+        assert _layout(tmp_path) == before
+    assert item.is_dir()
+
+
+def test_trash_commands_refuse_while_a_prune_holds_the_root(
+    tmp_path: Path, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    _half_moved_tensorflow_checkpoint(root)
+    cli_env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    with root_lock(str(root)) as acquired:
+        assert acquired
+        before = _layout(root)
+        for action in (["purge", "-y"], ["restore", "ckpt-1"]):
+            done = subprocess.run(
+                [*ckptd_command, "trash", *action, "--root", str(root)],
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 3, (action, done.stdout, done.stderr)
+            assert "another prune" in done.stderr
+            assert _layout(root) == before
+    assert os.path.isdir(root / ".ckptd-trash" / "ckpt-1@1000")

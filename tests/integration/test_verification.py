@@ -10,10 +10,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.config import Config, DefaultsConfig, PolicyConfig, RootConfig, VerifyConfig
+from daemon.config import Config, DefaultsConfig, RootConfig, VerifyConfig
 from daemon.history.log import HistoryLog, read_records
 from daemon.integrity.check import check_checkpoint
 from daemon.planner import plan_root_full
@@ -28,6 +29,7 @@ from daemon.verification import (
 )
 from policies.model import Checkpoint
 from tests import layouts_fixtures as fixtures
+from tests.configs import make_config, rotation, write_config
 from tests.layouts_fixtures import age, hf_checkpoint
 
 REAL_CHECKPOINT = (
@@ -54,18 +56,14 @@ def truncate(root: Path, step: int) -> None:
     os.utime(path, ns=(status.st_atime_ns, status.st_mtime_ns))
 
 
-def rotation_config(root: Path, state: Path, **verify: object) -> Config:
-    return Config(
-        state_dir=str(state),
-        defaults=DefaultsConfig(
-            policy=PolicyConfig(keep_last=1, tier2_count=0, tier3_interval=None, cadence=100),
-            settle_seconds=1,
-            min_keep=0,
-            max_delete_fraction=1.0,
-        ),
-        roots=[RootConfig(path=str(root))],
-        verify=VerifyConfig(**verify),  # type: ignore[arg-type]
-    )
+# Only the newest checkpoint is kept (a rotation of one): any other checkpoint the plan keeps is
+# kept for a reason of verification (tests/configs.py builds the config).
+ROTATION_OF_ONE: dict[str, Any] = {
+    "policy": rotation(1, cadence=100),
+    "settle_seconds": 1,
+    "min_keep": 0,
+    "max_delete_fraction": 1.0,
+}
 
 
 def checks_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -93,7 +91,7 @@ def test_a_plan_checks_the_newest_down_to_the_first_that_passes_and_then_remembe
     truncate(root, 500)
     truncate(root, 400)
     made = checks_made(monkeypatch)
-    config = rotation_config(root, tmp_path / "state")
+    config = make_config([root], state_dir=tmp_path / "state", **ROTATION_OF_ONE)
     state = VerificationState()
     planned = plan_root_full(config, config.roots[0], now=time.time(), verification=state)
     assert made == ["checkpoint-500", "checkpoint-400", "checkpoint-300"]
@@ -111,7 +109,7 @@ def test_the_prune_checks_every_new_checkpoint_once(
     real_run(root, [100, 200, 300])
     truncate(root, 100)  # old and corrupt: a plan alone would never look at it
     made = checks_made(monkeypatch)
-    config = rotation_config(root, tmp_path / "state")
+    config = make_config([root], state_dir=tmp_path / "state", **ROTATION_OF_ONE)
     config = config.model_copy(update={"defaults": DefaultsConfig(settle_seconds=1)})
     (tmp_path / "state").mkdir()
     history = HistoryLog(str(tmp_path / "history.jsonl"))
@@ -203,7 +201,9 @@ def test_checks_off_plans_as_before(tmp_path: Path) -> None:
     root = tmp_path / "run"
     real_run(root, [100, 200])
     truncate(root, 200)
-    config = rotation_config(root, tmp_path / "state", checks=False)
+    config = make_config(
+        [root], state_dir=tmp_path / "state", verify={"checks": False}, **ROTATION_OF_ONE
+    )
     planned = plan_root_full(config, config.roots[0], now=time.time())
     assert all(c.complete for c in planned.scan.checkpoints)
     assert [d.checkpoint.name for d in planned.plan.deleted] == ["checkpoint-100"]
@@ -270,8 +270,11 @@ def test_the_users_test_runs_niced_in_the_idle_io_class_in_the_root(tmp_path: Pa
         "print('env', os.environ['CKPTD_CHECKPOINT'])\n"
         "print('args', sys.argv[1:])\n"
     )
-    config = rotation_config(
-        root, tmp_path / "state", command=f"{sys.executable} {script} {{name}} {{step}} '{{path}}'"
+    config = make_config(
+        [root],
+        state_dir=tmp_path / "state",
+        verify={"command": f"{sys.executable} {script} {{name}} {{step}} '{{path}}'"},
+        **ROTATION_OF_ONE,
     )
     checkpoint = Checkpoint("checkpoint-100", 100, layout="hf")
     result = run_user_test(config, str(root), checkpoint)
@@ -299,7 +302,12 @@ def test_a_test_past_its_timeout_is_killed_with_its_children_and_fails(tmp_path:
         "    print('epoch', n, flush=True)\n"
         "    time.sleep(0.1)\n"
     )
-    config = rotation_config(root, tmp_path / "state", command=f"{sys.executable} {script}")
+    config = make_config(
+        [root],
+        state_dir=tmp_path / "state",
+        verify={"command": f"{sys.executable} {script}"},
+        **ROTATION_OF_ONE,
+    )
     started = time.monotonic()
     config = config.model_copy(
         update={"verify": VerifyConfig(command=config.verify.command, timeout=1)}
@@ -316,7 +324,12 @@ def test_a_test_past_its_timeout_is_killed_with_its_children_and_fails(tmp_path:
 def test_a_command_that_cannot_start_is_an_error_not_a_verdict(tmp_path: Path) -> None:
     root = tmp_path / "run"
     real_run(root, [100])
-    config = rotation_config(root, tmp_path / "state", command="/nonexistent/test --model {path}")
+    config = make_config(
+        [root],
+        state_dir=tmp_path / "state",
+        verify={"command": "/nonexistent/test --model {path}"},
+        **ROTATION_OF_ONE,
+    )
     state = VerificationState()
     with HistoryLog(str(tmp_path / "history.jsonl")) as history:
         result = run_user_test(config, str(root), Checkpoint("checkpoint-100", 100, layout="hf"))
@@ -334,7 +347,12 @@ def test_the_daily_run_tests_each_newest_checkpoint_once(tmp_path: Path) -> None
     script = tmp_path / "count.py"
     script.write_text(f"open({str(counter)!r}, 'a').write('x')\n")
     state_dir = tmp_path / "state"
-    config = rotation_config(root, state_dir, command=f"{sys.executable} {script} {{path}}")
+    config = make_config(
+        [root],
+        state_dir=state_dir,
+        verify={"command": f"{sys.executable} {script} {{path}}"},
+        **ROTATION_OF_ONE,
+    )
     with HistoryLog(str(tmp_path / "history.jsonl")) as history:
         first = run_daily_user_tests(config, now=time.time(), history=history)
         second = run_daily_user_tests(config, now=time.time(), history=history)
@@ -347,8 +365,11 @@ def test_the_daily_run_tests_each_newest_checkpoint_once(tmp_path: Path) -> None
 def test_stop_ends_a_running_test(tmp_path: Path) -> None:
     root = tmp_path / "run"
     real_run(root, [100])
-    config = rotation_config(
-        root, tmp_path / "state", command=f"{sys.executable} -c 'import time; time.sleep(60)'"
+    config = make_config(
+        [root],
+        state_dir=tmp_path / "state",
+        verify={"command": f"{sys.executable} -c 'import time; time.sleep(60)'"},
+        **ROTATION_OF_ONE,
     )
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
@@ -420,10 +441,12 @@ def test_the_daemon_runs_the_users_test_daily_and_records_it(
     script = tmp_path / "test_model.py"
     script.write_text("import sys\nprint('tested', sys.argv[1])\n")
     state = tmp_path / "state"
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"state_dir: {state}\nroots:\n  - path: {root}\nsnapshots: {{enabled: false}}\n"
-        f"disk: {{interval: 1h}}\nverify: {{command: '{sys.executable} {script} {{path}}'}}\n"
+    config = write_config(
+        tmp_path / "config.yaml",
+        [root],
+        state_dir=state,
+        disk={"interval": "1h"},
+        verify={"command": f"{sys.executable} {script} {{path}}"},
     )
     # The daily time, brought forward: every half second.
     monkeypatch.setattr(scheduler, "verify_trigger", lambda *_: IntervalTrigger(seconds=0.5))

@@ -1,11 +1,17 @@
 """The watcher on real folders: inotify and polling, new checkpoints, a root deleted and made again,
-a root missing at start, a dead observer restarted, the config file replaced by rename."""
+a root missing at start (and the mount it appears on), a dead observer restarted, the config file
+replaced by rename, the inotify watch limit reached."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
+import subprocess
+import sys
+import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +25,8 @@ from daemon.service.watcher import (
     is_network_filesystem,
     mount_type,
 )
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -224,3 +232,123 @@ def test_events_after_a_move_into_the_trash_are_not_held_back(
         wait_for(events, lambda e, s=step: e.path == str(root / f"checkpoint-{s}"))
         delays.append(time.monotonic() - made)
     assert sorted(delays)[2] < 0.2, delays  # the median; it was 0.5 s
+
+
+_WATCH_WITHOUT_INOTIFY = textwrap.dedent(
+    """
+    import json, os, queue, sys, time
+    from daemon.logs import configure_logging
+    from daemon.service.watcher import Watcher, WatchEvent
+    configure_logging("info", "json")
+    root = sys.argv[1]
+    events = queue.Queue()
+    watcher = Watcher(events)
+    watcher.set_roots([(root, "inotify")])
+    for _ in range(20):  # ten seconds' worth of the service's ticks
+        watcher.check()
+        time.sleep(0.02)
+    os.mkdir(os.path.join(root, "checkpoint-1"))
+    seen = False
+    deadline = time.monotonic() + 8
+    while not seen and time.monotonic() < deadline:
+        try:
+            event = events.get(timeout=0.1)
+        except queue.Empty:
+            watcher.check()
+            continue
+        seen = isinstance(event, WatchEvent) and event.path.endswith("checkpoint-1")
+    checkpoint = os.path.join(root, "checkpoint-1")
+    watcher.watch_checkpoint(root, checkpoint)
+    polled_checkpoint = checkpoint in watcher.watched_folders()
+    watcher.forget_checkpoints(root)
+    fallbacks = sorted(watcher._poll_fallback)
+    watcher.stop()
+    print(json.dumps({"seen": seen, "polled_checkpoint": polled_checkpoint,
+                      "fallbacks": fallbacks}))
+    """
+)
+
+
+def test_inotify_watch_limit_falls_back_to_polling_and_logs_once(tmp_path: Path) -> None:
+    """inotify_add_watch failing with ENOSPC (a real limit of 0 watches, set in a user namespace
+    of our own so the machine's limit is untouched): the root is polled, a new checkpoint is
+    still noticed, and the failure is logged once, not at every tick."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is missing")
+    probe = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/user/max_inotify_watches",
+        ],
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespace with its own inotify limit: {probe.stderr!r}")
+    root = tmp_path / "run"
+    root.mkdir()
+    result = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            'echo 0 > /proc/sys/user/max_inotify_watches && exec "$0" -c "$1" "$2"',
+            sys.executable,
+            _WATCH_WITHOUT_INOTIFY,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPOSITORY,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY)},
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    log_events = [json.loads(line)["event"] for line in result.stderr.splitlines() if line]
+    assert "inotify watch limit reached" in result.stderr
+    assert outcome["seen"], result.stderr
+    assert outcome["polled_checkpoint"], result.stderr
+    # A finished checkpoint's fallback is forgotten with its watch (no growth over weeks).
+    assert outcome["fallbacks"] == sorted([str(root), str(root.parent)])
+    # One fallback line per folder (the root, its parent, the checkpoint), not one per tick.
+    assert log_events.count("watch_fallback") == 3, log_events
+    assert "watch_failed" not in log_events, log_events
+
+
+def test_a_root_missing_at_start_gets_its_watch_mode_from_the_mount_it_appears_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root on an NFS mount that is not mounted yet when the daemon starts: its type was
+    judged from the local folder above it (inotify). When the mount and the root appear, the
+    mode must be judged again: polling, or other clients' writes are never seen."""
+    import queue
+
+    from daemon.service import watcher as watcher_module
+
+    root = tmp_path / "mnt" / "run"
+    mounted = threading.Event()
+
+    def fake_mount_type(path: str) -> str:
+        inside = os.path.realpath(path).startswith(str(tmp_path / "mnt"))
+        return "nfs4" if mounted.is_set() and inside else "ext4"
+
+    monkeypatch.setattr(watcher_module, "mount_type", fake_mount_type)
+    watcher = watcher_module.Watcher(queue.Queue())
+    try:
+        watcher.set_roots([(str(root), "auto")])
+        watcher.check()
+        assert str(root) not in watcher.watched_folders()
+        root.mkdir(parents=True)
+        mounted.set()  # the NFS mount came up with the root on it
+        watcher.check()
+        assert str(root) in watcher.watched_folders()
+        observer = watcher._active[str(root)][0]
+        assert type(observer).__name__ == "PollingObserver", type(observer)
+    finally:
+        watcher.stop()
