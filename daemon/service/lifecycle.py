@@ -235,7 +235,11 @@ class Service:
         if self.config_problem:
             parts.append(f"config error, previous config in force: {self.config_problem}")
         present = len(self.watcher.roots_present())
+        polled = self.worker.remote.polled()
+        present += polled
         parts.append(f"watching {present}/{len(self.config.roots)} roots")
+        if polled:
+            parts[-1] += f" ({polled} on object storage, polled)"
         last = self.worker.last_prune
         if last is not None:
             parts.append(

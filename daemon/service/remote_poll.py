@@ -42,8 +42,9 @@ class RemotePolls:
 
     def poll(self, root: RootConfig, *, now: float, settle_seconds: float) -> bool:
         """Given an object-storage root, the time and its settle time, list what changed since
-        the last poll; return whether something new may be prunable (never on the first poll
-        of a root: the daemon's start prunes every root anyway)."""
+        the last poll; return whether something new may be prunable. The first poll of a root
+        says so whenever a complete checkpoint is there: one saved between the daemon's
+        start-up prune and this poll must not wait for the next one."""
         watched = self.roots.get(root.path)
         if watched is None or watched.options != root.storage_options:
             url, store = open_root_store(root)
@@ -51,19 +52,22 @@ class RemotePolls:
             watched = _Watched(dict(root.storage_options), poller)
             self.roots[root.path] = watched
         watched.poller.settle_seconds = settle_seconds
-        first = watched.poller.polls == 0
         watched.poller.poll(now)
         seen = frozenset((name, 0.0) for name in watched.poller.settled) | frozenset(
             watched.poller.top_objects.items()
         )
         news = bool(seen - watched.seen)
         watched.seen = seen
-        return news and not first
+        return news
 
     def retain(self, paths: set[str]) -> None:
         """Given the object-storage roots configured now, forget the pollers of the others."""
         for path in set(self.roots) - paths:
             del self.roots[path]
+
+    def polled(self) -> int:
+        """Return how many object-storage roots answered a poll (status: "watching")."""
+        return sum(1 for watched in self.roots.values() if watched.poller.polls > 0)
 
     def requests(self, path: str) -> int:
         """Given a root, return the list requests its store made so far (tests, status)."""

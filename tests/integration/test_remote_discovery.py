@@ -101,7 +101,7 @@ def test_a_poll_lists_the_top_level_and_only_new_checkpoints(s3_bucket: S3Bucket
     polls = RemotePolls()
     root = root_of(s3_bucket)
     now = time.time() + 10
-    assert polls.poll(root, now=now, settle_seconds=0) is False  # the first: a full listing
+    assert polls.poll(root, now=now, settle_seconds=0) is True  # the first: a full listing
     first = polls.requests(root.path)
     assert polls.poll(root, now=now, settle_seconds=0) is False  # nothing new
     assert polls.requests(root.path) - first == 1  # the top level, one page
