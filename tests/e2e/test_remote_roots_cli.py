@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.configs import rotation, write_config
 from tests.fixtures.frameworks.materialize import load_tree, materialize
 from tests.s3server import S3Bucket, make_client
 
@@ -44,39 +45,33 @@ def upload_tree(tmp_path: Path, bucket: S3Bucket, tree: str) -> tuple[Path, str]
     return local / root, bucket.url(f"{tree}/{root}")
 
 
-def write_config(
+def config_for(
     tmp_path: Path,
     bucket: S3Bucket,
     roots: list[str],
     *,
     grace: str = "0s",
     secret: str = "testing-secret",
-    extra: str = "",
 ) -> Path:
     """Given root paths (local folders and s3:// URLs), write one config for all of them: the
-    same policy everywhere, storage_options on the remote ones."""
-    lines = [
-        f"state_dir: {tmp_path / 'state'}",
-        "verify: {checks: false}",
-        "snapshots: {enabled: false}",
-        "defaults:",
-        "  settle_seconds: 0",
-        "  min_keep: 1",
-        "  policy: {keep_last: 1, tier2_count: 0, tier3_interval: null, cadence: 1}",
-        f"  trash: {{grace: {grace}}}",
-        "  poll_interval: 1s",
-        "roots:",
+    same policy everywhere (keep the newest), storage_options on the remote ones, polled every
+    second, integrity checks off (they read whole files; object storage has none)."""
+    options = {"endpoint_url": bucket.endpoint, "key": "testing-key", "secret": secret}
+    entries = [
+        {"path": root, "storage_options": options, "poll_interval": "1s"}
+        if root.startswith("s3://")
+        else root
+        for root in roots
     ]
-    for root in roots:
-        lines.append(f"  - path: {root}")
-        if root.startswith("s3://"):
-            lines.append(
-                f"    storage_options: {{endpoint_url: '{bucket.endpoint}',"
-                f" key: testing-key, secret: '{secret}'}}"
-            )
-    config = tmp_path / "config.yaml"
-    config.write_text("\n".join(lines) + "\n" + extra)
-    return config
+    return write_config(
+        tmp_path / "config.yaml",
+        entries,
+        settle_seconds=0,
+        min_keep=1,
+        policy=rotation(1, cadence=1),
+        grace=grace,
+        verify={"checks": False},
+    )
 
 
 def ckptd(
@@ -115,7 +110,7 @@ def test_plan_of_the_s3_root_equals_the_plan_of_the_same_tree_on_disk(
     cli_env: dict[str, str],
 ) -> None:
     local, url = upload_tree(tmp_path, s3_bucket, tree)
-    config = write_config(tmp_path, s3_bucket, [str(local), url])
+    config = config_for(tmp_path, s3_bucket, [str(local), url])
     documents = json.loads(
         ckptd(ckptd_command, cli_env, "plan", "--json", "--config", str(config)).stdout
     )
@@ -137,7 +132,7 @@ def test_prune_y_leaves_exactly_what_a_local_prune_leaves(
     local, url = upload_tree(tmp_path, s3_bucket, tree)
     prefix = url.removeprefix(f"s3://{s3_bucket.name}/") + "/"
     before = keys(s3_bucket, prefix)
-    config = write_config(tmp_path, s3_bucket, [str(local), url])
+    config = config_for(tmp_path, s3_bucket, [str(local), url])
     planned = json.loads(
         ckptd(ckptd_command, cli_env, "plan", "--json", "--config", str(config)).stdout
     )
@@ -195,7 +190,7 @@ def test_kill_9_during_a_prune_then_a_rerun_finishes_the_journal(
     _local, url = upload_tree(tmp_path, s3_bucket, "hf-trainer-complete")
     prefix = url.removeprefix(f"s3://{s3_bucket.name}/") + "/"
     before = original_objects(s3_bucket, prefix)
-    config = write_config(tmp_path, s3_bucket, [url])
+    config = config_for(tmp_path, s3_bucket, [url])
     child = subprocess.Popen(
         [sys.executable, "-c", PAUSED_CLI, "prune", "-y", "--config", str(config)],
         env=cli_env,
@@ -249,7 +244,7 @@ def test_trash_grace_defers_the_deletion_and_restore_cancels_it(
     _local, url = upload_tree(tmp_path, s3_bucket, "hf-trainer-complete")
     prefix = url.removeprefix(f"s3://{s3_bucket.name}/") + "/"
     before = keys(s3_bucket, prefix)
-    config = write_config(tmp_path, s3_bucket, [url], grace="1h")
+    config = config_for(tmp_path, s3_bucket, [url], grace="1h")
     args = ("--config", str(config))
     ckptd(ckptd_command, cli_env, "prune", "-y", *args)
     # Deferred: every object is still there, but the checkpoints left the root's plan.
@@ -275,7 +270,7 @@ def test_the_secret_in_storage_options_is_never_printed(
     tmp_path: Path, s3_bucket: S3Bucket, ckptd_command: list[str], cli_env: dict[str, str]
 ) -> None:
     _local, url = upload_tree(tmp_path, s3_bucket, "hf-trainer-complete")
-    config = write_config(tmp_path, s3_bucket, [url], secret=SECRET, grace="1h")
+    config = config_for(tmp_path, s3_bucket, [url], secret=SECRET, grace="1h")
     args = ("--config", str(config))
     outputs = [ckptd(ckptd_command, cli_env, "check-config", str(config))]
     outputs += [
@@ -330,7 +325,7 @@ def test_ckptd_run_polls_the_s3_root_and_prunes_new_checkpoints(
 
     for step in (1, 2):
         save(step)
-    config = write_config(tmp_path, s3_bucket, [s3_bucket.url("run")], secret=SECRET)
+    config = config_for(tmp_path, s3_bucket, [s3_bucket.url("run")], secret=SECRET)
     log = tmp_path / "daemon.log"
     with log.open("w") as output:
         daemon = subprocess.Popen(

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 
-from daemon.config import Config, RootConfig
+from daemon.config import RootConfig
 from daemon.discovery.remote import BEING_WRITTEN, scan_remote
 from daemon.history.log import NULL_HISTORY
 from daemon.pruning.pipeline import prune_root
 from daemon.service.remote_poll import RemotePolls
+from tests.configs import make_config, rotation
 from tests.s3server import S3Bucket, make_client
 
 # The server fixtures (imported under their own names, so pytest finds them here).
@@ -76,16 +77,8 @@ def test_a_versioned_bucket_frees_no_billed_bytes_and_the_prune_says_so(
     )
     for step in (1, 2, 3):
         save(s3_bucket, step)
-    config = Config.model_validate(
-        {
-            "defaults": {
-                "settle_seconds": 0,
-                "min_keep": 1,
-                "trash": {"grace": 0},
-                "policy": {"keep_last": 1, "tier2_count": 0, "tier3_interval": None},
-            },
-            "verify": {"checks": False},
-        }
+    config = make_config(
+        settle_seconds=0, min_keep=1, grace=0, policy=rotation(1), verify={"checks": False}
     )
     report = prune_root(
         config, root_of(s3_bucket), now=time.time() + 10, dry_run=False, history=NULL_HISTORY
