@@ -214,6 +214,26 @@ def _select_remote(root_argument: str, config_argument: str | None, path: str) -
     )
 
 
+# What needs a local folder: the object-storage roots of a selection are skipped, saying so.
+LOCAL_ONLY = "needs a local folder (object-storage roots have no holds or integrity checks)"
+
+
+def local_roots(command: str, roots: Sequence[RootConfig]) -> list[RootConfig]:
+    """Given a command and its roots, return the local ones; say on stderr which
+    object-storage roots it skips."""
+    for root in roots:
+        if is_remote(root.path):
+            print(f"ckptd {command}: {root.path}: skipped: {command} {LOCAL_ONLY}", file=sys.stderr)
+    return [root for root in roots if not is_remote(root.path)]
+
+
+def refuse_remote(command: str, root: RootConfig) -> None:
+    """Given a command that needs a local folder and its ROOT, raise UsageError for an
+    object-storage root."""
+    if is_remote(root.path):
+        raise UsageError(f"{root.path}: {command} {LOCAL_ONLY}")
+
+
 def root_exists(root: RootConfig) -> bool:
     """Given a configured root, return whether it is there (an object-store URL is taken to be:
     its listing says)."""

@@ -358,3 +358,30 @@ def wait_for(condition: Any, log: Path, timeout: float = 60.0) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out; daemon log:\n{log.read_text()[-3000:]}")
+
+
+def test_last_good_names_the_object_and_local_only_commands_say_why(
+    tmp_path: Path, s3_bucket: S3Bucket, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    _local, url = upload_tree(tmp_path, s3_bucket, "hf-trainer-complete")
+    config = config_for(tmp_path, s3_bucket, [url])
+    args = ("--config", str(config))
+    good = ckptd(ckptd_command, cli_env, "last-good", url, *args)
+    assert good.stdout.strip() == f"{url}/checkpoint-4"
+    held = ckptd(
+        ckptd_command,
+        cli_env,
+        "hold",
+        url,
+        "checkpoint-2",
+        "--by",
+        "me",
+        "--for",
+        "1h",
+        *args,
+        check=False,
+    )
+    assert held.returncode == 2
+    assert "hold needs a local folder" in held.stderr
+    verified = ckptd(ckptd_command, cli_env, "verify", *args)
+    assert f"{url}: skipped: verify needs a local folder" in verified.stderr
