@@ -53,6 +53,9 @@ MARKER_NAMES = frozenset(
     }
 )
 DISTCP_MARKER = "*.distcp"
+# Files that are not the framework's writes: a person's pin and ckptd's own slim record. Their
+# times do not date the checkpoint (a pin dropped into an old folder is not a new save).
+UNDATED = frozenset({".keep", ".ckptd-slim.json"})
 # The marker whose stat joins a folder's fingerprint: rewritten whenever the save is redone.
 FINGERPRINT_MARKERS = (
     "trainer_state.json",
@@ -257,18 +260,24 @@ def walk_checkpoint(
             continue
         present += 1
         fingerprint += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
-        if status.st_mtime_ns > tally.newest:
-            tally.newest = status.st_mtime_ns
         if status.st_mode & 0o170000 != 0o040000:
+            tally.newest = max(tally.newest, status.st_mtime_ns)
             _count_member_file(tally, member, status)
             continue
         # A folder: one listing per folder, one lstat per entry, no other object per file.
         # The top level is walked apart from the rest: only there are marker names looked at.
+        # Its own mtime dates the last entry made or removed in it (a trainer's temporary file
+        # removed is a write), except when that was a `.keep` or ckptd's slim record: a pin
+        # dropped into an old folder must not make it look written now (settling, or a restart
+        # to the lineage).
+        tally.undated = 0
         folders: list[str] = []
         if not _walk_top(scandir, path, member, tally, folders, want_distcp):
             present -= 1  # the whole folder went away after the lstat
         if folders:
             _walk_below(scandir, root_path, folders, tally)
+        if status.st_mtime_ns > tally.undated:
+            tally.newest = max(tally.newest, status.st_mtime_ns)
         marker = next((m for m in FINGERPRINT_MARKERS if m in tally.marker_stats), None)
         if marker is not None:
             fingerprint += tally.marker_stats[marker]
@@ -281,11 +290,21 @@ class _Tally:
     """What one walk counted so far. Updated once per folder (the per-file loops count in local
     variables, which is what keeps them fast), read once at the end."""
 
-    __slots__ = ("entries", "error", "linked", "marker_stats", "markers", "newest", "size")
+    __slots__ = (
+        "entries",
+        "error",
+        "linked",
+        "marker_stats",
+        "markers",
+        "newest",
+        "size",
+        "undated",
+    )
 
     def __init__(self) -> None:
         self.size = 0  # bytes of files with a single link
         self.newest = 0  # newest mtime_ns
+        self.undated = 0  # newest mtime_ns of an UNDATED file at the top of the folder walked
         self.entries = 0
         self.error: str | None = None
         self.markers: set[str] = set()
@@ -358,7 +377,10 @@ def _walk_top(
                     error = error or "changed while scanning: a file vanished"
                     continue
                 if status.st_mtime_ns > newest:
-                    newest = status.st_mtime_ns
+                    if entry.name in UNDATED:
+                        tally.undated = max(tally.undated, status.st_mtime_ns)
+                    else:
+                        newest = status.st_mtime_ns
                 if status.st_mode & 0o170000 == 0o040000:
                     folders.append(entry.path)
                     continue

@@ -61,16 +61,29 @@ def _is_direct_entry(name: str) -> bool:
     )
 
 
-def _newest_by_series(decisions: Iterable[Decision], *, complete_only: bool) -> set[str]:
-    newest: dict[str, Checkpoint] = {}
+def _live_newest(decisions: Iterable[Decision], *, complete_only: bool) -> dict[str, Checkpoint]:
+    """Given decisions, return each series' newest checkpoint of the live run: the highest
+    (step, version) among those in no abandoned branch (a restart's stale higher steps are not
+    the newest: the restarted run's are); a series with no live checkpoint, among all of it."""
+    live: dict[str, Checkpoint] = {}
+    anywhere: dict[str, Checkpoint] = {}
     for decision in decisions:
         checkpoint = decision.checkpoint
         if complete_only and not checkpoint.complete:
             continue
+        newest = live if decision.branch is None else anywhere
         current = newest.get(checkpoint.series)
-        if current is None or checkpoint.step > current.step:
+        if current is None or _rank(checkpoint) > _rank(current):
             newest[checkpoint.series] = checkpoint
-    return {checkpoint.name for checkpoint in newest.values()}
+    return {**anywhere, **live}
+
+
+def _rank(checkpoint: Checkpoint) -> tuple[int, int]:
+    return checkpoint.step, checkpoint.version
+
+
+def _newest_by_series(decisions: Iterable[Decision], *, complete_only: bool) -> set[str]:
+    return {c.name for c in _live_newest(decisions, complete_only=complete_only).values()}
 
 
 def _kept(decision: Decision, *reasons: str) -> Decision:
@@ -104,20 +117,14 @@ def refusal(plan: Plan, facts: Facts, settings: SafetySettings) -> RootRefused |
     the newest complete one, and a trainer that saves every few seconds must still be pruned
     while it runs.
     """
-    # "The newest" is the newest complete checkpoint of each series and anything above it: a
-    # run restarted from an earlier step writes below a crashed save's higher step, and the
-    # checkpoint it is writing is the one that matters.
-    newest_complete_step: dict[str, int] = {}
+    # "The newest" is the newest complete checkpoint of each series' live run and anything of
+    # that run above it (a save in progress); a restarted run writes below the stale higher
+    # steps of the run it abandoned, and the checkpoint it is writing is the one that matters.
+    floors = _live_newest(plan.decisions, complete_only=True)
     for decision in plan.decisions:
         checkpoint = decision.checkpoint
-        if checkpoint.complete:
-            current = newest_complete_step.get(checkpoint.series)
-            if current is None or checkpoint.step > current:
-                newest_complete_step[checkpoint.series] = checkpoint.step
-    for decision in plan.decisions:
-        checkpoint = decision.checkpoint
-        floor = newest_complete_step.get(checkpoint.series)
-        if floor is not None and checkpoint.step < floor:
+        floor = floors.get(checkpoint.series)
+        if decision.branch is not None or (floor is not None and _rank(checkpoint) < _rank(floor)):
             continue
         trainer_holders = tuple(
             holder for holder in facts.holders_of(checkpoint) if facts.is_trainer(holder)
@@ -184,9 +191,10 @@ def _with_min_keep(guarded: list[Decision], min_keep: int) -> list[Decision]:
         if survivors >= min_keep:
             continue
         # Keeping an abandoned save back would not help: it is nothing to resume from.
+        # The live run's newest first, an abandoned branch's after it.
         deleted_newest_first = sorted(
             (i for i in indexes if not result[i].keep and result[i].checkpoint.complete),
-            key=lambda i: result[i].checkpoint.step,
+            key=lambda i: (result[i].branch is None, _rank(result[i].checkpoint)),
             reverse=True,
         )
         for index in deleted_newest_first[: min_keep - survivors]:

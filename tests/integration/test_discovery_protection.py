@@ -250,3 +250,26 @@ def test_best_model_checkpoint_stays_tracked_past_a_save_cut_off_inside_trainer_
     cache.save()
     found = by_name(run_scan(tmp_path, SizeCache(str(cache_path))))
     assert found["checkpoint-300"].tracked_by == ("checkpoint-3000/trainer_state.json",)
+
+
+def test_a_pin_dropped_into_an_old_checkpoint_does_not_date_it_now(tmp_path: Path) -> None:
+    """A `.keep` made now (by hand, or by `ckptd trash restore`) changes the folder's mtime;
+    the checkpoint must still look as old as its files: not settling, and not a restart that
+    would make the run's newer checkpoints an abandoned branch."""
+    old = time.time() - 86_400
+    for step in range(100, 1100, 100):
+        for path in hf_run(tmp_path, [step]):
+            for item in (*path.iterdir(), path):
+                os.utime(item, (old + step, old + step))
+    (tmp_path / "checkpoint-500" / ".keep").write_text("")
+    config = Config(roots=[RootConfig(path=str(tmp_path), policy=PolicyConfig(keep_last=3))])
+    found, plan = plan_root(config, config.roots[0], now=time.time())
+    pinned = next(c for c in found.checkpoints if c.name == "checkpoint-500")
+    assert pinned.complete and pinned.pinned_by and pinned.mtime == old + 500
+    assert all(decision.branch is None for decision in plan.decisions)
+    newest = [d.checkpoint.name for d in plan.decisions if "newest" in d.reasons]
+    assert newest == ["checkpoint-1000"]
+    # A file the trainer removes later is a write: the folder's mtime dates the checkpoint again.
+    (tmp_path / "checkpoint-500" / "scheduler.pt").unlink()
+    again = scan(config.roots[0], now=time.time(), settle_seconds=60)
+    assert next(c for c in again.checkpoints if c.name == "checkpoint-500").mtime > old + 500

@@ -523,3 +523,58 @@ def test_a_save_in_progress_refuses_the_root_even_below_a_crashed_higher_step(
     assert names == [f"checkpoint-{step}" for step in (1000, 700, 800, 900)]
     why = {d.checkpoint.name: d.reasons for d in report.plan.deleted}
     assert why["checkpoint-5000"] == ("abandoned-save",)
+
+
+# --- a restarted run: the live run's newest is the newest -------------------------------------
+
+
+def restarted_plan(root: Path) -> Plan:
+    """A broken plan deleting everything of a run restarted from step 1000 after it had reached
+    3000: 1100 and 1200 are the live run's, 1300..3000 the abandoned branch's higher steps."""
+    decisions = [
+        Decision(
+            Checkpoint(f"checkpoint-{step}", step, mtime=NOW - 7200 + step),
+            keep=False,
+            reasons=("tier3:every-1000",),
+            branch="abandoned-after-1000" if 1000 < step <= 3000 and step % 100 == 0 else None,
+        )
+        for step in range(100, 3100, 100)
+    ]
+    live = [
+        Decision(
+            Checkpoint(f"checkpoint-{step}-r", step, mtime=NOW - 60 + step, version=1), False, ()
+        )
+        for step in (1100, 1200)
+    ]
+    return Plan(root=str(root), decisions=(*decisions, *live))
+
+
+def test_after_a_restart_the_live_runs_newest_is_never_deleted(tmp_path: Path) -> None:
+    guarded = by_name(guard.guard(restarted_plan(tmp_path), empty_facts(tmp_path), LENIENT))
+    assert guarded["checkpoint-1200-r"].keep and "newest" in guarded["checkpoint-1200-r"].reasons
+    assert not guarded["checkpoint-3000"].keep  # the abandoned branch's top is not the newest
+
+
+def test_after_a_restart_the_trainer_holding_the_live_newest_refuses_the_root(
+    tmp_path: Path,
+) -> None:
+    trainer = ProcessIdentity(4242, 1.0)
+    holder = Holder(4242, 1.0, "python train.py", "open", "checkpoint-1200-r/optimizer.pt")
+    facts = Facts(
+        root_path=str(tmp_path),
+        now=NOW,
+        holders={"checkpoint-1200-r": (holder,)},
+        trainers=frozenset({trainer}),
+    )
+    with pytest.raises(RootRefused, match="checkpoint-1200-r"):
+        guard.guard(restarted_plan(tmp_path), facts, LENIENT)
+
+
+def test_min_keep_after_a_restart_keeps_the_live_run_first(tmp_path: Path) -> None:
+    settings = SafetySettings(min_keep=3, max_delete_fraction=1.0, force=True)
+    guarded = guard.guard(restarted_plan(tmp_path), empty_facts(tmp_path), settings)
+    assert {d.checkpoint.name for d in guarded.kept} == {
+        "checkpoint-1200-r",
+        "checkpoint-1100-r",
+        "checkpoint-1000",
+    }
