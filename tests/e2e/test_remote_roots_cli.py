@@ -26,7 +26,15 @@ from tests.s3server import S3Bucket, make_client
 from tests.s3server import s3_bucket as s3_bucket
 from tests.s3server import s3_endpoint as s3_endpoint
 
-TREES = ("hf-trainer-complete", "hf-trainer-in-flight", "dcp-checkpoint-complete", "orbax-complete")
+TREES = (
+    "hf-trainer-complete",
+    "hf-trainer-in-flight",
+    "dcp-checkpoint-complete",
+    "orbax-complete",
+    "tf-complete",
+    "deepspeed-complete",
+    "megatron-complete",
+)
 SECRET = "sEcReT-0123456789-do-not-print"
 JOURNAL = ".ckptd-journal/"
 
@@ -145,7 +153,7 @@ def test_prune_y_leaves_exactly_what_a_local_prune_leaves(
     assert top_names(after) == survivors_here
     assert sorted(results[1]["result"]["deleted"]) == sorted(doomed)
     # Nothing of the survivors was touched; nothing of the deleted is left; no journal left.
-    assert after == {key for key in before if key.split("/", 1)[0] not in doomed}
+    assert after == {key for key in before if key.split("/", 1)[0] in survivors_here}
     assert not any(key.startswith(JOURNAL) for key in after)
     assert results[1]["result"]["bytes_freed"] > 0
 
