@@ -15,9 +15,11 @@ import fnmatch
 import hashlib
 import mmap
 import os
-import shutil
-from collections.abc import Callable, Sequence
+import stat as stat_module
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
+
+from daemon.fsio import READ_FLAGS, NotRegularFile, _kind
 
 # <linux/fs.h>: _IOW(0x94, 9, int). Python 3.11's fcntl module has no constant for it.
 FICLONE = 0x40049409
@@ -32,6 +34,16 @@ Requested = Literal["auto", "reflink", "hardlink", "copy"]
 
 CHUNK = 8 << 20
 
+# A file inside a root: no symlink followed at its name, a FIFO or device neither waited on
+# nor made the controlling terminal (see daemon/fsio.py).
+READ_SOURCE = READ_FLAGS | os.O_NOCTTY
+# A file of ckptd's own (the snapshot's): what a manifest names may be a link, never a FIFO.
+READ_OWN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+# errnos with which a filesystem says it keeps no (such) extended attributes: nothing to copy.
+XATTR_UNAVAILABLE = frozenset({errno.ENOTSUP, errno.ENODATA, errno.EINVAL, errno.EPERM})
+
 
 class ReflinkUnsupported(OSError):
     """The filesystem (or the pair of filesystems) cannot share blocks between these files."""
@@ -41,29 +53,39 @@ class HardlinkUnsupported(OSError):
     """Source and destination are on different filesystems, so a hard link is impossible."""
 
 
+class SourceChanged(OSError):
+    """A source file was swapped for another between opening it and linking it by name."""
+
+
 def reflink(source: str, destination: str) -> None:
-    """Given a file and a new path, make the path a block-sharing clone of the file (FICLONE).
+    """Given a file (never through a symlink at its name) and a new path, make the path a
+    block-sharing clone of it; see `reflink_fd`."""
+    with _opened_regular(source, READ_SOURCE) as descriptor:
+        reflink_fd(descriptor, destination)
+
+
+def reflink_fd(source: int, destination: str) -> None:
+    """Given an open regular file and a new path, make the path a block-sharing clone of the
+    file (FICLONE), with its mode and times.
 
     Raises `ReflinkUnsupported` when the filesystem cannot do it, leaving no destination behind.
     """
-    with open(source, "rb") as source_file:
-        descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    descriptor = os.open(destination, CREATE_FLAGS, 0o600)
+    try:
         try:
-            fcntl.ioctl(descriptor, FICLONE, source_file.fileno())
+            fcntl.ioctl(descriptor, FICLONE, source)
         except OSError as error:
-            os.close(descriptor)
-            os.unlink(destination)
             if error.errno in REFLINK_UNSUPPORTED:
                 raise ReflinkUnsupported(
                     error.errno, f"reflink not supported: {os.strerror(error.errno)}", destination
                 ) from None
             raise
-        except BaseException:
-            os.close(descriptor)
-            os.unlink(destination)
-            raise
+        _copy_metadata(source, descriptor)
+    except BaseException:
         os.close(descriptor)
-    _copy_metadata(source, destination)
+        os.unlink(destination)
+        raise
+    os.close(descriptor)
 
 
 def hardlink(source: str, destination: str) -> None:
@@ -71,11 +93,31 @@ def hardlink(source: str, destination: str) -> None:
     try:
         os.link(source, destination, follow_symlinks=False)
     except OSError as error:
-        if error.errno == errno.EXDEV:
-            raise HardlinkUnsupported(
-                error.errno, "hard link across filesystems", destination
-            ) from None
-        raise
+        raise _link_error(error, destination) from None
+
+
+def hardlink_at(folder: int, name: str, destination: str, expected: os.stat_result) -> None:
+    """Given a file's name in an open folder, the status it had when opened and a new path,
+    make the path another name of that very inode.
+
+    The name is linked relative to its folder without following it, and the new name must
+    then be the inode opened: a name swapped meanwhile (for another file, a link) is undone
+    and refused (`SourceChanged`), so nothing but the checked file is ever linked.
+    """
+    try:
+        os.link(name, destination, src_dir_fd=folder, follow_symlinks=False)
+    except OSError as error:
+        raise _link_error(error, destination) from None
+    linked = os.lstat(destination)
+    if (linked.st_dev, linked.st_ino) != (expected.st_dev, expected.st_ino):
+        os.unlink(destination)
+        raise SourceChanged(errno.ESTALE, "swapped for another file while being linked", name)
+
+
+def _link_error(error: OSError, destination: str) -> OSError:
+    if error.errno == errno.EXDEV:
+        return HardlinkUnsupported(error.errno, "hard link across filesystems", destination)
+    return error
 
 
 def copy_file(
@@ -84,47 +126,66 @@ def copy_file(
     *,
     on_bytes: Callable[[int], None] | None = None,
 ) -> int:
-    """Given a file and a new path, write a real copy there and return the bytes written.
+    """Given a file (never through a symlink at its name) and a new path, write a real copy
+    there and return the bytes written; see `copy_fd`."""
+    with _opened_regular(source, READ_SOURCE) as descriptor:
+        return copy_fd(descriptor, destination, on_bytes=on_bytes)
+
+
+def copy_fd(
+    source: int,
+    destination: str,
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
+    """Given an open regular file and a new path, write a real copy there (with the file's
+    mode and times) and return the bytes written.
 
     Uses `copy_file_range` (in-kernel, no user-space buffer), falling back to `sendfile`.
     `on_bytes(n)` is told of each chunk (the progress bar). A failure (ENOSPC, the source
     vanishing) removes the half-written destination and raises.
     """
-    written = 0
-    with open(source, "rb") as source_file:
-        descriptor = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            size = os.fstat(source_file.fileno()).st_size
-            in_kernel: Callable[[int, int, int], int] = _copy_range
-            while True:
-                try:
-                    count = in_kernel(source_file.fileno(), descriptor, CHUNK)
-                except OSError as error:
-                    # copy_file_range is refused across some filesystem pairs on older kernels.
-                    if in_kernel is _copy_range and error.errno in (
-                        errno.EXDEV,
-                        errno.ENOSYS,
-                        errno.EINVAL,
-                        errno.EOPNOTSUPP,
-                    ):
-                        in_kernel = _sendfile
-                        continue
-                    raise
-                if count == 0:
-                    break
-                written += count
-                if on_bytes is not None:
-                    on_bytes(count)
-            if written != size:
-                # The source shrank or grew while we copied: the copy is not a faithful one.
-                raise OSError(errno.EIO, f"source changed size while copying ({size} -> {written})")
-        except BaseException:
-            os.close(descriptor)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(destination)
-            raise
+    descriptor = os.open(destination, CREATE_FLAGS, 0o600)
+    try:
+        written = _copy_content(source, descriptor, on_bytes)
+        _copy_metadata(source, descriptor)
+    except BaseException:
         os.close(descriptor)
-    _copy_metadata(source, destination)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(destination)
+        raise
+    os.close(descriptor)
+    return written
+
+
+def _copy_content(source: int, destination: int, on_bytes: Callable[[int], None] | None) -> int:
+    """Given an open file and an empty one, copy the first into the second in the kernel;
+    return the bytes written (raise when the source changed size meanwhile)."""
+    written = 0
+    size = os.fstat(source).st_size
+    in_kernel: Callable[[int, int, int], int] = _copy_range
+    while True:
+        try:
+            count = in_kernel(source, destination, CHUNK)
+        except OSError as error:
+            # copy_file_range is refused across some filesystem pairs on older kernels.
+            if in_kernel is _copy_range and error.errno in (
+                errno.EXDEV,
+                errno.ENOSYS,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+            ):
+                in_kernel = _sendfile
+                continue
+            raise
+        if count == 0:
+            break
+        written += count
+        if on_bytes is not None:
+            on_bytes(count)
+    if written != size:
+        # The source shrank or grew while we copied: the copy is not a faithful one.
+        raise OSError(errno.EIO, f"source changed size while copying ({size} -> {written})")
     return written
 
 
@@ -136,16 +197,46 @@ def _sendfile(source_descriptor: int, destination_descriptor: int, count: int) -
     return os.sendfile(destination_descriptor, source_descriptor, None, count)
 
 
-def _copy_metadata(source: str, destination: str) -> None:
-    # Mode and times, like cp -p would: the manifest compares mtimes of shared files.
-    shutil.copystat(source, destination, follow_symlinks=False)
+def _copy_metadata(source: int, destination: int) -> None:
+    """Given an open file and its new copy, give the copy its permissions, user xattrs and
+    times, like cp -p would (the manifest compares mtimes of shared files)."""
+    status = os.fstat(source)
+    _copy_user_xattrs(source, destination)
+    # Permission bits only: root makes the copy, so a setuid, setgid or sticky bit set by a
+    # root's owner must not come along (it would be a root-owned setuid file).
+    os.fchmod(destination, stat_module.S_IMODE(status.st_mode) & 0o777)
+    os.utime(destination, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def _copy_user_xattrs(source: int, destination: int) -> None:
+    """Given an open file and its new copy, copy the `user.` extended attributes (security.*
+    ones, file capabilities among them, are never given to a file root made)."""
+    try:
+        names = [name for name in os.listxattr(source) if name.startswith("user.")]
+    except OSError as error:
+        if error.errno in XATTR_UNAVAILABLE:
+            return
+        raise
+    for name in names:
+        try:
+            os.setxattr(destination, name, os.getxattr(source, name))
+        except OSError as error:
+            if error.errno not in XATTR_UNAVAILABLE:
+                raise
 
 
 HASH_WINDOW = 256 << 20
 
 
 def sha256_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str:
-    """Given a file path, return the hex sha256 of its content, streamed in windows
+    """Given a file path, return the hex sha256 of its content (see `sha256_fd`); anything but
+    a regular file (a FIFO would block the reader) raises NotRegularFile."""
+    with _opened_regular(path, READ_OWN) as descriptor:
+        return sha256_fd(descriptor, on_bytes)
+
+
+def sha256_fd(descriptor: int, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Given an open regular file, return the hex sha256 of its content, streamed in windows
     (`on_bytes(count)` is told after each window: a progress bar).
 
     Each window is memory-mapped with MAP_POPULATE and hashed in place: no copy into a
@@ -153,23 +244,41 @@ def sha256_file(path: str, on_bytes: Callable[[int], None] | None = None) -> str
     0.89 s/GB measured here); at most one window is mapped at a time.
     """
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        offset = 0
-        while offset < size:
-            length = min(HASH_WINDOW, size - offset)
-            with mmap.mmap(
-                handle.fileno(),
-                length,
-                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                prot=mmap.PROT_READ,
-                offset=offset,
-            ) as window:
-                digest.update(window)
-            offset += length
-            if on_bytes is not None:
-                on_bytes(length)
+    size = os.fstat(descriptor).st_size
+    offset = 0
+    while offset < size:
+        length = min(HASH_WINDOW, size - offset)
+        with mmap.mmap(
+            descriptor,
+            length,
+            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+            prot=mmap.PROT_READ,
+            offset=offset,
+        ) as window:
+            digest.update(window)
+        offset += length
+        if on_bytes is not None:
+            on_bytes(length)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _opened_regular(path: str, flags: int) -> Iterator[int]:
+    """Given a path and how to open it (never blocking), yield its descriptor, in blocking
+    mode again, once it is known to be a regular file; NotRegularFile otherwise."""
+    descriptor = os.open(path, flags)
+    try:
+        require_regular(os.fstat(descriptor), path)
+        os.set_blocking(descriptor, True)
+        yield descriptor
+    finally:
+        os.close(descriptor)
+
+
+def require_regular(status: os.stat_result, path: str) -> None:
+    """Given a file's status, raise NotRegularFile unless it is a regular file."""
+    if not stat_module.S_ISREG(status.st_mode):
+        raise NotRegularFile(errno.EINVAL, f"not a regular file ({_kind(status.st_mode)})", path)
 
 
 def fsync_file(path: str) -> None:

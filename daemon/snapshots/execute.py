@@ -30,6 +30,7 @@ from daemon.fsio import LOCAL, TRASH_DIRECTORY
 from daemon.snapshots import copying
 from daemon.snapshots.plan import FileItem, SnapshotPlan
 from daemon.snapshots.schedule import dates_to_remove, snapshot_dates, temporary_owner
+from daemon.snapshots.sources import Entry, RefusedSource, Sources, opened
 
 MANIFEST = "MANIFEST.json"
 
@@ -92,6 +93,7 @@ class _Placing:
     temporary: str
     bar: _Progress
     stop: threading.Event | None
+    sources: Sources
     records: list[dict[str, Any]] = field(default_factory=list)
     directories: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -148,13 +150,17 @@ def _execute(
     header: dict[str, Any] | None,
 ) -> Written:
     """`execute_snapshot_plan`, once its temporary folder is made and marked as this one's."""
-    state = _Placing(temporary, _Progress(progress, snapshot_plan.bytes_total), stop)
+    bar = _Progress(progress, snapshot_plan.bytes_total)
+    state = _Placing(temporary, bar, stop, Sources(snapshot_plan.roots))
     state.directories.append(temporary)
     state.made.add(temporary)
     pending: list[tuple[dict[str, Any], Future[str]]] = []
     # Two workers hash what was just written while the next file is placed (hashing is the
     # one CPU-bound part; copying and syncing wait on the kernel and the device).
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-snapshot-hash") as worker:
+    with (
+        state.sources,
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptd-snapshot-hash") as worker,
+    ):
         try:
             for item in snapshot_plan.items:
                 if stop is not None and stop.is_set():
@@ -212,7 +218,8 @@ def _place_item(state: _Placing, item: FileItem) -> dict[str, Any] | None:
             {"path": item.relative, "symlink": item.link_target, "method": "symlink"}
         )
         return None
-    method = place(item, destination, state.bar, state.stop)
+    entry = state.sources.find(item.root, item.inside, item.source)
+    method = place(item, entry, destination, state.bar, state.stop)
     if method == "copy":
         state.written += item.size
     else:
@@ -261,35 +268,61 @@ def _write_manifest_and_sync(
 
 
 def place(
-    item: FileItem, destination: str, bar: _Progress, stop: threading.Event | None = None
+    item: FileItem,
+    entry: Entry,
+    destination: str,
+    bar: _Progress,
+    stop: threading.Event | None = None,
 ) -> copying.Method:
-    """Given a file and its destination, place it by its planned method (falling back from a
-    reflink the filesystem refuses after all) and return the method used."""
+    """Given a file, its source found (`sources`) and its destination, place it by its planned
+    method (falling back from a reflink the filesystem refuses after all) and return the
+    method used. A hard link needs no descriptor; the others read the file through one."""
+    if item.method == "hardlink":
+        _hardlink(entry, destination)
+        return "hardlink"
+    with opened(entry) as source:
+        return _clone_or_copy(item, entry, source, destination, bar, stop)
+
+
+def _clone_or_copy(
+    item: FileItem,
+    entry: Entry,
+    source: int,
+    destination: str,
+    bar: _Progress,
+    stop: threading.Event | None,
+) -> copying.Method:
+    """`place` for a reflink or a copy, given the source's open descriptor."""
     if item.method == "reflink":
         try:
-            copying.reflink(item.source, destination)
+            copying.reflink_fd(source, destination)
             return "reflink"
         except copying.ReflinkUnsupported:
             if (
                 item.complete
                 and not item.mutable
-                and item.device == os.stat(os.path.dirname(destination)).st_dev
+                and entry.status.st_dev == os.stat(os.path.dirname(destination)).st_dev
             ):
-                copying.hardlink(item.source, destination)
+                _hardlink(entry, destination)
                 return "hardlink"
-    elif item.method == "hardlink":
-        copying.hardlink(item.source, destination)
-        return "hardlink"
 
     def on_bytes(count: int) -> None:
         bar.advance(count)
-        # One big file takes minutes: SIGTERM must not wait for it (copy_file removes the
+        # One big file takes minutes: SIGTERM must not wait for it (copy_fd removes the
         # half-written file, the caller the temporary folder).
         if stop is not None and stop.is_set():
             raise Stopped
 
-    copying.copy_file(item.source, destination, on_bytes=on_bytes)
+    copying.copy_fd(source, destination, on_bytes=on_bytes)
     return "copy"
+
+
+def _hardlink(entry: Entry, destination: str) -> None:
+    """Given a source found, hard-link the inode found (never what its name is now)."""
+    try:
+        copying.hardlink_at(entry.folder, entry.name, destination, entry.status)
+    except copying.SourceChanged as changed:
+        raise RefusedSource(changed.errno, str(changed.strerror), entry.path) from None
 
 
 def manifest_text(value: dict[str, Any]) -> str:
@@ -336,6 +369,8 @@ def describe_failure(error: BaseException) -> str:
         return f"disk full: {error}"
     if isinstance(error, FileNotFoundError):
         return f"source vanished (pruned away?): {error}"
+    if isinstance(error, RefusedSource):
+        return f"refused a source file: {error.filename}: {error.strerror}"
     return f"{type(error).__name__}: {error}"
 
 

@@ -18,7 +18,10 @@ import psutil
 
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
+from daemon.errors import CkptdError
+from daemon.rootdir import Identity, root_key
 from daemon.snapshots import copying
+from daemon.snapshots.sources import PlannedRoot, Sources, opened
 from daemon.storage.url import is_remote
 from policies.model import Checkpoint, Plan
 
@@ -39,6 +42,8 @@ class FileItem:
     mutable: bool = False
     method: copying.Method = "copy"
     link_target: str | None = None
+    root: str = ""  # the root it is read from, as configured
+    inside: str = ""  # its path inside that root, "/"-separated: what is opened, name by name
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class SnapshotPlan:
     bytes_total: int
     bytes_to_write: int  # what copies write; reflinks and hard links write (almost) nothing
     errors: tuple[str, ...] = ()
+    roots: tuple[PlannedRoot, ...] = ()  # the roots read, as the plan saw them
 
 
 class SnapshotError(Exception):
@@ -96,14 +102,22 @@ def select_checkpoints(scan: ScanResult, plan: Plan, scope: str) -> list[Checkpo
 
 
 def walk(
-    source: str, relative: str, *, complete: bool, mutable: Sequence[str]
+    root: str, inside: str, relative: str, *, complete: bool, mutable: Sequence[str]
 ) -> Iterator[FileItem]:
-    """Given a path and its name in the snapshot, yield it and everything below, never following
-    a symlink (a link is recreated as a link)."""
+    """Given a root, a path inside it and its name in the snapshot, yield it and everything
+    below, never following a symlink (a link is recreated as a link). Only names and sizes are
+    read here: placing opens each file again, safely (`sources`)."""
+    source = os.path.join(root, inside)
     info = os.lstat(source)
     if stat_module.S_ISLNK(info.st_mode):
         yield FileItem(
-            source, relative, "symlink", complete=complete, link_target=os.readlink(source)
+            source,
+            relative,
+            "symlink",
+            complete=complete,
+            link_target=os.readlink(source),
+            root=root,
+            inside=inside,
         )
     elif stat_module.S_ISDIR(info.st_mode):
         yield FileItem(
@@ -113,15 +127,14 @@ def walk(
             mtime_ns=info.st_mtime_ns,
             device=info.st_dev,
             complete=complete,
+            root=root,
+            inside=inside,
         )
         with os.scandir(source) as entries:
             names = sorted(entry.name for entry in entries)
         for name in names:
             yield from walk(
-                os.path.join(source, name),
-                f"{relative}/{name}",
-                complete=complete,
-                mutable=mutable,
+                root, f"{inside}/{name}", f"{relative}/{name}", complete=complete, mutable=mutable
             )
     elif stat_module.S_ISREG(info.st_mode):
         yield FileItem(
@@ -133,18 +146,20 @@ def walk(
             device=info.st_dev,
             complete=complete,
             mutable=copying.is_mutable(relative.split("/", 1)[-1], mutable),
+            root=root,
+            inside=inside,
         )
     # Sockets, fifos and devices are not checkpoint data.
 
 
-def reflink_probe(source: str, directory: str) -> bool:
-    """Given a file and a folder, return whether a clone of the file can be made in the folder."""
+def reflink_probe(item: FileItem, directory: str, sources: Sources) -> bool:
+    """Given a file, the roots open for reading and a folder, return whether a clone of the
+    file can be made in the folder (no: also when the file is refused, or its root changed)."""
     probe = os.path.join(directory, f".reflink-probe-{os.getpid()}-{threading.get_ident()}")
     try:
-        copying.reflink(source, probe)
-    except copying.ReflinkUnsupported:
-        return False
-    except OSError:
+        with opened(sources.find(item.root, item.inside, item.source)) as descriptor:
+            copying.reflink_fd(descriptor, probe)
+    except (OSError, CkptdError):  # refused, vanished, or its root changed or went away
         return False
     with contextlib.suppress(FileNotFoundError):
         os.unlink(probe)
@@ -166,18 +181,23 @@ def build_snapshot_plan(
     names = root_names(config.roots)
     selected, errors = _select(config, plan, now=now)
     raw: list[FileItem] = []
+    roots: dict[str, PlannedRoot] = {}
     for root, checkpoint in selected:
+        if root.path not in roots:
+            roots[root.path] = PlannedRoot(root.path, Identity.of(os.stat(root_key(root.path))))
         for member in checkpoint.members:
             raw.extend(
                 walk(
-                    os.path.join(root.path, member),
+                    root.path,
+                    member,
                     f"{names[root.path]}/{member}",
                     complete=checkpoint.complete,
                     mutable=settings.mutable,
                 )
             )
     os.makedirs(settings.dir, exist_ok=True)
-    items = _choose_methods(raw, settings.dir, requested)
+    with Sources(roots.values()) as sources:
+        items = _choose_methods(raw, settings.dir, requested, sources)
     files = [item for item in items if item.kind == "file"]
     return SnapshotPlan(
         checkpoints=tuple(f"{names[root.path]}/{c.name}" for root, c in selected),
@@ -185,6 +205,7 @@ def build_snapshot_plan(
         bytes_total=sum(item.size for item in files),
         bytes_to_write=sum(item.size for item in files if item.method == "copy"),
         errors=tuple(errors),
+        roots=tuple(roots.values()),
     )
 
 
@@ -209,7 +230,7 @@ def _select(config: Config, plan: PlanFunction, *, now: float) -> tuple[list[Sel
 
 
 def _choose_methods(
-    raw: Sequence[FileItem], directory: str, requested: copying.Requested
+    raw: Sequence[FileItem], directory: str, requested: copying.Requested, sources: Sources
 ) -> list[FileItem]:
     """Given the walked items, the snapshots folder and the configured method, return the items
     with each file's placing method; raise `SnapshotError` when an explicit one cannot work."""
@@ -218,7 +239,7 @@ def _choose_methods(
     if requested in ("auto", "reflink"):
         for item in raw:
             if item.kind == "file" and item.device not in reflink_works:
-                reflink_works[item.device] = reflink_probe(item.source, directory)
+                reflink_works[item.device] = reflink_probe(item, directory, sources)
     items: list[FileItem] = []
     for item in raw:
         if item.kind != "file":

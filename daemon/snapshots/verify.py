@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -109,6 +110,10 @@ def verify_snapshot(
                 checksum.append(relative)
             continue
         info = os.lstat(full)
+        if not stat.S_ISREG(info.st_mode):
+            # Never hashed: a FIFO would block the reader, a link is not what was written.
+            checksum.append(f"{relative}: not a regular file any more")
+            continue
         if info.st_size != record["size"]:
             size.append(f"{relative}: {record['size']} B in manifest, {info.st_size} B on disk")
             continue
