@@ -1,6 +1,7 @@
 """Benchmark object-storage discovery and deletion against plain S3 client loops (issue 14).
 
     python bench/bench_s3.py [--checkpoints 10000] [--delete 1000] [--repeat 5]
+    (`bench/run_all.py --quick` runs it with --checkpoints 1000 --repeat 2: 250 deleted a side)
 
 Starts moto's S3 server on 127.0.0.1 (the one the tests use; `pip install -e '.[test]'`),
 uploads N Hugging Face-style checkpoints of 3 small objects each (`checkpoint-<step>/`
@@ -225,9 +226,14 @@ def measure_delete(store: S3Store, bucket: S3Bucket, count: int, delete: int, re
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", type=int, default=10_000)
-    parser.add_argument("--delete", type=int, default=1_000)
+    parser.add_argument(
+        "--delete", type=int, default=None, help="default: 1,000, fewer for a small --checkpoints"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.delete is None:
+        # Each round deletes 2 x --delete checkpoints (ckptd's and the plain side's).
+        args.delete = max(1, min(1_000, args.checkpoints // (2 * args.repeat)))
     if 2 * args.delete * args.repeat > args.checkpoints:
         parser.error("--checkpoints must be at least 2 x --delete x --repeat")
     server = S3Server()
