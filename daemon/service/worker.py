@@ -47,9 +47,11 @@ from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
 from daemon.service.deeppass import DeepPass
+from daemon.service.remote_poll import RemotePolls
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
+from daemon.storage.url import is_remote
 from daemon.verification import VerificationState, record_corrupt
 from policies.model import Plan, PolicySpec
 
@@ -200,6 +202,12 @@ class PruneTimers:
         self.attempts.pop(root, None)
 
 
+def timer_key(path: str) -> str:
+    """Given a configured root path, return its key in the worker's timers and records: the
+    absolute path (as the watcher reports it), or an object-storage root's URL as written."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def next_wake(plan: Plan, settings: RootSettings, now: float) -> float | None:
     """Given a root's plan, its settings and the time (epoch seconds), return when (epoch
     seconds) one of its incomplete checkpoints will have settled or been abandoned, or None."""
@@ -257,6 +265,9 @@ class Worker:
             self.integrity, config=lambda: self.config, history=lambda: self.history
         )
         self.timers = PruneTimers()
+        # Object-storage roots: polled every poll_interval (daemon/service/remote_poll.py).
+        self.remote = RemotePolls()
+        self.remote_scheduled: set[str] = set()
         self.last_prune: LastPrune | None = None
         self.disk_status: str | None = None
 
@@ -330,7 +341,7 @@ class Worker:
 
     def _root_for(self, path: str) -> RootConfig | None:
         for root in self.config.roots:
-            if os.path.abspath(root.path) == path:
+            if timer_key(root.path) == path:
                 return root
         return None
 
@@ -375,12 +386,40 @@ class Worker:
     def _prune_due_roots(self) -> None:
         if self.stop.is_set():
             return
+        self._schedule_remote_polls()
         for path in self.timers.take_due(time.monotonic()):
             root = self._root_for(path)
-            if root is not None and os.path.isdir(path):
+            if root is not None and is_remote(root.path):
+                self._poll_remote(root)
+            elif root is not None and os.path.isdir(path):
                 self._look(root)
             if self.stop.is_set():
                 return
+
+    def _schedule_remote_polls(self) -> None:
+        """Give every object-storage root configured now a first poll (its timer keeps it
+        polled from then on); forget the pollers of roots no longer configured."""
+        remote = {root.path for root in self.config.roots if is_remote(root.path)}
+        self.remote.retain(remote)
+        self.remote_scheduled &= remote
+        for path in remote - self.remote_scheduled:
+            self.timers.wake(timer_key(path), time.monotonic())
+            self.remote_scheduled.add(path)
+
+    def _poll_remote(self, root: RootConfig) -> None:
+        """Given an object-storage root whose timer fired, poll its listing, prune it when
+        something new is complete (or the last prune was refused), and poll again after
+        poll_interval."""
+        key = timer_key(root.path)
+        settings = settings_for(self.config, root)
+        self.timers.wake(key, time.monotonic() + settings.poll_interval)
+        try:
+            news = self.remote.poll(root, now=self.clock(), settle_seconds=settings.settle_seconds)
+        except Exception:
+            log.exception("poll_failed", root=root.path)
+            return
+        if (news and self.config.prune.on_new_checkpoint) or key in self.timers.attempts:
+            self._prune(root, trigger="new_checkpoint")
 
     def _run_task(self, task: Task) -> None:
         try:
@@ -411,7 +450,7 @@ class Worker:
         for root in self.config.roots:
             if self.stop.is_set():
                 break
-            if os.path.isdir(root.path):
+            if is_remote(root.path) or os.path.isdir(root.path):
                 self._prune(root, trigger=trigger)
             else:
                 log.warning("root_missing", root=root.path, job=trigger)
@@ -511,7 +550,18 @@ class Worker:
     def _follow(self, root: RootConfig, plan: Plan) -> None:
         """Given a root and its latest plan, watch the checkpoints still being written and wake
         up when one of them will have settled or been abandoned."""
-        key = os.path.abspath(root.path)
+        key = timer_key(root.path)
+        if not is_remote(root.path):
+            self._watch_writing(key, plan)
+        if not self.config.prune.on_new_checkpoint:
+            return
+        now = self.clock()
+        at = next_wake(plan, settings_for(self.config, root), now)
+        if at is not None:
+            self.timers.wake(key, time.monotonic() + (at - now))
+
+    def _watch_writing(self, key: str, plan: Plan) -> None:
+        """Given a local root and its plan, watch exactly the checkpoints being written."""
         writing: list[str] = []
         done: list[str] = []
         for decision in plan.decisions:
@@ -523,15 +573,9 @@ class Worker:
                 elif os.path.isdir(path) and not os.path.islink(path):
                     writing.append(path)
         self.watcher.follow_checkpoints(key, writing=writing, done=done)
-        if not self.config.prune.on_new_checkpoint:
-            return
-        now = self.clock()
-        at = next_wake(plan, settings_for(self.config, root), now)
-        if at is not None:
-            self.timers.wake(key, time.monotonic() + (at - now))
 
     def _prune(self, root: RootConfig, *, trigger: str) -> None:
-        key = os.path.abspath(root.path)
+        key = timer_key(root.path)
         started = time.monotonic()
         settle_seconds = settings_for(self.config, root).settle_seconds
         try:
