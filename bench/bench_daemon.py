@@ -28,12 +28,18 @@ ROOTS = 3
 SETTLE = 2.0
 SAMPLES = 5
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+from daemon.demo import safetensors_bytes  # noqa: E402
+
+WEIGHTS = safetensors_bytes(4096)
 
 
 def make_checkpoint(folder: Path, step: int, *, old: bool) -> None:
     path = folder / f"checkpoint-{step}"
     path.mkdir()
-    (path / "model.safetensors").write_bytes(b"\0" * 4096)
+    # Well-formed (the daemon checks every new checkpoint's headers, and deep-checks it).
+    (path / "model.safetensors").write_bytes(WEIGHTS)
     (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     if old:
         stamp = time.time() - 86400

@@ -1,6 +1,7 @@
 """Benchmark object-storage discovery and deletion against plain S3 client loops (issue 14).
 
     python bench/bench_s3.py [--checkpoints 10000] [--delete 1000] [--repeat 5]
+    (`bench/run_all.py --quick` runs it with --checkpoints 1000 --repeat 2: 250 deleted a side)
 
 Starts moto's S3 server on 127.0.0.1 (the one the tests use; `pip install -e '.[test]'`),
 uploads N Hugging Face-style checkpoints of 3 small objects each (`checkpoint-<step>/`
@@ -11,6 +12,9 @@ client, so that both sides pay the same connection and signing costs:
   checkpoints with sizes, times and markers) plus `policies.plan` on the result, against a
   plain paginated `list_objects_v2` loop collecting every key (`aws s3 ls --recursive`).
   Target: <= 1.5x.
+- listing and planning as `ckptd plan` does it (`planner.plan_remote`: the one recursive
+  listing turned into a read-only FileSystem, the unchanged local scan over it, the tiered
+  policy, the safety protections), against the same plain loop. Target: <= 1.5x.
 - a poll after one new checkpoint: requests made (top level + the new one) and time.
 - deletion of D checkpoints through ckptd's path (versioning check, journal object, markers
   first, then the rest in batches of 1,000, journal removed) against a plain batched
@@ -33,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from daemon.config import Config, RootConfig
+from daemon.planner import plan_remote
 from daemon.storage import open_store
 from daemon.storage.journal import delete_checkpoints
 from daemon.storage.listing import Poller, RemoteCheckpoint
@@ -42,7 +48,11 @@ from tests.s3server import S3Bucket, S3Server, make_client
 
 LIST_RATIO_TARGET = 1.5
 DELETE_RATIO_TARGET = 1.2
-FILES = {"trainer_state.json": b"{}" * 20, "model.safetensors": b"m" * 200, "optimizer.pt": b"o"}
+FILES = {
+    "trainer_state.json": b'{"log_history": [], "pad": "........."}',
+    "model.safetensors": b"m" * 200,
+    "optimizer.pt": b"o",
+}
 MARKERS = frozenset({"trainer_state.json"})
 STEP = re.compile(r"checkpoint-(\d+)$")
 
@@ -120,6 +130,31 @@ def measure_listing(store: S3Store, bucket: S3Bucket, count: int, repeat: int) -
     return ratio
 
 
+def ckptd_plan(store: S3Store, bucket: S3Bucket) -> int:
+    """`ckptd plan`'s path for an s3:// root: list once, scan as a local root, plan."""
+    url, _ = open_store(bucket.url("run"), bucket.options)
+    root = RootConfig(path=bucket.url("run"), storage_options=bucket.options)
+    config = Config.model_validate(
+        {"defaults": {"settle_seconds": 0}, "verify": {"checks": False}, "roots": []}
+    )
+    planned = plan_remote(config, root, now=time.time(), store=store, url=url)
+    return len(planned.planned.plan.decisions)
+
+
+def measure_plan(store: S3Store, bucket: S3Bucket, count: int, repeat: int) -> float:
+    assert ckptd_plan(store, bucket) == count
+    plain = best(repeat, lambda: timed(lambda: plain_listing(store, bucket.name)))
+    ours = best(repeat, lambda: timed(lambda: ckptd_plan(store, bucket)))
+    ratio = ours / plain
+    print(f"`ckptd plan` of the s3:// root ({count:,} checkpoints), best of {repeat}:")
+    print(f"  plain list_objects_v2 loop   {plain:8.3f} s")
+    print(
+        f"  list + scan + plan           {ours:8.3f} s   ratio {ratio:.2f}"
+        f"  target <= {LIST_RATIO_TARGET}: {'ok' if ratio <= LIST_RATIO_TARGET else 'MISS'}"
+    )
+    return ratio
+
+
 def measure_poll(store: S3Store, bucket: S3Bucket, count: int) -> None:
     _decisions, poller = ckptd_listing_and_plan(store, bucket)
     upload(bucket, range(count + 1, count + 2))
@@ -191,9 +226,14 @@ def measure_delete(store: S3Store, bucket: S3Bucket, count: int, delete: int, re
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoints", type=int, default=10_000)
-    parser.add_argument("--delete", type=int, default=1_000)
+    parser.add_argument(
+        "--delete", type=int, default=None, help="default: 1,000, fewer for a small --checkpoints"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.delete is None:
+        # Each round deletes 2 x --delete checkpoints (ckptd's and the plain side's).
+        args.delete = max(1, min(1_000, args.checkpoints // (2 * args.repeat)))
     if 2 * args.delete * args.repeat > args.checkpoints:
         parser.error("--checkpoints must be at least 2 x --delete x --repeat")
     server = S3Server()
@@ -212,6 +252,8 @@ def main() -> int:
         _url, store = open_store(bucket.url("run"), bucket.options)
         assert isinstance(store, S3Store)
         list_ratio = measure_listing(store, bucket, args.checkpoints, args.repeat)
+        plan_ratio = measure_plan(store, bucket, args.checkpoints, args.repeat)
+        list_ratio = max(list_ratio, plan_ratio)
         measure_poll(store, bucket, args.checkpoints)
         delete_ratio = measure_delete(store, bucket, args.checkpoints, args.delete, args.repeat)
     finally:

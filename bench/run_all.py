@@ -25,6 +25,15 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], str]] = {
     "scan": ("bench_scan.py", [], ["--checkpoints", "1000", "--warm-only"], "du -s"),
     "delete": ("bench_delete.py", [], ["--checkpoints", "10"], "rm -rf"),
     "crash": ("bench_crash.py", ["--trials", "200"], ["--trials", "20"], "invariant check"),
+    "crash-slim": (
+        "bench_crash.py",
+        ["--slim", "--trials", "200"],
+        ["--slim", "--trials", "20"],
+        "invariant check",
+    ),
+    "slim": ("bench_slim.py", [], [], "bytes kept, with and without slim"),
+    "verify": ("bench_verify.py", [], ["--repeat", "2"], "unzip -t"),
+    "s3": ("bench_s3.py", [], ["--checkpoints", "1000", "--repeat", "2"], "plain S3 list, delete"),
     "snapshot": ("bench_snapshot.py", [], ["--size", "200MB"], "cp -al, cp -r"),
     "fast-trainer": (
         "bench_fast_trainer.py",

@@ -44,6 +44,7 @@ from daemon.pruning import trash
 from daemon.pruning.pipeline import PruneReport
 from daemon.snapshots.daily import SnapshotReport
 from daemon.state import read_state, update_state
+from daemon.storage.url import report_key
 
 log = get_logger("ckptd.metrics")
 
@@ -400,7 +401,7 @@ class Monitor:
                     log.error("metrics_unavailable", listen=listen, error=str(error))
                 else:
                     log.info("metrics_serving", listen=listen, path="/metrics")
-        configured = {os.path.realpath(root.path) for root in config.roots}
+        configured = {report_key(root.path) for root in config.roots}
         for root in self.roots - configured:
             self._forget(root)
         self.roots &= configured

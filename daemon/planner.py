@@ -15,18 +15,21 @@ so the safety guard and the deleter need not know them:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import tzinfo
 
 from daemon import slimming
 from daemon.clock import zone_for
 from daemon.config import Config, RootConfig, policy_for, settings_for
+from daemon.discovery.remote import RemoteScan, scan_remote
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
 from daemon.fsio import LOCAL, FileSystem
 from daemon.holds import HoldSet, read_holds
 from daemon.integrity.result import IntegrityResult
+from daemon.storage.base import ObjectInfo, ObjectStore
+from daemon.storage.url import StorageUrl, is_remote
 from daemon.verification import (
     Assessment,
     VerificationState,
@@ -37,6 +40,7 @@ from daemon.verification import (
 )
 from policies import tiered
 from policies.model import Checkpoint, Decision, Plan, PolicySpec
+from policies.slim import unslim
 
 LAST_GOOD = "last-good"
 
@@ -143,15 +147,11 @@ def plan_root_full(
     `<state_dir>` holds, read only); `check_new` also checks every checkpoint never checked
     before (the prune); `on_checked` is told each integrity result computed now.
     """
+    if is_remote(root.path):
+        return plan_remote(config, root, now=now, policy_override=policy_override).planned
     settings = settings_for(config, root)
     settle_seconds = settings.settle_seconds
-    if policy_override is not None:
-        candidates = [policy_override]
-    else:
-        candidates = [policy_for(config, root)]
-        candidates += [policy_for(config, root, series) for series in root.series]
-    # Metrics are read from trainer_state.json / sidecars only when a policy ranks by them.
-    want_metrics = any(spec.keep_best is not None for spec in candidates)
+    want_metrics = _wants_metrics(config, root, policy_override)
 
     def scan_now(verify: Collection[str]) -> ScanResult:
         found = scan(
@@ -185,6 +185,71 @@ def plan_root_full(
         plan = planned.plan
         planned = replace(planned, plan=replace(plan, warnings=(*result.warnings, *plan.warnings)))
     return planned
+
+
+def _wants_metrics(config: Config, root: RootConfig, policy_override: PolicySpec | None) -> bool:
+    """Given a root and its policies: metrics are read from trainer_state.json / sidecars
+    only when a policy ranks by them."""
+    if policy_override is not None:
+        candidates = [policy_override]
+    else:
+        candidates = [policy_for(config, root)]
+        candidates += [policy_for(config, root, series) for series in root.series]
+    return any(spec.keep_best is not None for spec in candidates)
+
+
+# Why a slim the policy asks for is not done on object storage (no rename to move files out).
+REMOTE_NO_SLIM = "not-slimmable:object storage (slims need a local folder)"
+
+
+@dataclass(frozen=True)
+class RemotePlanned:
+    """Given one planning of an object-storage root: the planning, and the scan with the
+    listing it rests on (the prune deletes exactly the keys listed there)."""
+
+    planned: Planned
+    scanned: RemoteScan
+
+
+def plan_remote(
+    config: Config,
+    root: RootConfig,
+    *,
+    now: float,
+    policy_override: PolicySpec | None = None,
+    store: ObjectStore | None = None,
+    url: StorageUrl | None = None,
+    objects: Iterable[ObjectInfo] | None = None,
+) -> RemotePlanned:
+    """Given the config, an object-storage root and the time, return its planning as
+    `plan_root_full` does for a local root, from one listing (`objects`: one made already).
+
+    What object storage has not: integrity checks (they read whole files: not here), holds
+    (`ckptd hold` writes into a local root), slims (planned ones are kept whole, with why).
+    """
+    settings = settings_for(config, root)
+    scanned = scan_remote(
+        root,
+        now=now,
+        settle_seconds=settings.settle_seconds,
+        want_metrics=_wants_metrics(config, root, policy_override),
+        store=store,
+        url=url,
+        objects=objects,
+    )
+    result = with_abandoned(scanned.result, now=now, abandoned_after=settings.abandoned_after)
+    specs = series_policies(config, root, result.series, policy_override)
+    unchecked = config.model_copy(
+        update={"verify": config.verify.model_copy(update={"checks": False})}
+    )
+    context = _Context(unchecked, None, False, None)
+    planned = _plan_checked(result, specs, context, HoldSet())
+    plan = planned.plan
+    if plan.slimmed:
+        plan = replace(plan, decisions=tuple(unslim(d, REMOTE_NO_SLIM) for d in plan.decisions))
+    if result.warnings:
+        plan = replace(plan, warnings=(*result.warnings, *plan.warnings))
+    return RemotePlanned(replace(planned, plan=plan), replace(scanned, result=result))
 
 
 @dataclass

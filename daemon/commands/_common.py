@@ -45,6 +45,7 @@ from daemon.errors import EXIT_FAILED, UsageError
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import default_history_path
 from daemon.render import Protected, describe_policy, format_duration
+from daemon.storage.url import is_remote
 from policies.model import Plan
 
 # The exit code of a command that did every root but found a configured one missing.
@@ -150,6 +151,8 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
     not exist is in `missing`.
     """
     path = config_path(config_argument)
+    if root_argument is not None and is_remote(root_argument):
+        return _select_remote(root_argument, config_argument, path)
     if root_argument is not None:
         root_path = os.path.abspath(root_argument)
         if not os.path.exists(root_path):
@@ -188,6 +191,47 @@ def select(root_argument: str | None, config_argument: str | None) -> Selection:
         history_path=config.history_path,
         policies={root.path: policy_note(config, root, path, configured=True) for root in present},
     )
+
+
+def _select_remote(root_argument: str, config_argument: str | None, path: str) -> Selection:
+    """Given an object-storage ROOT: the configured root of that URL (its storage_options), or
+    with none configured the defaults, credentials from botocore's usual chain (AWS_*
+    environment variables, ~/.aws)."""
+    wanted = root_argument.rstrip("/")
+    if config_argument is None and not os.path.exists(path):
+        config = default_config_for_root(wanted)
+        root = config.roots[0]
+        line = policy_note(config, root, None, configured=False)
+        return Selection(
+            config, (root,), history_path=default_history_path(), policies={root.path: line}
+        )
+    config = load_config(path)
+    configured = [root for root in config.roots if root.path.rstrip("/") == wanted]
+    root = configured[0] if configured else RootConfig(path=wanted)
+    line = policy_note(config, root, path, configured=bool(configured))
+    return Selection(
+        config, (root,), source=path, history_path=config.history_path, policies={root.path: line}
+    )
+
+
+# What needs a local folder: the object-storage roots of a selection are skipped, saying so.
+LOCAL_ONLY = "needs a local folder (object-storage roots have no holds or integrity checks)"
+
+
+def local_roots(command: str, roots: Sequence[RootConfig]) -> list[RootConfig]:
+    """Given a command and its roots, return the local ones; say on stderr which
+    object-storage roots it skips."""
+    for root in roots:
+        if is_remote(root.path):
+            print(f"ckptd {command}: {root.path}: skipped: {command} {LOCAL_ONLY}", file=sys.stderr)
+    return [root for root in roots if not is_remote(root.path)]
+
+
+def refuse_remote(command: str, root: RootConfig) -> None:
+    """Given a command that needs a local folder and its ROOT, raise UsageError for an
+    object-storage root."""
+    if is_remote(root.path):
+        raise UsageError(f"{root.path}: {command} {LOCAL_ONLY}")
 
 
 def root_exists(root: RootConfig) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from daemon.metrics import epoch_of
 from daemon.snapshots.execute import existing_snapshot_dates
 from daemon.snapshots.schedule import scheduled_instant
 from daemon.state import state_path
+from daemon.storage.url import report_key
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -201,7 +201,7 @@ def check_roots(
     roots = []
     newest: float | None = None
     for root in config.roots:
-        key = os.path.realpath(root.path)
+        key = report_key(root.path)
         success = epoch_of(successes.get(key))
         if success is None and isinstance(last_prune, dict) and last_prune.get("root") == key:
             success = epoch_of(last_prune.get("time"))  # a daemon from before prune_success

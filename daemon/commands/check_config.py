@@ -68,6 +68,8 @@ def _root_lines(config: Config, root: RootConfig) -> list[str]:
             "    note: does not exist yet: the daemon waits for it; plan, prune, status and "
             "trash skip it with a warning (exit 1)"
         )
+    if "://" in root.path:
+        lines.append(_remote_line(config, root))
     if root.series:
         for series in root.series:
             spec = policy_for(config, root, series)
@@ -105,6 +107,16 @@ def _root_lines(config: Config, root: RootConfig) -> list[str]:
         f"trash grace {format_duration(settings.trash_grace)}"
     )
     return lines
+
+
+def _remote_line(config: Config, root: RootConfig) -> str:
+    """Given an object-storage root, return its summary line: how often it is polled and
+    which storage_options are set (their names only: values may be secrets)."""
+    names = ", ".join(sorted(root.storage_options)) or "none (botocore's usual credentials)"
+    interval = format_duration(settings_for(config, root).poll_interval)
+    return (
+        f"    object storage: polled every {interval}; storage_options: {names} (values not shown)"
+    )
 
 
 def summary_lines(config: Config, now: datetime) -> list[str]:

@@ -15,7 +15,7 @@ import os
 import time
 
 from daemon.clock import zone_for
-from daemon.commands._common import open_root_argument
+from daemon.commands._common import open_root_argument, refuse_remote
 from daemon.config import settings_for
 from daemon.discovery.scan import scan
 from daemon.holds import check_holder, check_name, expiry, place_hold
@@ -24,6 +24,7 @@ from daemon.holds import check_holder, check_name, expiry, place_hold
 def main(args: argparse.Namespace) -> int:
     """Given parsed `hold` arguments, place the hold and return the exit code."""
     config, root = open_root_argument(args.root, args.config)
+    refuse_remote("hold", root)
     check_name(args.name)
     check_holder(args.by)
     now = time.time()

@@ -14,7 +14,7 @@ from typing import Any
 from rich.table import Table
 
 from daemon.clock import zone_for
-from daemon.commands._common import select_roots
+from daemon.commands._common import local_roots, refuse_remote, select_roots
 from daemon.holds import Hold, HoldSet, read_holds
 from daemon.render import make_console
 
@@ -65,7 +65,10 @@ def _table(document: dict[str, Any]) -> Table:
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `holds` arguments, print the holds and return the exit code."""
-    config, roots = select_roots(args.root, args.config)
+    config, selected = select_roots(args.root, args.config)
+    if args.root is not None:
+        refuse_remote("holds", selected[0])
+    roots = local_roots("holds", selected)
     zone = zone_for(config)
     now = time.time()
     documents = [

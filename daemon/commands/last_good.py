@@ -21,12 +21,13 @@ from typing import Any
 from daemon.commands._common import open_root_argument, verification_state_for
 from daemon.errors import EXIT_FAILED, EXIT_OK
 from daemon.planner import Planned, plan_root_full
+from daemon.storage.url import report_key
 from daemon.verification import is_marked_corrupt, newest_sound
 
 
 def last_good_document(planned: Planned, series: str | None) -> dict[str, Any]:
     """Given a planning of a root, return the `last-good --json` document."""
-    root = os.path.realpath(planned.scan.root)
+    root = report_key(planned.scan.root)
     chosen = newest_sound(planned.scan.checkpoints, series)
     corrupt = [c.name for c in planned.scan.checkpoints if is_marked_corrupt(c)]
     document: dict[str, Any] = {"root": root, "path": None, "corrupt": corrupt}

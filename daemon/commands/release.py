@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from daemon.commands._common import open_root_argument
+from daemon.commands._common import open_root_argument, refuse_remote
 from daemon.errors import EXIT_FAILED, EXIT_OK
 from daemon.holds import release_hold
 
@@ -19,6 +19,7 @@ from daemon.holds import release_hold
 def main(args: argparse.Namespace) -> int:
     """Given parsed `release` arguments, remove the hold and return the exit code."""
     _config, root = open_root_argument(args.root, args.config)
+    refuse_remote("release", root)
     if release_hold(root.path, args.name, args.by):
         print(f"released {args.name} (was held by {args.by})")
         return EXIT_OK

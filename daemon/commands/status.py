@@ -25,6 +25,7 @@ from daemon.disk import pressure
 from daemon.disk.forecast import Forecast, forecast_growth, observed_cadence
 from daemon.disk.mounts import mount_point
 from daemon.errors import CkptdError
+from daemon.pruning import remote as remote_pruning
 from daemon.pruning import trash
 from daemon.pruning.leasing import lease_status
 from daemon.render import format_bytes, format_duration, make_console
@@ -197,12 +198,16 @@ def trash_status(config: Config, root: RootConfig) -> dict[str, Any]:
     """Given a root, return what waits in its trash: how many checkpoints, their bytes, and
     the grace they wait."""
     try:
-        in_trash = trash.list_trash(os.path.realpath(root.path)) if "://" not in root.path else []
+        if "://" in root.path:
+            # Object storage: the deferred-deletion lists (their objects stay until the grace).
+            sizes = [item.size for item in remote_pruning.deferred(root)[1]]
+        else:
+            sizes = [item.bytes for item in trash.list_trash(os.path.realpath(root.path))]
     except (OSError, CkptdError):
-        in_trash = []  # a trash refused for safety (said under "refused") is not counted
+        sizes = []  # a trash refused for safety (said under "refused") is not counted
     return {
-        "checkpoints": len(in_trash),
-        "bytes": sum(item.bytes for item in in_trash),
+        "checkpoints": len(sizes),
+        "bytes": sum(sizes),
         "grace_seconds": settings_for(config, root).trash_grace,
     }
 

@@ -34,10 +34,12 @@ from daemon.config import RootConfig, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
 from daemon.history.events import TrashRestore
 from daemon.history.log import HistoryLog
+from daemon.pruning import remote as remote_pruning
 from daemon.pruning import trash
 from daemon.pruning.lock import root_lock
 from daemon.render import format_bytes, format_wait, make_console
 from daemon.rootdir import IdentityStore, RootDir, open_root
+from daemon.storage.url import is_remote
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
@@ -80,6 +82,9 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
     refused = False
     for root in selected.roots:
         grace = settings_for(selected.config, root).trash_grace
+        if is_remote(root.path):
+            rows.extend(_remote_rows(root, grace))
+            continue
         try:
             with _open(selected, root) as root_dir:
                 items = trash.list_trash(root_dir)
@@ -123,6 +128,26 @@ def _list(args: argparse.Namespace, selected: Selection, console: Console) -> in
     return EXIT_REFUSED if refused else missing
 
 
+def _remote_rows(root: RootConfig, grace: float) -> list[dict[str, Any]]:
+    """Given an object-storage root, return the rows of its trash: the checkpoints waiting in
+    its deferred-deletion lists (their objects stay until the grace ends)."""
+    url, items = remote_pruning.deferred(root)
+    return [
+        {
+            "root": str(url),
+            "name": item.name,
+            "kind": "checkpoint",
+            "item": item.name,
+            "deleted_at": item.due - grace,
+            "expires_at": item.due,
+            "bytes": item.size,
+            "bytes_logical": item.size,
+            "state": "deferred (its objects stay until then)",
+        }
+        for item in items
+    ]
+
+
 def _print_list(rows: list[dict[str, Any]], console: Console, zone: tzinfo, now: float) -> None:
     """Given the trash items, print them per root, then the total. Names are never cut:
     `ckptd trash restore NAME` needs them whole."""
@@ -164,6 +189,10 @@ def _root_holding(name: str, selected: Selection) -> RootConfig:
     """Given a checkpoint name, return the one root whose trash holds it (else UsageError)."""
     candidates: list[RootConfig] = []
     for root in selected.roots:
+        if is_remote(root.path):
+            if any(item.name == name for item in remote_pruning.deferred(root)[1]):
+                candidates.append(root)
+            continue
         with _open(selected, root) as root_dir:
             if any(name in (item.name, item.item) for item in trash.list_trash(root_dir)):
                 candidates.append(root)
@@ -182,7 +211,10 @@ def _restore(args: argparse.Namespace, selected: Selection, console: Console) ->
     """`trash restore NAME`: rename it back into its root, pinned, and record that."""
     if not args.name:
         raise UsageError("trash restore needs the NAME of a checkpoint (see `ckptd trash list`)")
-    with _open(selected, _root_holding(args.name, selected)) as root_dir:
+    holding = _root_holding(args.name, selected)
+    if is_remote(holding.path):
+        return _restore_remote(args, selected, console, holding)
+    with _open(selected, holding) as root_dir:
         root_path = root_dir.path
         with root_lock(root_dir) as acquired:
             if not acquired:
@@ -204,22 +236,47 @@ def _restore(args: argparse.Namespace, selected: Selection, console: Console) ->
     return warn_missing("trash", selected.missing)
 
 
+def _restore_remote(
+    args: argparse.Namespace, selected: Selection, console: Console, root: RootConfig
+) -> int:
+    """`trash restore NAME` on object storage: cancel its deferred deletion (nothing moves:
+    its objects never left) and record that."""
+    if not remote_pruning.restore_deferred(root, args.name):
+        raise SafetyRefusal(f"{args.name}: its deletion has already begun; it cannot be restored")
+    with HistoryLog(selected.history_path) as history:
+        history.record(TrashRestore(root=root.path, checkpoint=args.name))
+    if args.json:
+        json.dump({"root": root.path, "restored": args.name, "pin": None}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        console.print(
+            f"restored {args.name} in {root.path}: its deferred deletion is cancelled "
+            "(no pin on object storage: the policy decides again at the next prune)"
+        )
+    return warn_missing("trash", selected.missing)
+
+
 def _confirm_purge(args: argparse.Namespace, selected: Selection, console: Console) -> bool:
     """Given the arguments, return whether to purge: -y, else the person's answer to what is
     about to be removed for good (nothing asked when the trash is empty)."""
     if args.yes:
         return True
     items = []
+    sizes: list[int] = []
     for root in selected.roots:
+        if is_remote(root.path):
+            sizes.extend(item.size for item in remote_pruning.deferred(root)[1])
+            continue
         try:
             with _open(selected, root) as root_dir:
                 items.extend(trash.list_trash(root_dir))
         except SafetyRefusal:
             continue  # said when the purge comes to it
-    if not items:
+    sizes.extend(item.bytes for item in items)
+    if not sizes:
         return True
-    total = format_bytes(sum(item.bytes for item in items))
-    count = f"{len(items)} checkpoint{'s' if len(items) != 1 else ''}"
+    total = format_bytes(sum(sizes))
+    count = f"{len(sizes)} checkpoint{'s' if len(sizes) != 1 else ''}"
     console.print(
         f"remove {count} ({total}) from the trash for good? This cannot be undone. [y/N] ",
         end="",
@@ -272,6 +329,8 @@ def _purge_root(
     """Given a root, recover and purge its trash under its lock; return its path and what was
     purged. Raises SafetyRefusal when another prune holds it, or the root or its trash is
     refused."""
+    if is_remote(root.path):
+        return root.path, remote_pruning.purge_deferred(root, now, history)
     with _open(selected, root) as root_dir, root_lock(root_dir) as acquired:
         if not acquired:
             raise SafetyRefusal(BUSY)

@@ -29,7 +29,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from daemon.commands._common import history_path_for, select_roots, verification_state_for
+from daemon.commands._common import (
+    history_path_for,
+    local_roots,
+    refuse_remote,
+    select_roots,
+    verification_state_for,
+)
 from daemon.config import Config, RootConfig, settings_for
 from daemon.discovery.scan import scan
 from daemon.errors import EXIT_FAILED, EXIT_OK
@@ -222,7 +228,10 @@ def _progress_for(deep: bool, console: Console) -> Iterator[ProgressFunction | N
 
 def main(args: argparse.Namespace) -> int:
     """Given parsed `verify` arguments, check each root and return the exit code."""
-    config, roots = select_roots(args.root, args.config)
+    config, selected = select_roots(args.root, args.config)
+    if args.root is not None:
+        refuse_remote("verify", selected[0])
+    roots = local_roots("verify", selected)
     state = verification_state_for(config, args.root, args.config)
     history: History = HistoryLog(history_path_for(config, args.root, args.config))
     documents = []

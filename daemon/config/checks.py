@@ -18,6 +18,9 @@ from pydantic import (
 
 from daemon.config.models import DiskConfig, PolicyConfig, PruneConfig
 from daemon.config.yaml_lines import Path, Problem, _Document, format_path
+from daemon.storage.s3 import KNOWN_OPTIONS as S3_OPTIONS
+from daemon.storage.url import StorageUrlError, is_remote
+from daemon.storage.url import parse as parse_url
 
 # --- checks beyond single fields ---------------------------------------------------------------
 
@@ -169,15 +172,11 @@ def _check_roots(findings: _Findings, roots: list[Any]) -> list[tuple[Path, str]
         here: Path = ("roots", index)
         if not isinstance(raw, dict):
             continue
-        path = _check_absolute(findings, (*here, "path"), raw.get("path"), "a root")
-        if path is not None:
-            reason = system_folder_reason(path)
-            if reason is not None:
-                findings.problem((*here, "path"), f"refused as a root: {reason}")
-            elif os.path.exists(path) and not os.path.isdir(path):
-                findings.problem((*here, "path"), f"{path} is a file, not a folder")
-            else:
-                usable.append((here, path))
+        raw_path = raw.get("path")
+        if isinstance(raw_path, str) and is_remote(raw_path):
+            _check_remote_root(findings, here, raw)
+        else:
+            _check_local_root(findings, here, raw, usable)
         pattern = raw.get("pattern")
         if isinstance(pattern, str):
             for message in pattern_problems(pattern):
@@ -208,6 +207,53 @@ def _check_roots(findings: _Findings, roots: list[Any]) -> list[tuple[Path, str]
                 findings, (*here, "trainer", "pid_file"), trainer.get("pid_file"), "pid_file"
             )
     return usable
+
+
+def _check_local_root(
+    findings: _Findings, here: Path, raw: dict[str, Any], usable: list[tuple[Path, str]]
+) -> None:
+    """Given a root with a local path, report what makes it unusable, else add it to usable."""
+    path = _check_absolute(findings, (*here, "path"), raw.get("path"), "a root")
+    if path is not None:
+        reason = system_folder_reason(path)
+        if reason is not None:
+            findings.problem((*here, "path"), f"refused as a root: {reason}")
+        elif os.path.exists(path) and not os.path.isdir(path):
+            findings.problem((*here, "path"), f"{path} is a file, not a folder")
+        else:
+            usable.append((here, path))
+    if raw.get("storage_options"):
+        findings.problem(
+            (*here, "storage_options"), "only object-storage roots (s3://...) take storage_options"
+        )
+
+
+def _check_remote_root(findings: _Findings, here: Path, raw: dict[str, Any]) -> None:
+    """Given a root on object storage, report an address or storage_options that cannot work
+    (option names only: their values may be secrets and are never shown)."""
+    try:
+        url = parse_url(raw["path"])
+    except StorageUrlError as error:
+        findings.problem((*here, "path"), str(error))
+        return
+    if url.scheme != "s3":
+        findings.problem(
+            (*here, "path"),
+            f"{url.scheme}:// roots are not implemented yet: only s3:// (AWS and S3-compatible"
+            " servers such as MinIO or Ceph through storage_options.endpoint_url)",
+        )
+        return
+    if raw.get("watch") == "inotify":
+        findings.problem((*here, "watch"), "object storage has no inotify: use poll (or auto)")
+    options = raw.get("storage_options")
+    if isinstance(options, dict):
+        unknown = sorted(str(name) for name in options if name not in S3_OPTIONS)
+        if unknown:
+            findings.problem(
+                (*here, "storage_options"),
+                f"unknown option(s) {', '.join(unknown)}; s3:// knows "
+                + ", ".join(sorted(S3_OPTIONS)),
+            )
 
 
 def _check_globs(findings: _Findings, path: Path, globs: Any) -> None:

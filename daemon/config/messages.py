@@ -93,6 +93,8 @@ def _message_for(error: ErrorDetails) -> str:
     path: Path = tuple(error["loc"])
     context = error.get("ctx") or {}
     got = error.get("input")
+    if "storage_options" in path:
+        got = "(not shown: storage_options may hold secrets)"
     if kind == "extra_forbidden":
         return _unknown_key_message(path)
     if kind == "missing":

@@ -10,7 +10,7 @@ import re
 import shlex
 import string
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -163,6 +163,13 @@ class RootConfig(StrictModel):
     protect: list[str] = Field(default_factory=list)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     watch: Literal["auto", "inotify", "poll"] = "auto"
+    # How often `watch: poll` lists the root (object-storage roots are always polled); None
+    # inherits `defaults.poll_interval`.
+    poll_interval: Duration | None = Field(default=None, gt=0)
+    # For `s3://` roots: passed to the store in s3fs's spelling (endpoint_url, key, secret,
+    # profile, ...). Holds secrets: never printed by a command, a log line or an error
+    # (repr=False keeps it out of the model's repr too).
+    storage_options: dict[str, Any] = Field(default_factory=dict, repr=False)
     series: list[SeriesConfig] = Field(default_factory=list)
     # Per-root overrides of `defaults`; None inherits.
     settle_seconds: Duration | None = None
@@ -185,6 +192,8 @@ class DefaultsConfig(StrictModel):
     trash: TrashConfig = Field(default_factory=TrashConfig)
     shared: Shared = "auto"
     lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    # How often a polled root (`watch: poll`, every object-storage root) is listed.
+    poll_interval: Duration = Field(default=30.0, gt=0)
 
 
 class PruneConfig(StrictModel):
@@ -370,6 +379,7 @@ class RootSettings:
     max_delete_fraction: float
     trash_grace: float
     abandoned_after: float = 3600.0
+    poll_interval: float = 30.0
 
 
 def settings_for(config: Config, root: RootConfig) -> RootSettings:
@@ -381,6 +391,7 @@ def settings_for(config: Config, root: RootConfig) -> RootSettings:
         max_delete_fraction=_first(root.max_delete_fraction, defaults.max_delete_fraction),
         trash_grace=(root.trash or defaults.trash).grace,
         abandoned_after=_first(root.abandoned_after, defaults.abandoned_after),
+        poll_interval=_first(root.poll_interval, defaults.poll_interval),
     )
 
 

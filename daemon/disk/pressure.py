@@ -40,6 +40,7 @@ from daemon.history.log import History
 from daemon.pruning.pipeline import PruneReport
 from daemon.pruning.trash import empty_trash
 from daemon.rootdir import IdentityStore, open_root
+from daemon.storage.url import is_remote
 from policies.model import PolicySpec
 
 Level = Literal["ok", "warn", "critical"]
@@ -119,6 +120,8 @@ def group_roots(roots: Iterable[RootConfig]) -> tuple[dict[int, list[RootConfig]
     groups: dict[int, list[RootConfig]] = {}
     errors: list[str] = []
     for root in roots:
+        if is_remote(root.path):
+            continue  # object storage fills no local disk
         try:
             device = os.stat(root.path).st_dev
         except OSError as error:

@@ -38,6 +38,7 @@ from daemon.pruning.trashdir import TrashRefused
 from daemon.rootdir import IdentityStore, RootChanged, RootDir, open_root, root_key
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
+from daemon.storage.url import is_remote
 from daemon.verification import VerificationState, expire_and_record, record_corrupt
 from policies.model import Checkpoint, Decision, Plan, PolicySpec, policy_record
 from policies.slim import unslim
@@ -557,6 +558,22 @@ def prune_root(
     if lease.refusal is not None:
         return _refused_by_lease(leasing.report_root(root), lease.refusal.reason)
     stop = lease.guard(stop)
+    if is_remote(root.path):
+        # Object storage: no folder to open, lock or rename in; see daemon/pruning/remote.py.
+        from daemon.pruning.remote import prune_remote_root
+
+        return prune_remote_root(
+            config,
+            root,
+            now=now,
+            dry_run=dry_run,
+            force=force,
+            policy_override=policy_override,
+            history=history,
+            stop=stop,
+            confirm=confirm,
+            progress=progress,
+        )
     store = identities if identities is not None else IdentityStore.in_state_dir(config.state_dir)
     key = root_key(root.path)
     try:

@@ -9,12 +9,16 @@ remembered in the integrity cache the prunes share with this pass, it is planned
 from the next prune on: kept, never counted as the newest, `last-good` protecting the one
 before it.
 
-`verify.deep: false` turns the pass off (the cheap check stays). A checkpoint deleted before
-its turn is simply not checked (that result is not cacheable, and no alert is raised for it).
+Only checkpoints that complete while the daemon runs are offered (the look at a root after a
+new checkpoint, and the prune it starts): the backlog a first start finds (hundreds of
+gigabytes, perhaps) is checked cheaply only, and `ckptd verify --deep` reads it on demand.
+`verify.deep: false` turns the pass off (the cheap check stays). A checkpoint deleted before its
+turn is simply not checked (that result is not cacheable, and no alert is raised for it).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from daemon.config import Config
@@ -26,6 +30,8 @@ from daemon.logs import get_logger
 from daemon.verification import record_corrupt
 
 log = get_logger("ckptd.integrity")
+
+SAVE_SECONDS = 60.0
 
 
 class DeepPass:
@@ -43,6 +49,7 @@ class DeepPass:
         self._config = config
         self._history = history
         self.verifier = BackgroundVerifier(cache, self._on_result)
+        self._saved_at = time.monotonic()
 
     def start(self) -> None:
         self.verifier.start()
@@ -72,9 +79,13 @@ class DeepPass:
         return self.verifier.pending()
 
     def _on_result(self, job: Job, result: IntegrityResult) -> None:
-        """Given a finished deep pass (on its thread): remember it, and record and alert on a
-        corrupt checkpoint that is still there as it was checked."""
-        self.cache.save()
+        """Given a finished deep pass (on its thread): remember it (saved once the queue is
+        done, or a minute after the last save: each save writes the whole cache), and record and
+        alert on a corrupt checkpoint that is still there as it was checked."""
+        now = time.monotonic()
+        if self.pending() <= 1 or now - self._saved_at > SAVE_SECONDS:
+            self.cache.save()
+            self._saved_at = now
         log.info(
             "deep_check_done",
             root=job.root,

@@ -33,6 +33,7 @@ from daemon.service.scheduler import Schedule, build_triggers
 from daemon.service.sdnotify import Notifier
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.service.worker import Task, Worker, utc_iso
+from daemon.storage.url import is_remote
 
 log = get_logger("ckptd.service")
 
@@ -240,7 +241,11 @@ class Service:
         if self.config_problem:
             parts.append(f"config error, previous config in force: {self.config_problem}")
         present = len(self.watcher.roots_present())
+        polled = self.worker.remote.polled()
+        present += polled
         parts.append(f"watching {present}/{len(self.config.roots)} roots")
+        if polled:
+            parts[-1] += f" ({polled} on object storage, polled)"
         last = self.worker.last_prune
         if last is not None:
             parts.append(
@@ -303,7 +308,12 @@ class Service:
 
     @staticmethod
     def _root_watches(config: Config) -> list[tuple[str, str]]:
-        return [(os.path.abspath(root.path), root.watch) for root in config.roots]
+        # Object-storage roots are polled by the worker (daemon/service/remote_poll.py).
+        return [
+            (os.path.abspath(root.path), root.watch)
+            for root in config.roots
+            if not is_remote(root.path)
+        ]
 
 
 def serve(

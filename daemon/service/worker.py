@@ -20,7 +20,9 @@ deletes something goes through `prune_root`, the safety-checked path of `ckptd p
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
+import gc
 import os
 import queue
 import threading
@@ -38,6 +40,7 @@ from daemon.disk.pressure import check_disks
 from daemon.fsio import TRASH_DIRECTORY
 from daemon.history.log import NULL_HISTORY, History, HistoryLog
 from daemon.integrity.cache import CACHE_FILE_NAME, IntegrityCache
+from daemon.integrity.result import IntegrityResult
 from daemon.lease import LEASE_NAME
 from daemon.logs import get_logger
 from daemon.metrics import Monitor, refusal_reason
@@ -45,10 +48,12 @@ from daemon.planner import plan_root
 from daemon.pruning import pipeline
 from daemon.pruning.pipeline import PruneReport
 from daemon.service.deeppass import DeepPass
+from daemon.service.remote_poll import RemotePolls
 from daemon.service.watcher import Watcher, WatchEvent
 from daemon.snapshots.daily import run_daily_snapshot
 from daemon.state import update_state
-from daemon.verification import VerificationState
+from daemon.storage.url import is_remote
+from daemon.verification import VerificationState, record_corrupt
 from policies.model import Plan, PolicySpec
 
 log = get_logger("ckptd.service")
@@ -115,6 +120,19 @@ class SignOfLife(threading.Event):
     def wait(self, timeout: float | None = None) -> bool:
         self._alive()
         return self._stop.wait(timeout)
+
+
+_LIBC = ctypes.CDLL(None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc's; absent elsewhere (musl)
+
+
+def give_back_memory() -> None:
+    """After a prune of every root (thousands of checkpoints scanned and checked, and then
+    idle for hours): collect, and hand the heap's free pages back to the system, so the
+    daemon's resident size is what it keeps, not the peak of that pass."""
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def utc_iso(epoch_seconds: float) -> str:
@@ -185,6 +203,12 @@ class PruneTimers:
         self.attempts.pop(root, None)
 
 
+def timer_key(path: str) -> str:
+    """Given a configured root path, return its key in the worker's timers and records: the
+    absolute path (as the watcher reports it), or an object-storage root's URL as written."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 def next_wake(plan: Plan, settings: RootSettings, now: float) -> float | None:
     """Given a root's plan, its settings and the time (epoch seconds), return when (epoch
     seconds) one of its incomplete checkpoints will have settled or been abandoned, or None."""
@@ -242,6 +266,9 @@ class Worker:
             self.integrity, config=lambda: self.config, history=lambda: self.history
         )
         self.timers = PruneTimers()
+        # Object-storage roots: polled every poll_interval (daemon/service/remote_poll.py).
+        self.remote = RemotePolls()
+        self.remote_scheduled: set[str] = set()
         self.last_prune: LastPrune | None = None
         self.disk_status: str | None = None
 
@@ -315,7 +342,7 @@ class Worker:
 
     def _root_for(self, path: str) -> RootConfig | None:
         for root in self.config.roots:
-            if os.path.abspath(root.path) == path:
+            if timer_key(root.path) == path:
                 return root
         return None
 
@@ -362,17 +389,46 @@ class Worker:
     def _prune_due_roots(self) -> None:
         if self.stop.is_set():
             return
+        self._schedule_remote_polls()
         for path in self.timers.take_due(time.monotonic()):
             root = self._root_for(path)
-            if root is not None and os.path.isdir(path):
+            if root is not None and is_remote(root.path):
+                self._poll_remote(root)
+            elif root is not None and os.path.isdir(path):
                 self._look(root)
             if self.stop.is_set():
                 return
+
+    def _schedule_remote_polls(self) -> None:
+        """Give every object-storage root configured now a first poll (its timer keeps it
+        polled from then on); forget the pollers of roots no longer configured."""
+        remote = {root.path for root in self.config.roots if is_remote(root.path)}
+        self.remote.retain(remote)
+        self.remote_scheduled &= remote
+        for path in remote - self.remote_scheduled:
+            self.timers.wake(timer_key(path), time.monotonic())
+            self.remote_scheduled.add(path)
+
+    def _poll_remote(self, root: RootConfig) -> None:
+        """Given an object-storage root whose timer fired, poll its listing, prune it when
+        something new is complete (or the last prune was refused), and poll again after
+        poll_interval."""
+        key = timer_key(root.path)
+        settings = settings_for(self.config, root)
+        self.timers.wake(key, time.monotonic() + settings.poll_interval)
+        try:
+            news = self.remote.poll(root, now=self.clock(), settle_seconds=settings.settle_seconds)
+        except Exception:
+            log.exception("poll_failed", root=root.path)
+            return
+        if (news and self.config.prune.on_new_checkpoint) or key in self.timers.attempts:
+            self._prune(root, trigger="new_checkpoint")
 
     def _run_task(self, task: Task) -> None:
         try:
             if task.name in ("startup", "prune"):
                 self._prune_all(task.name)
+                give_back_memory()
             elif task.name == "startup-snapshot":
                 if self.config.snapshots.enabled:
                     # One per date: the snapshot job skips a date it already has.
@@ -397,7 +453,7 @@ class Worker:
         for root in self.config.roots:
             if self.stop.is_set():
                 break
-            if os.path.isdir(root.path):
+            if is_remote(root.path) or os.path.isdir(root.path):
                 self._prune(root, trigger=trigger)
             else:
                 log.warning("root_missing", root=root.path, job=trigger)
@@ -411,9 +467,12 @@ class Worker:
         dry_run: bool,
         history: History = NULL_HISTORY,
         policy_override: PolicySpec | None = None,
+        deep_check: bool = False,
     ) -> PruneReport:
         """Given prune_root's own arguments (the disk check calls it so, on the worker thread),
-        prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too."""
+        prune with the daemon's size cache and its `stop` added: SIGTERM is honoured there too.
+        `deep_check`: the checkpoints this prune checks for the first time go on to the deep
+        pass (the prune after a new checkpoint: not the start-up's backlog of old ones)."""
         key = os.path.realpath(root.path)  # how the prune keys the integrity cache
         report = pipeline.prune_root(
             config,
@@ -425,7 +484,7 @@ class Worker:
             cache=self._size_cache(),
             stop=self.job_stop,
             verification=VerificationState.sharing(config.state_dir, self._integrity_cache()),
-            on_checked=partial(self.deep.take, key),
+            on_checked=partial(self.deep.take, key) if deep_check else None,
         )
         self.monitor.pruned(report)  # metrics: every real prune (the disk check's too)
         if time.monotonic() - self.cache_saved_at > CACHE_SAVE_SECONDS:
@@ -455,12 +514,24 @@ class Worker:
         nothing needs no /proc pass, and leaves no record in the history every time a trainer
         closes a file)."""
         key = os.path.abspath(root.path)
+        checked: list[IntegrityResult] = []
         try:
-            _scan, plan = plan_root(self.config, root, now=self.clock(), cache=self._size_cache())
+            _scan, plan = plan_root(
+                self.config,
+                root,
+                now=self.clock(),
+                cache=self._size_cache(),
+                verification=VerificationState.sharing(
+                    self.config.state_dir, self._integrity_cache()
+                ),
+                check_new=True,  # each new checkpoint is checked once it completes
+                on_checked=checked.append,
+            )
         except Exception:
             log.exception("plan_failed", root=key, trigger="new_checkpoint")
             self.timers.retry(key, settings_for(self.config, root).settle_seconds, time.monotonic())
             return
+        self._checked(root, checked)
         # After a refusal or a failure, prune_root runs even if the plan now deletes nothing:
         # its success is what clears the refusal (`ckptd check`, the metrics).
         if plan.deleted or key in self.timers.attempts:
@@ -468,10 +539,32 @@ class Worker:
         else:
             self._follow(root, plan)
 
+    def _checked(self, root: RootConfig, checked: list[IntegrityResult]) -> None:
+        """Given the integrity checks a look at a root made (its new checkpoints'), record the
+        corrupt ones, hand the sound ones to the deep pass, and remember them."""
+        if not checked:
+            return
+        key = os.path.realpath(root.path)  # how the prune keys the integrity cache
+        record_corrupt(self.config, key, checked, self.history)
+        for result in checked:
+            self.deep.offer(key, result)
+        self.integrity.save()
+
     def _follow(self, root: RootConfig, plan: Plan) -> None:
         """Given a root and its latest plan, watch the checkpoints still being written and wake
         up when one of them will have settled or been abandoned."""
-        key = os.path.abspath(root.path)
+        key = timer_key(root.path)
+        if not is_remote(root.path):
+            self._watch_writing(key, plan)
+        if not self.config.prune.on_new_checkpoint:
+            return
+        now = self.clock()
+        at = next_wake(plan, settings_for(self.config, root), now)
+        if at is not None:
+            self.timers.wake(key, time.monotonic() + (at - now))
+
+    def _watch_writing(self, key: str, plan: Plan) -> None:
+        """Given a local root and its plan, watch exactly the checkpoints being written."""
         writing: list[str] = []
         done: list[str] = []
         for decision in plan.decisions:
@@ -483,20 +576,19 @@ class Worker:
                 elif os.path.isdir(path) and not os.path.islink(path):
                     writing.append(path)
         self.watcher.follow_checkpoints(key, writing=writing, done=done)
-        if not self.config.prune.on_new_checkpoint:
-            return
-        now = self.clock()
-        at = next_wake(plan, settings_for(self.config, root), now)
-        if at is not None:
-            self.timers.wake(key, time.monotonic() + (at - now))
 
     def _prune(self, root: RootConfig, *, trigger: str) -> None:
-        key = os.path.abspath(root.path)
+        key = timer_key(root.path)
         started = time.monotonic()
         settle_seconds = settings_for(self.config, root).settle_seconds
         try:
             report = self.prune_with(
-                self.config, root, now=self.clock(), dry_run=False, history=self.history
+                self.config,
+                root,
+                now=self.clock(),
+                dry_run=False,
+                history=self.history,
+                deep_check=trigger == "new_checkpoint",
             )
         except Exception:
             log.exception("prune_failed", root=key, trigger=trigger)

@@ -22,6 +22,7 @@ from daemon.errors import CkptdError
 from daemon.rootdir import Identity, root_key
 from daemon.snapshots import copying
 from daemon.snapshots.sources import PlannedRoot, Sources, opened
+from daemon.storage.url import is_remote
 from policies.model import Checkpoint, Plan
 
 PlanFunction = Callable[..., tuple[ScanResult, Plan]]
@@ -214,6 +215,8 @@ def _select(config: Config, plan: PlanFunction, *, now: float) -> tuple[list[Sel
     selected: list[Selected] = []
     errors: list[str] = []
     for root in config.roots:
+        if is_remote(root.path):
+            continue  # snapshots are local copies of local roots (README, object storage)
         try:
             scan, root_plan = plan(config, root, now=now)
         except Exception as error:  # one unreadable root must not cost the others their snapshot

@@ -115,6 +115,15 @@ class DeferredItem:
     run_id: str
     size: int
     list_key: str
+    # The root entries it is made of: its prefix's name, or its top-level objects' names.
+    members: tuple[str, ...] = ()
+
+
+def _members_of(root: StorageUrl, checkpoint: CheckpointObjects) -> tuple[str, ...]:
+    if checkpoint.prefix is not None:
+        return (checkpoint.name,)
+    top = root.directory()
+    return tuple(dict.fromkeys(item.key[len(top) :] for item in checkpoint.objects))
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -183,6 +192,11 @@ def _encode_checkpoint(root: StorageUrl, checkpoint: CheckpointObjects) -> dict[
         raise JournalError(f"a marker of {name!r} is not among its objects")
     markers = [marker[len(base) :] for marker in checkpoint.markers]
     return {"name": name, "prefix": is_prefix, "markers": markers, "objects": objects}
+
+
+def encode_checkpoint(root: StorageUrl, checkpoint: CheckpointObjects) -> dict[str, object]:
+    """Given a checkpoint, return its journal entry; JournalError when it cannot be one."""
+    return _encode_checkpoint(root, checkpoint)
 
 
 def _encode(run_id: str, root: StorageUrl, checkpoints: Sequence[CheckpointObjects]) -> bytes:
@@ -467,11 +481,21 @@ def _due_of(document: dict[str, object]) -> float:
     return float(due) if isinstance(due, int | float) else 0.0
 
 
-def list_deferred(store: ObjectStore, root: StorageUrl) -> list[DeferredItem]:
-    """Given a root, return every checkpoint waiting for deletion, soonest due first."""
+def list_deferred(
+    store: ObjectStore, root: StorageUrl, invalid: list[str] | None = None
+) -> list[DeferredItem]:
+    """Given a root, return every checkpoint waiting for deletion, soonest due first. A list
+    that fails validation raises JournalError, or with `invalid` given is skipped and named
+    there (`key: why`)."""
     items: list[DeferredItem] = []
     for key in _deferred_lists(store, root):
-        read = _read_list(store, root, key)
+        try:
+            read = _read_list(store, root, key)
+        except JournalError as error:
+            if invalid is None:
+                raise
+            invalid.append(f"{key}: {error}")
+            continue
         if read is None:
             continue
         document, checkpoints, _etag = read
@@ -482,6 +506,7 @@ def list_deferred(store: ObjectStore, root: StorageUrl) -> list[DeferredItem]:
                 run_id=str(document.get("run_id", "")),
                 size=checkpoint.size,
                 list_key=key,
+                members=_members_of(root, checkpoint),
             )
             for checkpoint in checkpoints
         )

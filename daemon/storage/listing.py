@@ -93,12 +93,15 @@ class Poller:
     known: dict[str, RemoteCheckpoint] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     polls: int = 0
+    # Objects directly in the root (TensorFlow's `ckpt-5.index`, a `latest` tracker), by name:
+    # their LastModified (a rewritten tracker is news too).
+    top_objects: dict[str, float] = field(default_factory=dict)
 
     def poll(self, now: float) -> Mapping[str, RemoteCheckpoint]:
         """Given the time, list what changed since the last poll; return every checkpoint."""
         top = self.root.directory()
         if self.polls == 0:
-            self.known = group(self.root, self.store.list_tree(top), self.markers)
+            self._list_all(top)
         else:
             self._poll_top(top)
         self.polls += 1
@@ -109,17 +112,31 @@ class Poller:
         }
         return self.known
 
-    def _poll_top(self, top: str) -> None:
-        present = {
-            entry.name
-            for entry in self.store.list_top(top)
-            if entry.is_prefix and not entry.name.startswith(OWN_PREFIX)
+    def _list_all(self, top: str) -> None:
+        objects = list(self.store.list_tree(top))
+        self.known = group(self.root, objects, self.markers)
+        self.top_objects = {
+            item.key[len(top) :]: item.mtime
+            for item in objects
+            if "/" not in item.key[len(top) :] and not item.key[len(top) :].startswith(OWN_PREFIX)
         }
+
+    def _poll_top(self, top: str) -> None:
+        present: set[str] = set()
+        top_objects: dict[str, float] = {}
+        for entry in self.store.list_top(top):
+            if entry.name.startswith(OWN_PREFIX):
+                continue
+            if entry.is_prefix:
+                present.add(entry.name)
+            else:
+                top_objects[entry.name] = entry.mtime
+        self.top_objects = top_objects
         for gone in set(self.known) - present:
             del self.known[gone]
         stale = sorted(present - self.settled)
         if len(stale) > RELIST_THRESHOLD:
-            self.known = group(self.root, self.store.list_tree(top), self.markers)
+            self._list_all(top)
             return
         for name in stale:
             items = list(self.store.list_tree(f"{top}{name}/"))

@@ -7,6 +7,7 @@ local path and never reaches this module's parser.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,17 @@ class StorageUrl:
 def is_remote(path: str) -> bool:
     """Given a configured root path, return whether it names object storage (`scheme://`)."""
     return _URL.match(path) is not None
+
+
+def report_key(path: str) -> str:
+    """Given a configured root path, return the name its prune reports and the daemon's state
+    use: the real path of a local root, the normalised URL of an object-storage root."""
+    if is_remote(path):
+        try:
+            return str(parse(path))
+        except StorageUrlError:
+            return path
+    return os.path.realpath(path)
 
 
 def parse(path: str) -> StorageUrl:

@@ -1,10 +1,12 @@
 """The daemon's deep integrity pass (issue 12): each new checkpoint's checksums, in the background.
 
-`ckptd run` (the real CLI, a subprocess) on a root whose checkpoint-300 has one flipped byte
-inside a zip member of its `optimizer.pt`: the header, the central directory and every size are
-intact, so the cheap check a prune makes passes, and only the CRC-32 of that member tells. The
-deep pass finds it, records `integrity_corrupt` with `deep: true`, and from then on the plan
-keeps checkpoint-300 as corrupt. With `verify.deep: false` nothing reads the checksums.
+`ckptd run` (the real CLI, a subprocess) on a root of four sound checkpoints; while it runs, a
+trainer saves checkpoint-500 with one flipped byte inside a zip member of its `optimizer.pt`: the
+header, the central directory and every size are intact, so the cheap check passes, and only the
+CRC-32 of that member tells. The deep pass finds it, records `integrity_corrupt` with `deep:
+true`, and from then on the plan keeps checkpoint-500 as corrupt (checkpoint-400 is the newest).
+The four found at start-up are checked cheaply only. With `verify.deep: false` nothing reads
+the checksums.
 """
 
 from __future__ import annotations
@@ -32,19 +34,27 @@ STEPS = (100, 200, 300, 400)
 BROKEN = "checkpoint-300"
 
 
+def write_checkpoint(root: Path, step: int, *, age: float = 3600.0, flip: bool = False) -> None:
+    """Given a folder and a step, write a complete Hugging Face checkpoint (trainer_state.json
+    last), its torch files well-formed with random payloads (so a flipped byte changes a CRC),
+    dated `age` seconds ago; `flip` breaks one byte only a CRC can tell."""
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "gpt2"}')
+    for name, size in (("model.safetensors", 8192), ("optimizer.pt", 256 * 1024)):
+        (folder / name).write_bytes(well_formed_bytes(name, size, random=True))
+    if flip:
+        flip_a_payload_byte(folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    stamp = time.time() - age
+    for path in (*folder.iterdir(), folder):
+        os.utime(path, (stamp, stamp))
+
+
 def write_run(root: Path) -> None:
-    """Given a folder, write four complete Hugging Face checkpoints, settled an hour ago, their
-    torch files well-formed with random payloads (so a flipped byte changes a CRC)."""
-    old = time.time() - 3600
+    """Given a folder, write four complete checkpoints, settled an hour ago."""
     for step in STEPS:
-        folder = root / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        (folder / "config.json").write_text('{"model_type": "gpt2"}')
-        for name, size in (("model.safetensors", 8192), ("optimizer.pt", 256 * 1024)):
-            (folder / name).write_bytes(well_formed_bytes(name, size, random=True))
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        for path in (*folder.iterdir(), folder):
-            os.utime(path, (old, old))
+        write_checkpoint(root, step)
 
 
 def flip_a_payload_byte(path: Path) -> None:
@@ -89,10 +99,16 @@ def wait_until(condition: Callable[[], bool], seconds: float) -> bool:
 
 
 def run_daemon_until(
-    command: list[str], env: dict[str, str], config: Path, condition: Callable[[], bool]
+    command: list[str],
+    env: dict[str, str],
+    config: Path,
+    condition: Callable[[], bool],
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> bool:
-    """Given the CLI and a config, run `ckptd run` until `condition` holds (or 60 s), stop it
-    with SIGTERM, check it exits 0; return whether the condition held."""
+    """Given the CLI and a config, run `ckptd run`; once its start-up prune saved the integrity
+    cache, call `meanwhile` (a trainer saving), then wait until `condition` holds (or 60 s),
+    stop it with SIGTERM, check it exits 0; return whether the condition held."""
+    cache = config.parent / "state" / "integrity-cache.json"
     daemon = subprocess.Popen(
         [*command, "run", "--config", str(config)],
         env=env,
@@ -101,6 +117,8 @@ def run_daemon_until(
         text=True,
     )
     try:
+        assert wait_until(cache.exists, 60), "no start-up prune"
+        meanwhile()
         held = wait_until(condition, 60)
         daemon.send_signal(signal.SIGTERM)
         _, errors = daemon.communicate(timeout=30)
@@ -125,17 +143,31 @@ def test_the_daemon_deep_checks_each_new_checkpoint_and_plans_a_corrupt_one_as_c
 ) -> None:
     root = tmp_path / "run"
     write_run(root)
-    flip_a_payload_byte(root / BROKEN / "optimizer.pt")
     config = write_config(tmp_path, root, deep=True)
 
     def corrupt_recorded() -> bool:
         return any(r["event"] == "integrity_corrupt" for r in records(tmp_path))
 
-    assert run_daemon_until(ckptd_command, cli_env, config, corrupt_recorded)
+    def trainer_saves_a_broken_one() -> None:
+        write_checkpoint(root, 500, age=0, flip=True)
+
+    assert run_daemon_until(
+        ckptd_command, cli_env, config, corrupt_recorded, meanwhile=trainer_saves_a_broken_one
+    )
     found = [r for r in records(tmp_path) if r["event"] == "integrity_corrupt"]
-    assert [(r["checkpoint"], r["deep"]) for r in found] == [(BROKEN, True)]
+    assert [(r["checkpoint"], r["deep"]) for r in found] == [("checkpoint-500", True)]
     problems = found[0]["problems"]
     assert isinstance(problems, list) and "optimizer.pt" in problems[0]
+    # The start-up backlog was checked cheaply only; the new one deeply.
+    cache = json.loads((tmp_path / "state" / "integrity-cache.json").read_text())["roots"]
+    entries = next(iter(cache.values()))
+    assert {name: entry["deep"] for name, entry in entries.items()} == {
+        "checkpoint-100": False,
+        "checkpoint-200": False,
+        "checkpoint-300": False,
+        "checkpoint-400": False,
+        "checkpoint-500": True,
+    }
     # Remembered for the checkpoint as it is: the plan keeps it as corrupt, never the newest.
     planned = subprocess.run(
         [*ckptd_command, "plan", "--config", str(config), "--json"],
@@ -146,8 +178,9 @@ def test_the_daemon_deep_checks_each_new_checkpoint_and_plans_a_corrupt_one_as_c
     )
     assert planned.returncode == 0, planned.stderr
     rows = {row["name"]: row for row in json.loads(planned.stdout)["checkpoints"]}
-    assert any("corrupt" in reason for reason in rows[BROKEN]["reasons"]), rows[BROKEN]
-    sound = [name for name in rows if name != BROKEN]
+    assert any("corrupt" in reason for reason in rows["checkpoint-500"]["reasons"])
+    assert "newest" in rows["checkpoint-400"]["reasons"]
+    sound = [name for name in rows if name != "checkpoint-500"]
     assert all(not any("corrupt" in r for r in rows[name]["reasons"]) for name in sound)
 
 
@@ -156,19 +189,23 @@ def test_verify_deep_false_reads_no_checksums(
 ) -> None:
     root = tmp_path / "run"
     write_run(root)
-    flip_a_payload_byte(root / BROKEN / "optimizer.pt")
     config = write_config(tmp_path, root, deep=False)
     cache = tmp_path / "state" / "integrity-cache.json"
 
-    def startup_prune_saved() -> bool:
-        return cache.exists()  # the start-up prune checked them all, cheaply, and saved
+    def checked_cheaply() -> bool:
+        remembered = json.loads(cache.read_text())["roots"] if cache.exists() else {}
+        return any("checkpoint-500" in entries for entries in remembered.values())
 
-    assert run_daemon_until(ckptd_command, cli_env, config, startup_prune_saved)
+    def trainer_saves_a_broken_one() -> None:
+        write_checkpoint(root, 500, age=0, flip=True)
+
+    assert run_daemon_until(
+        ckptd_command, cli_env, config, checked_cheaply, meanwhile=trainer_saves_a_broken_one
+    )
     time.sleep(1.0)  # a deep pass, were one running, would have finished this tiny one
     assert not [r for r in records(tmp_path) if r["event"] == "integrity_corrupt"]
-    remembered = json.loads(cache.read_text())["roots"]
-    entries = next(iter(remembered.values()))
-    assert entries[BROKEN]["status"] == "ok" and not entries[BROKEN]["deep"]
+    entries = next(iter(json.loads(cache.read_text())["roots"].values()))
+    assert entries["checkpoint-500"]["status"] == "ok" and not entries["checkpoint-500"]["deep"]
 
 
 def test_only_a_passed_cheap_check_is_offered(tmp_path: Path) -> None:
