@@ -71,8 +71,10 @@ old = "--old" in sys.argv
 for step in range(first, last + 1, 100):
     folder = os.path.join(root, f"checkpoint-{step}")
     os.mkdir(folder)
+    # A well-formed safetensors file (ckptd checks every new checkpoint's headers).
+    header = json.dumps({"w": {"dtype": "U8", "shape": [8192], "data_offsets": [0, 8192]}})
     with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
-        handle.write(os.urandom(8192))
+        handle.write(len(header).to_bytes(8, "little") + header.encode() + os.urandom(8192))
     with open(os.path.join(folder, "trainer_state.json"), "w") as handle:
         json.dump({"global_step": step, "log_history": []}, handle)
     if old:
