@@ -46,9 +46,12 @@ def write_checkpoint(root: Path, step: int, *, age: float = 3600.0, flip: bool =
     if flip:
         flip_a_payload_byte(folder / "optimizer.pt")
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    stamp = time.time() - age
-    for path in (*folder.iterdir(), folder):
-        os.utime(path, (stamp, stamp))
+    if age:
+        # Backdated before the daemon starts; a save made while it runs is left as written (a
+        # change of times after its marker would be a change the checks rightly redo).
+        stamp = time.time() - age
+        for path in (*folder.iterdir(), folder):
+            os.utime(path, (stamp, stamp))
 
 
 def write_run(root: Path) -> None:
