@@ -57,11 +57,11 @@ class AzureContainer:
         return make_service(self.account_url).get_container_client(self.name)
 
 
-def make_service(account_url: str) -> Any:
+def make_service(account_url: str, **settings: Any) -> Any:
     from azure.storage.blob import BlobServiceClient
 
     credential = {"account_name": ACCOUNT, "account_key": ACCOUNT_KEY}
-    return BlobServiceClient(account_url, credential=credential)
+    return BlobServiceClient(account_url, credential=credential, **settings)
 
 
 def install_azurite() -> tuple[Path | None, str]:
@@ -123,7 +123,8 @@ class Azurite:
     def wait_ready(self, timeout: float = 60.0) -> str | None:
         """Return None once the emulator answers, else why it did not start."""
         deadline = time.monotonic() + timeout
-        service = make_service(self.account_url)
+        # No retries: the SDK's backoff would wait for seconds on a port not yet listening.
+        service = make_service(self.account_url, retry_total=0)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 return f"azurite-blob exited with {self.process.returncode}"

@@ -153,10 +153,18 @@ def open_azure(url: StorageUrl, options: Mapping[str, object] | None = None) -> 
         "retry_total": 5,
         "connection_timeout": 10,
     }
-    if "connection_string" in settings:
-        service = BlobServiceClient.from_connection_string(settings["connection_string"], **hooks)
-    else:
-        service = BlobServiceClient(settings["account_url"], settings["credential"], **hooks)
+    try:
+        if "connection_string" in settings:
+            service = BlobServiceClient.from_connection_string(
+                settings["connection_string"], **hooks
+            )
+        else:
+            service = BlobServiceClient(settings["account_url"], settings["credential"], **hooks)
+    except ValueError:
+        # The SDK's message may quote the malformed value: a secret, so it is not shown.
+        raise StorageUrlError(
+            "storage_options for az: a malformed connection_string or account_url (value not shown)"
+        ) from None
     return AzureStore(service, url.bucket, requests=requests)
 
 

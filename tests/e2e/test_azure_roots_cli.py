@@ -6,6 +6,8 @@ root equals the local plan, and `prune -y` leaves exactly the local prune's surv
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from tests.azurite import ACCOUNT_KEY, AzureContainer
 from tests.azurite import az_container as az_container
 from tests.azurite import azurite_url as azurite_url
 from tests.configs import rotation, write_config
-from tests.e2e.test_remote_roots_cli import JOURNAL, ckptd, top_names, without_root
+from tests.e2e.test_remote_roots_cli import JOURNAL, ckptd, top_names, wait_for, without_root
 from tests.fixtures.frameworks.materialize import load_tree, materialize
 
 TREES = ("hf-trainer-complete", "hf-trainer-in-flight")
@@ -118,3 +120,33 @@ def test_check_config_shows_the_option_names_only(
         done.stdout
     )
     assert ACCOUNT_KEY not in done.stdout + done.stderr
+
+
+def test_ckptd_run_polls_the_az_root_and_prunes_new_checkpoints(
+    tmp_path: Path, az_container: AzureContainer, ckptd_command: list[str], cli_env: dict[str, str]
+) -> None:
+    client = az_container.client()
+
+    def save(step: int) -> None:
+        for name, body in (("model.safetensors", b"m" * 100), ("trainer_state.json", b"{}")):
+            client.upload_blob(f"run/checkpoint-{step}/{name}", body, overwrite=True)
+
+    for step in (1, 2):
+        save(step)
+    config = config_for(tmp_path, az_container, [az_container.url("run")])
+    log = tmp_path / "daemon.log"
+    with log.open("w") as output:
+        daemon = subprocess.Popen(
+            [*ckptd_command, "run", "--config", str(config)],
+            env=cli_env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: top_names(keys(az_container, "run/")) == {"checkpoint-2"}, log)
+            save(3)  # a new checkpoint: the next poll finds it complete and prunes
+            wait_for(lambda: top_names(keys(az_container, "run/")) == {"checkpoint-3"}, log)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=30)
+    assert ACCOUNT_KEY not in log.read_text()

@@ -50,6 +50,14 @@ def test_unknown_storage_options_are_refused_without_showing_values() -> None:
     assert "hunter2" not in str(caught.value)
 
 
+def test_a_malformed_connection_string_is_refused_without_showing_it() -> None:
+    secret = "AccountKey=hunter2-do-not-print"
+    with pytest.raises(StorageUrlError) as caught:
+        open_store("az://container/p", {"connection_string": secret})
+    assert "connection_string" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
 def test_check_config_accepts_az_roots_with_adlfs_option_names() -> None:
     validate_text(
         "roots:\n  - path: az://container/run\n"
