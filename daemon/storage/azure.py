@@ -141,6 +141,15 @@ def _credential(options: Mapping[str, object], account_name: str) -> Any:
     return DefaultAzureCredential()
 
 
+def _is_folder(item: Any) -> bool:
+    """Given a listed blob, return whether it is a directory of a hierarchical-namespace
+    account (ADLS Gen2, `abfs://`): an empty blob with metadata `hdi_isfolder=true`, listed
+    beside the prefix of its contents. It is no object of a checkpoint: listing it would show
+    a file and a folder of one name."""
+    metadata = getattr(item, "metadata", None) or {}
+    return str(metadata.get("hdi_isfolder", "")).lower() == "true"
+
+
 def open_azure(url: StorageUrl, options: Mapping[str, object] | None = None) -> AzureStore:
     """Given an az:// URL and its storage_options, return a store on its container."""
     require_backend(url)
@@ -231,24 +240,28 @@ class AzureStore:
         from azure.storage.blob import BlobPrefix
 
         items = self._container.walk_blobs(
-            name_starts_with=prefix or None, delimiter="/", results_per_page=self.page_size
+            name_starts_with=prefix or None,
+            include=["metadata"],
+            delimiter="/",
+            results_per_page=self.page_size,
         )
         for item in self._pages(prefix, items):
             name = str(item.name)[len(prefix) :]
             if isinstance(item, BlobPrefix):
                 if name.rstrip("/"):
                     yield Entry(name.rstrip("/"), True, 0, 0.0)
-            elif name:
+            elif name and not _is_folder(item):
                 yield Entry(name, False, int(item.size), _epoch(item.last_modified))
 
     def list_tree(self, prefix: str) -> Iterator[ObjectInfo]:
         items = self._container.list_blobs(
-            name_starts_with=prefix or None, results_per_page=self.page_size
+            name_starts_with=prefix or None, include=["metadata"], results_per_page=self.page_size
         )
         for item in self._pages(prefix, items):
-            yield ObjectInfo(
-                str(item.name), int(item.size), _epoch(item.last_modified), str(item.etag)
-            )
+            if not _is_folder(item):
+                yield ObjectInfo(
+                    str(item.name), int(item.size), _epoch(item.last_modified), str(item.etag)
+                )
 
     def head(self, key: str) -> ObjectInfo | None:
         blob = self._container.get_blob_client(key)

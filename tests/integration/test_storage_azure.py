@@ -130,6 +130,27 @@ def test_top_level_of_the_container_and_empty_prefixes(az_container: AzureContai
     assert list(store.list_tree("nothing/")) == []
 
 
+def test_directory_blobs_of_a_hierarchical_namespace_are_no_objects(
+    az_container: AzureContainer,
+) -> None:
+    # ADLS Gen2 (abfs://) lists each directory as an empty blob with hdi_isfolder=true beside
+    # the prefix of its contents; Azurite has no hierarchical namespace, so write them by hand.
+    client = az_container.client()
+    for folder in ("run", "run/checkpoint-1"):
+        client.upload_blob(folder, b"", metadata={"hdi_isfolder": "true"})
+    fill(az_container, ["run/checkpoint-1/model.bin", "run/latest"])
+    store = store_of(az_container)
+    assert sorted((e.name, e.is_prefix) for e in store.list_top("run/")) == [
+        ("checkpoint-1", True),
+        ("latest", False),
+    ]
+    assert [(e.name, e.is_prefix) for e in store.list_top("")] == [("run", True)]
+    assert sorted(i.key for i in store.list_tree("")) == [
+        "run/checkpoint-1/model.bin",
+        "run/latest",
+    ]
+
+
 def test_batch_delete_splits_into_blob_batches_of_at_most_256(
     az_container: AzureContainer,
 ) -> None:
