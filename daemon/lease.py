@@ -356,6 +356,7 @@ class ObjectLease(Lease):
         super().__init__(duration, skew, host)
         self.store = store
         self.key = root.key(LEASE_NAME)
+        self.scheme = root.scheme
         self._probed = False
 
     def _probe(self) -> None:
@@ -370,8 +371,8 @@ class ObjectLease(Lease):
             self.store.delete_batch([probe])
         if not first or second:
             raise LeaseError(
-                f"s3://{self.store.bucket}/{self.key}: the server ignores conditional writes"
-                " (If-None-Match); a lease cannot be held there safely"
+                f"{self.scheme}://{self.store.bucket}/{self.key}: the server ignores conditional"
+                " writes (If-None-Match); a lease cannot be held there safely"
             )
         self._probed = True
 

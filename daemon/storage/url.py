@@ -44,7 +44,7 @@ def _has_gcsfs() -> bool:
 
 def _has_adlfs() -> bool:
     try:
-        import adlfs  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        import adlfs  # type: ignore[import-not-found, import-untyped, unused-ignore]  # noqa: F401
     except ImportError:
         return False
     return True
