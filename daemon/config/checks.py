@@ -18,6 +18,7 @@ from pydantic import (
 
 from daemon.config.models import DiskConfig, PolicyConfig, PruneConfig
 from daemon.config.yaml_lines import Path, Problem, _Document, format_path
+from daemon.storage.gcs import KNOWN_OPTIONS as GCS_OPTIONS
 from daemon.storage.s3 import KNOWN_OPTIONS as S3_OPTIONS
 from daemon.storage.url import StorageUrlError, is_remote
 from daemon.storage.url import parse as parse_url
@@ -228,6 +229,10 @@ def _check_local_root(
         )
 
 
+# The storage_options each implemented scheme knows (its fsspec package's names).
+REMOTE_OPTIONS = {"s3": S3_OPTIONS, "gs": GCS_OPTIONS}
+
+
 def _check_remote_root(findings: _Findings, here: Path, raw: dict[str, Any]) -> None:
     """Given a root on object storage, report an address or storage_options that cannot work
     (option names only: their values may be secrets and are never shown)."""
@@ -236,23 +241,24 @@ def _check_remote_root(findings: _Findings, here: Path, raw: dict[str, Any]) -> 
     except StorageUrlError as error:
         findings.problem((*here, "path"), str(error))
         return
-    if url.scheme != "s3":
+    known = REMOTE_OPTIONS.get(url.scheme)
+    if known is None:
         findings.problem(
             (*here, "path"),
             f"{url.scheme}:// roots are not implemented yet: only s3:// (AWS and S3-compatible"
-            " servers such as MinIO or Ceph through storage_options.endpoint_url)",
+            " servers such as MinIO or Ceph through storage_options.endpoint_url) and gs://",
         )
         return
     if raw.get("watch") == "inotify":
         findings.problem((*here, "watch"), "object storage has no inotify: use poll (or auto)")
     options = raw.get("storage_options")
     if isinstance(options, dict):
-        unknown = sorted(str(name) for name in options if name not in S3_OPTIONS)
+        unknown = sorted(str(name) for name in options if name not in known)
         if unknown:
             findings.problem(
                 (*here, "storage_options"),
-                f"unknown option(s) {', '.join(unknown)}; s3:// knows "
-                + ", ".join(sorted(S3_OPTIONS)),
+                f"unknown option(s) {', '.join(unknown)}; {url.scheme}:// knows "
+                + ", ".join(sorted(known)),
             )
 
 

@@ -1,8 +1,9 @@
 """Checkpoint roots on object storage (`s3://`, `gs://`, `az://`) behind one interface.
 
 `url` parses a root's address and names the package a scheme needs; `base` is the interface and
-its value types; `s3` implements it over botocore; `journal` makes deletion crash-safe without
-a rename (deletion journal, deferred-deletion list for the trash grace).
+its value types; `s3` implements it over botocore, `gcs` over google-cloud-storage; `journal`
+makes deletion crash-safe without a rename (deletion journal, deferred-deletion list for the
+trash grace).
 """
 
 from __future__ import annotations
@@ -30,9 +31,13 @@ def open_store(
         from daemon.storage.s3 import open_s3
 
         return url, open_s3(url, storage_options)
+    if url.scheme == "gs":
+        from daemon.storage.gcs import open_gcs
+
+        return url, open_gcs(url, storage_options)
     raise StorageUrlError(
         f"{url.scheme}:// roots: the {url.scheme} backend of the object-store interface is not"
-        " written yet (only s3:// and S3-compatible servers are)"
+        " written yet (only s3://, S3-compatible servers and gs:// are)"
     )
 
 
