@@ -12,7 +12,7 @@ from daemon.config import validate_text
 from daemon.errors import ConfigError
 from daemon.storage import StorageUrlError, open_store
 from daemon.storage.gcs import GCS_BATCH, GCSStore
-from tests.gcsserver import GCSBucket, make_client
+from tests.gcsserver import GCSBucket, batch_emulator, make_client
 
 # The server fixtures (imported under their own names, so pytest finds them here).
 from tests.gcsserver import gcs_bucket as gcs_bucket
@@ -85,6 +85,20 @@ def test_batch_delete_splits_into_calls_of_at_most_100(gcs_bucket: GCSBucket) ->
     assert GCS_BATCH == 100
     assert store.requests["batch"] == 3  # 100 + 100 + 51
     assert all_keys(gcs_bucket) == {"keep/me"}
+
+
+def test_batch_delete_sends_real_batches_of_at_most_100_calls() -> None:
+    # fake-gcs-server has no batch endpoint: the multipart batch protocol runs against
+    # gcp-storage-emulator, which has one.
+    with batch_emulator("batched") as endpoint:
+        store = store_of(GCSBucket(endpoint=endpoint, name="batched"))
+        keys = [f"p/{index:04d}" for index in range(250)]
+        for key in [*keys, "keep/me"]:
+            store.put(key, b"x")
+        assert store.delete_batch([*keys, "p/never-existed"]) == []
+        assert store.requests["batch"] == 3  # 100 + 100 + 51 calls
+        assert store.requests["objects.delete"] == 0, "no fallback to one request a key"
+        assert [info.key for info in store.list_tree("")] == ["keep/me"]
 
 
 def test_conditional_create_second_writer_loses(gcs_bucket: GCSBucket) -> None:
