@@ -234,6 +234,9 @@ class GCSStore:
         from google.api_core import exceptions
 
         blob = self._bucket.blob(key)
+        # The client retries a conditional upload after a transient error; if the first try
+        # had landed, the retry answers 412 and the caller hears "lost" for a write it won. That
+        # errs the safe way: a lease's holder believes it holds nothing, so nobody prunes.
         self.requests["objects.insert"] += 1
         try:
             blob.upload_from_string(data, if_generation_match=generation, timeout=_TIMEOUT)
