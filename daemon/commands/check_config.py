@@ -112,11 +112,12 @@ def _root_lines(config: Config, root: RootConfig) -> list[str]:
 def _remote_line(config: Config, root: RootConfig) -> str:
     """Given an object-storage root, return its summary line: how often it is polled and
     which storage_options are set (their names only: values may be secrets)."""
-    usual = (
-        "the AZURE_STORAGE_* environment variables"
-        if root.path.startswith(("az://", "abfs://", "abfss://"))
-        else "botocore's usual credentials"
-    )
+    if root.path.startswith(("az://", "abfs://", "abfss://")):
+        usual = "the AZURE_STORAGE_* environment variables"
+    elif root.path.startswith(("gs://", "gcs://")):
+        usual = "Google's application default credentials"
+    else:
+        usual = "botocore's usual credentials"
     names = ", ".join(sorted(root.storage_options)) or f"none ({usual})"
     interval = format_duration(settings_for(config, root).poll_interval)
     return (

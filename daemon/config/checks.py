@@ -19,6 +19,7 @@ from pydantic import (
 from daemon.config.models import DiskConfig, PolicyConfig, PruneConfig
 from daemon.config.yaml_lines import Path, Problem, _Document, format_path
 from daemon.storage.azure import KNOWN_OPTIONS as AZURE_OPTIONS
+from daemon.storage.gcs import KNOWN_OPTIONS as GCS_OPTIONS
 from daemon.storage.s3 import KNOWN_OPTIONS as S3_OPTIONS
 from daemon.storage.url import StorageUrlError, is_remote
 from daemon.storage.url import parse as parse_url
@@ -229,8 +230,8 @@ def _check_local_root(
         )
 
 
-# The storage_options each implemented scheme understands (its fsspec package's names).
-_REMOTE_OPTIONS = {"s3": S3_OPTIONS, "az": AZURE_OPTIONS}
+# The storage_options each implemented scheme knows (its fsspec package's names).
+REMOTE_OPTIONS = {"s3": S3_OPTIONS, "gs": GCS_OPTIONS, "az": AZURE_OPTIONS}
 
 
 def _check_remote_root(findings: _Findings, here: Path, raw: dict[str, Any]) -> None:
@@ -241,25 +242,25 @@ def _check_remote_root(findings: _Findings, here: Path, raw: dict[str, Any]) -> 
     except StorageUrlError as error:
         findings.problem((*here, "path"), str(error))
         return
-    known_options = _REMOTE_OPTIONS.get(url.scheme)
-    if known_options is None:
+    known = REMOTE_OPTIONS.get(url.scheme)
+    if known is None:
         findings.problem(
             (*here, "path"),
             f"{url.scheme}:// roots are not implemented yet: only s3:// (AWS and S3-compatible"
-            " servers such as MinIO or Ceph through storage_options.endpoint_url) and az://"
-            " (Azure Blob Storage)",
+            " servers such as MinIO or Ceph through storage_options.endpoint_url), gs:// and"
+            " az://",
         )
         return
     if raw.get("watch") == "inotify":
         findings.problem((*here, "watch"), "object storage has no inotify: use poll (or auto)")
     options = raw.get("storage_options")
     if isinstance(options, dict):
-        unknown = sorted(str(name) for name in options if name not in known_options)
+        unknown = sorted(str(name) for name in options if name not in known)
         if unknown:
             findings.problem(
                 (*here, "storage_options"),
                 f"unknown option(s) {', '.join(unknown)}; {url.scheme}:// knows "
-                + ", ".join(sorted(known_options)),
+                + ", ".join(sorted(known)),
             )
 
 

@@ -1,7 +1,8 @@
 """Checkpoint roots on object storage (`s3://`, `gs://`, `az://`) behind one interface.
 
 `url` parses a root's address and names the package a scheme needs; `base` is the interface and
-its value types; `s3` implements it over botocore, `azure` over azure-storage-blob; `journal`
+its value types; `s3` implements it over botocore, `gcs` over google-cloud-storage, `azure`
+over azure-storage-blob; `journal`
 makes deletion crash-safe without a rename (deletion journal, deferred-deletion list for the
 trash grace).
 """
@@ -35,9 +36,13 @@ def open_store(
         from daemon.storage.azure import open_azure
 
         return url, open_azure(url, storage_options)
+    if url.scheme == "gs":
+        from daemon.storage.gcs import open_gcs
+
+        return url, open_gcs(url, storage_options)
     raise StorageUrlError(
         f"{url.scheme}:// roots: the {url.scheme} backend of the object-store interface is not"
-        " written yet (only s3://, S3-compatible servers and az:// are)"
+        " written (s3://, gs:// and az:// are)"
     )
 
 

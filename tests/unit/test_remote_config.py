@@ -35,7 +35,8 @@ def test_an_s3_root_with_storage_options_and_poll_interval_is_valid() -> None:
 @pytest.mark.parametrize(
     ("root", "expected"),
     [
-        ("  - path: gs://bucket/run\n", "gs:// roots are not implemented yet"),
+        (f"  - path: az://container/run\n    storage_options: {{key: {SECRET}}}\n", "az:// knows"),
+        (f"  - path: gs://bucket/run\n    storage_options: {{key: {SECRET}}}\n", "gs:// knows"),
         ("  - path: s3://bucket/run\n    watch: inotify\n", "object storage has no inotify"),
         (f"  - path: s3://bucket/run\n    storage_options: {{passwd: {SECRET}}}\n", "passwd"),
         (f"  - path: s3://bucket/run\n    storage_options: 'secret={SECRET}'\n", "not shown"),
