@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-RUN_COMMAND = "sudo CKPTD_CONTAINER_TESTS=1 .venv/bin/python -m pytest tests/field"
+RUN_COMMAND = "sudo CKPTD_CONTAINER_TESTS=1 .venv/bin/python -m pytest -m slow tests/field"
 TIMINGS = pytest.StashKey[list[str]]()
 
 
