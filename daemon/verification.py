@@ -23,7 +23,6 @@ checked once after it completes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -38,7 +37,7 @@ from daemon.config import Config
 from daemon.history.events import Alert, HoldExpired, IntegrityCorrupt
 from daemon.history.log import History
 from daemon.holds import expire_holds
-from daemon.integrity.cache import IntegrityCache
+from daemon.integrity.cache import IntegrityCache, write_json
 from daemon.integrity.check import check_checkpoint, signature_of
 from daemon.integrity.result import IntegrityResult, Signature
 from policies.model import Checkpoint
@@ -186,7 +185,7 @@ class UserTestStore:
                 },
             }
             self._dirty = False
-        if not _write_json(self.path, document):
+        if not write_json(self.path, document):
             with self._lock:
                 self._dirty = True
             return False
@@ -204,23 +203,6 @@ class UserTestStore:
                 }
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._roots = {}  # unreadable or from another version: test again
-
-
-def _write_json(path: str, document: dict[str, Any]) -> bool:
-    payload = json.dumps(document, separators=(",", ":")).encode()
-    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        return False
-    return True
 
 
 @dataclass

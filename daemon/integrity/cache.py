@@ -175,18 +175,7 @@ class IntegrityCache:
                 },
             }
             self._dirty = False
-        payload = json.dumps(document, separators=(",", ":")).encode()
-        temporary = f"{self.path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            with open(temporary, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
+        if not write_json(self.path, document):
             with self._lock:
                 self._dirty = True
             return False
@@ -203,6 +192,25 @@ class IntegrityCache:
                 self._roots[str(root)] = loaded
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._roots = {}  # unreadable or from another version: check again
+
+
+def write_json(path: str, document: dict[str, Any]) -> bool:
+    """Given a path and a JSON document, write it whole (temporary file, fsync, rename: a
+    reader sees the old file or the new one); return whether it was written."""
+    payload = json.dumps(document, separators=(",", ":")).encode()
+    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(temporary, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return False
+    return True
 
 
 def check_cached(

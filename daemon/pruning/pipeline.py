@@ -384,28 +384,37 @@ def _record_run(job: _Job, report: PruneReport) -> None:
         if not job.dry_run:
             QUIET_RUNS.add(job.history, job.root_path)
         return
-    applied = report.applied
     quiet = 0 if job.dry_run else QUIET_RUNS.take(job.history, job.root_path)
     job.history.record(
-        PruneRun(
-            root=job.root_path,
-            dry_run=job.dry_run,
-            checkpoints=len(report.plan.decisions),
-            kept=len(report.plan.decisions) - len(applied.deleted),
-            deleted=len(applied.deleted),
-            would_delete=len(applied.would_delete),
-            vetoed=len(report.veto_reasons),
-            failed=len(applied.failed),
-            trashed=len(applied.trashed),
-            bytes_freed=report.bytes_freed,
-            bytes_in_trash=applied.bytes_in_trash,
-            seconds=round(report.seconds, 3),
-            force=job.force,
-            policy=job.policy,
-            quiet_runs=quiet or None,
-            bytes_logical=report.bytes_logical,
-            **_slim_counts(report),
-        )
+        run_record(report, root=job.root_path, force=job.force, policy=job.policy, quiet=quiet)
+    )
+
+
+def run_record(
+    report: PruneReport, *, root: str, force: bool, policy: dict[str, object], quiet: int = 0
+) -> PruneRun:
+    """Given a finished run's report, the root's name in the history, whether it was forced,
+    its policy and the quiet runs before it, return its `prune_run` record (a local root's and
+    an object-storage root's alike)."""
+    applied = report.applied
+    return PruneRun(
+        root=root,
+        dry_run=report.dry_run,
+        checkpoints=len(report.plan.decisions),
+        kept=len(report.plan.decisions) - len(applied.deleted),
+        deleted=len(applied.deleted),
+        would_delete=len(applied.would_delete),
+        vetoed=len(report.veto_reasons),
+        failed=len(applied.failed),
+        trashed=len(applied.trashed),
+        bytes_freed=report.bytes_freed,
+        bytes_in_trash=applied.bytes_in_trash,
+        seconds=round(report.seconds, 3),
+        force=force,
+        policy=policy,
+        quiet_runs=quiet or None,
+        bytes_logical=report.bytes_logical,
+        **_slim_counts(report),
     )
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from daemon.config import Config, RootConfig, policy_for, settings_for
 from daemon.discovery.remote import RemoteScan, open_root_store
 from daemon.discovery.walker import FINGERPRINT_MARKERS
-from daemon.history.events import Delete, PruneRefused, PruneRun, TrashPurge, Veto
+from daemon.history.events import Delete, PruneRefused, TrashPurge, Veto
 from daemon.history.log import History
 from daemon.planner import plan_remote
 from daemon.pruning import deleter
@@ -39,6 +39,7 @@ from daemon.pruning.pipeline import (
     Refusal,
     did_nothing,
     only_confirmed,
+    run_record,
 )
 from daemon.pruning.trash import PurgeResult
 from daemon.safety import guard
@@ -286,28 +287,8 @@ def _record_deletes(
 
 
 def _record_run(job: _RemoteJob, report: PruneReport) -> None:
-    if did_nothing(report):
-        return
-    applied = report.applied
-    job.history.record(
-        PruneRun(
-            root=job.name,
-            dry_run=job.dry_run,
-            checkpoints=len(report.plan.decisions),
-            kept=len(report.plan.decisions) - len(applied.deleted),
-            deleted=len(applied.deleted),
-            would_delete=len(applied.would_delete),
-            vetoed=len(report.veto_reasons),
-            failed=len(applied.failed),
-            trashed=len(applied.trashed),
-            bytes_freed=report.bytes_freed,
-            bytes_in_trash=applied.bytes_in_trash,
-            seconds=round(report.seconds, 3),
-            force=job.force,
-            policy=job.policy,
-            bytes_logical=report.bytes_logical,
-        )
-    )
+    if not did_nothing(report):
+        job.history.record(run_record(report, root=job.name, force=job.force, policy=job.policy))
 
 
 def _confirmed(
