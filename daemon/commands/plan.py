@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
             warnings=[warning] if warning else [],
         )
         if standby is not None:
-            console.print(standby.line(), markup=False)
+            console.print(standby.line(time.time()), markup=False)
     if args.json:
         # One root: the documented object; several: a list of them.
         output = documents[0] if len(documents) == 1 else documents

@@ -481,12 +481,17 @@ class Standby:
             "expires": utc_iso(self.expires, timespec="seconds"),
         }
 
-    def line(self) -> str:
-        """Return the sentence `ckptd plan` prints under the root."""
+    def line(self, now: float) -> str:
+        """Given the time, return the sentence `ckptd plan` prints under the root."""
         until = utc_iso(self.expires, timespec="seconds")
+        if now > self.expires:
+            # Expired, but not yet by the skew: no node may take it over before then.
+            held = f"holds the lease (expired at {until}; taken over once past the skew)"
+        else:
+            held = f"holds the lease until {until}"
         return (
-            f"this node is standby: {self.host} (pid {self.pid}) holds the lease until"
-            f" {until}; it prunes this root, this node applies nothing here"
+            f"this node is standby: {self.host} (pid {self.pid}) {held}; it prunes this root,"
+            " this node applies nothing here"
         )
 
 

@@ -74,3 +74,18 @@ def test_a_purge_stops_before_its_next_removal_once_stopped(tmp_path: Path, root
     assert result.removed == () and len(trash.list_trash(str(root))) == 4
     result = trash.purge(str(root), now=time.time(), grace=0.0, everything=True)
     assert len(result.removed) == 4 and trash.list_trash(str(root)) == []
+
+
+def test_the_standby_line_says_until_when_or_that_the_lease_expired_within_the_skew() -> None:
+    standby = leasing.Standby(host="node-a", pid=42, expires=1_800_000_000.0)
+    assert standby.line(1_799_999_990.0) == (
+        "this node is standby: node-a (pid 42) holds the lease until 2027-01-15T08:00:00+00:00;"
+        " it prunes this root, this node applies nothing here"
+    )
+    assert "(expired at 2027-01-15T08:00:00+00:00; taken over once past the skew)" in (
+        standby.line(1_800_000_001.0)
+    )
+    assert standby.to_json() == {
+        "holder": {"host": "node-a", "pid": 42},
+        "expires": "2027-01-15T08:00:00+00:00",
+    }
