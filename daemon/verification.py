@@ -37,9 +37,10 @@ from daemon.config import Config
 from daemon.history.events import Alert, HoldExpired, IntegrityCorrupt
 from daemon.history.log import History
 from daemon.holds import expire_holds
-from daemon.integrity.cache import IntegrityCache, write_json
+from daemon.integrity.cache import IntegrityCache
 from daemon.integrity.check import check_checkpoint, signature_of
 from daemon.integrity.result import IntegrityResult, Signature
+from daemon.jsonfile import roots_document, write_json
 from policies.model import Checkpoint
 
 VerdictStatus = Literal["passed", "corrupt", "unchecked"]
@@ -177,15 +178,11 @@ class UserTestStore:
         with self._lock:
             if not self._dirty:
                 return False
-            document = {
-                "version": _VERSION,
-                "roots": {
-                    root: {name: record.to_json() for name, record in entries.items()}
-                    for root, entries in self._roots.items()
-                },
-            }
+            roots = {root: dict(records) for root, records in self._roots.items()}
             self._dirty = False
-        if not write_json(self.path, document):
+        try:
+            write_json(self.path, roots_document(_VERSION, roots))
+        except OSError:
             with self._lock:
                 self._dirty = True
             return False

@@ -25,14 +25,15 @@ nothing vanished or unreadable during the walk. Anything else is walked again on
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
+
+from daemon.jsonfile import StreamedArray, StreamedObject, write_json
 
 CACHE_FILE_NAME = "size-cache.json"
 # 2: walks note transformers' checkpoint-is-incomplete.txt and dcp's __0.metadata; a walk of
@@ -255,35 +256,17 @@ class SizeCache:
         with self._lock:
             if not self._dirty:
                 return False
-            document = {
-                "version": _FORMAT_VERSION,
-                "entries": [
-                    {
-                        "root": root,
-                        "name": name,
-                        "identity": [list(part) for part in entry.identity],
-                        "walk": entry.walk.to_json(),
-                    }
-                    for root, entries in self._roots.items()
-                    for name, entry in entries.items()
-                ],
-            }
+            # Copies of the mappings only; each entry is encoded as it is written (daemon/jsonfile).
+            roots = {root: dict(entries) for root, entries in self._roots.items()}
             self._dirty = False
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+        document = StreamedObject(
+            [("version", _FORMAT_VERSION), ("entries", StreamedArray(_entries_json(roots)))]
+        )
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                # One-shot dumps: json.dump streams through many small writes (3x slower).
-                handle.write(json.dumps(document, separators=(",", ":")))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            write_json(path, document)
         except BaseException:
             with self._lock:
                 self._dirty = True
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
             raise
         return True
 
@@ -320,3 +303,15 @@ class SizeCache:
             self.load_error = f"{path}: malformed cache ({error!r}); starting empty"
             return
         self._roots = roots
+
+
+def _entries_json(roots: Mapping[str, Mapping[str, CacheEntry]]) -> Iterator[dict[str, Any]]:
+    """Given the entries by root, return each one's JSON form, one at a time."""
+    for root, entries in roots.items():
+        for name, entry in entries.items():
+            yield {
+                "root": root,
+                "name": name,
+                "identity": [list(part) for part in entry.identity],
+                "walk": entry.walk.to_json(),
+            }

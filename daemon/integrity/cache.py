@@ -13,7 +13,6 @@ On disk (given a path, normally `<state_dir>/integrity-cache.json`): `{"version"
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -24,6 +23,7 @@ from typing import Any, Final
 
 from daemon.integrity.check import check_checkpoint, signature_of
 from daemon.integrity.result import IntegrityResult, Signature, Status
+from daemon.jsonfile import roots_document, write_json
 
 CACHE_FILE_NAME: Final = "integrity-cache.json"
 _VERSION: Final = 1
@@ -167,15 +167,12 @@ class IntegrityCache:
         with self._lock:
             if not self._dirty:
                 return False
-            document = {
-                "version": _VERSION,
-                "roots": {
-                    root: {name: cached.to_json() for name, cached in entries.items()}
-                    for root, entries in self._roots.items()
-                },
-            }
+            # Copies of the mappings only: the results are frozen, and are encoded one by one.
+            roots = {root: dict(entries) for root, entries in self._roots.items()}
             self._dirty = False
-        if not write_json(self.path, document):
+        try:
+            write_json(self.path, roots_document(_VERSION, roots))
+        except OSError:
             with self._lock:
                 self._dirty = True
             return False
@@ -192,25 +189,6 @@ class IntegrityCache:
                 self._roots[str(root)] = loaded
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             self._roots = {}  # unreadable or from another version: check again
-
-
-def write_json(path: str, document: dict[str, Any]) -> bool:
-    """Given a path and a JSON document, write it whole (temporary file, fsync, rename: a
-    reader sees the old file or the new one); return whether it was written."""
-    payload = json.dumps(document, separators=(",", ":")).encode()
-    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        return False
-    return True
 
 
 def check_cached(
