@@ -174,8 +174,8 @@ def _walk_folder(
         top = _open_folder(root_fd, place.inside, place, skipped)
         if top is None:
             return
+        stack.append(top)  # closed below however the walk ends, as every folder opened
         yield _dir_item(top, place, complete=complete)
-        stack.append(top)
         while stack:
             folder = stack[-1]
             listed = next(folder.entries, None)
@@ -197,8 +197,8 @@ def _walk_folder(
             else:
                 opened = _open_folder(folder.fd, name, below, skipped)
                 if opened is not None:
-                    yield _dir_item(opened, below, complete=complete)
                     stack.append(opened)
+                    yield _dir_item(opened, below, complete=complete)
     finally:
         for folder in stack:
             os.close(folder.fd)

@@ -24,7 +24,7 @@ import pytest
 
 from daemon.config import Config, RootConfig
 from daemon.discovery.scan import ScanResult
-from daemon.rootdir import Identity
+from daemon.rootdir import Identity, IdentityStore, root_key
 from daemon.snapshots import daily, execute, verify
 from daemon.snapshots.plan import FileItem, SnapshotPlan, build_snapshot_plan, reflink_probe
 from daemon.snapshots.sources import PlannedRoot, RefusedSource, Sources
@@ -37,7 +37,6 @@ from tests.integration.test_snapshot import (
     run,
     write_hf_checkpoint,
 )
-from tests.layouts_fixtures import well_formed_bytes
 
 # The longest a snapshot with a refused file may take here (a blocked open never returns).
 PROMPT = 20.0
@@ -50,11 +49,9 @@ def root(tmp_path: Path) -> Path:
     folder = tmp_path / "run-a"
     checkpoint = write_hf_checkpoint(folder, 300)
     (checkpoint / "optimizer").mkdir()
-    # Well formed: random bytes starting with 0x80 look like a pickle to the integrity check,
-    # which then calls the checkpoint corrupt and nothing is snapshotted (1 run in 256).
-    (checkpoint / "optimizer" / "state.bin").write_bytes(
-        well_formed_bytes("state.bin", 4096, random=True)
-    )
+    # Random, but not starting with 0x80: the integrity check reads such a `.bin` as a pickle,
+    # calls the checkpoint corrupt and nothing is snapshotted (1 run in 256).
+    (checkpoint / "optimizer" / "state.bin").write_bytes(b"\0" + os.urandom(4095))
     settled = NOW.timestamp() - 3600
     for path in [*checkpoint.rglob("*"), checkpoint]:
         os.utime(path, (settled, settled))
@@ -526,3 +523,26 @@ def test_a_folder_flipped_by_a_racing_process_never_shows_outside_names_in_any_p
     assert flipper.returncode == -9, "the flipper died early: the race was not run"
     assert built >= 50, (built, failed)
     assert {"dir", "symlink"} <= seen, f"the walks never met both states: {seen}"
+
+
+def test_a_root_swapped_for_a_symlink_after_discovery_is_not_walked(
+    root: Path, tmp_path: Path, outside: Path
+) -> None:
+    # The decoy holds the checkpoint names discovery saw, so only the root's identity tells.
+    (outside / "checkpoint-300").mkdir()
+    (outside / "checkpoint-300" / OUTSIDE_NAME).write_bytes(b"SECRET")
+    state = tmp_path / "state"
+    state.mkdir()
+    IdentityStore(str(state)).remember(root_key(str(root)), Identity.of(root.stat()))
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, state_dir=state, **DAILY)
+
+    def plan(config: Config, root_config: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+        planned = daily._default_plan(config, root_config, now=now)
+        os.rename(root, root.with_name("run-a.moved"))  # after discovery, before the walk
+        root.symlink_to(outside, target_is_directory=True)
+        return planned
+
+    snapshot_plan = build_snapshot_plan(config, now=NOW.timestamp(), plan=plan, method="copy")
+    assert_nothing_from_outside(snapshot_plan, root, {})
+    assert snapshot_plan.items == () and snapshot_plan.roots == ()
+    assert len(snapshot_plan.errors) == 1 and "root identity changed" in snapshot_plan.errors[0]
