@@ -29,7 +29,19 @@ from collections.abc import Mapping
 from datetime import tzinfo
 from typing import Any, TextIO
 
-import structlog
+# structlog.dev imports rich, when installed, for its traceback renderer. ckptd's console lines
+# use plain tracebacks (configure_logging says so explicitly), and `ckptd run` would otherwise
+# carry rich's 6 MB for nothing (bench/bench_daemon.py). A None in sys.modules makes that one
+# import fail as if rich were absent, the import system's documented behaviour; rich is put back
+# at once, so the commands that print tables import it as usual.
+if "rich" in sys.modules:
+    import structlog
+else:
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
 
 from daemon.clock import local_text, machine_zone, utc_iso
 
@@ -178,7 +190,9 @@ def configure_logging(
     renderer: Any
     if console:
         colors = stream.isatty() and "NO_COLOR" not in os.environ
-        renderer = structlog.dev.ConsoleRenderer(colors=colors)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
         final: list[Any] = [
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _as_text,

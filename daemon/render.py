@@ -14,15 +14,19 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, tzinfo
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from daemon import columns
 from daemon.clock import local_text, machine_zone
 from policies.model import Decision, Plan, PolicySpec
+
+# rich is imported where a table or a console is made, not here: `ckptd run` uses this module's
+# plain-text helpers (durations, sizes, the policy line) and never prints a table, and rich's
+# import alone is 6 MB of the daemon's resident size (bench/bench_daemon.py).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 TIER_TITLES = {
     1: "tier 1 · newest, all kept",
@@ -54,6 +58,8 @@ def make_console(*, stderr: bool = False) -> Console:
     Piped into `less`, `grep` or a file, long lines beat table cells wrapped at 80 columns; an
     exported $COLUMNS is a width asked for, and wins on a terminal and in a pipe alike.
     """
+    from rich.console import Console
+
     console = Console(highlight=False, emoji=False, stderr=stderr)
     if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
         return console
@@ -403,6 +409,9 @@ def timeline_table(
 ) -> Table:
     """Given a plan, return its timeline as a rich table (folded unless `unfold`; with `now`,
     an age column; `protected` entries first, under their own heading)."""
+    from rich.table import Table
+    from rich.text import Text
+
     fields = _timeline_fields(now is not None)
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
     for field in fields:
@@ -427,6 +436,8 @@ def timeline_lines(
     """Given a plan and the width, return the timeline's lines (folded unless `unfold`): one
     line per row where it fits; at 80 columns each row's reasons on a line of their own.
     Nothing is ever cut."""
+    from rich.text import Text
+
     fields = _timeline_fields(now is not None)
     entries = _timeline_rows(plan, unfold, now, protected)
     layout = columns.layout(fields, [e.values for e in entries if e.values], width, indent=8)
@@ -542,6 +553,8 @@ def print_plan(
 ) -> None:
     """Given a console and a plan, print the root with its cadence, the warnings (the plan's
     and the caller's), the timeline and the totals."""
+    from rich.text import Text
+
     heading = Text(plan.root, style="bold")
     heading.append(f"  {cadence_text(plan, layout)}", style="")
     console.print(heading)
@@ -673,6 +686,8 @@ def history_table(
     records: Iterable[dict[str, Any]], *, width: int = PIPED_WIDTH, zone: tzinfo | None = None
 ) -> Text:
     """Given history records, return the table people read (header, then oldest first)."""
+    from rich.text import Text
+
     shown = list(records)
     zone = zone or machine_zone()
     layout = history_layout(shown, width, zone=zone)

@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from datetime import tzinfo
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
 from daemon.cli import DEFAULT_CONFIG, build_parser
 from daemon.clock import machine_zone, zone_for
 from daemon.columns import wrap
@@ -52,6 +50,8 @@ from policies.model import Plan
 EXIT_MISSING_ROOT = EXIT_FAILED
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from daemon.verification import VerificationState
 
 

@@ -2,7 +2,9 @@
 
 Per root: which policy applies and where it comes from, the cadence, the warnings (among them a
 prune that `max_delete_fraction` would refuse), the timeline with each checkpoint's age, the
-entries a `protect:` glob keeps beside the checkpoints, and the totals.
+entries a `protect:` glob keeps beside the checkpoints, and the totals. On a standby node (a
+shared root whose lease another node holds) a line says that node applies the plan, not this
+one (`--json`: `standby`, null elsewhere); the lease is only looked at, never taken.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from daemon.commands._common import protected_entries, select, warn_missing
 from daemon.config import Config, RootConfig, settings_for
 from daemon.planner import plan_root
+from daemon.pruning import leasing
 from daemon.render import make_console, plan_to_json, print_plan
 from daemon.safety import guard
 from daemon.safety.facts import Facts
@@ -48,9 +51,11 @@ def main(args: argparse.Namespace) -> int:
         scan, plan = plan_root(selection.config, root, now=now)
         protected = protected_entries(root, plan)
         warning = refusal_warning(selection.config, root, plan, now=now)
+        standby = leasing.standby(selection.config, root)
         if args.json:
             document = plan_to_json(plan, protected=protected, policy=selection.policy_line(root))
             document["warnings"] += [warning] if warning else []
+            document["standby"] = standby.to_json() if standby is not None else None
             documents.append(document)
             continue
         if index:
@@ -65,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
             protected=protected,
             warnings=[warning] if warning else [],
         )
+        if standby is not None:
+            console.print(standby.line(time.time()), markup=False)
     if args.json:
         # One root: the documented object; several: a list of them.
         output = documents[0] if len(documents) == 1 else documents

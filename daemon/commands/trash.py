@@ -12,6 +12,11 @@ does (`-y` for scripts; without a terminal and without `-y` it refuses, exit 2).
 Each root is opened once and checked against the identity recorded for it, and its trash must
 be ckptd's own (README, "Against a hostile root owner"); a root refused for safety is said on
 stderr, the others are done, exit 3.
+
+A shared root (README, "Shared storage") is purged or restored into only under its lease, taken
+as `ckptd prune` takes it (daemon/pruning/leasing.py) and given back when the command ends: on a
+standby node, whose root's lease another node holds, both are refused like a prune there
+(`refused for safety`, naming the holder and its expiry; exit 3) and nothing in the trash moves.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from daemon.config import RootConfig, settings_for
 from daemon.errors import EXIT_FAILED, EXIT_OK, EXIT_REFUSED, SafetyRefusal, UsageError
 from daemon.history.events import TrashRestore
 from daemon.history.log import HistoryLog
+from daemon.pruning import leasing, trash
 from daemon.pruning import remote as remote_pruning
-from daemon.pruning import trash
 from daemon.pruning.lock import root_lock
 from daemon.render import format_bytes, format_wait, make_console
 from daemon.rootdir import IdentityStore, RootDir, open_root
@@ -43,6 +48,9 @@ from daemon.storage.url import is_remote
 
 # A prune moving checkpoints into the trash looks, to recovery, like a crashed move.
 BUSY = "another prune of this root is running (the daemon, or ckptd prune); try again after it"
+
+# After the lease refusal's own sentence (who holds it, until when): what it means here.
+STANDBY = "its trash is that node's to purge and restore; nothing changed"
 
 # At 80 columns the time of deletion and the state go on a line of their own under the name:
 # the name stays whole, `ckptd trash restore NAME` needs it.
@@ -65,6 +73,15 @@ def _open(selected: Selection, root: RootConfig) -> RootDir:
     """Given a root of the selection, open it, checked against the identity recorded for it
     (RootChanged, exit 3, when another folder is at its path)."""
     return open_root(root.path, store=IdentityStore.in_state_dir(selected.config.state_dir))
+
+
+def _say_standby(root: RootConfig, held: leasing.LeaseHeldElsewhere) -> None:
+    """Given a root whose lease another node holds, say so as `ckptd prune` says it there."""
+    # Plain print: a message for logs and scripts must not be wrapped or styled.
+    print(
+        f"ckptd trash: refused for safety: {leasing.report_root(root)}: {held}; {STANDBY}",
+        file=sys.stderr,
+    )
 
 
 def _removal(expires_at: float, now: float) -> str:
@@ -212,14 +229,19 @@ def _restore(args: argparse.Namespace, selected: Selection, console: Console) ->
     if not args.name:
         raise UsageError("trash restore needs the NAME of a checkpoint (see `ckptd trash list`)")
     holding = _root_holding(args.name, selected)
-    if is_remote(holding.path):
-        return _restore_remote(args, selected, console, holding)
-    with _open(selected, holding) as root_dir:
-        root_path = root_dir.path
-        with root_lock(root_dir) as acquired:
-            if not acquired:
-                raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
-            restored = trash.restore_pinned(root_dir, args.name)
+    try:
+        with leasing.taken(selected.config, holding):
+            if is_remote(holding.path):
+                return _restore_remote(args, selected, console, holding)
+            with _open(selected, holding) as root_dir:
+                root_path = root_dir.path
+                with root_lock(root_dir) as acquired:
+                    if not acquired:
+                        raise SafetyRefusal(f"refusing to restore into {root_path}: {BUSY}")
+                    restored = trash.restore_pinned(root_dir, args.name)
+    except leasing.LeaseHeldElsewhere as held:
+        _say_standby(holding, held)
+        return EXIT_REFUSED
     name = restored.item.name
     with HistoryLog(selected.history_path) as history:
         history.record(TrashRestore(root=root_path, checkpoint=name))
@@ -264,6 +286,8 @@ def _confirm_purge(args: argparse.Namespace, selected: Selection, console: Conso
     items = []
     sizes: list[int] = []
     for root in selected.roots:
+        if leasing.standby(selected.config, root) is not None:
+            continue  # refused when the purge comes to it: nothing to ask about there
         if is_remote(root.path):
             sizes.extend(item.size for item in remote_pruning.deferred(root)[1])
             continue
@@ -306,6 +330,10 @@ def _purge(args: argparse.Namespace, selected: Selection, console: Console) -> i
         for root in selected.roots:
             try:
                 root_path, result = _purge_root(selected, root, now, history)
+            except leasing.LeaseHeldElsewhere as held:
+                _say_standby(root, held)
+                busy = True
+                continue
             except SafetyRefusal as refusal:
                 where = os.path.realpath(root.path)
                 print(f"ckptd trash: refusing to purge {where}: {refusal}", file=sys.stderr)
@@ -326,17 +354,22 @@ def _purge(args: argparse.Namespace, selected: Selection, console: Console) -> i
 def _purge_root(
     selected: Selection, root: RootConfig, now: float, history: HistoryLog
 ) -> tuple[str, trash.PurgeResult]:
-    """Given a root, recover and purge its trash under its lock; return its path and what was
-    purged. Raises SafetyRefusal when another prune holds it, or the root or its trash is
+    """Given a root, recover and purge its trash under its lease (a shared root) and its lock;
+    return its path and what was purged. Raises LeaseHeldElsewhere when another node holds the
+    lease, SafetyRefusal when another prune holds the root, or the root or its trash is
     refused."""
-    if is_remote(root.path):
-        return root.path, remote_pruning.purge_deferred(root, now, history)
-    with _open(selected, root) as root_dir, root_lock(root_dir) as acquired:
-        if not acquired:
-            raise SafetyRefusal(BUSY)
-        trash.recover(root_dir)
-        purged = trash.purge(root_dir, now=now, grace=0.0, everything=True, history=history)
-        return root_dir.path, purged
+    with leasing.taken(selected.config, root) as lease:
+        stop = lease.guard(None)  # set once the lease is lost: start no further removal
+        if is_remote(root.path):
+            return root.path, remote_pruning.purge_deferred(root, now, history, stop)
+        with _open(selected, root) as root_dir, root_lock(root_dir) as acquired:
+            if not acquired:
+                raise SafetyRefusal(BUSY)
+            trash.recover(root_dir)
+            purged = trash.purge(
+                root_dir, now=now, grace=0.0, everything=True, history=history, stop=stop
+            )
+            return root_dir.path, purged
 
 
 def _purge_to_json(result: trash.PurgeResult) -> dict[str, Any]:

@@ -20,6 +20,11 @@ holder whose renewals failed for a whole duration stops before another node may 
 `ckptd prune` on the machine whose daemon holds the lease does not fight its own daemon: the
 root lock (`flock`) already keeps two prunes on one machine apart, so it prunes under the
 daemon's lease while that lease is valid and names this host and a live ckptd process.
+
+What a person does to a shared root's trash by hand (`ckptd trash purge`, `ckptd trash
+restore`) goes through the same `check` (`taken`): on a standby node it is refused, naming the
+holder and its expiry, and a lease the command took is given back when it ends. `ckptd plan`
+only looks (`standby`): it says which node will apply the plan.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -39,9 +44,9 @@ import psutil
 from daemon.clock import utc_iso
 from daemon.config import Config, LeaseConfig, RootConfig
 from daemon.disk.mounts import filesystem_type, is_shared_filesystem
-from daemon.errors import CkptdError
+from daemon.errors import SafetyRefusal
 from daemon.history.events import PruneRefused
-from daemon.history.log import History
+from daemon.history.log import NULL_HISTORY, History
 from daemon.lease import Lease, LeaseError, LeaseInfo, ObjectLease, PosixLease
 from daemon.logs import get_logger
 from daemon.rootdir import root_key
@@ -107,9 +112,14 @@ def new_lease(
     return ObjectLease(store, url, settings.duration, settings.skew, host)
 
 
-class LeaseHeldElsewhere(CkptdError):
+class LeaseHeldElsewhere(SafetyRefusal):
     """Another node holds this shared root's lease: this daemon changes nothing there (the
-    disk check's emptying of a trash that node owns, too)."""
+    disk check's emptying of a trash that node owns, too; `ckptd trash purge` and `restore`
+    on a standby node: refused, exit 3). `holder`: who holds it (None: unknown)."""
+
+    def __init__(self, reason: str, holder: LeaseInfo | None = None) -> None:
+        super().__init__(reason)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -271,6 +281,13 @@ class Leases:
             log.warning("lease_lost", root=root.path, note="another node took it over")
         return False
 
+    def release(self, key: str) -> None:
+        """Given a root's key, give up this process's lease of it (if held) and forget it."""
+        with self.lock:
+            lease = self._leases.pop(key, None)
+            if lease is not None:
+                self._release(lease)
+
     def release_all(self) -> None:
         """Give up every lease this process holds (a clean stop)."""
         with self.lock:
@@ -423,6 +440,74 @@ def require(config: Config, root: RootConfig, *, history: History) -> None:
         raise LeaseHeldElsewhere(refusal.reason)
 
 
+@contextlib.contextmanager
+def taken(
+    config: Config,
+    root: RootConfig,
+    *,
+    history: History = NULL_HISTORY,
+    store: ObjectStore | None = None,
+) -> Iterator[LeaseCheck]:
+    """Given a root about to be changed by a command outside `prune_root` (`ckptd trash
+    purge`, `restore`), take its lease as a prune does (`check`) and yield what the change
+    runs under (its `guard` stops a long one when the lease is lost); raise
+    LeaseHeldElsewhere, naming the holder, when another node holds it. On leaving, give the
+    lease back if this call took it (a daemon's leases are its own to keep)."""
+    key = lease_key(root)
+    held_before = LEASES.held(key) is not None
+    lease = check(config, root, dry_run=False, history=history, store=store)
+    if lease.refusal is not None:
+        raise LeaseHeldElsewhere(lease.refusal.reason, lease.refusal.holder)
+    try:
+        yield lease
+    finally:
+        if not held_before and not LEASES.keep:
+            LEASES.release(key)
+
+
+@dataclass(frozen=True)
+class Standby:
+    """Given a shared root whose lease another node holds: that node, its PID and the lease's
+    expiry (epoch s); this node prunes nothing there until the lease lapses."""
+
+    host: str
+    pid: int
+    expires: float
+
+    def to_json(self) -> dict[str, Any]:
+        """Return it as `plan --json` writes it (the expiry in UTC ISO 8601)."""
+        return {
+            "holder": {"host": self.host, "pid": self.pid},
+            "expires": utc_iso(self.expires, timespec="seconds"),
+        }
+
+    def line(self, now: float) -> str:
+        """Given the time, return the sentence `ckptd plan` prints under the root."""
+        until = utc_iso(self.expires, timespec="seconds")
+        if now > self.expires:
+            # Expired, but not yet by the skew: no node may take it over before then.
+            held = f"holds the lease (expired at {until}; taken over once past the skew)"
+        else:
+            held = f"holds the lease until {until}"
+        return (
+            f"this node is standby: {self.host} (pid {self.pid}) {held}; it prunes this root,"
+            " this node applies nothing here"
+        )
+
+
+def standby(config: Config, root: RootConfig, store: ObjectStore | None = None) -> Standby | None:
+    """Given a root, return who holds its lease when this node is standby there (a prune would
+    be refused: another node holds the lease, not expired by more than the skew), else None.
+    Read only: the lease is looked at as a dry-run prune does (`check`), nothing is taken."""
+    refusal = check(config, root, dry_run=True, history=NULL_HISTORY, store=store).refusal
+    if refusal is None or refusal.holder is None:
+        return None
+    holder = refusal.holder
+    if holder.host == node_name(config):
+        return None  # this node's own process: a prune here takes it or works under it
+    return Standby(host=holder.host, pid=holder.pid, expires=holder.expires)
+
+
 def _refuse(
     root: RootConfig, refusal: LeaseRefusal, history: History, *, dry_run: bool = False
 ) -> LeaseCheck:
@@ -474,6 +559,7 @@ __all__ = [
     "LeaseHeldElsewhere",
     "LeaseRefusal",
     "Leases",
+    "Standby",
     "WhileHeld",
     "check",
     "describe",
@@ -486,4 +572,6 @@ __all__ = [
     "node_name",
     "report_root",
     "require",
+    "standby",
+    "taken",
 ]

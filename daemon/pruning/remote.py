@@ -420,11 +420,15 @@ def restore_deferred(root: RootConfig, name: str) -> bool:
     return journal.restore(store, url, name)
 
 
-def purge_deferred(root: RootConfig, now: float, history: History) -> PurgeResult:
+def purge_deferred(
+    root: RootConfig, now: float, history: History, stop: threading.Event | None = None
+) -> PurgeResult:
     """Given an object-storage root, finish crashed deletions and delete everything its
-    deferred-deletion lists hold now, grace or not (`ckptd trash purge`); return what went."""
+    deferred-deletion lists hold now, grace or not (`ckptd trash purge`; `stop` set, the
+    root's lease lost: no further request); return what went."""
     url, store = open_root_store(root)
     job = _job(root_config_only(root), root, url, store, False, False, None, history)
+    job = dataclasses.replace(job, keep_going=_combined(None, stop))
     return _finish_leftovers(job, now, everything=True)
 
 

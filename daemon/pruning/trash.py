@@ -43,6 +43,7 @@ import json
 import os
 import re
 import stat as stat_module
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -818,12 +819,16 @@ class Trash:
         grace: float,
         everything: bool = False,
         history: History = NULL_HISTORY,
+        stop: threading.Event | None = None,
     ) -> PurgeResult:
-        """Given the time and the grace, remove items past it (all with `everything`)."""
+        """Given the time and the grace, remove items past it (all with `everything`); `stop`
+        set (a shared root's lease lost) means: finish the item in progress, start no other."""
         removed: list[str] = []
         failed: list[tuple[str, str]] = []
         freed = Usage()
         for item in self.items():
+            if stop is not None and stop.is_set():
+                break
             if item.state != "trashed":
                 continue  # a crashed move (`recover` rolls it back) or an empty item
             if not everything and item.expires_at(grace) > now:
@@ -965,12 +970,14 @@ def purge(
     everything: bool = False,
     fs: FileSystem = LOCAL,
     history: History = NULL_HISTORY,
+    stop: threading.Event | None = None,
 ) -> PurgeResult:
-    """Given a root and the grace, remove trash items past it (all with `everything`)."""
+    """Given a root and the grace, remove trash items past it (all with `everything`; none
+    started once `stop` is set)."""
     with open_trash(root, fs=fs) as trash:
         if trash is None:
             return PurgeResult()
-        return trash.purge(now=now, grace=grace, everything=everything, history=history)
+        return trash.purge(now=now, grace=grace, everything=everything, history=history, stop=stop)
 
 
 def recover(root: str | RootDir, *, fs: FileSystem = LOCAL) -> list[str]:
