@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from typing import Any, Final, Literal
 
+from daemon.alerts import run_alert_command
 from daemon.config import Config
-from daemon.history.events import Alert, HoldExpired, IntegrityCorrupt
+from daemon.history.events import HoldExpired, IntegrityCorrupt
 from daemon.history.log import History
 from daemon.holds import expire_holds
 from daemon.integrity.cache import IntegrityCache
@@ -438,36 +437,19 @@ def run_corrupt_alert(
     command = config.disk.alert
     if not command:
         return None
-    environment = dict(os.environ)
-    environment.update(
-        CKPTD_LEVEL="corrupt",
-        CKPTD_ROOT=root,
-        CKPTD_ROOTS=root,
-        CKPTD_CHECKPOINT=checkpoint,
-        CKPTD_PATH=os.path.join(root, checkpoint),
-        CKPTD_PROBLEMS="\n".join(problems),
-    )
     mount = _mount_of(root)
-    environment["CKPTD_MOUNT"] = mount
-    fields: dict[str, Any] = {"mount": mount, "command": command, "level": "corrupt"}
-    code: int | None = None
-    try:
-        finished = subprocess.run(
-            shlex.split(command),
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        code = finished.returncode
-        fields.update(exit_code=code, stderr=finished.stderr[-500:])
-    except subprocess.TimeoutExpired:
-        fields.update(error=f"timed out after {timeout:g} s")
-    except (OSError, ValueError) as error:
-        fields.update(error=str(error))
-    history.record(Alert(**fields))
-    return code
+    variables = {
+        "CKPTD_LEVEL": "corrupt",
+        "CKPTD_ROOT": root,
+        "CKPTD_ROOTS": root,
+        "CKPTD_CHECKPOINT": checkpoint,
+        "CKPTD_PATH": os.path.join(root, checkpoint),
+        "CKPTD_PROBLEMS": "\n".join(problems),
+        "CKPTD_MOUNT": mount,
+    }
+    return run_alert_command(
+        command, variables, mount=mount, level="corrupt", history=history, timeout=timeout
+    )
 
 
 def _mount_of(root: str) -> str:

@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
-import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import psutil
 
+from daemon.alerts import run_alert_command
 from daemon.config import Config, RootConfig
 from daemon.disk.mounts import mount_point
 from daemon.history.events import (
-    Alert,
     DiskCritical,
     DiskPrune,
     DiskRecovered,
@@ -312,36 +310,19 @@ def run_alert(
 ) -> int | None:
     """Given the `alert` command line and the figures, run it (no shell) with the figures in
     its environment and return its exit code (None when it could not run or timed out)."""
-    environment = dict(os.environ)
-    environment.update(
-        CKPTD_LEVEL=level,
-        CKPTD_USED_PERCENT=f"{usage.percent:.1f}",
-        CKPTD_FREE_BYTES=str(usage.free),
-        CKPTD_TOTAL_BYTES=str(usage.total),
-        CKPTD_MOUNT=mount,
-        CKPTD_ROOT=roots[0],
-        CKPTD_ROOTS=os.pathsep.join(roots),
-        CKPTD_CRITICAL_PERCENT=f"{config.disk.critical_percent:g}",
+    variables = {
+        "CKPTD_LEVEL": level,
+        "CKPTD_USED_PERCENT": f"{usage.percent:.1f}",
+        "CKPTD_FREE_BYTES": str(usage.free),
+        "CKPTD_TOTAL_BYTES": str(usage.total),
+        "CKPTD_MOUNT": mount,
+        "CKPTD_ROOT": roots[0],
+        "CKPTD_ROOTS": os.pathsep.join(roots),
+        "CKPTD_CRITICAL_PERCENT": f"{config.disk.critical_percent:g}",
+    }
+    return run_alert_command(
+        command, variables, mount=mount, level=level, history=history, timeout=timeout
     )
-    fields: dict[str, Any] = {"mount": mount, "command": command, "level": level}
-    code: int | None = None
-    try:
-        finished = subprocess.run(
-            shlex.split(command),
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        code = finished.returncode
-        fields.update(exit_code=code, stderr=finished.stderr[-500:])
-    except subprocess.TimeoutExpired:
-        fields.update(error=f"timed out after {timeout:g} s")
-    except (OSError, ValueError) as error:
-        fields.update(error=str(error))
-    history.record(Alert(**fields))
-    return code
 
 
 def status_line(checks: Sequence[FilesystemCheck], config: Config) -> str | None:

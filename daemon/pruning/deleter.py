@@ -44,12 +44,13 @@ from typing import NamedTuple
 from daemon.disk.mounts import filesystem_type
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem, Usage
-from daemon.history.events import Delete, Veto
+from daemon.history.events import Delete
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import trash
+from daemon.pruning.vetoes import DELETION, record_veto
 from daemon.rootdir import RootDir, opened
 from daemon.safety import facts as proc_facts
-from policies.model import Checkpoint, Decision, Plan
+from policies.model import Decision, Plan
 
 log = logging.getLogger("ckptd.prune")
 
@@ -232,7 +233,9 @@ def _move(run: _Deletion, deletions: tuple[Decision, ...], tally: _Tally) -> lis
             checked_at = time.monotonic()
         holders = facts.holders_of(checkpoint)
         if holders:
-            tally.vetoed.append(_veto(run, checkpoint, holders[0]))
+            tally.vetoed.append(
+                record_veto(DELETION, run.history, run.root_path, checkpoint, holders[0])
+            )
             continue
         try:
             item = run.trash.move(checkpoint.name, checkpoint.members, now=run.now, durable=False)
@@ -278,7 +281,9 @@ def _recheck_in_trash(run: _Deletion, moved: list[_Moved], tally: _Tally) -> lis
             log.warning("could not put back %s: %s", checkpoint.name, message)
             tally.failed.append((checkpoint.name, message))
             continue
-        tally.vetoed.append(_veto(run, checkpoint, holders[0]))
+        tally.vetoed.append(
+            record_veto(DELETION, run.history, run.root_path, checkpoint, holders[0])
+        )
     return unheld
 
 
@@ -369,20 +374,3 @@ def _record(run: _Deletion, item: _Moved, removal: _Removal | None, tally: _Tall
             bytes_logical=freed.logical,
         )
     )
-
-
-def _veto(run: _Deletion, checkpoint: Checkpoint, holder: proc_facts.Holder) -> tuple[str, str]:
-    """Given a checkpoint a process holds, log and record the veto; return (name, reason)."""
-    reason = f"in-use:{holder.describe()}"
-    log.info("veto %s: %s", checkpoint.name, reason)
-    run.history.record(
-        Veto(
-            root=run.root_path,
-            checkpoint=checkpoint.name,
-            step=checkpoint.step,
-            reason=reason,
-            pid=holder.pid,
-            cmdline=holder.cmdline,
-        )
-    )
-    return checkpoint.name, reason

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
 from daemon.fsio import LOCAL, FileSystem
-from daemon.history.events import Slim, Veto
+from daemon.history.events import Slim
 from daemon.history.log import NULL_HISTORY, History
 from daemon.pruning import slimtrash, trash
+from daemon.pruning.vetoes import SLIM, record_veto
 from daemon.rootdir import RootDir, opened
 from daemon.safety import facts as proc_facts
 from daemon.slimming import SlimRecord
@@ -163,7 +164,7 @@ def _slim_one(run: _Run, decision: Decision, paths: tuple[str, ...], tally: _Tal
     checkpoint = decision.checkpoint
     holders = run.check(run.root_path, checkpoint.members).holders_of(checkpoint)
     if holders:
-        tally.vetoed.append(_veto(run, decision, holders[0]))
+        tally.vetoed.append(record_veto(SLIM, run.history, run.root_path, checkpoint, holders[0]))
         return
     try:
         item, record = slimtrash.move_in(run.trash, checkpoint.name, paths, now=run.now)
@@ -185,7 +186,7 @@ def _slim_one(run: _Run, decision: Decision, paths: tuple[str, ...], tally: _Tal
             message = f"in-use:{late[0].describe()}; left in {where}: {_message(error, item)}"
             tally.failed.append((checkpoint.name, message))
             return
-        tally.vetoed.append(_veto(run, decision, late[0]))
+        tally.vetoed.append(record_veto(SLIM, run.history, run.root_path, checkpoint, late[0]))
         return
     _finish(run, decision, item, described, record, tally)
 
@@ -238,21 +239,3 @@ def _message(error: OSError | UsageError, name: str) -> str:
     if isinstance(error, OSError):
         return f"{error.strerror or error} ({error.filename or name})"
     return str(error)
-
-
-def _veto(run: _Run, decision: Decision, holder: proc_facts.Holder) -> tuple[str, str]:
-    """Given a slim a process turned down, log and record the veto; return (name, reason)."""
-    checkpoint = decision.checkpoint
-    reason = f"slim-vetoed:in-use:{holder.describe()}"
-    log.info("veto slim of %s: %s", checkpoint.name, reason)
-    run.history.record(
-        Veto(
-            root=run.root_path,
-            checkpoint=checkpoint.name,
-            step=checkpoint.step,
-            reason=reason,
-            pid=holder.pid,
-            cmdline=holder.cmdline,
-        )
-    )
-    return checkpoint.name, reason

@@ -12,17 +12,23 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from daemon.config import Config
-from daemon.rootdir import Identity
+from daemon.config import Config, RootConfig
+from daemon.discovery.scan import ScanResult
+from daemon.rootdir import Identity, IdentityStore, root_key
 from daemon.snapshots import daily, execute, verify
-from daemon.snapshots.plan import FileItem, build_snapshot_plan, reflink_probe
+from daemon.snapshots.plan import FileItem, SnapshotPlan, build_snapshot_plan, reflink_probe
 from daemon.snapshots.sources import PlannedRoot, RefusedSource, Sources
+from policies.model import Plan
 from tests.configs import DAILY, make_config
 from tests.integration.test_copying import xfs  # noqa: F401 (the fixture)
 from tests.integration.test_snapshot import (
@@ -43,7 +49,9 @@ def root(tmp_path: Path) -> Path:
     folder = tmp_path / "run-a"
     checkpoint = write_hf_checkpoint(folder, 300)
     (checkpoint / "optimizer").mkdir()
-    (checkpoint / "optimizer" / "state.bin").write_bytes(os.urandom(4096))
+    # Random, but not starting with 0x80: the integrity check reads such a `.bin` as a pickle,
+    # calls the checkpoint corrupt and nothing is snapshotted (1 run in 256).
+    (checkpoint / "optimizer" / "state.bin").write_bytes(b"\0" + os.urandom(4095))
     settled = NOW.timestamp() - 3600
     for path in [*checkpoint.rglob("*"), checkpoint]:
         os.utime(path, (settled, settled))
@@ -329,3 +337,212 @@ def test_on_a_reflink_filesystem_a_swapped_source_is_refused(
         release(root / SHARD)
     assert_refused(report, events, xfs / "snaps", SHARD, "a FIFO" if swap == "fifo" else "symlink")
     assert not any(b"SECRET" in content for content in snapshot_contents(xfs / "snaps"))
+
+
+# --- planning: the walk that lists a checkpoint never lists anything outside the root ---------
+#
+# The owner swaps a checkpoint folder or a folder inside it for a symlink to a folder outside
+# the root (one holding `outside-secret`) while the snapshot plan is being made: no name from
+# there may appear in the plan, and no size of it may count in the plan's bytes.
+
+OUTSIDE_NAME = "outside-secret"
+NESTED_DIR = "checkpoint-300/optimizer"
+OUTSIDE_SIZE = 3 << 20  # larger than the whole checkpoint: it would show in bytes_total
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder outside every root, as another user's or /etc would be."""
+    folder = tmp_path / "elsewhere"
+    (folder / "inner").mkdir(parents=True)
+    (folder / OUTSIDE_NAME).write_bytes(b"SECRET" * (OUTSIDE_SIZE // 6))
+    (folder / "inner" / OUTSIDE_NAME).write_bytes(b"SECRET")
+    return folder
+
+
+def real_files(root: Path) -> dict[str, int]:
+    """Given a root, return the size of each regular file below it by its name in the snapshot
+    (`run-a/...`), following no symlink."""
+    found: dict[str, int] = {}
+    for folder, _folders, files in os.walk(root):
+        for name in files:
+            path = Path(folder, name)
+            if stat.S_ISREG(path.lstat().st_mode):
+                found[f"run-a/{path.relative_to(root)}"] = path.lstat().st_size
+    return found
+
+
+def assert_nothing_from_outside(
+    snapshot_plan: SnapshotPlan, root: Path, files: dict[str, int]
+) -> None:
+    """Given a plan and the root's files before any swap, check that the plan names nothing
+    outside the root and counts no size read from outside it."""
+    for item in snapshot_plan.items:
+        texts = (item.relative, item.inside, item.source, item.link_target or "")
+        assert not any(OUTSIDE_NAME in text for text in texts), item
+        assert item.source.startswith(f"{root}/"), item
+        if item.kind == "file":
+            assert files.get(item.relative) == item.size, item
+    assert not any(OUTSIDE_NAME in error for error in snapshot_plan.errors), snapshot_plan.errors
+    assert snapshot_plan.bytes_total <= sum(files.values()) < OUTSIDE_SIZE
+
+
+def swap_when_listed(
+    monkeypatch: pytest.MonkeyPatch, folder: Path, swap: Callable[[], None]
+) -> Callable[..., tuple[ScanResult, Plan]]:
+    """Given a folder of the root and a swap, return the plan function for
+    `build_snapshot_plan` that plans the root as usual, then makes the swap happen the moment
+    the snapshot walk is about to list that folder: after the walk looked at it (a folder),
+    before its entries are read — the owner winning the race, every time."""
+    target = folder.stat()
+    real_scandir = os.scandir
+    swapped: list[bool] = []
+
+    def scandir(path: Any = ".") -> Any:
+        if not swapped:
+            with contextlib.suppress(OSError):
+                status = os.fstat(path) if isinstance(path, int) else os.stat(path)
+                if (status.st_dev, status.st_ino) == (target.st_dev, target.st_ino):
+                    swapped.append(True)
+                    swap()
+        return real_scandir(path)
+
+    def plan(config: Config, root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+        planned = daily._default_plan(config, root, now=now)
+        monkeypatch.setattr(os, "scandir", scandir)  # discovery is done: arm it for the walk
+        return planned
+
+    return plan
+
+
+@pytest.mark.parametrize("which", ["checkpoint-300", "checkpoint-300/optimizer"])
+def test_a_folder_swapped_for_a_symlink_out_of_the_root_while_listed_lists_nothing_outside(
+    root: Path, tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    files = real_files(root)
+    config = snapshot_config([root], tmp_path / "snaps")
+    plan = swap_when_listed(monkeypatch, root / which, folder_symlink_for(root / which, outside))
+    snapshot_plan = build_snapshot_plan(config, now=NOW.timestamp(), plan=plan, method="copy")
+    monkeypatch.undo()
+    assert (root / which).is_symlink(), f"the swap did not happen: {snapshot_plan}"
+    assert_nothing_from_outside(snapshot_plan, root, files)
+    # What the walk listed is the folder it opened (now renamed aside), all of it.
+    assert {item.relative for item in snapshot_plan.items if item.kind == "file"} == set(files)
+
+
+def test_a_checkpoint_swapped_for_a_symlink_after_discovery_is_skipped_and_said(
+    root: Path, tmp_path: Path, outside: Path
+) -> None:
+    files = real_files(root)
+    config = snapshot_config([root], tmp_path / "snaps")
+    swap = folder_symlink_for(root / "checkpoint-300", outside)
+
+    def plan(config: Config, root_config: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+        planned = daily._default_plan(config, root_config, now=now)
+        swap()  # after discovery saw a folder, before the snapshot walk
+        return planned
+
+    snapshot_plan = build_snapshot_plan(config, now=NOW.timestamp(), plan=plan, method="copy")
+    assert_nothing_from_outside(snapshot_plan, root, files)
+    assert snapshot_plan.items == () and snapshot_plan.checkpoints == ()
+    assert snapshot_plan.bytes_total == 0
+    assert snapshot_plan.errors == (
+        f"{root}/checkpoint-300: skipped: a symlink where a folder was listed, never followed "
+        "inside a root",
+    )
+
+
+# The flipper: swaps a folder of the root and a symlink to a folder outside (kept at a spare name
+# outside the root, on the same filesystem), back and forth, until killed. RENAME_EXCHANGE swaps
+# both names in one step (the name always exists); three renames where it is missing.
+_FLIPPER = """
+import ctypes, os, sys, time
+folder, outside, spare = sys.argv[1:4]
+os.symlink(outside, spare)
+exchange = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+def flip():
+    if exchange is not None and exchange(
+        AT_FDCWD, folder.encode(), AT_FDCWD, spare.encode(), RENAME_EXCHANGE
+    ) == 0:
+        return
+    os.rename(folder, spare + ".t")
+    os.rename(spare, folder)
+    os.rename(spare + ".t", spare)
+print("flipping", flush=True)
+while True:
+    flip()
+    time.sleep(0.0001)  # each state lasts about as long as a walk takes to list a folder
+"""
+
+
+def test_a_folder_flipped_by_a_racing_process_never_shows_outside_names_in_any_plan(
+    root: Path, tmp_path: Path, outside: Path
+) -> None:
+    files = real_files(root)
+    config = snapshot_config([root], tmp_path / "snaps")
+    scanned = daily._default_plan(config, config.roots[0], now=NOW.timestamp())
+
+    def plan(_config: Config, _root: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+        return scanned  # discovery once: every build is the snapshot walk, racing
+
+    flipper = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _FLIPPER,
+            str(root / NESTED_DIR),
+            str(outside),
+            str(tmp_path / "spare"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    built = failed = 0
+    seen: set[str] = set()  # what the folder was in each plan: "dir", "symlink", "skipped"
+    try:
+        assert flipper.stdout is not None and flipper.stdout.readline() == "flipping\n"
+        deadline = time.monotonic() + 8.0
+        while time.monotonic() < deadline and built < 2000:
+            try:
+                snapshot_plan = build_snapshot_plan(
+                    config, now=NOW.timestamp(), plan=plan, method="copy"
+                )
+            except OSError:
+                # Changed while walked (gone between two renames, a link no more by the time
+                # it is read): the owner may spoil her own snapshot, just not read outside.
+                failed += 1
+                continue
+            built += 1
+            assert_nothing_from_outside(snapshot_plan, root, files)
+            kinds = {i.kind for i in snapshot_plan.items if i.relative == f"run-a/{NESTED_DIR}"}
+            seen.update(kinds or {"skipped"})
+    finally:
+        flipper.kill()
+        flipper.wait()
+    assert flipper.returncode == -9, "the flipper died early: the race was not run"
+    assert built >= 50, (built, failed)
+    assert {"dir", "symlink"} <= seen, f"the walks never met both states: {seen}"
+
+
+def test_a_root_swapped_for_a_symlink_after_discovery_is_not_walked(
+    root: Path, tmp_path: Path, outside: Path
+) -> None:
+    # The decoy holds the checkpoint names discovery saw, so only the root's identity tells.
+    (outside / "checkpoint-300").mkdir()
+    (outside / "checkpoint-300" / OUTSIDE_NAME).write_bytes(b"SECRET")
+    state = tmp_path / "state"
+    state.mkdir()
+    IdentityStore(str(state)).remember(root_key(str(root)), Identity.of(root.stat()))
+    config = make_config([root], snapshots={"dir": tmp_path / "snaps"}, state_dir=state, **DAILY)
+
+    def plan(config: Config, root_config: RootConfig, *, now: float) -> tuple[ScanResult, Plan]:
+        planned = daily._default_plan(config, root_config, now=now)
+        os.rename(root, root.with_name("run-a.moved"))  # after discovery, before the walk
+        root.symlink_to(outside, target_is_directory=True)
+        return planned
+
+    snapshot_plan = build_snapshot_plan(config, now=NOW.timestamp(), plan=plan, method="copy")
+    assert_nothing_from_outside(snapshot_plan, root, {})
+    assert snapshot_plan.items == () and snapshot_plan.roots == ()
+    assert len(snapshot_plan.errors) == 1 and "root identity changed" in snapshot_plan.errors[0]
