@@ -14,22 +14,18 @@ from daemon.integrity.cache import IntegrityCache
 from daemon.integrity.result import IntegrityResult, Signature, SignatureEntry
 from daemon.jsonfile import StreamedArray, StreamedObject, pieces, write_json
 
-DOCUMENT = {
-    "version": 2,
-    "entries": [
-        {"name": f"checkpoint-{i}", "ok": i % 2 == 0, "size": i * 1.5, "note": None, "u": "é\n"}
-        for i in range(50)
-    ],
-    "empty": {},
-    "none": [],
-}
+ENTRIES: list[dict[str, object]] = [
+    {"name": f"checkpoint-{i}", "ok": i % 2 == 0, "size": i * 1.5, "note": None, "u": "é\n"}
+    for i in range(50)
+]
+DOCUMENT = {"version": 2, "entries": ENTRIES, "empty": {}, "none": []}
 
 
 def test_streamed_pieces_are_the_compact_json_text() -> None:
     streamed = StreamedObject(
         [
             ("version", 2),
-            ("entries", StreamedArray(iter(DOCUMENT["entries"]))),  # type: ignore[arg-type]
+            ("entries", StreamedArray(iter(ENTRIES))),
             ("empty", StreamedObject(iter([]))),
             ("none", StreamedArray(iter([]))),
         ]
