@@ -181,6 +181,8 @@ class FileSystem(Protocol):
 
     def list_dir(self, directory: Dir) -> list[str]: ...
 
+    def scandir_at(self, directory: Dir) -> Iterator[DirEntryLike]: ...
+
     def mkdir_at(self, at: At, mode: int = 0o700) -> None: ...
 
     def rename_at(self, source: At, destination: At) -> None: ...
@@ -560,6 +562,17 @@ class LocalFileSystem:
             return os.listdir(directory.fd)
         except OSError as error:
             raise _with_path(error, directory.path) from None
+
+    def scandir_at(self, directory: Dir) -> Iterator[DirEntryLike]:
+        """Given an open folder, yield its entries (discovery's walk of a root). Each entry's
+        `stat(follow_symlinks=False)` is relative to the folder's descriptor; its `path` is its
+        bare name, as `os.scandir` of a descriptor gives it."""
+        try:
+            entries = os.scandir(directory.fd)
+        except OSError as error:
+            raise _with_path(error, directory.path) from None
+        with entries:
+            yield from entries
 
     def mkdir_at(self, at: At, mode: int = 0o700) -> None:
         try:

@@ -249,6 +249,9 @@ class ListingFileSystem:
     def list_dir(self, directory: Dir) -> list[str]:
         raise _read_only(directory.path)
 
+    def scandir_at(self, directory: Dir) -> Iterator[DirEntryLike]:
+        raise _read_only(directory.path)
+
     def mkdir_at(self, at: At, mode: int = 0o700) -> None:
         raise _read_only(at.path)
 

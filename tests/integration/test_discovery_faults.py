@@ -19,17 +19,17 @@ from daemon.config import RootConfig
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
 from daemon.errors import UsageError
-from daemon.fsio import DirEntryLike, LocalFileSystem
+from daemon.fsio import At, Dir, DirEntryLike, LocalFileSystem
 from tests.layouts_fixtures import age, hf_run
 
 
 class _VanishingEntry:
     """A directory entry whose file is deleted right after the listing saw it."""
 
-    def __init__(self, entry: os.DirEntry[str]) -> None:
+    def __init__(self, entry: os.DirEntry[str], path: str | None = None) -> None:
         self._entry = entry
         self.name = entry.name
-        self.path = entry.path
+        self.path = path or entry.path
 
     def is_dir(self, *, follow_symlinks: bool = True) -> bool:
         return self._entry.is_dir(follow_symlinks=follow_symlinks)
@@ -76,6 +76,23 @@ class MisbehavingFileSystem(LocalFileSystem):
                     yield _VanishingEntry(entry)
                 else:
                     yield entry
+
+    # The walk opens each folder relative to its parent and lists it through the descriptor:
+    # the same breaks, injected there.
+    def open_dir(self, at: At) -> int:
+        if at.name in self.unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", at.path)
+        if at.name in self.vanishing_folders:
+            shutil.rmtree(at.path)  # deleted between the root listing and the walk
+        return super().open_dir(at)
+
+    def scandir_at(self, directory: Dir) -> Iterator[DirEntryLike]:
+        self.scandir_calls.append(directory.path)
+        for entry in super().scandir_at(directory):
+            if entry.name in self.vanishing_files:
+                yield _VanishingEntry(entry, os.path.join(directory.path, entry.name))  # type: ignore[arg-type]
+            else:
+                yield entry
 
 
 def run_scan(root: Path, fs: LocalFileSystem, cache: SizeCache | None = None) -> ScanResult:

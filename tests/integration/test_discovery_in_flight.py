@@ -24,7 +24,7 @@ import pytest
 from daemon.config import Config, PolicyConfig, RootConfig
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import SizeCache
-from daemon.fsio import DirEntryLike, LocalFileSystem
+from daemon.fsio import Dir, DirEntryLike, LocalFileSystem
 from daemon.planner import plan_root
 from daemon.safety import facts as proc_facts
 from daemon.safety import guard
@@ -347,6 +347,10 @@ class _CountingFileSystem(LocalFileSystem):
     def scandir(self, path: str) -> Iterator[DirEntryLike]:
         self.listed.append(path)
         return super().scandir(path)
+
+    def scandir_at(self, directory: Dir) -> Iterator[DirEntryLike]:
+        self.listed.append(directory.path)  # the walk lists through descriptors
+        return super().scandir_at(directory)
 
 
 def test_a_rescan_of_an_unchanged_hf_root_lists_the_root_alone(tmp_path: Path) -> None:

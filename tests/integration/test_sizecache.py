@@ -12,7 +12,7 @@ from pathlib import Path
 from daemon.config import RootConfig
 from daemon.discovery.scan import ScanResult, scan
 from daemon.discovery.sizecache import CACHE_FILE_NAME, SizeCache
-from daemon.fsio import LocalFileSystem
+from daemon.fsio import Dir, LocalFileSystem
 from tests.layouts_fixtures import age, hf_checkpoint, hf_run, write_file, write_json
 
 
@@ -25,6 +25,10 @@ class CountingFileSystem(LocalFileSystem):
     def scandir(self, path: str):  # type: ignore[no-untyped-def]
         self.listed.append(path)
         return super().scandir(path)
+
+    def scandir_at(self, directory: Dir):  # type: ignore[no-untyped-def]
+        self.listed.append(directory.path)  # the walk lists through descriptors
+        return super().scandir_at(directory)
 
 
 def run_scan(
