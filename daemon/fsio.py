@@ -15,6 +15,9 @@ or another folder at any moment (README, "Safety"). So:
   a name), never by a path resolved again later: `rename_at` (never replacing), `mkdir_at`,
   `write_new_at` (`O_CREAT|O_EXCL|O_NOFOLLOW`), `remove_tree_at` (descends with
   `O_DIRECTORY|O_NOFOLLOW`, so neither a symlink nor a FIFO swapped in is followed or opened);
+- discovery's walk opens each folder with `open_dir` relative to its parent and lists it with
+  `scandir_at` (through the descriptor), so a folder swapped for a symlink out of the root is
+  never listed (daemon/discovery/walker.py);
 - `measure_at` counts what removing a tree gives back: allocated bytes (`st_blocks`) of its
   files, each inode once, none of an inode linked from outside the tree; the logical size
   apart.

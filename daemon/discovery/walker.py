@@ -114,7 +114,7 @@ def walk_many(
     if not identities:
         return []
     root_fd = open_root(fs, root_path)
-    if root_fd is _NO_ROOT:
+    if root_fd == _NO_ROOT:
         return [None] * len(identities)  # the root went away: so did every checkpoint in it
     try:
         return _walk_many_in(fs, root_path, root_fd, identities, want_distcp)
@@ -374,7 +374,7 @@ def walk_checkpoint(
     if root_fd is not None:
         return _walk(_access_of(fs), root_fd, root_path, members, want_distcp)
     opened = open_root(fs, root_path)
-    if opened is _NO_ROOT:
+    if opened == _NO_ROOT:
         return None  # the root went away: so did the checkpoint
     if opened is None:
         return _walk(_access_of(fs), root_path, root_path, members, want_distcp)
