@@ -152,9 +152,11 @@ def test_a_folder_swapped_for_a_symlink_as_the_walk_opens_it_counts_nothing_outs
     honest = walk_of(LocalFileSystem(), root, "checkpoint-300")
     assert honest is not None and honest.error is None
     swap = Swap(root / target, outside, tmp_path / "parked")
+    before = len(os.listdir("/proc/self/fd"))
     arm_os_swap(monkeypatch, swap)
     walk = walk_of(LocalFileSystem(), root, "checkpoint-300")
     monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before, "a descriptor was left open"
     assert swap.done, "the walk never reached the folder"
     assert (root / target).is_symlink()
     assert_nothing_from_outside(walk)
@@ -204,6 +206,32 @@ def test_a_folder_swapped_while_listed_shows_its_own_entries_not_the_outside(
     assert swap.done
     assert_nothing_from_outside(walk)
     assert walk is not None and walk.size_bytes == honest.size_bytes
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_tree_deeper_than_the_walk_goes_is_unreadable_and_no_descriptor_is_left_open(
+    tmp_path: Path,
+) -> None:
+    # One descriptor is open per level while a walk descends: an owner's tree of any depth
+    # must not run ckptd out of descriptors. Deeper than MAX_DEPTH is left out and said.
+    root = tmp_path / "root"
+    folder = checkpoint_with_subfolders(root, 300)
+    deep = folder / "optimizer" / "deep"
+    for _ in range(walker.MAX_DEPTH + 10):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    write_file(deep / "state.bin", 10)
+    before = open_descriptors()
+    walk = walk_of(LocalFileSystem(), root, "checkpoint-300")
+    assert open_descriptors() == before
+    assert walk is not None and walk.error is not None
+    assert walk.error.startswith("unreadable: checkpoint-300/optimizer/deep/d/")
+    assert walk.error.endswith(f"more than {walker.MAX_DEPTH} folders deep")
+    shallow = walk_of(LocalFileSystem(), root, "checkpoint-300")  # and again: nothing leaks
+    assert shallow == walk and open_descriptors() == before
 
 
 # --- a real race: another process flipping a folder while scans run ------------------------------
