@@ -10,7 +10,9 @@ or another folder at any moment (README, "Safety"). So:
 - files ckptd reads there (markers, trackers, `trainer_state.json`, pins, trash entries) are
   opened with `O_NOFOLLOW|O_NONBLOCK`, must be regular files and are read up to a cap
   (`read_regular`, and `read_bytes` of the real filesystem): a symlink is refused, a FIFO
-  neither blocks the reader nor is read;
+  neither blocks the reader nor is read; a file inside a checkpoint folder is read relative to
+  the root's descriptor, its folder opened with `O_DIRECTORY|O_NOFOLLOW` (`read_regular_in`,
+  or `open_dir` then `read_at`), so a folder swapped for a symlink is never read through;
 - what pruning changes is named relative to open directory descriptors (`At`: a descriptor and
   a name), never by a path resolved again later: `rename_at` (never replacing), `mkdir_at`,
   `write_new_at` (`O_CREAT|O_EXCL|O_NOFOLLOW`), `remove_tree_at` (descends with
@@ -91,6 +93,33 @@ def read_regular(path: str, limit: int = READ_LIMIT, *, dir_fd: int | None = Non
             if limit - left >= status.st_size:
                 break  # all of it: spare the read that would only say end of file
         return b"".join(parts)
+    finally:
+        os.close(descriptor)
+
+
+def read_regular_in(dir_fd: int, folder: str, name: str, limit: int = READ_LIMIT) -> bytes:
+    """Given an open folder, the name of a folder in it and a file's name in that, return the
+    file's first `limit` bytes, following no symlink below `dir_fd`.
+
+    The folder is opened relative to `dir_fd` with `O_DIRECTORY|O_NOFOLLOW` (a symlink swapped
+    in for it raises ELOOP, anything but a folder ENOTDIR, neither is opened), the file relative
+    to that as `read_regular` opens it. A by-path read (`<root>/<folder>/<name>`) would refuse a
+    symlink at `name` only, and follow one at `folder` out of the root.
+    """
+    descriptor = os.open(folder, DIRECTORY_FLAGS, dir_fd=dir_fd)
+    try:
+        return read_regular(name, limit, dir_fd=descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def list_in(dir_fd: int, folder: str) -> list[str]:
+    """Given an open folder and the name of a folder in it, return the names in that folder,
+    opened relative to `dir_fd` with `O_DIRECTORY|O_NOFOLLOW` (see `read_regular_in`) and
+    listed through its descriptor: a symlink swapped in for it is refused, never listed."""
+    descriptor = os.open(folder, DIRECTORY_FLAGS, dir_fd=dir_fd)
+    try:
+        return os.listdir(descriptor)
     finally:
         os.close(descriptor)
 
@@ -666,9 +695,11 @@ __all__ = [
     "LocalFileSystem",
     "NotRegularFile",
     "Usage",
+    "list_in",
     "measure_at",
     "measure_names",
     "read_regular",
+    "read_regular_in",
     "remove_tree_at",
     "rename_noreplace",
 ]

@@ -61,6 +61,14 @@ The phases of one scan (`_scan`), each a function passing named values to the ne
 5. read the trackers (`_Trackers`: tracker files, best_model_checkpoint, symlinks);
 6. build the `Checkpoint` values, with completeness, trackers and pins.
 
+Hostile roots: the root's owner may swap any folder of it for a symlink (to another user's run,
+to /etc) at any moment. The walk never follows one (`walker.py`); what the scan reads or lists
+inside a folder itself (trainer_state.json, metrics.json, the folders layout detection looks
+into) is reached relative to the root's descriptor, opened once per scan, the folder with
+`O_DIRECTORY|O_NOFOLLOW` (`_read_in`, `_names_in`): a folder swapped since it was seen makes
+its state unreadable, never read from outside. The configured root path itself is trusted (an
+administrator may name it through a symlink).
+
 Speed: a rescan lists the root once and walks only checkpoints the cache does not know (see
 `daemon/discovery/sizecache.py` for what proves a cached checkpoint unchanged); each name is
 matched once (a memo in the cache); the `_Found` record and the `Checkpoint` of an unchanged
@@ -109,7 +117,16 @@ from daemon.discovery.walker import (
     walk_many,
 )
 from daemon.errors import UsageError
-from daemon.fsio import LOCAL, FileSystem
+from daemon.fsio import (
+    LOCAL,
+    At,
+    Dir,
+    FileSystem,
+    LocalFileSystem,
+    list_in,
+    read_regular,
+    read_regular_in,
+)
 from policies.collector import collector_paused
 from policies.model import Checkpoint
 
@@ -159,10 +176,39 @@ class ScanResult:
 # --- the values the phases pass on ---------------------------------------------------------------
 
 
+class _RootFd:
+    """The root of one scan opened once, on first need, for what the scan lists or reads inside
+    its folders (`_names_in`, `_read_in`): everything there is reached relative to this
+    descriptor, never by a path resolved again. The root itself is the configured, trusted
+    path (it may be reached through a symlink, like the walk's `open_root`)."""
+
+    __slots__ = ("_fd", "_fs", "_path")
+
+    def __init__(self, fs: FileSystem, path: str) -> None:
+        self._fs = fs
+        self._path = path
+        self._fd: int | None = None
+
+    def descriptor(self) -> int | None:
+        """Return the root's descriptor, or None for a FileSystem read by path (object
+        storage: no symlinks, nothing to race). OSError when the root cannot be opened."""
+        if not isinstance(self._fs, LocalFileSystem):
+            return None
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Scope:
-    """Given one scan: the root, how to reach it, its cache (and a snapshot of the root's
-    cached entries, taken once) and the clock, for every phase."""
+    """Given one scan: the root, how to reach it (and its descriptor, opened when first
+    needed), its cache (and a snapshot of the root's cached entries, taken once) and the
+    clock, for every phase."""
 
     fs: FileSystem
     root_path: str
@@ -170,6 +216,7 @@ class _Scope:
     cached: Mapping[str, CacheEntry]
     now_ns: int
     settle_ns: int
+    root: _RootFd
 
     def settled(self, walk: WalkResult) -> bool:
         """Given a walk, return whether nothing in it was written for settle_seconds."""
@@ -304,10 +351,23 @@ def _scan(
     verify: bool | Collection[str],
     want_metrics: bool,
 ) -> ScanResult:
-    """Given what `scan` was given, run the phases of the module docstring in order."""
+    """Given what `scan` was given, run the phases of the module docstring in order (with the
+    root's descriptor, if one is opened, closed at the end)."""
     root_path = os.path.normpath(os.path.abspath(root.path))
     cached = cache.entries(root_path) if cache is not None else {}
-    scope = _Scope(fs, root_path, cache, cached, int(now * 1e9), int(settle_seconds * 1e9))
+    root_fd = _RootFd(fs, root_path)
+    scope = _Scope(fs, root_path, cache, cached, int(now * 1e9), int(settle_seconds * 1e9), root_fd)
+    try:
+        return _run_phases(scope, root, verify, want_metrics)
+    finally:
+        root_fd.close()
+
+
+def _run_phases(
+    scope: _Scope, root: RootConfig, verify: bool | Collection[str], want_metrics: bool
+) -> ScanResult:
+    """Given a scan's scope and what `scan` was given, run the phases in order."""
+    fs, root_path, cache = scope.fs, scope.root_path, scope.cache
     listing = _list_root(fs, root_path)
     patterns = _patterns_of(root)
     matching = _match_rows(scope, root, listing, patterns)
@@ -564,17 +624,17 @@ def _folder_kind(scope: _Scope, row: Member) -> str | None:
 
 def _top_markers(scope: _Scope, name: str) -> set[str]:
     """Given a folder of the root, return the markers `_folder_kind` asks about found at its
-    top (empty when it cannot be listed)."""
+    top (empty when it cannot be listed, or was swapped for a symlink: see `_names_in`)."""
     found: set[str] = set()
     try:
-        with closing(scandir_of(scope.fs)(f"{scope.root_path}/{name}")) as entries:
-            for entry in entries:
-                if entry.name.endswith(".distcp"):
-                    found.add(DISTCP_MARKER)
-                elif entry.name in _KIND_MARKERS:
-                    found.add(entry.name)
+        names = _names_in(scope, name)
     except OSError:
-        pass
+        return found
+    for entry_name in names:
+        if entry_name.endswith(".distcp"):
+            found.add(DISTCP_MARKER)
+        elif entry_name in _KIND_MARKERS:
+            found.add(entry_name)
     return found
 
 
@@ -877,7 +937,7 @@ def _read_state(scope: _Scope, found: list[_Found], index: int) -> WalkResult:
     walk = record.walk
     if walk.state_read or not (walk.markers & _STATE_MARKERS or len(record.identity) > 1):
         return walk
-    walk = _with_state(scope.fs, scope.root_path, record.identity, walk)
+    walk = _with_state(scope, record.identity, walk)
     entry = record.entry
     if entry is not None and scope.cache is not None:
         if walk.state_unreadable:  # a trainer_state.json cut off: not final after all
@@ -1238,13 +1298,19 @@ def _fingerprint(
     members: Sequence[tuple[str, int, bool]],
     markers: frozenset[str],
 ) -> tuple[int, ...]:
-    """Given a checkpoint's members, return their stat proof now (empty if any vanished)."""
+    """Given a checkpoint's members, return their stat proof now (empty if any vanished).
+
+    By path, on purpose: it only compares. A member swapped for a symlink changes the member's
+    own lstat (inode, ctime), so the proof differs whatever the marker's stat through it says,
+    and the checkpoint is walked again (relative to descriptors); a member that is no folder
+    now is not looked into at all. Opening each member here would cost two system calls per
+    re-checked checkpoint on every rescan."""
     numbers: list[int] = []
     try:
         for name, _, is_dir in members:
             status = fs.lstat(f"{root_path}/{name}")
             numbers += (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
-            if is_dir:
+            if is_dir and stat_module.S_ISDIR(status.st_mode):
                 marker = fingerprint_markers_of(markers)
                 if marker is not None:
                     inner = fs.lstat(f"{root_path}/{name}/{marker}")
@@ -1255,11 +1321,11 @@ def _fingerprint(
 
 
 def _with_state(
-    fs: FileSystem, root_path: str, members: Sequence[tuple[str, int, bool]], walk: WalkResult
+    scope: _Scope, members: Sequence[tuple[str, int, bool]], walk: WalkResult
 ) -> WalkResult:
     """Given a walk whose trainer_state.json / sidecars were not read yet, return it with its
     metrics and best_model_checkpoint filled in."""
-    metrics, best, unreadable = _read_metrics(fs, root_path, members, set(walk.markers))
+    metrics, best, unreadable = _read_metrics(scope, members, set(walk.markers))
     return replace(
         walk,
         metrics=metrics,
@@ -1270,38 +1336,94 @@ def _with_state(
 
 
 def _read_metrics(
-    fs: FileSystem, root_path: str, members: Sequence[tuple[str, int, bool]], markers: set[str]
+    scope: _Scope, members: Sequence[tuple[str, int, bool]], markers: set[str]
 ) -> tuple[Mapping[str, float], str | None, bool]:
     """Given a checkpoint's members and markers, return its metrics, best_model_checkpoint and
-    whether its trainer_state.json was there but unreadable."""
+    whether its trainer_state.json was there but unreadable. Every file is read relative to
+    the root's descriptor (`_read_in`): a checkpoint folder swapped for a symlink since the
+    walk makes its trainer_state.json unreadable, never read from where the symlink points."""
     metrics: dict[str, float] = {}
     best: str | None = None
     unreadable = False
     folder = next((name for name, _, is_dir in members if is_dir), None)
     if folder is not None and "trainer_state.json" in markers:
-        state = _load_json(fs, f"{root_path}/{folder}/trainer_state.json", _TRAINER_STATE_LIMIT)
+        state = _load_json(scope, folder, "trainer_state.json", _TRAINER_STATE_LIMIT)
         if isinstance(state, dict):
             metrics.update(_trainer_state_metrics(state))
             candidate = state.get("best_model_checkpoint")
             best = candidate if isinstance(candidate, str) and candidate else None
         else:
             unreadable = True
-    sidecars = (
-        [f"{folder}/metrics.json"] if folder is not None and "metrics.json" in markers else []
+    # (folder, name): `metrics.json` inside the folder, `<name>.metrics.json` beside a file.
+    sidecars: list[tuple[str | None, str]] = (
+        [(folder, "metrics.json")] if folder is not None and "metrics.json" in markers else []
     )
-    sidecars += [name for name, _, _ in members if name.endswith(_METRICS_SUFFIX)]
-    for sidecar in sidecars:
-        document = _load_json(fs, f"{root_path}/{sidecar}", _SIDECAR_LIMIT)
+    sidecars += [(None, name) for name, _, _ in members if name.endswith(_METRICS_SUFFIX)]
+    for sidecar_folder, sidecar in sidecars:
+        document = _load_json(scope, sidecar_folder, sidecar, _SIDECAR_LIMIT)
         if isinstance(document, dict):
             metrics.update(_numbers(document))
     return (MappingProxyType(metrics) if metrics else _NO_METRICS), best, unreadable
 
 
-def _load_json(fs: FileSystem, path: str, limit: int) -> object:
+def _load_json(scope: _Scope, folder: str | None, name: str, limit: int) -> object:
+    """Given a file in a root's folder (None: at the root's top), return its JSON document, or
+    None when it is unreadable, refused (see `_read_in`) or not JSON."""
     try:
-        return json.loads(fs.read_bytes(path, limit))
+        return json.loads(_read_in(scope, folder, name, limit))
     except (OSError, ValueError):
         return None  # unreadable or half-written: no metrics rather than a failed scan
+
+
+# --- reading inside the root, relative to its descriptor -----------------------------------------
+
+
+def _read_in(scope: _Scope, folder: str | None, name: str, limit: int) -> bytes:
+    """Given a file's name in a folder of the root (None: at the root's top), return its first
+    `limit` bytes, never read through a symlink anywhere below the root.
+
+    The root's owner may swap the folder for a symlink (to another user's run, to /etc) after
+    the walk saw it: read by path, only `name` itself would refuse a symlink. So the folder is
+    opened relative to the root's descriptor with `O_DIRECTORY|O_NOFOLLOW` (ELOOP for a
+    symlink), the file relative to it with `O_NOFOLLOW|O_NONBLOCK`, a regular file only, read
+    up to `limit`. The real filesystem through `os` directly; a subclass (tests' misbehaving
+    ones) through its `open_dir`/`read_at`; a FileSystem without descriptors by path.
+    """
+    fs = scope.fs
+    root_fd = scope.root.descriptor()
+    if root_fd is None:
+        relative = name if folder is None else f"{folder}/{name}"
+        return fs.read_bytes(f"{scope.root_path}/{relative}", limit)
+    if type(fs) is LocalFileSystem:
+        if folder is None:
+            return read_regular(name, limit, dir_fd=root_fd)
+        return read_regular_in(root_fd, folder, name, limit)
+    if folder is None:
+        return fs.read_at(At(root_fd, name, f"{scope.root_path}/{name}"), limit)
+    folder_path = f"{scope.root_path}/{folder}"
+    descriptor = fs.open_dir(At(root_fd, folder, folder_path))
+    try:
+        return fs.read_at(At(descriptor, name, f"{folder_path}/{name}"), limit)
+    finally:
+        os.close(descriptor)
+
+
+def _names_in(scope: _Scope, folder: str) -> list[str]:
+    """Given a folder of the root, return the names in it, listed through a descriptor opened
+    relative to the root's with `O_DIRECTORY|O_NOFOLLOW`: a symlink swapped in for the folder
+    is refused (OSError), never listed (see `_read_in`). OSError when it cannot be listed."""
+    fs = scope.fs
+    root_fd = scope.root.descriptor()
+    path = f"{scope.root_path}/{folder}"
+    if root_fd is None:
+        return [entry.name for entry in fs.scandir(path)]
+    if type(fs) is LocalFileSystem:
+        return list_in(root_fd, folder)
+    descriptor = fs.open_dir(At(root_fd, folder, path))
+    try:
+        return [entry.name for entry in fs.scandir_at(Dir(descriptor, path))]
+    finally:
+        os.close(descriptor)
 
 
 def _numbers(document: Mapping[str, object]) -> dict[str, float]:
