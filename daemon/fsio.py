@@ -102,9 +102,9 @@ def read_regular_in(dir_fd: int, folder: str, name: str, limit: int = READ_LIMIT
     file's first `limit` bytes, following no symlink below `dir_fd`.
 
     The folder is opened relative to `dir_fd` with `O_DIRECTORY|O_NOFOLLOW` (a symlink swapped
-    in for it raises ELOOP, anything but a folder ENOTDIR, neither is opened), the file relative
-    to that as `read_regular` opens it. A by-path read (`<root>/<folder>/<name>`) would refuse a
-    symlink at `name` only, and follow one at `folder` out of the root.
+    in for it raises ENOTDIR or ELOOP, as anything but a folder does; neither is opened), the
+    file relative to that as `read_regular` opens it. A by-path read (`<root>/<folder>/<name>`)
+    would refuse a symlink at `name` only, and follow one at `folder` out of the root.
     """
     descriptor = os.open(folder, DIRECTORY_FLAGS, dir_fd=dir_fd)
     try:

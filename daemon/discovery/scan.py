@@ -1384,8 +1384,8 @@ def _read_in(scope: _Scope, folder: str | None, name: str, limit: int) -> bytes:
 
     The root's owner may swap the folder for a symlink (to another user's run, to /etc) after
     the walk saw it: read by path, only `name` itself would refuse a symlink. So the folder is
-    opened relative to the root's descriptor with `O_DIRECTORY|O_NOFOLLOW` (ELOOP for a
-    symlink), the file relative to it with `O_NOFOLLOW|O_NONBLOCK`, a regular file only, read
+    opened relative to the root's descriptor with `O_DIRECTORY|O_NOFOLLOW` (ENOTDIR or ELOOP
+    for a symlink), the file relative to it with `O_NOFOLLOW|O_NONBLOCK`, a regular file only, read
     up to `limit`. The real filesystem through `os` directly; a subclass (tests' misbehaving
     ones) through its `open_dir`/`read_at`; a FileSystem without descriptors by path.
     """

@@ -17,6 +17,7 @@ layout detection, another holds a DCP save (`*.distcp`, `.metadata`).
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,15 @@ import daemon.discovery.walker as walker
 from daemon.config import RootConfig
 from daemon.config.models import Layout
 from daemon.discovery.scan import ScanResult, scan
-from daemon.fsio import At, DirEntryLike, FileSystem, LocalFileSystem
+from daemon.fsio import (
+    At,
+    DirEntryLike,
+    FileSystem,
+    LocalFileSystem,
+    NotRegularFile,
+    list_in,
+    read_regular_in,
+)
 from tests.hostile.conftest import RACE_SECONDS
 from tests.hostile.test_walk_fds import Swap, SwappingFileSystem, arm_os_swap, flipping
 from tests.layouts_fixtures import (
@@ -331,3 +340,38 @@ def test_scans_racing_a_folder_flipped_to_a_symlink_never_take_its_layout(
 
     assert race(root, root / "200", outside_dcp, check) > 0, "no scan met a flip"
     assert summary(scan_of(root, LocalFileSystem(), want_metrics=True)) == summary(honest)
+
+
+# --- the fd-relative helpers themselves ---------------------------------------------------------
+
+
+# O_DIRECTORY|O_NOFOLLOW on a symlink: Linux says ENOTDIR (the O_DIRECTORY check comes first).
+REFUSED_FOLDER = (errno.ELOOP, errno.ENOTDIR)
+
+
+def test_read_regular_in_and_list_in_follow_no_symlink_below_the_descriptor(
+    tmp_path: Path, outside: Path
+) -> None:
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "state.json").write_bytes(b"x" * 5000)
+    os.mkfifo(root / "real" / "fifo.json")
+    (root / "swapped").symlink_to(outside)
+    (root / "real" / "inner-link").symlink_to(outside / "metrics.json")
+    descriptor = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_regular_in(descriptor, "real", "state.json", 100) == b"x" * 100
+        assert sorted(list_in(descriptor, "real")) == ["fifo.json", "inner-link", "state.json"]
+        with pytest.raises(OSError) as refused:
+            read_regular_in(descriptor, "swapped", "trainer_state.json")
+        assert refused.value.errno in REFUSED_FOLDER
+        with pytest.raises(OSError) as refused:
+            list_in(descriptor, "swapped")
+        assert refused.value.errno in REFUSED_FOLDER
+        with pytest.raises(OSError) as refused:
+            read_regular_in(descriptor, "real", "inner-link")
+        assert refused.value.errno == errno.ELOOP
+        with pytest.raises(NotRegularFile):  # a FIFO: neither waited on nor read
+            read_regular_in(descriptor, "real", "fifo.json")
+    finally:
+        os.close(descriptor)
