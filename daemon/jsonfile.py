@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -65,6 +65,47 @@ def roots_document(version: int, roots: Mapping[str, Mapping[str, Record]]) -> S
             ),
         ]
     )
+
+
+RecordT = TypeVar("RecordT", bound=Record)
+
+
+class RecordsByRoot(Generic[RecordT]):
+    """Given an optional file path: records by root and checkpoint name (the integrity cache,
+    the user's test results), thread-safe, saved whole when they changed.
+
+    One save at a time, each taking its copy and writing it under the same lock: two threads
+    save these (the worker after a prune, the deep pass after a check), and an older copy
+    written last would replace a newer file, and the newer result be lost once marked saved."""
+
+    VERSION: ClassVar[int] = 1
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._roots: dict[str, dict[str, RecordT]] = {}
+        self._dirty = False
+
+    def save(self) -> bool:
+        """Write the file if anything changed (temporary file, fsync, rename); return whether it
+        wrote. Without a path, or on an error, nothing is written."""
+        if self.path is None:
+            return False
+        with self._save_lock:
+            with self._lock:
+                if not self._dirty:
+                    return False
+                # Copies of the mappings only: the records are frozen, encoded one by one.
+                roots = {root: dict(named) for root, named in self._roots.items()}
+                self._dirty = False
+            try:
+                write_json(self.path, roots_document(self.VERSION, roots))
+            except OSError:
+                with self._lock:
+                    self._dirty = True
+                return False
+        return True
 
 
 def _records(named: Mapping[str, Record]) -> StreamedObject:

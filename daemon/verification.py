@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -39,7 +38,7 @@ from daemon.holds import expire_holds
 from daemon.integrity.cache import IntegrityCache
 from daemon.integrity.check import check_checkpoint, signature_of
 from daemon.integrity.result import IntegrityResult, Signature
-from daemon.jsonfile import roots_document, write_json
+from daemon.jsonfile import RecordsByRoot
 from policies.model import Checkpoint
 
 VerdictStatus = Literal["passed", "corrupt", "unchecked"]
@@ -130,15 +129,14 @@ def combine(result: IntegrityResult | None, test: UserTestRecord | None) -> Verd
 # --- the user's test results on disk ------------------------------------------------------------
 
 
-class UserTestStore:
+class UserTestStore(RecordsByRoot[UserTestRecord]):
     """Given an optional file path: the user's test verdicts by (root, checkpoint), each for
     the signature digest it was run on. Thread-safe; written like the integrity cache."""
 
+    VERSION = _VERSION
+
     def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._roots: dict[str, dict[str, UserTestRecord]] = {}
-        self._dirty = False
+        super().__init__(path)
         if path is not None:
             self._load(path)
 
@@ -168,24 +166,6 @@ class UserTestStore:
             for name in [name for name in entries if name not in keep]:
                 del entries[name]
                 self._dirty = True
-
-    def save(self) -> bool:
-        """Write the file if anything changed (temporary file, fsync, rename); return whether it
-        wrote. Without a path, or on an error, nothing is written."""
-        if self.path is None:
-            return False
-        with self._lock:
-            if not self._dirty:
-                return False
-            roots = {root: dict(records) for root, records in self._roots.items()}
-            self._dirty = False
-        try:
-            write_json(self.path, roots_document(_VERSION, roots))
-        except OSError:
-            with self._lock:
-                self._dirty = True
-            return False
-        return True
 
     def _load(self, path: str) -> None:
         try:

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from daemon.integrity.check import check_checkpoint, signature_of
 from daemon.integrity.result import IntegrityResult, Signature, Status
-from daemon.jsonfile import roots_document, write_json
+from daemon.jsonfile import RecordsByRoot
 
 CACHE_FILE_NAME: Final = "integrity-cache.json"
 _VERSION: Final = 1
@@ -86,14 +86,13 @@ class CachedResult:
         )
 
 
-class IntegrityCache:
+class IntegrityCache(RecordsByRoot[CachedResult]):
     """Given an optional file path: integrity results by (root, checkpoint). Thread-safe."""
 
+    VERSION = _VERSION
+
     def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._roots: dict[str, dict[str, CachedResult]] = {}
-        self._dirty = False
+        super().__init__(path)
         if path is not None:
             self._load(path)
 
@@ -158,25 +157,6 @@ class IntegrityCache:
             for name in [name for name in entries if name not in keep]:
                 del entries[name]
                 self._dirty = True
-
-    def save(self) -> bool:
-        """Write the cache to its file if it changed (temporary file, fsync, rename); return
-        whether it wrote. Without a path, or on an error, nothing is written."""
-        if self.path is None:
-            return False
-        with self._lock:
-            if not self._dirty:
-                return False
-            # Copies of the mappings only: the results are frozen, and are encoded one by one.
-            roots = {root: dict(entries) for root, entries in self._roots.items()}
-            self._dirty = False
-        try:
-            write_json(self.path, roots_document(_VERSION, roots))
-        except OSError:
-            with self._lock:
-                self._dirty = True
-            return False
-        return True
 
     def _load(self, path: str) -> None:
         try:

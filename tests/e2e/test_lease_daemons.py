@@ -127,7 +127,8 @@ def save(root: Path, step: int) -> None:
     """Write one Hugging Face checkpoint as a trainer does: folder, weights, marker last."""
     folder = root / f"checkpoint-{step}"
     folder.mkdir()
-    (folder / "model.bin").write_bytes(os.urandom(2048))
+    # Not 0x80 first: a .bin starting so is checked as a pickle, and random bytes are no pickle.
+    (folder / "model.bin").write_bytes(b"\0" + os.urandom(2047))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
 
 

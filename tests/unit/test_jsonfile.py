@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -80,3 +81,37 @@ def test_saving_a_large_integrity_cache_does_not_build_it_whole(tmp_path: Path) 
     again = IntegrityCache(str(tmp_path / "integrity-cache.json"))
     assert again.results("/data/run") == cache.results("/data/run")
     assert len(again.results("/data/run")) == 3000
+
+
+def test_a_slow_save_never_replaces_a_newer_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker and the deep pass both save the integrity cache: a save that took its copy
+    first and wrote last would put the older cache on disk and mark the newer result saved."""
+    import daemon.jsonfile as jsonfile
+
+    path = tmp_path / "integrity-cache.json"
+    cache = IntegrityCache(str(path))
+    cache.store("/data/run", _result(1), now=1.0)
+    first_writing, let_first_finish = threading.Event(), threading.Event()
+    real_write = jsonfile.write_json
+
+    def slow_first_write(where: str, document: object) -> None:
+        if not first_writing.is_set():
+            first_writing.set()
+            assert let_first_finish.wait(10)
+        real_write(where, document)
+
+    monkeypatch.setattr(jsonfile, "write_json", slow_first_write)
+    first = threading.Thread(target=cache.save)
+    first.start()
+    assert first_writing.wait(10)
+    cache.store("/data/run", _result(2), now=2.0)  # the deep pass's newer result
+    second = threading.Thread(target=cache.save)
+    second.start()
+    second.join(0.5)  # without one save at a time, it writes the newer file now
+    let_first_finish.set()
+    first.join(10)
+    second.join(10)
+    on_disk = IntegrityCache(str(path)).results("/data/run")
+    assert sorted(on_disk) == ["checkpoint-10", "checkpoint-20"]
