@@ -16,9 +16,10 @@ import sys
 import time
 
 from daemon.commands._common import protected_entries, select, warn_missing
-from daemon.config import Config, RootConfig, settings_for
+from daemon.config import Config, RootConfig
 from daemon.planner import plan_root
 from daemon.pruning import leasing
+from daemon.pruning.pipeline import safety_settings
 from daemon.render import make_console, plan_to_json, print_plan
 from daemon.safety import guard
 from daemon.safety.facts import Facts
@@ -29,10 +30,7 @@ def refusal_warning(config: Config, root: RootConfig, plan: Plan, *, now: float)
     """Given a root and its plan, return why `ckptd prune` would refuse it for a limit only a
     person can lift (`max_delete_fraction`), else None. Processes are not looked at: the
     trainer holding the newest checkpoint is a refusal that clears by itself."""
-    settings = settings_for(config, root)
-    safety = guard.SafetySettings(
-        min_keep=settings.min_keep, max_delete_fraction=settings.max_delete_fraction
-    )
+    safety = safety_settings(config, root)
     try:
         guard.guard(plan, Facts(root_path=os.path.realpath(root.path), now=now), safety)
     except guard.RootRefused as refused:

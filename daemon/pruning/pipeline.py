@@ -181,6 +181,20 @@ class _Job:
         return plan, facts
 
 
+def safety_settings(
+    config: Config, root: RootConfig, *, force: bool = False
+) -> guard.SafetySettings:
+    """Given a root (and the run's --force), return the safety knobs its prunes run under:
+    local and object-storage prunes alike, and what `ckptd plan` warns by."""
+    settings = settings_for(config, root)
+    return guard.SafetySettings(
+        min_keep=settings.min_keep,
+        max_delete_fraction=settings.max_delete_fraction,
+        force=force,
+        abandoned_after=settings.abandoned_after,
+    )
+
+
 def _job_for(
     config: Config,
     root: RootConfig,
@@ -209,12 +223,7 @@ def _job_for(
         history=history,
         fs=fs,
         cache=cache,
-        safety=guard.SafetySettings(
-            min_keep=settings.min_keep,
-            max_delete_fraction=settings.max_delete_fraction,
-            force=force,
-            abandoned_after=settings.abandoned_after,
-        ),
+        safety=safety_settings(config, root, force=force),
         grace=settings.trash_grace,
         policy=policy_record(spec),
         verification=verification or VerificationState.in_folder(config.state_dir),

@@ -40,6 +40,7 @@ from daemon.pruning.pipeline import (
     did_nothing,
     only_confirmed,
     run_record,
+    safety_settings,
 )
 from daemon.pruning.trash import PurgeResult
 from daemon.safety import guard
@@ -388,12 +389,7 @@ def _job(
         force=force,
         policy_override=policy_override,
         history=history,
-        safety=guard.SafetySettings(
-            min_keep=settings.min_keep,
-            max_delete_fraction=settings.max_delete_fraction,
-            force=force,
-            abandoned_after=settings.abandoned_after,
-        ),
+        safety=safety_settings(config, root, force=force),
         grace=settings.trash_grace,
         policy=policy_record(policy_override or policy_for(config, root)),
         keep_going=None,

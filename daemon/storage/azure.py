@@ -35,13 +35,19 @@ from __future__ import annotations
 
 import collections
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from daemon.storage.base import DeleteFailure, Entry, ObjectInfo, StorageError, Upload
+from daemon.storage.base import (
+    DeleteFailure,
+    Entry,
+    ObjectInfo,
+    RememberedAnswer,
+    StorageError,
+    Upload,
+)
 from daemon.storage.url import StorageUrl, StorageUrlError, require_backend
 
 # storage_options keys understood here (adlfs's names, so one dict serves ckptd and the
@@ -61,7 +67,6 @@ MAX_AZURE_BATCH = 256
 # List Blobs returns at most 5,000 items a page.
 LIST_PAGE = 5000
 # How long the answer to "does deleting free billed bytes?" is trusted (seconds).
-VERSIONING_TTL = 600.0
 # The answers to a conditional write that lost: the blob exists (409) or changed (412).
 _LOST_STATUS = frozenset({409, 412})
 
@@ -207,7 +212,7 @@ class AzureStore:
         self.requests: collections.Counter[str] = (
             requests if requests is not None else collections.Counter()
         )
-        self._versioning: tuple[float, bool] | None = None
+        self._versioning = RememberedAnswer(self._ask_versioning)
 
     def __repr__(self) -> str:
         # The account URL without its query (a SAS token would be there).
@@ -392,13 +397,7 @@ class AzureStore:
         ]
 
     def versioning_enabled(self) -> bool:
-        # Soft delete and versioning are changed by hand, rarely: ask once per VERSIONING_TTL.
-        now = time.monotonic()
-        if self._versioning is not None and now - self._versioning[0] < VERSIONING_TTL:
-            return self._versioning[1]
-        answer = self._ask_versioning()
-        self._versioning = (now, answer)
-        return answer
+        return self._versioning()
 
     def _ask_versioning(self) -> bool:
         try:

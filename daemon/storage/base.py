@@ -7,8 +7,13 @@ most 1,000 keys a page) and yields lazily, so a caller that stops early pays for
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol
+
+# A bucket's versioning (a container's soft delete) is changed by hand, rarely: asked again at
+# most this often (seconds), so a run deleting in many batches asks once.
+VERSIONING_TTL = 600.0
 
 # S3's DeleteObjects takes at most this many keys a request (GCS batches take 100; an
 # implementation splits further where its service needs to).
@@ -55,6 +60,28 @@ class Upload(NamedTuple):
     key: str
     upload_id: str
     initiated: float
+
+
+class RememberedAnswer:
+    """Given a question to the store whose answer a person changes by hand, rarely (is the
+    bucket versioned?): its answer, asked again at most once per `ttl` seconds."""
+
+    def __init__(self, ask: Callable[[], bool], *, ttl: float = VERSIONING_TTL) -> None:
+        self._ask = ask
+        self._ttl = ttl
+        self._answer: tuple[float, bool] | None = None
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self._answer is not None and now - self._answer[0] < self._ttl:
+            return self._answer[1]
+        answer = self._ask()
+        self._answer = (now, answer)
+        return answer
+
+    def forget(self) -> None:
+        """Ask again next time."""
+        self._answer = None
 
 
 class ObjectStore(Protocol):

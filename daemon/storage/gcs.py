@@ -27,19 +27,24 @@ token it is then reached anonymously). No value is ever put in a message, a repr
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from daemon.storage.base import DeleteFailure, Entry, ObjectInfo, StorageError, Upload
+from daemon.storage.base import (
+    DeleteFailure,
+    Entry,
+    ObjectInfo,
+    RememberedAnswer,
+    StorageError,
+    Upload,
+)
 from daemon.storage.url import StorageUrl, StorageUrlError, require_backend
 
 KNOWN_OPTIONS = frozenset({"project", "token", "endpoint_url"})
 # A JSON-API batch request carries at most 100 calls.
 GCS_BATCH = 100
 PAGE_SIZE = 1000
-VERSIONING_TTL = 600.0
 # (connect, read) seconds for every request.
 _TIMEOUT = (10, 60)
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -118,7 +123,7 @@ class GCSStore:
         self._endpoint = endpoint
         # Requests per operation (JSON-API method names), as S3Store counts its own.
         self.requests: collections.Counter[str] = collections.Counter()
-        self._versioning: tuple[float, bool] | None = None
+        self._versioning = RememberedAnswer(self._ask_versioning)
 
     def __repr__(self) -> str:
         where = f" at {self._endpoint}" if self._endpoint else ""
@@ -323,12 +328,7 @@ class GCSStore:
         return []
 
     def versioning_enabled(self) -> bool:
-        now = time.monotonic()
-        if self._versioning is not None and now - self._versioning[0] < VERSIONING_TTL:
-            return self._versioning[1]
-        answer = self._ask_versioning()
-        self._versioning = (now, answer)
-        return answer
+        return self._versioning()
 
     def _ask_versioning(self) -> bool:
         from google.api_core import exceptions

@@ -12,7 +12,6 @@ message, a repr or a log line.
 from __future__ import annotations
 
 import collections
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -22,6 +21,7 @@ from daemon.storage.base import (
     DeleteFailure,
     Entry,
     ObjectInfo,
+    RememberedAnswer,
     StorageError,
     Upload,
 )
@@ -47,7 +47,6 @@ KNOWN_OPTIONS = frozenset(
 # write to the same key is in flight (AWS asks to retry; the other writer wins meanwhile).
 _LOST = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 # How long the answer to "is the bucket versioned?" is trusted (seconds).
-VERSIONING_TTL = 600.0
 _ABSENT = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchBucket"})
 _DENIED = frozenset(
     {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
@@ -141,7 +140,7 @@ class S3Store:
         self._endpoint = endpoint
         # Requests per operation: the benchmark and the listing-cost tests read this.
         self.requests: collections.Counter[str] = collections.Counter()
-        self._versioning: tuple[float, bool] | None = None
+        self._versioning = RememberedAnswer(self._ask_versioning)
         client.meta.events.register("before-call.s3", self._count)
 
     def _count(self, model: Any = None, **_: Any) -> None:
@@ -291,13 +290,7 @@ class S3Store:
             arguments["UploadIdMarker"] = page.get("NextUploadIdMarker", "")
 
     def versioning_enabled(self) -> bool:
-        # A bucket's versioning is changed by hand, rarely: ask once per VERSIONING_TTL.
-        now = time.monotonic()
-        if self._versioning is not None and now - self._versioning[0] < VERSIONING_TTL:
-            return self._versioning[1]
-        answer = self._ask_versioning()
-        self._versioning = (now, answer)
-        return answer
+        return self._versioning()
 
     def _ask_versioning(self) -> bool:
         try:

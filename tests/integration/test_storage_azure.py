@@ -265,7 +265,7 @@ def test_versioning_is_reported_from_soft_delete(az_container: AzureContainer) -
     service = make_service(az_container.account_url)
     service.set_service_properties(delete_retention_policy=RetentionPolicy(enabled=True, days=1))
     try:
-        store._versioning = None  # forget the cached answer
+        store._versioning.forget()  # forget the cached answer
         assert store.versioning_enabled() is True
     finally:
         service.set_service_properties(delete_retention_policy=RetentionPolicy(enabled=False))
