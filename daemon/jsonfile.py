@@ -1,6 +1,8 @@
-"""ckptd's own JSON files in its state folder (the size cache, the integrity cache, the user's
-test results), each written whole: a temporary file, fsynced, renamed over the old one, so a
-reader sees the old file or the new one.
+"""ckptd's own files in its state folder (state.json, roots.json, the size cache, the integrity
+cache, the user's test results) and the metrics textfile, each written whole by
+`replace_file`: a temporary file beside it, renamed over the old one, so a reader sees the old
+file or the new one, never half of one. Mode 0644: `ckptd status` and `check`, and
+node_exporter, run as other users.
 
 They are written in pieces, one checkpoint's entry at a time, never built first as one document
 and one string. Built whole, the integrity cache of 3,000 checkpoints was a 2.5 MB peak at every
@@ -15,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import IO, Any, ClassVar, Generic, Protocol, TypeVar
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -132,19 +135,33 @@ def pieces(value: object) -> Iterator[str]:
         yield _encode(value)
 
 
-def write_json(path: str, document: object) -> None:
-    """Given a path and a JSON document (parts of it may be streamed), write it whole (OSError
-    when it cannot be; no temporary file is left behind)."""
-    temporary = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+def replace_file(path: str, write: Callable[[IO[str]], object], *, durable: bool = True) -> None:
+    """Given a path and what to write into it, replace the file in one rename (fsynced first
+    when `durable`); OSError when it cannot be, and no temporary file is left behind."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    # A dot name not ending like the file: node_exporter's textfile collector skips it.
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(temporary, "w", encoding="utf-8", buffering=_BUFFER_BYTES) as handle:
-            for piece in pieces(document):
-                handle.write(piece)
+        with os.fdopen(descriptor, "w", encoding="utf-8", buffering=_BUFFER_BYTES) as handle:
+            write(handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp makes it 0600
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_json(path: str, document: object) -> None:
+    """Given a path and a JSON document (parts of it may be streamed), write it whole and
+    durably, in pieces (OSError when it cannot be)."""
+
+    def write(handle: IO[str]) -> None:
+        for piece in pieces(document):
+            handle.write(piece)
+
+    replace_file(path, write)

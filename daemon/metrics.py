@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -39,6 +38,7 @@ from daemon.config.models import parse_listen
 from daemon.disk import pressure
 from daemon.disk.mounts import mount_point
 from daemon.errors import CkptdError
+from daemon.jsonfile import replace_file
 from daemon.logs import get_logger
 from daemon.pruning import trash
 from daemon.pruning.pipeline import PruneReport
@@ -296,20 +296,9 @@ def deleted_bytes(report: PruneReport) -> int:
 
 def write_atomically(path: str, data: bytes) -> None:
     """Given a path and bytes, replace the file with them in one rename: a reader (node_exporter)
-    sees the old file or the new one, never half of one. Mode 0644: node_exporter runs as
-    another user."""
-    folder = os.path.dirname(path) or "."
-    # A dot name without .prom: the textfile collector ignores the temporary file.
-    descriptor, temporary = tempfile.mkstemp(prefix=".ckptd-metrics-", dir=folder)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            os.fchmod(handle.fileno(), 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    sees the old file or the new one, never half of one. Not fsynced: rewritten after every
+    prune and disk check, and node_exporter reads it from the page cache."""
+    replace_file(path, lambda handle: handle.write(data.decode()), durable=False)
 
 
 class Endpoint:

@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from typing import Any
 
 from daemon.errors import SafetyRefusal, UsageError
 from daemon.fsio import At, Dir
+from daemon.jsonfile import replace_file
 
 ROOTS_FILE = "roots.json"
 _LOCK_FILE = ".roots.lock"
@@ -119,18 +119,9 @@ class IdentityStore:
             os.close(descriptor)
 
     def _write(self, document: dict[str, Any]) -> None:
-        descriptor, temporary = tempfile.mkstemp(prefix=".roots-", dir=self.state_dir)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(temporary, 0o644)
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        replace_file(
+            self.path, lambda handle: json.dump(document, handle, indent=1, sort_keys=True)
+        )
 
     def recorded(self, root: str) -> Identity | None:
         entry = self.read()["roots"].get(root)

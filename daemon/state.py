@@ -7,12 +7,12 @@ Written by the running daemon, read by `ckptd status`. Keys: "pid", "started",
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import threading
 from typing import Any
+
+from daemon.jsonfile import replace_file
 
 _lock = threading.Lock()
 
@@ -39,16 +39,11 @@ def update_state(state_dir: str, **updates: Any) -> dict[str, Any]:
     with _lock:
         state = read_state(state_dir)
         state.update(updates)
-        os.makedirs(state_dir, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=".state-", dir=state_dir)
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1, sort_keys=True, default=str)
-                # mkstemp makes it 0600: `ckptd check` and `status` run as other users read it.
-                os.fchmod(handle.fileno(), 0o644)
-            os.replace(temporary, state_path(state_dir))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+        # Not fsynced: rewritten after every prune, on the disk the trainer writes to; a crash
+        # loses at most the last times, which the next run writes again.
+        replace_file(
+            state_path(state_dir),
+            lambda handle: json.dump(state, handle, indent=1, sort_keys=True, default=str),
+            durable=False,
+        )
         return state
